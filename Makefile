@@ -1,0 +1,71 @@
+# closedloop: the two commands of the README are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+CLOSEDLOOP_HOME ?= $(CURDIR)/.closedloop
+export CLOSEDLOOP_HOME
+export AIRFLOW_HOME := $(CLOSEDLOOP_HOME)/airflow
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export NO_COLOR := 1
+export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
+
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
+VENV := .venv
+BIN := $(VENV)/bin
+
+# The demo's data set: fixed dates, so that every run of the demo is the same.
+DEMO_START ?= 2026-03-01
+DEMO_DAYS ?= 45
+DEMO_WINDOW_START ?= 2026-03-01
+DEMO_WINDOW_END ?= 2026-03-29
+
+.PHONY: help install demo test lint format airflow-home generate retrain status clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "uv not found: installing it into .tools/"
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet 'uv>=0.5'
+
+$(BIN)/closedloop: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+install: $(BIN)/closedloop  ## Build .venv from the lock file (bootstraps uv when missing)
+
+airflow-home: install  ## Write the embedded Airflow home and migrate its database
+	$(BIN)/closedloop airflow-config
+	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
+
+generate: install  ## Write the demo data set into the lake's landing zone
+	$(BIN)/closedloop generate --start $(DEMO_START) --days $(DEMO_DAYS)
+
+retrain: airflow-home  ## Run the retraining DAG once on the demo window (airflow dags test)
+	$(BIN)/airflow dags test retraining \
+	  -c '{"window_start": "$(DEMO_WINDOW_START)", "window_end": "$(DEMO_WINDOW_END)", "reason": "make demo"}' \
+	  > $(CLOSEDLOOP_HOME)/retraining-demo.log 2>&1 \
+	  || (tail -n 80 $(CLOSEDLOOP_HOME)/retraining-demo.log; echo "retraining failed: see $(CLOSEDLOOP_HOME)/retraining-demo.log"; exit 1)
+	@grep -E "Marking run|state=|Task (instance|.*finished)" $(CLOSEDLOOP_HOME)/retraining-demo.log | tail -n 12 || true
+
+status: install  ## Show champion, candidates and promotion history
+	$(BIN)/closedloop status
+
+demo: install airflow-home generate retrain  ## Set up, generate data, run retraining end to end, show the champion
+	@echo
+	@$(BIN)/closedloop status
+	@echo
+	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CLOSEDLOOP_HOME)/mlflow/mlflow.db"
+
+test: install  ## Set up and run the test suite
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: install  ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check include dags tests feature_repo || true
+
+clean:  ## Delete all local state ($CLOSEDLOOP_HOME): a clean start
+	rm -rf $(CLOSEDLOOP_HOME)

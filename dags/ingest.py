@@ -1,0 +1,61 @@
+"""
+Ingest one day of landed data: validate it, curate it, and materialise its customer features.
+
+For the run's day (its data interval, or `day` of a triggered run's configuration), the landed
+transactions and labels are validated with the Great Expectations suite of the data contract. A
+partition that breaks a blocking rule is moved to `quarantine/` with its report and the run fails,
+naming the file, column and rule; a valid one (warnings included) joins `curated/`, the Feast offline
+store, and the day is materialised into the online store with an overlap for late data. Emits the
+`closedloop_curated` Asset that scoring and monitoring follow.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+
+from closedloop.orchestration import DEFAULT_ARGS, run_stage
+
+CURATED = Asset(name="closedloop_curated", uri="closedloop://lake/curated")
+
+
+@dag(
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["closedloop", "ingest"],
+    params={
+        "day": Param(None, type=["null", "string"], format="date", title="Day",
+                     description="The day to ingest (YYYY-MM-DD). Empty on scheduled runs: the data interval decides."),
+    },
+)
+def ingest():
+    @task
+    def validate_partitions() -> dict:
+        """Validate and curate the day's transactions and labels; quarantine and fail on blocking problems."""
+        from closedloop import ingest as stages
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        day = run_stage(stages.resolve_day, _conf(ctx), ctx.get("data_interval_start"))
+        return run_stage(stages.ingest_day, Runtime.from_env(), day)
+
+    @task(outlets=[CURATED])
+    def materialise_features(ingested: dict) -> dict:
+        """Materialise the day (with the configured overlap) into the online store."""
+        from closedloop import ingest as stages
+        from closedloop.runtime import Runtime
+
+        return run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"])
+
+    materialise_features(validate_partitions())
+
+
+def _conf(ctx) -> dict:
+    run = ctx.get("dag_run")
+    return dict(getattr(run, "conf", None) or {})
+
+
+ingest()

@@ -1,0 +1,147 @@
+"""
+Retrain the model on a window of validated data and promote it only if it beats the champion.
+
+A run trains on one explicit window of days: a scheduled run on the window that ends with its data
+interval (`training.window_days` of the config), a triggered run on `window_start`..`window_end`
+(end exclusive) of its configuration, which is checked against a JSON schema before any work.
+
+Tasks, each a thin call into the `closedloop` package:
+
+- `validate_window`: every landed partition the window needs is validated with the Great Expectations
+  suite of the data contract; a partition that breaks a blocking rule is quarantined and the run stops.
+- `materialise_features`: applies the Feast definitions and materialises the window into the online store.
+- `build_training_set`: point-in-time-correct join of the customer features onto every labelled
+  transaction, time-based train / validation / holdout split, written as Parquet.
+- `train_model`: XGBoost with early stopping, on the GPU when one is usable; run, lineage and model in MLflow.
+- `register_model`: a model version with its lineage and drift reference (a re-run finds its own version).
+- `evaluate_gate`: candidate and champion scored on the same holdout; the decision goes to the version's tags.
+- `promote_or_reject`: moves the `champion` alias (compare-and-set) or keeps the candidate as rejected.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from closedloop.orchestration import DEFAULT_ARGS, run_stage
+
+
+@dag(
+    schedule="@weekly",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["closedloop", "training"],
+    params={
+        "window_start": Param(None, type=["null", "string"], format="date", title="Window start",
+                              description="First day of the training window (YYYY-MM-DD, inclusive). "
+                                          "Empty on scheduled runs: the data interval decides."),
+        "window_end": Param(None, type=["null", "string"], format="date", title="Window end",
+                            description="Day after the last day of the window (YYYY-MM-DD, exclusive)."),
+        "reason": Param("", type="string", title="Reason", description="Why this run was started (recorded)."),
+    },
+)
+def retraining():
+    @task
+    def validate_window() -> dict:
+        """Validate every partition of the run's window; bad partitions are quarantined and fail the run."""
+        from closedloop import retraining as stages
+        from closedloop.runconf import resolve_window
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        rt = Runtime.from_env()
+        window = run_stage(resolve_window, _conf(ctx), *_interval(ctx, rt))
+        return run_stage(stages.validate, rt, window)
+
+    @task
+    def materialise_features(validated: dict) -> dict:
+        """Apply the Feast definitions and materialise the window into the online store."""
+        from closedloop import retraining as stages
+        from closedloop.runtime import Runtime
+
+        return run_stage(stages.materialise, Runtime.from_env(), _window(validated))
+
+    @task
+    def build_training_set(validated: dict, materialised: dict) -> dict:
+        """Point-in-time-correct training set of the window, written as Parquet (its URI goes on)."""
+        from closedloop import retraining as stages
+        from closedloop.runtime import Runtime
+
+        return run_stage(stages.build_training_set, Runtime.from_env(), _window(validated))
+
+    @task
+    def train_model(training_set: dict, validated: dict) -> dict:
+        """Train XGBoost and log the run, its lineage and the model to MLflow."""
+        from closedloop import retraining as stages
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        lineage = {"dag_run_id": ctx["run_id"], "reason": _conf(ctx).get("reason", ""),
+                   "window": f"{validated['window']['start']}..{validated['window']['end']}",
+                   "validation": validated}
+        return run_stage(stages.train, Runtime.from_env(), training_set, lineage)
+
+    @task
+    def register_model(trained: dict, validated: dict) -> dict:
+        """Register the model version (a retry finds the version it already made)."""
+        from closedloop import retraining as stages
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        extra = {"closedloop.dag_run_id": ctx["run_id"]}
+        reason = _conf(ctx).get("reason")
+        if reason:
+            extra["closedloop.trigger_reason"] = reason[:4000]
+        return run_stage(stages.register, Runtime.from_env(), trained, _window(validated), extra)
+
+    @task
+    def evaluate_gate(registered: dict, training_set: dict) -> dict:
+        """Score candidate and champion on the same holdout and decide."""
+        from closedloop import retraining as stages
+        from closedloop.runtime import Runtime
+
+        return run_stage(stages.evaluate_gate, Runtime.from_env(), registered, training_set)
+
+    @task
+    def promote_or_reject(decision: dict) -> dict:
+        """Move `champion` to the candidate (compare-and-set) or keep it as rejected with the reason."""
+        from closedloop import retraining as stages
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        return run_stage(stages.promote_or_reject, Runtime.from_env(), decision, f"retraining:{ctx['run_id']}")
+
+    validated = validate_window()
+    materialised = materialise_features(validated)
+    training_set = build_training_set(validated, materialised)
+    trained = train_model(training_set, validated)
+    registered = register_model(trained, validated)
+    promote_or_reject(evaluate_gate(registered, training_set))
+
+
+def _conf(ctx) -> dict:
+    run = ctx.get("dag_run")
+    return dict(getattr(run, "conf", None) or {})
+
+
+def _interval(ctx, rt) -> tuple:
+    """The scheduled window: ``window_days`` ending at the end of the data interval (triggered runs: none)."""
+    from datetime import timedelta
+
+    run = ctx.get("dag_run")
+    end = ctx.get("data_interval_end")
+    if end is None or str(getattr(run, "run_type", "")).lower().endswith("manual"):
+        return None, None
+    days = int(rt.settings.config.training.get("window_days", 28))
+    return end - timedelta(days=days), end
+
+
+def _window(validated: dict):
+    from closedloop.runconf import Window, parse_day
+
+    return Window(parse_day(validated["window"]["start"]), parse_day(validated["window"]["end"]))
+
+
+retraining()

@@ -1,0 +1,274 @@
+"""Feast: definitions derived from the data contract, apply, materialise, and the training set.
+
+The offline store is Feast's ``file`` store (Dask over Parquet), which reads local paths and ``s3://``
+alike. Its point-in-time join collapses entity rows that share (entity, timestamp) and drops rows whose
+entity has no feature row inside the TTL, so :func:`historical_features` sends Feast the distinct
+(entity, timestamp) pairs and joins the answer back onto every labelled row: no row is lost or
+duplicated, and the row count is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import string
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import TYPE_CHECKING, Any
+
+from closedloop.errors import NoDataError, PermanentError
+from closedloop.lake import Lake, days_between
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureStore
+
+    from closedloop.schema import DataContract
+    from closedloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "holdout")
+
+
+def to_utc(day: date) -> datetime:
+    """Midnight UTC of ``day``."""
+    return datetime.combine(day, time(0), tzinfo=UTC)
+
+
+# -- definitions ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeastDefinitions:
+    """The Feast objects of one data contract."""
+
+    entity: Any
+    source: Any
+    view: Any
+    service: Any
+
+    def objects(self) -> list[Any]:
+        return [self.entity, self.source, self.view, self.service]
+
+
+def source_path(lake_uri: str, contract: DataContract) -> str:
+    """Where Feast reads the entity features: the curated zone's folder of the feature view."""
+    uri = f"{lake_uri.rstrip('/')}/curated/{contract.feature_view}"
+    return uri.removeprefix("file://")  # Feast joins file:// URIs onto its repo path; give it a path
+
+
+def build_definitions(contract: DataContract, lake_uri: str, s3_endpoint: str | None = None) -> FeastDefinitions:
+    """Entity, file source, feature view and feature service derived from ``contract``."""
+    from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+    from feast.types import Float64
+
+    value_type = ValueType.INT64 if contract.entity_dtype == "int64" else ValueType.STRING
+    entity = Entity(
+        name=contract.entity.removesuffix("_id") or contract.entity,
+        join_keys=[contract.entity],
+        value_type=value_type,
+        description=contract.entity_description,
+    )
+    source = FileSource(
+        name=f"{contract.feature_view}_source",
+        path=source_path(lake_uri, contract),
+        timestamp_field=contract.event_timestamp,
+        s3_endpoint_override=s3_endpoint,
+        description=f"Curated {contract.feature_view} partitions of the lake.",
+    )
+    view = FeatureView(
+        name=contract.feature_view,
+        entities=[entity],
+        ttl=contract.ttl,
+        schema=[
+            Field(name=a.name, dtype=Float64, description=a.description
+                  or f"{a.function} of {a.column or 'events'} over {a.window} before the event")
+            for a in contract.aggregates
+        ],
+        source=source,
+        online=True,
+        description=f"Aggregates over each {contract.entity}'s earlier events (never the event itself).",
+        tags={"dataset": contract.name, "contract_sha256": contract.sha256[:12], "owner": "closedloop"},
+    )
+    service = FeatureService(
+        name=f"{contract.name}_model",
+        features=[view],
+        description=f"The entity features of the {contract.name} model.",
+        tags={"dataset": contract.name},
+    )
+    return FeastDefinitions(entity, source, view, service)
+
+
+def feature_store(settings: Settings) -> FeatureStore:
+    """A FeatureStore for ``settings``: ``feature_repo/feature_store.yaml`` rendered with its values."""
+    import yaml
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+    settings.feast_dir.mkdir(parents=True, exist_ok=True)
+    text = (settings.feast_repo / "feature_store.yaml").read_text()
+    rendered = string.Template(text).safe_substitute(settings.feast_env())
+    config = RepoConfig(**yaml.safe_load(rendered))
+    config.repo_path = settings.feast_repo
+    return FeatureStore(config=config)
+
+
+def apply_definitions(store: FeatureStore, defs: FeastDefinitions) -> None:
+    """Register the definitions (idempotent: applying the same objects again changes nothing)."""
+    store.apply(defs.objects())
+
+
+def materialize_window(store: FeatureStore, defs: FeastDefinitions, start: date, end: date,
+                       overlap_days: int = 1) -> tuple[datetime, datetime]:
+    """Materialise ``[start - overlap, end)`` of the feature view into the online store.
+
+    The interval is named by the caller (the run's window), never "now"; the overlap re-reads the
+    days before for late data. Re-running it writes the same rows again.
+    """
+    lo = to_utc(start - timedelta(days=overlap_days))
+    hi = to_utc(end)
+    store.materialize(lo, hi, feature_views=[defs.view.name])
+    return lo, hi
+
+
+# -- training set ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingSet:
+    """A written training set: where it is and what went into it."""
+
+    uri: str
+    key: str
+    rows: dict[str, int]
+    positives: dict[str, int]
+    data_sha256: str
+    partitions: dict[str, str]  # partition URI -> content hash of its landed file
+    unlabelled_rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "key": self.key,
+            "rows": self.rows,
+            "positives": self.positives,
+            "data_sha256": self.data_sha256,
+            "partitions": self.partitions,
+            "unlabelled_rows": self.unlabelled_rows,
+        }
+
+
+def historical_features(store: FeatureStore, defs: FeastDefinitions, rows: pd.DataFrame,
+                        contract: DataContract) -> pd.DataFrame:
+    """``rows`` with the entity features as of each row's event time (point-in-time correct).
+
+    Every input row comes back exactly once, in the input order.
+    """
+    ent, ts = contract.entity, contract.event_timestamp
+    keys = rows[[ent, ts]].drop_duplicates().reset_index(drop=True)
+    feats = store.get_historical_features(entity_df=keys, features=defs.service).to_df()
+    feats = feats[[ent, ts, *contract.entity_features]].drop_duplicates([ent, ts])
+    feats[ts] = feats[ts].dt.tz_convert("UTC").astype(rows[ts].dtype)
+    out = rows.drop(columns=[c for c in contract.entity_features if c in rows], errors="ignore").merge(
+        feats, on=[ent, ts], how="left", validate="many_to_one"
+    )
+    if len(out) != len(rows):
+        raise PermanentError(f"point-in-time join returned {len(out)} rows for {len(rows)}: "
+                             "refusing a lossy training set")
+    return out
+
+
+def read_labelled_window(lake: Lake, contract: DataContract, start: date, end: date,
+                         label_grace_days: int) -> tuple[pd.DataFrame, dict[str, str], int]:
+    """Curated transactions of ``[start, end)`` joined with every curated label known for them.
+
+    Labels are read from label partitions dated ``[start, end + grace)``. Returns the labelled rows,
+    the partitions read (URI -> hash of the landed file) and the number of unlabelled transactions.
+    """
+    from closedloop.ingest import read_marker
+
+    days = days_between(start, end)
+    tx_uris, partitions = [], {}
+    missing = []
+    for d in days:
+        uri = lake.partition("curated", "transactions", d)
+        marker = read_marker(lake, "transactions", d)
+        if marker is None or not lake.exists(uri):
+            missing.append(d.isoformat())
+            continue
+        tx_uris.append(uri)
+        partitions[marker["uri"]] = marker["sha256"]
+    if missing:
+        raise NoDataError(f"window {start}..{end}: no curated transactions for {', '.join(missing)}; "
+                          "ingest (validate) those days first")
+    label_days = [d for d in lake.list_days("curated", "labels")
+                  if start <= d < end + timedelta(days=label_grace_days)]
+    label_uris = []
+    for d in label_days:
+        marker = read_marker(lake, "labels", d)
+        if marker is not None:
+            label_uris.append(lake.partition("curated", "labels", d))
+            partitions[marker["uri"]] = marker["sha256"]
+    tx = lake.read_parquet_many(tx_uris)
+    if tx.empty:
+        raise NoDataError(f"window {start}..{end}: the curated partitions hold no transactions")
+    labels = lake.read_parquet_many(label_uris, columns=[contract.row_key, contract.label, contract.label_timestamp])
+    if labels.empty:
+        raise NoDataError(f"window {start}..{end}: no labels arrived in label partitions "
+                          f"{start}..{end + timedelta(days=label_grace_days)}")
+    labels = labels.sort_values([contract.label_timestamp, contract.row_key]).drop_duplicates(
+        contract.row_key, keep="last")
+    labelled = tx.merge(labels[[contract.row_key, contract.label]], on=contract.row_key, how="inner",
+                        validate="one_to_one")
+    return labelled, partitions, len(tx) - len(labelled)
+
+
+def time_split(frame: pd.DataFrame, contract: DataContract, fractions: dict[str, float]) -> dict[str, pd.DataFrame]:
+    """Split rows by event time: the earliest ``train`` share, then ``validation``, then ``holdout``."""
+    total = sum(fractions[s] for s in SPLITS)
+    ordered = frame.sort_values([contract.event_timestamp, contract.row_key], kind="stable").reset_index(drop=True)
+    n = len(ordered)
+    a = round(n * fractions["train"] / total)
+    b = a + round(n * fractions["validation"] / total)
+    return {"train": ordered.iloc[:a], "validation": ordered.iloc[a:b], "holdout": ordered.iloc[b:]}
+
+
+def frame_sha256(frame: pd.DataFrame) -> str:
+    """Order-sensitive content hash of a frame."""
+    import pandas as pd
+
+    h = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    h.update(",".join(frame.columns).encode())
+    return h.hexdigest()
+
+
+def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, contract: DataContract,
+                       start: date, end: date, *, label_grace_days: int,
+                       split: dict[str, float]) -> TrainingSet:
+    """Write the point-in-time-correct training set of ``[start, end)`` as Parquet partitioned by split.
+
+    Deterministic: the same curated data gives the same rows, hash and location.
+    """
+    labelled, partitions, unlabelled = read_labelled_window(lake, contract, start, end, label_grace_days)
+    full = historical_features(store, defs, labelled, contract)
+    if full[contract.row_key].duplicated().any():
+        raise PermanentError("training set has duplicate transaction ids")
+    columns = [contract.row_key, contract.entity, contract.event_timestamp, *contract.model_features, contract.label]
+    full = full[columns]
+    parts = time_split(full, contract, split)
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        digest.update(frame_sha256(parts[name]).encode())
+    data_sha = digest.hexdigest()
+    key = f"{start.isoformat()}_{end.isoformat()}_{data_sha[:12]}"
+    base = lake.uri("training_sets", key)
+    for name in SPLITS:
+        lake.write_parquet(parts[name], f"{base}/split={name}/part-0.parquet")
+    rows = {s: len(parts[s]) for s in SPLITS}
+    positives = {s: int(parts[s][contract.label].sum()) for s in SPLITS}
+    log.info("training set %s: rows %s, positives %s, %d unlabelled transactions left out",
+             base, rows, positives, unlabelled)
+    return TrainingSet(uri=base, key=key, rows=rows, positives=positives, data_sha256=data_sha,
+                       partitions=dict(sorted(partitions.items())), unlabelled_rows=unlabelled)
+
+
+def read_training_split(lake: Lake, uri: str, split: str) -> pd.DataFrame:
+    """One split of a training set written by :func:`build_training_set`."""
+    return lake.read_parquet(f"{uri}/split={split}/part-0.parquet")

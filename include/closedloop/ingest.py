@@ -1,0 +1,215 @@
+"""Ingest: validate a landed daily partition, then curate it or quarantine it.
+
+A partition that breaks a blocking rule moves to ``quarantine/`` with its validation report and
+:class:`~closedloop.errors.DataValidationError` names the file, each failed rule, its column and
+sample values. A valid one (warnings included) is written to ``curated/`` with, for transactions, its
+entity-feature rows; a marker with the validation result is written last and makes the step
+idempotent: a partition whose landed content is unchanged is not validated again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from closedloop.errors import DataValidationError, NoDataError
+from closedloop.lake import KINDS, Lake
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from closedloop.runtime import Runtime
+    from closedloop.schema import DataContract
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestOutcome:
+    """What happened to one partition."""
+
+    kind: str
+    day: str
+    status: str  # curated | already_curated | quarantined | missing
+    uri: str
+    sha256: str = ""
+    rows: int = 0
+    warnings: list[str] = field(default_factory=list)
+    report_uri: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def marker_uri(lake: Lake, kind: str, day: date) -> str:
+    return lake.partition("curated", f"_validation/{kind}", day, suffix=".json")
+
+
+def read_marker(lake: Lake, kind: str, day: date) -> dict[str, Any] | None:
+    """The validation marker of a curated partition, or None when it is not curated."""
+    uri = marker_uri(lake, kind, day)
+    return lake.read_json(uri) if lake.exists(uri) else None
+
+
+def normalise(df: pd.DataFrame, contract: DataContract, kind: str) -> pd.DataFrame:
+    """Cast a validated partition to the contract's types (categories as strings, timestamps UTC)."""
+    import pandas as pd
+
+    cols = contract.landing_columns if kind == "transactions" else contract.label_columns
+    out = df[list(cols)].copy()
+    for name, dtype in cols.items():
+        if dtype == "timestamp":
+            out[name] = pd.to_datetime(out[name], utc=True).astype("datetime64[ns, UTC]")
+        elif dtype in ("string", "category"):
+            out[name] = out[name].astype("string").astype(object)
+        elif dtype == "int64":
+            out[name] = out[name].astype("int64")
+        elif dtype == "float64":
+            out[name] = out[name].astype("float64")
+        elif dtype == "bool":
+            out[name] = out[name].astype(bool)
+    return out
+
+
+def _history(lake: Lake, contract: DataContract, day: date) -> tuple[pd.DataFrame | None, list[str]]:
+    """Curated transactions of the lookback period before ``day`` (context for aggregates)."""
+    first = day - contract.lookback
+    days = [d for d in lake.list_days("curated", "transactions") if first <= d < day]
+    if not days:
+        return None, []
+    cols = [contract.entity, contract.event_timestamp,
+            *sorted({a.column for a in contract.aggregates if a.column})]
+    frame = lake.read_parquet_many([lake.partition("curated", "transactions", d) for d in days], columns=cols)
+    return frame, [d.isoformat() for d in days]
+
+
+def quarantine(lake: Lake, kind: str, day: date, report: dict[str, Any]) -> tuple[str, str]:
+    """Move a landed partition to quarantine with its report; returns (partition URI, report URI)."""
+    src = lake.partition("landing", kind, day)
+    dst = lake.partition("quarantine", kind, day)
+    report_uri = lake.partition("quarantine", kind, day, suffix=".validation.json")
+    lake.write_json(report_uri, report)
+    if lake.exists(src):
+        lake.move(src, dst)
+    return dst, report_uri
+
+
+def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date) -> IngestOutcome:
+    """Validate and curate (or quarantine) the landed ``kind`` partition of ``day``.
+
+    Raises DataValidationError (after quarantining) on a blocking finding, and NoDataError when the
+    partition neither landed nor was curated before.
+    """
+    from closedloop.aggregates import compute_entity_features
+    from closedloop.validation import validate_partition
+
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    landing = lake.partition("landing", kind, day)
+    marker = read_marker(lake, kind, day)
+    if not lake.exists(landing):
+        if marker is not None:
+            return IngestOutcome(kind, day.isoformat(), "already_curated", marker["uri"], marker["sha256"],
+                                 marker["rows"], marker.get("warnings", []))
+        report_uri = lake.partition("quarantine", kind, day, suffix=".validation.json")
+        if lake.exists(report_uri):
+            report = lake.read_json(report_uri)
+            raise DataValidationError(report.get("summary", f"{landing}: quarantined"),
+                                      report_uri=report_uri, quarantine_uri=lake.partition("quarantine", kind, day))
+        raise NoDataError(f"{landing}: no {kind} partition landed for {day} (and none curated)")
+
+    sha = lake.sha256(landing)
+    if marker is not None and marker.get("sha256") == sha:
+        log.info("%s: unchanged since validated (%s), not validated again", landing, sha[:12])
+        return IngestOutcome(kind, day.isoformat(), "already_curated", landing, sha, marker["rows"],
+                             marker.get("warnings", []))
+
+    result = validate_partition(lake, landing, contract, kind, day)
+    report = result.to_dict()
+    report["summary"] = result.summary()
+    report["validated_at"] = datetime.now(UTC).isoformat()
+    if not result.passed:
+        dst, report_uri = quarantine(lake, kind, day, report)
+        log.error("%s", report["summary"])
+        raise DataValidationError(report["summary"] + f"\nThe partition was moved to {dst}; report: {report_uri}",
+                                  report_uri=report_uri, quarantine_uri=dst)
+
+    frame = normalise(lake.read_parquet(landing), contract, kind)
+    curated = lake.partition("curated", kind, day)
+    lake.write_parquet(frame, curated)
+    history_days: list[str] = []
+    if kind == "transactions" and contract.aggregates:
+        history, history_days = _history(lake, contract, day)
+        feats = compute_entity_features(frame, contract, history)
+        lake.write_parquet(feats, lake.partition("curated", contract.feature_view, day))
+    warnings = [f"{f.rule}({f.column}): {f.message}" for f in result.warnings]
+    for w in warnings:
+        log.warning("%s: %s", landing, w)
+    lake.write_json(marker_uri(lake, kind, day), {
+        **report, "uri": landing, "sha256": sha, "rows": len(frame), "warnings": warnings,
+        "curated_uri": curated, "history_days": history_days,
+    })
+    return IngestOutcome(kind, day.isoformat(), "curated", landing, sha, len(frame), warnings)
+
+
+def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *, label_grace_days: int = 0,
+                  with_lookback: bool = True) -> list[IngestOutcome]:
+    """Ingest every landed partition a window needs, in day order, and report all problems at once.
+
+    Transactions of ``[start - lookback, end)`` (the lookback feeds the customer aggregates) and
+    labels of ``[start, end + grace)``. Every bad partition is quarantined before the error is raised.
+    """
+    first = start - contract.lookback if with_lookback else start
+    tx_days = sorted(set(lake.list_days("landing", "transactions")) | set(lake.list_days("curated", "transactions")))
+    label_days = sorted(set(lake.list_days("landing", "labels")) | set(lake.list_days("curated", "labels")))
+    plan = [("transactions", d) for d in tx_days if first <= d < end]
+    plan += [("labels", d) for d in label_days if start <= d < end + timedelta(days=label_grace_days)]
+    outcomes: list[IngestOutcome] = []
+    errors: list[DataValidationError] = []
+    for kind, day in plan:
+        try:
+            outcomes.append(ingest_partition(lake, contract, kind, day))
+        except DataValidationError as exc:
+            errors.append(exc)
+            outcomes.append(IngestOutcome(kind, day.isoformat(), "quarantined",
+                                          exc.quarantine_uri or "", report_uri=exc.report_uri or ""))
+    if errors:
+        msg = "\n\n".join(str(e) for e in errors)
+        raise DataValidationError(f"{len(errors)} partition(s) of window {start}..{end} failed validation:\n\n{msg}",
+                                  report_uri=errors[0].report_uri, quarantine_uri=errors[0].quarantine_uri)
+    return outcomes
+
+
+def resolve_day(conf: dict[str, Any] | None, interval_start: Any = None) -> date:
+    """The day an ingest run works on: ``conf["day"]`` when given, else its data interval's start."""
+    from closedloop.errors import ConfigError
+    from closedloop.runconf import INGEST_CONF_SCHEMA, parse_day, validate_conf
+
+    conf = validate_conf(conf, INGEST_CONF_SCHEMA)
+    if conf.get("day"):
+        return parse_day(conf["day"])
+    if interval_start is None:
+        raise ConfigError("ingest run configuration refused: a triggered run needs day (YYYY-MM-DD)")
+    return parse_day(interval_start)
+
+
+def ingest_day(rt: Runtime, day: date) -> dict[str, Any]:
+    """Validate and curate the transactions and (when they landed) the labels of ``day``."""
+    outcomes = [ingest_partition(rt.lake, rt.contract, "transactions", day)]
+    if rt.lake.exists(rt.lake.partition("landing", "labels", day)) or read_marker(rt.lake, "labels", day):
+        outcomes.append(ingest_partition(rt.lake, rt.contract, "labels", day))
+    return {"day": day.isoformat(), "partitions": [o.to_dict() for o in outcomes]}
+
+
+def materialise_day(rt: Runtime, day: str | date) -> dict[str, Any]:
+    """Apply the Feast definitions and materialise ``[day - overlap, day + 1)`` into the online store."""
+    from closedloop.features import apply_definitions, materialize_window
+    from closedloop.runconf import parse_day
+
+    d = parse_day(day)
+    apply_definitions(rt.store, rt.defs)
+    overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
+    lo, hi = materialize_window(rt.store, rt.defs, d, d + timedelta(days=1), overlap)
+    return {"day": d.isoformat(), "feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat()}

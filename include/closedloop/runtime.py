@@ -1,0 +1,61 @@
+"""The collaborators a stage needs, built once from settings: lake, contract, Feast, MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from closedloop.lake import Lake
+from closedloop.schema import DataContract, load_contract
+from closedloop.settings import Settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+    from mlflow import MlflowClient
+
+    from closedloop.features import FeastDefinitions
+
+
+@dataclass
+class Runtime:
+    """Settings plus lazily built clients; pass one to the stage functions."""
+
+    settings: Settings
+
+    @classmethod
+    def from_env(cls) -> Runtime:
+        rt = cls(Settings.from_env())
+        rt.settings.ensure_dirs()
+        return rt
+
+    @cached_property
+    def lake(self) -> Lake:
+        return Lake(self.settings.lake_uri, self.settings.storage_options)
+
+    @cached_property
+    def contract(self) -> DataContract:
+        return load_contract(self.settings.config.schema_path)
+
+    @cached_property
+    def defs(self) -> FeastDefinitions:
+        from closedloop.features import build_definitions
+
+        endpoint = (self.settings.storage_options.get("client_kwargs") or {}).get("endpoint_url")
+        return build_definitions(self.contract, self.settings.lake_uri, endpoint)
+
+    @cached_property
+    def store(self) -> FeatureStore:
+        from closedloop.features import feature_store
+
+        return feature_store(self.settings)
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        from closedloop.registry import mlflow_client
+
+        return mlflow_client(self.settings)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.config.model_name

@@ -1,0 +1,157 @@
+"""Settings: where state lives and which services to use, read from the environment.
+
+This is the only module that reads the environment. Every default works on a laptop: all state lives
+under ``$CLOSEDLOOP_HOME`` (``.closedloop/`` in the checkout by default).
+
+Environment variables (all optional):
+
+- ``CLOSEDLOOP_HOME``: root of all local state (default: ``<repo>/.closedloop``).
+- ``CLOSEDLOOP_LAKE_URI``: root URI of the data lake (default: ``file://$CLOSEDLOOP_HOME/lake``).
+- ``CLOSEDLOOP_CONFIG``: the versioned model and policy configuration (default: ``include/config/closedloop.yaml``).
+- ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``: default ``sqlite:///$CLOSEDLOOP_HOME/mlflow/mlflow.db``.
+- ``CLOSEDLOOP_MLFLOW_ARTIFACTS``: artifact root for new experiments (default ``$CLOSEDLOOP_HOME/mlflow/artifacts``).
+- ``CLOSEDLOOP_FEAST_REPO``: the Feast repository (default: ``<repo>/feature_repo``).
+- ``CLOSEDLOOP_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda``: where XGBoost trains.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from closedloop.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "include" / "config" / "closedloop.yaml"
+
+
+def _as_uri(path_or_uri: str) -> str:
+    """Return ``path_or_uri`` as a URI: plain paths become absolute ``file://`` URIs."""
+    if "://" in path_or_uri:
+        return path_or_uri.rstrip("/")
+    return "file://" + str(Path(path_or_uri).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved locations and service endpoints; build with :meth:`from_env`."""
+
+    home: Path
+    lake_uri: str
+    config_path: Path
+    mlflow_tracking_uri: str
+    mlflow_registry_uri: str
+    mlflow_artifact_root: str
+    feast_repo: Path
+    feast_registry: str
+    device: str = "auto"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """Read the settings from ``env`` (default: ``os.environ``)."""
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("CLOSEDLOOP_HOME") or REPO_ROOT / ".closedloop").expanduser().resolve()
+        tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+        device = env.get("CLOSEDLOOP_DEVICE", "auto").lower()
+        if device not in {"auto", "cpu", "cuda"}:
+            raise ConfigError(f"CLOSEDLOOP_DEVICE={device!r}: use one of auto, cpu, cuda")
+        storage_options: dict[str, Any] = {}
+        if env.get("CLOSEDLOOP_S3_ENDPOINT_URL"):
+            storage_options = {"client_kwargs": {"endpoint_url": env["CLOSEDLOOP_S3_ENDPOINT_URL"]}}
+        return cls(
+            home=home,
+            lake_uri=_as_uri(env.get("CLOSEDLOOP_LAKE_URI") or str(home / "lake")),
+            config_path=Path(env.get("CLOSEDLOOP_CONFIG") or DEFAULT_CONFIG).resolve(),
+            mlflow_tracking_uri=tracking,
+            mlflow_registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
+            mlflow_artifact_root=_as_uri(env.get("CLOSEDLOOP_MLFLOW_ARTIFACTS") or str(home / "mlflow" / "artifacts")),
+            feast_repo=Path(env.get("CLOSEDLOOP_FEAST_REPO") or REPO_ROOT / "feature_repo").resolve(),
+            feast_registry=env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db"),
+            device=device,
+            storage_options=storage_options,
+        )
+
+    @cached_property
+    def config(self) -> Config:
+        """The versioned model and policy configuration."""
+        return Config.load(self.config_path)
+
+    @property
+    def feast_dir(self) -> Path:
+        """Where Feast keeps its registry and the SQLite online store (embedded default)."""
+        return self.home / "feast"
+
+    def feast_env(self) -> dict[str, str]:
+        """The values that ``feature_repo/feature_store.yaml`` refers to as ``${...}``."""
+        return {
+            "CLOSEDLOOP_FEAST_REGISTRY": self.feast_registry,
+            "CLOSEDLOOP_FEAST_ONLINE_PATH": str(self.feast_dir / "online_store.db"),
+            "CLOSEDLOOP_LAKE_URI": self.lake_uri,
+        }
+
+    def ensure_dirs(self) -> None:
+        """Create the local directories of the embedded defaults (no-op for remote stores)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.feast_dir.mkdir(parents=True, exist_ok=True)
+        if self.mlflow_tracking_uri.startswith("sqlite:///"):
+            Path(self.mlflow_tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if self.mlflow_artifact_root.startswith("file://"):
+            Path(self.mlflow_artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        if self.lake_uri.startswith("file://"):
+            Path(self.lake_uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The versioned configuration file: data set, model, training, gate and ingest policy."""
+
+    path: Path
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        """Load and check the configuration at ``path``."""
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: configuration file not found (set CLOSEDLOOP_CONFIG)") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        missing = {"dataset", "model", "training", "gate"} - set(raw or {})
+        if missing:
+            raise ConfigError(f"{path}: missing section(s) {sorted(missing)}")
+        return cls(path=path, raw=raw)
+
+    @property
+    def schema_path(self) -> Path:
+        """The data contract (schema file) of the data set, relative paths taken from the config's folder."""
+        p = Path(self.raw["dataset"]["schema"])
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+    @property
+    def model_name(self) -> str:
+        return str(self.raw["model"]["name"])
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return dict(self.raw["training"])
+
+    @property
+    def gate(self) -> dict[str, Any]:
+        return dict(self.raw["gate"])
+
+    @property
+    def ingest(self) -> dict[str, Any]:
+        return dict(self.raw.get("ingest", {}))
+
+    def sha256(self) -> str:
+        """Content hash of the configuration file (lineage)."""
+        import hashlib
+
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()

@@ -1,0 +1,272 @@
+"""Training: XGBoost on the training set, device chosen at run time, everything logged to MLflow."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from closedloop.features import read_training_split
+from closedloop.metrics import classification_metrics, threshold_at_fpr
+from closedloop.settings import REPO_ROOT
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import xgboost as xgb
+
+    from closedloop.lake import Lake
+    from closedloop.schema import DataContract
+    from closedloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TAG = "closedloop."
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a driver or a GPU)."""
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def choose_device(requested: str = "auto") -> tuple[str, str]:
+    """Pick where XGBoost trains: ``(device, why)``.
+
+    XGBoost with ``device="cuda"`` and no usable GPU does not fail, it warns and trains on the CPU,
+    so the choice is made here, from the build and the driver, and recorded with the run.
+    """
+    import xgboost as xgb
+
+    if requested == "cpu":
+        return "cpu", "CLOSEDLOOP_DEVICE=cpu"
+    built = bool(xgb.build_info().get("USE_CUDA"))
+    gpus = cuda_device_count() if built else 0
+    if built and gpus > 0:
+        return "cuda", f"{gpus} CUDA device(s) visible and xgboost built with CUDA"
+    why = "xgboost built without CUDA" if not built else "no CUDA device visible"
+    if requested == "cuda":
+        log.warning("CLOSEDLOOP_DEVICE=cuda but %s: training on the CPU", why)
+    return "cpu", why
+
+
+def feature_frame(frame: pd.DataFrame, contract: DataContract) -> pd.DataFrame:
+    """The model's input matrix: the contract's features in order, all float64.
+
+    Categorical columns become the index of their value in the contract's declared categories; a
+    value outside them becomes missing, which the trees route like any missing value. The matrix is
+    all-numeric, so the logged model also works as a plain MLflow pyfunc on it.
+    """
+    import numpy as np
+    import pandas as pd
+
+    x = pd.DataFrame(index=frame.index)
+    for name in contract.model_features:
+        if name in contract.categorical:
+            cats = contract.categorical[name]
+            codes = pd.Categorical(frame[name].astype("string").astype(object), categories=list(cats)).codes
+            x[name] = np.where(codes < 0, np.nan, codes).astype("float64")
+        else:
+            x[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
+    return x
+
+
+def dmatrix(frame: pd.DataFrame, contract: DataContract, with_label: bool = True) -> xgb.DMatrix:
+    import xgboost as xgb
+
+    label = frame[contract.label].to_numpy() if with_label else None
+    return xgb.DMatrix(feature_frame(frame, contract), label=label)
+
+
+def predict(booster: xgb.Booster, frame: pd.DataFrame, contract: DataContract) -> Any:
+    """Fraud scores of ``frame``'s rows."""
+    return booster.predict(dmatrix(frame, contract, with_label=False))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def file_sha256(path: Any) -> str:
+    try:
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    except OSError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_uri: str
+    lineage_key: str
+    device: str
+    threshold: float
+    metrics: dict[str, float]
+    reused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def lineage_key(training_set: dict[str, Any], contract: DataContract, settings: Settings) -> str:
+    """What makes a model version: the data, the schema, the configuration and the code."""
+    parts = [training_set["data_sha256"], contract.sha256, settings.config.sha256(), git_commit(),
+             file_sha256(REPO_ROOT / "uv.lock")]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def fit(train: pd.DataFrame, validation: pd.DataFrame, contract: DataContract, config: dict[str, Any],
+        device: str) -> tuple[xgb.Booster, float]:
+    """Train with early stopping on ``validation``; returns the booster and its decision threshold."""
+    import xgboost as xgb
+
+    params = dict(config["params"])
+    params["device"] = device
+    dtrain = dmatrix(train, contract)
+    dval = dmatrix(validation, contract)
+    booster = xgb.train(
+        params, dtrain, num_boost_round=int(config["num_boost_round"]),
+        evals=[(dval, "validation")], early_stopping_rounds=int(config["early_stopping_rounds"]),
+        verbose_eval=False,
+    )
+    val_scores = booster.predict(dval, iteration_range=(0, booster.best_iteration + 1))
+    threshold = threshold_at_fpr(validation[contract.label].to_numpy(), val_scores, float(config["target_fpr"]))
+    return booster, threshold
+
+
+def trimmed(booster: xgb.Booster) -> xgb.Booster:
+    """The booster cut at its best iteration (what gets logged and served)."""
+    best = getattr(booster, "best_iteration", None)
+    return booster[: best + 1] if best is not None else booster
+
+
+def reference_stats(frame: pd.DataFrame, contract: DataContract) -> dict[str, Any]:
+    """Per-feature statistics of the training data: the drift reference's summary."""
+    stats: dict[str, Any] = {}
+    for name in contract.model_features:
+        s = frame[name]
+        if name in contract.categorical:
+            stats[name] = {"kind": "categorical",
+                           "frequencies": s.astype(str).value_counts(normalize=True).round(6).to_dict(),
+                           "null_share": float(s.isna().mean())}
+        else:
+            q = s.quantile([0.01, 0.25, 0.5, 0.75, 0.99])
+            stats[name] = {"kind": "numeric", "mean": float(s.mean()), "std": float(s.std()),
+                           "quantiles": {str(k): float(v) for k, v in q.items()},
+                           "null_share": float(s.isna().mean())}
+    return stats
+
+
+def train_and_log(settings: Settings, lake: Lake, contract: DataContract, training_set: dict[str, Any], *,
+                  lineage: dict[str, Any], run_name: str = "train") -> TrainResult:
+    """Train on a written training set and log everything to MLflow; a re-run reuses its finished run.
+
+    ``lineage`` carries what the caller knows (dag_run id, validation results); the rest is added here.
+    """
+    import mlflow
+    import xgboost as xgb
+    from mlflow.models import infer_signature
+
+    from closedloop.registry import ensure_experiment, mlflow_client
+
+    client = mlflow_client(settings)
+    cfg = settings.config
+    key = lineage_key(training_set, contract, settings)
+    exp_id = ensure_experiment(client, settings, cfg.raw["model"]["experiment"])
+    found = client.search_runs([exp_id], filter_string=f"tags.`{TAG}lineage_key` = '{key}' and status = 'FINISHED'",
+                               max_results=1)
+    if found:
+        run = found[0]
+        log.info("run %s already trained this lineage (%s): reusing it", run.info.run_id, key)
+        return TrainResult(run_id=run.info.run_id, model_uri=run.data.tags[f"{TAG}model_uri"], lineage_key=key,
+                           device=run.data.tags.get(f"{TAG}device", "cpu"),
+                           threshold=float(run.data.params["decision_threshold"]),
+                           metrics={k.removeprefix("holdout_"): v for k, v in run.data.metrics.items()
+                                    if k.startswith("holdout_")}, reused=True)
+
+    uri = training_set["uri"]
+    train = read_training_split(lake, uri, "train")
+    validation = read_training_split(lake, uri, "validation")
+    holdout = read_training_split(lake, uri, "holdout")
+    device, why = choose_device(settings.device)
+    tcfg = cfg.training
+    booster, threshold = fit(train, validation, contract, tcfg, device)
+    model = trimmed(booster)
+    model.set_param({"device": "cpu"})  # served and evaluated anywhere
+    holdout_metrics = classification_metrics(holdout[contract.label].to_numpy(), predict(model, holdout, contract),
+                                             threshold)
+    val_metrics = classification_metrics(validation[contract.label].to_numpy(),
+                                         predict(model, validation, contract), threshold)
+    importance = model.get_score(importance_type="gain")
+
+    tags = {
+        f"{TAG}lineage_key": key,
+        f"{TAG}device": device,
+        f"{TAG}device_reason": why,
+        f"{TAG}training_set": uri,
+        f"{TAG}data_sha256": training_set["data_sha256"],
+        f"{TAG}schema": contract.name,
+        f"{TAG}schema_sha256": contract.sha256,
+        f"{TAG}config_sha256": cfg.sha256(),
+        f"{TAG}git_commit": git_commit(),
+        f"{TAG}lock_sha256": file_sha256(REPO_ROOT / "uv.lock"),
+        f"{TAG}features": ",".join(contract.model_features),
+        **{f"{TAG}{k}": str(v) for k, v in lineage.items() if isinstance(v, str | int | float)},
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
+        mlflow.log_params({f"xgb_{k}": v for k, v in tcfg["params"].items()})
+        mlflow.log_params({
+            "num_boost_round": tcfg["num_boost_round"], "early_stopping_rounds": tcfg["early_stopping_rounds"],
+            "best_iteration": booster.best_iteration, "decision_threshold": threshold,
+            "target_fpr": tcfg["target_fpr"], "device": device,
+            **{f"rows_{k}": v for k, v in training_set["rows"].items()},
+            **{f"positives_{k}": v for k, v in training_set["positives"].items()},
+        })
+        mlflow.log_metrics({f"holdout_{k}": v for k, v in holdout_metrics.items()})
+        mlflow.log_metrics({f"validation_{k}": v for k, v in val_metrics.items()})
+        mlflow.log_dict(importance, "feature_importance.json")
+        mlflow.log_dict({"training_set": training_set, **lineage, "tags": tags}, "lineage.json")
+        ref = train.sample(n=min(len(train), int(tcfg.get("reference_sample_rows", 5000))), random_state=0)
+        mlflow.log_dict(reference_stats(train, contract), "reference/stats.json")
+        _log_frame(ref, "reference/sample.parquet")
+        x_example = feature_frame(holdout.head(5), contract)
+        signature = infer_signature(x_example, model.predict(xgb.DMatrix(x_example)))
+        info = mlflow.xgboost.log_model(
+            model, name="model", signature=signature, input_example=x_example,
+            pip_requirements=[f"xgboost=={xgb.__version__}", f"mlflow=={mlflow.__version__}"],
+            metadata={"decision_threshold": threshold, "features": contract.model_features,
+                      "schema": contract.name, "schema_sha256": contract.sha256},
+        )
+        mlflow.set_tag(f"{TAG}model_uri", info.model_uri)
+        run_id = run.info.run_id
+    log.info("trained on %s in run %s: holdout %s", device, run_id, json.dumps(holdout_metrics))
+    return TrainResult(run_id=run_id, model_uri=info.model_uri, lineage_key=key, device=device,
+                       threshold=threshold, metrics=holdout_metrics)
+
+
+def _log_frame(frame: pd.DataFrame, artifact_file: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        frame.to_parquet(path, index=False)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent))
