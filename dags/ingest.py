@@ -14,7 +14,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-from closedloop.orchestration import DEFAULT_ARGS, run_stage
+from closedloop.orchestration import DEFAULT_ARGS, documented, run_stage
 
 CURATED = Asset(name="closedloop_curated", uri="closedloop://lake/curated")
 
@@ -25,6 +25,7 @@ CURATED = Asset(name="closedloop_curated", uri="closedloop://lake/curated")
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
+    **documented(__doc__),
     tags=["closedloop", "ingest"],
     params={
         "day": Param(None, type=["null", "string"], format="date", title="Day",

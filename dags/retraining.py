@@ -23,7 +23,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import DEFAULT_ARGS, run_stage
+from closedloop.orchestration import DEFAULT_ARGS, documented, run_stage
 
 
 @dag(
@@ -32,6 +32,7 @@ from closedloop.orchestration import DEFAULT_ARGS, run_stage
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
+    **documented(__doc__),
     tags=["closedloop", "training"],
     params={
         "window_start": Param(None, type=["null", "string"], format="date", title="Window start",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROMOTE, REJECT, INSUFFICIENT = "promote", "reject", "insufficient_evidence"
+_EPS = 1e-9  # metric differences below this are rounding, not evidence
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,12 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
     if math.isnan(c) or math.isnan(k):
         return Decision(INSUFFICIENT, f"{primary} undefined on the holdout: champion kept", **args)
     gain = -_loss(primary, c, k)
-    if gain <= margin:
+    if gain <= margin + _EPS:  # a tie (or a gain of exactly the margin, up to rounding) is not a win
         return Decision(REJECT, f"{primary} {c:.4f} vs champion {k:.4f}: gain {gain:+.4f} does not exceed "
                         f"the margin {margin}", **args)
     for metric, tolerance in (policy.get("guards") or {}).items():
         loss = _loss(metric, candidate.get(metric, math.nan), champion.get(metric, math.nan))
-        if math.isnan(loss) or loss > float(tolerance):
+        if math.isnan(loss) or loss > float(tolerance) + _EPS:
             return Decision(REJECT, f"{primary} improves by {gain:+.4f} but guard {metric} worsens by {loss:.4f} "
                             f"(tolerance {tolerance})", **args)
     return Decision(PROMOTE, f"{primary} {c:.4f} vs champion {k:.4f}: gain {gain:+.4f} exceeds the margin "

@@ -34,3 +34,11 @@ def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return fn(*args, **kwargs)
     except PermanentError as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def documented(module_doc: str | None) -> dict[str, str]:
+    """``doc_md`` (the DAG file's Markdown docstring) and ``description`` (its first sentence)."""
+    doc = (module_doc or "").strip()
+    first = doc.split("\n\n", 1)[0].replace("\n", " ").strip()
+    sentence = first.split(". ", 1)[0].rstrip(".") + "."
+    return {"doc_md": doc, "description": sentence}

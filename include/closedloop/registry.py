@@ -207,7 +207,8 @@ def version_summary(client: MlflowClient, mv: ModelVersion, aliases: list[str] |
         metrics = {k.removeprefix("holdout_"): round(v, 6) for k, v in run.data.metrics.items()
                    if k.startswith("holdout_")}
     return {
-        "version": str(mv.version), "run_id": mv.run_id, "aliases": sorted(aliases if aliases is not None else (mv.aliases or [])),
+        "version": str(mv.version), "run_id": mv.run_id,
+        "aliases": sorted(aliases if aliases is not None else (mv.aliases or [])),
         "status": mv.tags.get(f"{TAG}status"), "created": datetime.fromtimestamp(
             mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
         "metrics": metrics,

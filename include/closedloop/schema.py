@@ -194,8 +194,12 @@ def load_contract(path: str | Path) -> DataContract:
         name = _require(a, "name", aw)
         if name in seen:
             raise ContractError(f"{aw}: feature {name!r} clashes with a column of the same name")
+        try:
+            window = parse_window(_require(a, "window", aw))
+        except ContractError as exc:
+            raise ContractError(f"{aw}: {exc}") from exc
         aggregates.append(
-            Aggregate(name=name, function=fn, window=parse_window(_require(a, "window", aw)), column=col,
+            Aggregate(name=name, function=fn, window=window, column=col,
                       description=str(a.get("description", "")))
         )
     lookback = timedelta(days=int(ef.get("lookback_days", 30)))

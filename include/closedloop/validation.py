@@ -357,16 +357,14 @@ def validate_frame(
                               findings=findings)
 
     names = [str(c) for c in df.columns]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        findings.append(Finding(DUPLICATE_COLUMN_RULE, None, BLOCK,
-                                f"the file has several columns named {', '.join(map(repr, dup))}; "
-                                f"column names must be unique.", len(dup), dup[:SAMPLE_SIZE]))
-        unusable = set(dup)
-    else:
-        unusable = set()
-    if unusable:
-        df = df.loc[:, [n not in unusable for n in names]]
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        for name in sorted(duplicated):
+            findings.append(Finding(DUPLICATE_COLUMN_RULE, name, BLOCK,
+                                    f"the file has {names.count(name)} columns named {name!r}; column names "
+                                    f"must be unique.", names.count(name)))
+        df = df.loc[:, [n not in duplicated for n in names]]
+    unusable: set[str] = set(duplicated)
     if any(not isinstance(c, str) for c in df.columns):
         df = df.rename(columns=str)  # a copy: the caller's frame is never modified
 
@@ -391,10 +389,11 @@ def validate_frame(
     runnable = []
     for exp in suite.expectations:
         column = getattr(exp, "column", None)
-        if exp.expectation_type != "expect_column_to_exist" and column is not None and (
-            column not in present or column in unusable
-        ):
-            continue  # missing (reported by expect_column_to_exist) or of the wrong type (reported above)
+        if exp.expectation_type == "expect_column_to_exist":
+            if column in duplicated:
+                continue  # reported above
+        elif column is not None and (column not in present or column in unusable):
+            continue  # missing (reported by expect_column_to_exist) or unusable (reported above)
         if (exp.meta or {}).get("min_rows", 0) > len(df):
             continue
         runnable.append(exp)
@@ -561,8 +560,8 @@ def _first_line(text: str) -> str:
 
 
 def _first_bytes(data: bytes) -> str:
-    """The file's first bytes, shown as text (a hint at what the file really is)."""
-    return data[:40].decode("utf-8", errors="replace")
+    """The file's first bytes as printable text (a hint at what the file really is)."""
+    return "".join(ch if ch.isprintable() else "." for ch in data[:40].decode("utf-8", errors="replace"))
 
 
 def _json_safe(value: Any) -> Any:
