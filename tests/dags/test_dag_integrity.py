@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -48,7 +49,7 @@ def test_retraining_tasks_are_named_for_what_they_do(dagbag):
     order = ["validate_window", "materialise_features", "build_training_set", "train_model", "register_model",
              "evaluate_gate", "promote_or_reject"]
     assert set(dag.task_ids) == set(order)
-    for upstream, downstream in zip(order, order[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(order):
         assert downstream in dag.get_task(upstream).get_flat_relative_ids(upstream=False)
 
 

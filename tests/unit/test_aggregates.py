@@ -21,7 +21,8 @@ def events(contract) -> pd.DataFrame:
         "is_foreign": rng.integers(0, 2, n).astype("int64"),
     })
     # same customer, same instant: both must see neither
-    frame.loc[1, [contract.entity, contract.event_timestamp]] = frame.loc[0, [contract.entity, contract.event_timestamp]]
+    key = [contract.entity, contract.event_timestamp]
+    frame.loc[1, key] = frame.loc[0, key]
     return frame
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import pytest
 
@@ -16,14 +16,14 @@ def test_triggered_window_from_conf():
 
 
 def test_scheduled_window_from_interval():
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    end = datetime(2026, 1, 8, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    end = datetime(2026, 1, 8, tzinfo=UTC)
     assert resolve_window({}, start, end) == Window(date(2026, 1, 1), date(2026, 1, 8))
 
 
 def test_trigger_form_nulls_mean_absent():
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    end = datetime(2026, 1, 8, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    end = datetime(2026, 1, 8, tzinfo=UTC)
     conf = {"window_start": None, "window_end": None, "reason": ""}
     assert resolve_window(conf, start, end) == Window(date(2026, 1, 1), date(2026, 1, 8))
 
