@@ -98,18 +98,17 @@ def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract
     cand_metrics = classification_metrics(y, predict(load_booster(cand_mv.source), holdout, contract), cand_threshold)
 
     champ_version = alias_version(client, name, CHAMPION)
-    champ_metrics = None
-    if champ_version == candidate_version:
-        decision = Decision(PROMOTE, "already the champion", candidate_version, champ_version, cand_metrics,
-                            cand_metrics)
-    else:
-        if champ_version is not None:
-            champ_mv = client.get_model_version(name, champ_version)
-            champ_threshold = float(client.get_run(champ_mv.run_id).data.params["decision_threshold"])
-            champ_metrics = classification_metrics(
-                y, predict(load_booster(f"models:/{name}@{CHAMPION}"), holdout, contract), champ_threshold)
-        decision = decide(cand_metrics, champ_metrics, settings.config.gate,
-                          candidate_version=candidate_version, champion_version=champ_version)
+    champ_metrics: dict[str, float] | None = None
+    if champ_version == candidate_version:  # a re-run of the run that promoted it: keep its recorded decision
+        log.info("%s v%s is already the champion", name, candidate_version)
+        return Decision(PROMOTE, "already the champion", candidate_version, champ_version, cand_metrics, cand_metrics)
+    if champ_version is not None:
+        champ_mv = client.get_model_version(name, champ_version)
+        champ_threshold = float(client.get_run(champ_mv.run_id).data.params["decision_threshold"])
+        champ_metrics = classification_metrics(
+            y, predict(load_booster(champ_mv.source), holdout, contract), champ_threshold)
+    decision = decide(cand_metrics, champ_metrics, settings.config.gate,
+                      candidate_version=candidate_version, champion_version=champ_version)
     client.set_model_version_tag(name, candidate_version, f"{TAG}decision", decision.outcome)
     client.set_model_version_tag(name, candidate_version, f"{TAG}decision_reason", decision.reason[:4000])
     client.set_model_version_tag(name, candidate_version, f"{TAG}compared_with", champ_version or "none")

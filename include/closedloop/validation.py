@@ -270,53 +270,60 @@ def _is_utc(tz: Any) -> bool:
     return all(pd.Timestamp(f"2000-{m}-01", tz=tz).utcoffset() == timedelta(0) for m in ("01", "07"))
 
 
-_PY_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "category": (str,),
-    "int64": (int,),
-    "float64": (int, float),
-    "bool": (bool,),
-}
+def _fits(value: Any, dtype: str) -> bool:
+    """Whether one Python value (of an object column) is a value of the contract type ``dtype``."""
+    import numpy as np
+
+    if isinstance(value, bool | np.bool_):
+        return dtype == "bool"
+    if dtype in ("string", "category"):
+        return isinstance(value, str)
+    if dtype == "int64":
+        return isinstance(value, int | np.integer)
+    if dtype == "float64":
+        return isinstance(value, int | float | np.integer | np.floating)
+    return False
+
+
+_WANTED = {"string": "strings", "category": "strings (category labels)", "int64": "integers",
+           "float64": "numbers", "bool": "booleans"}
 
 
 def _type_problem(s: pd.Series, dtype: str) -> tuple[str, int, list] | None:
     """``(message, offending count, sample)`` when ``s`` cannot hold ``dtype`` values, else None."""
-    import numpy as np
     import pandas as pd
     from pandas.api import types as pdt
 
-    inferred = pd.api.types.infer_dtype(s, skipna=True) if s.dtype == object else None
+    inferred = pdt.infer_dtype(s, skipna=True) if s.dtype == object else None
     if inferred == "empty":  # no non-null value: nothing contradicts the type (null checks judge the rest)
         return None
-    non_null = s.dropna()
+
     if dtype == "timestamp":
         if isinstance(s.dtype, pd.DatetimeTZDtype):
             if _is_utc(s.dtype.tz):
                 return None
-            return (f"has timestamps in time zone {s.dtype.tz} where the contract requires UTC timestamps",
-                    len(non_null), _sample(non_null))
-        if pdt.is_datetime64_dtype(s.dtype):
-            return ("has naive timestamps (no time zone) where the contract requires timezone-aware UTC "
-                    "timestamps", len(non_null), _sample(non_null))
-        return (f"has type {s.dtype} where the contract requires timezone-aware UTC timestamps",
-                len(non_null), _sample(non_null))
+            problem = f"has timestamps in time zone {s.dtype.tz} where the contract requires UTC timestamps"
+        elif pdt.is_datetime64_dtype(s.dtype):
+            problem = ("has naive timestamps (no time zone) where the contract requires timezone-aware UTC "
+                       "timestamps")
+        else:
+            problem = f"has type {s.dtype} where the contract requires timezone-aware UTC timestamps"
+        non_null = s.dropna()
+        return problem, len(non_null), _sample(non_null)
 
-    ok: bool
     if dtype in ("string", "category"):
         if isinstance(s.dtype, pd.CategoricalDtype):
-            ok = pd.api.types.infer_dtype(s.dtype.categories, skipna=True) in ("string", "empty")
-        elif s.dtype == object:
-            ok = inferred == "string"
+            ok = pdt.infer_dtype(s.dtype.categories, skipna=True) in ("string", "empty")
         else:
-            ok = isinstance(s.dtype, pd.StringDtype)
+            ok = inferred == "string" if s.dtype == object else isinstance(s.dtype, pd.StringDtype)
     elif dtype == "int64":
+        # pandas holds an integer column with nulls as float64: whole numbers with nulls are integers with
+        # nulls (the null checks report the nulls).
         ok = pdt.is_integer_dtype(s.dtype) or (
-            # pandas holds an integer column with nulls as float64: whole numbers and nulls are integers
-            # with nulls (the null checks report the nulls)
-            pdt.is_float_dtype(s.dtype) and len(non_null) < len(s) and bool((non_null % 1 == 0).all())
+            pdt.is_float_dtype(s.dtype) and bool(s.isna().any()) and bool((s.dropna() % 1 == 0).all())
         )
     elif dtype == "float64":
-        ok = (pdt.is_integer_dtype(s.dtype) or pdt.is_float_dtype(s.dtype)) and not pdt.is_bool_dtype(s.dtype)
+        ok = pdt.is_integer_dtype(s.dtype) or pdt.is_float_dtype(s.dtype)  # bool is neither
     elif dtype == "bool":
         ok = pdt.is_bool_dtype(s.dtype)
     else:  # the contract loader only admits the types above
@@ -324,19 +331,15 @@ def _type_problem(s: pd.Series, dtype: str) -> tuple[str, int, list] | None:
     if ok:
         return None
 
-    wanted = {"string": "strings", "category": "strings (category labels)", "int64": "integers",
-              "float64": "numbers", "bool": "booleans"}[dtype]
-    if s.dtype == object:
-        py = _PY_TYPES[dtype]
-        if dtype in ("int64", "float64"):
-            py = (*py, np.integer) if dtype == "int64" else (*py, np.integer, np.floating)
-        bad = non_null[[not isinstance(v, py) or isinstance(v, bool) != (dtype == "bool") for v in non_null]]
+    non_null = s.dropna()
+    if s.dtype == object:  # judge value by value: report only the values of the wrong kind
+        bad = non_null[[not _fits(x, dtype) for x in non_null]]
         if bad.empty:  # an object column that holds only values of the right kind
             return None
-        kinds = sorted({type(v).__name__ for v in bad})
-        return (f"holds {', '.join(kinds)} values where the contract declares {dtype} ({wanted})",
+        kinds = ", ".join(sorted({type(x).__name__ for x in bad}))
+        return (f"holds {kinds} values where the contract declares {dtype} ({_WANTED[dtype]})",
                 len(bad), _sample(bad))
-    return (f"has type {s.dtype} where the contract declares {dtype} ({wanted})",
+    return (f"has type {s.dtype} where the contract declares {dtype} ({_WANTED[dtype]})",
             len(non_null), _sample(non_null))
 
 
@@ -406,11 +409,12 @@ def validate_frame(
 
 
 def _gx_frame(df: pd.DataFrame, columns: dict[str, str], unusable: set[str]) -> pd.DataFrame:
-    """The frame GX validates: the contract's columns only, category columns as pandas categoricals.
+    """The frame GX validates: the contract's columns only, string columns as pandas categoricals.
 
     A new, consolidated frame with a 0-based RangeIndex (so that GX's unexpected index lists are row
     positions). GX copies the whole frame for each column check (it filters out the nulls first), so
-    fewer columns and small categorical codes instead of Python strings make it about twice as fast.
+    fewer columns and small categorical codes instead of Python strings make it about twice as fast
+    (the values GX reports are the same strings).
     """
     import pandas as pd
 
@@ -419,7 +423,9 @@ def _gx_frame(df: pd.DataFrame, columns: dict[str, str], unusable: set[str]) -> 
         if name not in df.columns:
             continue
         s = df[name]
-        if dtype == "category" and name not in unusable and not isinstance(s.dtype, pd.CategoricalDtype):
+        if dtype in ("string", "category") and name not in unusable and not isinstance(
+            s.dtype, pd.CategoricalDtype
+        ):
             s = s.astype("category")
         data[name] = s.array
     return pd.DataFrame(data, index=pd.RangeIndex(len(df)))
@@ -428,37 +434,49 @@ def _gx_frame(df: pd.DataFrame, columns: dict[str, str], unusable: set[str]) -> 
 def _run_gx(frame: pd.DataFrame, suite: Any, expectations: list[Any], contract: DataContract,
             kind: str) -> list[Finding]:
     import great_expectations as gx
+    from great_expectations.data_context import project_manager, set_context
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
         ProgressBarsConfig,
     )
+    from great_expectations.exceptions import DataContextRequiredError
 
     # A fresh in-memory context per call (about 20 ms): nothing (cached batches, execution engines,
-    # stored results) carries over from one partition to the next.
-    context = gx.get_context(
-        mode="ephemeral",
-        project_config=DataContextConfig(
-            store_backend_defaults=InMemoryStoreBackendDefaults(),
-            progress_bars=ProgressBarsConfig(globally=False),
-            analytics_enabled=False,
-        ),
-    )
-    batch_definition = (
-        context.data_sources.add_pandas("closedloop")
-        .add_dataframe_asset(f"{contract.name}_{kind}")
-        .add_batch_definition_whole_dataframe("partition")
-    )
-    run_suite = context.suites.add(
-        gx.ExpectationSuite(name=suite.name, expectations=[e.copy() for e in expectations], meta=suite.meta)
-    )
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=f"{suite.name}.partition", data=batch_definition, suite=run_suite)
-    )
-    outcome = definition.run(
-        batch_parameters={"dataframe": frame},
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": PARTIAL_COUNT},
-    )
+    # stored results) carries over from one partition to the next. get_context() makes it the process's
+    # current context; the previous one is put back afterwards, which also lets this one (and the frame its
+    # execution engine holds) be garbage collected.
+    try:
+        previous = project_manager.get_current_project()
+    except DataContextRequiredError:
+        previous = None
+    try:
+        context = gx.get_context(
+            mode="ephemeral",
+            project_config=DataContextConfig(
+                store_backend_defaults=InMemoryStoreBackendDefaults(),
+                progress_bars=ProgressBarsConfig(globally=False),
+                analytics_enabled=False,
+            ),
+        )
+        batch_definition = (
+            context.data_sources.add_pandas("closedloop")
+            .add_dataframe_asset(f"{contract.name}_{kind}")
+            .add_batch_definition_whole_dataframe("partition")
+        )
+        run_suite = context.suites.add(
+            gx.ExpectationSuite(name=suite.name, expectations=[e.copy() for e in expectations],
+                                meta=suite.meta)
+        )
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{suite.name}.partition", data=batch_definition, suite=run_suite)
+        )
+        outcome = definition.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": PARTIAL_COUNT},
+        )
+    finally:
+        set_context(previous)
     return [_finding(res, frame, contract) for res in outcome.results if not res.success]
 
 
@@ -514,7 +532,7 @@ def _finding(res: Any, df: pd.DataFrame, contract: DataContract) -> Finding:
         if column != key and key in df.columns:
             ids = [v for v in _json_safe(df[key].iloc[positions].tolist()) if v is not None][:SAMPLE_SIZE]
             return Finding(rule, column, severity, f"{subject} is null in {share}: {what}. The sample lists "
-                           f"the {key} of offending rows.", count, _json_safe(ids))
+                           f"the {key} of offending rows.", count, ids)
         return Finding(rule, column, severity, f"{subject} is null in {share}: {what}. The sample lists the "
                        f"positions (0-based) of offending rows in the file.", count, positions[:SAMPLE_SIZE])
     values = r.get("partial_unexpected_list") or []

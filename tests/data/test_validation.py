@@ -1,4 +1,4 @@
-"""Tests of closedloop.validation: the contract-derived GX suite against good, broken and drifted partitions."""
+"""Tests of closedloop.validation: the contract's GX suite against good, broken and drifted partitions."""
 
 from __future__ import annotations
 
@@ -265,6 +265,15 @@ def test_wrong_type_skips_the_value_checks_of_that_column(contract):
     assert on_amount[0].sample == ["lots"]
 
 
+def test_a_stray_text_value_in_a_number_column_is_named(contract):
+    df = make_transactions(contract)
+    df["amount"] = df["amount"].astype(object)
+    df.loc[3, "amount"] = "n/a"
+    finding = _find(v.validate_frame(df, contract, "transactions", DAY).blocking, v.TYPE_RULE, "amount")
+    assert (finding.unexpected_count, finding.sample) == (1, ["n/a"])
+    assert "str" in finding.message
+
+
 def test_null_sample_uses_row_keys_whatever_the_index(contract):
     df = make_transactions(contract)
     df.index = df.index * 10 + 1000
@@ -418,13 +427,23 @@ def test_results_do_not_leak_between_calls(contract):
     assert [f.to_dict() for f in again.findings] == [f.to_dict() for f in first.findings]
 
 
+def test_the_callers_current_gx_context_is_left_alone(contract):
+    import great_expectations as gx
+    from great_expectations.data_context import project_manager
+
+    mine = gx.get_context(mode="ephemeral")
+    v.validate_frame(make_labels(contract), contract, "labels", DAY)
+    assert project_manager.get_current_project() is mine
+
+
 # -- the suite -------------------------------------------------------------------------------------
 def test_suite_is_derived_from_the_contract(contract):
     import great_expectations as gx
 
     suite = v.build_suite(contract, "transactions", DAY)
     assert isinstance(suite, gx.ExpectationSuite)
-    checks = {(e.expectation_type, getattr(e, "column", None), e.meta["severity"]) for e in suite.expectations}
+    checks = {(e.expectation_type, getattr(e, "column", None), e.meta["severity"])
+              for e in suite.expectations}
     assert all(e.meta["severity"] in ("block", "warn") for e in suite.expectations)
     for name in contract.landing_columns:
         assert ("expect_column_to_exist", name, "block") in checks

@@ -1,0 +1,154 @@
+"""The retraining DAG end to end with ``dag.test()`` on a fresh home.
+
+One story on one data set, in order: a first window (a week, with 5 % of its labels wrong) promotes
+version 1; a later window whose older days have badly degraded labels (35 % wrong, as after a broken
+label backfill) gives a candidate that is rejected on the window's clean holdout while the champion
+stays; a genuinely better candidate (three clean weeks) is promoted; a blocking-bad partition lands
+in quarantine and creates no feature rows and no model version; re-running a window creates nothing
+new.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+import pytest
+
+from closedloop.generate import GeneratorConfig, generate, make_bad
+from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, load_booster
+
+pytestmark = pytest.mark.integration
+
+FIRST = {"window_start": "2026-01-01", "window_end": "2026-01-08"}
+DEGRADED = {"window_start": "2026-02-01", "window_end": "2026-02-22"}
+BETTER = {"window_start": "2026-01-08", "window_end": "2026-02-01"}
+BAD_DAY = date(2026, 2, 23)
+BAD = {"window_start": "2026-02-23", "window_end": "2026-02-25"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, airflow_db, dagbag):
+    """A fresh closedloop home with 58 days of generated data, and the retraining DAG."""
+    from closedloop.runtime import Runtime
+
+    home = tmp_path_factory.mktemp("retraining") / "closedloop"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLOSEDLOOP_HOME", str(home))
+        rt = Runtime.from_env()
+        generate(GeneratorConfig(start=date(2026, 1, 1), days=58, customers=400, transactions_per_day=1000, seed=3),
+                 rt.lake, rt.contract)
+        _degrade_labels(rt, date(2026, 1, 1), date(2026, 1, 8), share=0.05, seed=1)
+        yield rt, dagbag.get_dag("retraining")
+
+
+def _run(dag, conf):
+    dr = dag.test(run_conf=conf)
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    return dr, states
+
+
+def _versions(rt):
+    return sorted(int(v.version) for v in rt.client.search_model_versions(f"name = '{rt.model_name}'"))
+
+
+def _degrade_labels(rt, start: date, end: date, share: float, seed: int = 0) -> None:
+    """Flip ``share`` of the labels of transactions that happened in ``[start, end)``."""
+    c = rt.contract
+    tx_ids = set()
+    for d in rt.lake.list_days("landing", "transactions"):
+        if start <= d < end:
+            tx_ids |= set(rt.lake.read_parquet(rt.lake.partition("landing", "transactions", d))[c.row_key])
+    rng = np.random.default_rng(seed)
+    for d in rt.lake.list_days("landing", "labels"):
+        uri = rt.lake.partition("landing", "labels", d)
+        labels = rt.lake.read_parquet(uri)
+        hit = labels[c.row_key].isin(tx_ids).to_numpy() & (rng.random(len(labels)) < share)
+        if hit.any():
+            labels.loc[hit, c.label] = 1 - labels.loc[hit, c.label]
+            rt.lake.write_parquet(labels, uri)
+
+
+def test_1_first_window_promotes_version_1(world):
+    rt, dag = world
+    dr, states = _run(dag, {**FIRST, "reason": "first model"})
+    assert dr.state == "success", states
+    assert _versions(rt) == [1]
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == "1"
+    mv = rt.client.get_model_version(rt.model_name, "1")
+    assert mv.tags["closedloop.decision"] == "promote"
+    assert mv.tags["closedloop.window"] == "2026-01-01..2026-01-08"
+    run = rt.client.get_run(mv.run_id)
+    for key in ("closedloop.lineage_key", "closedloop.device", "closedloop.schema_sha256", "closedloop.config_sha256",
+                "closedloop.git_commit", "closedloop.lock_sha256", "closedloop.dag_run_id"):
+        assert run.data.tags.get(key), key
+    assert run.data.tags["closedloop.device"] == "cpu"
+    for metric in ("holdout_roc_auc", "holdout_pr_auc", "holdout_log_loss", "holdout_recall_at_fpr"):
+        assert metric in run.data.metrics
+    artifacts = {a.path for a in rt.client.list_artifacts(mv.run_id)}
+    assert {"reference", "lineage.json", "feature_importance.json", "gate"} <= artifacts
+    booster = load_booster(f"models:/{rt.model_name}@{CHAMPION}")
+    assert booster.num_features() == len(rt.contract.model_features)
+    assert history(rt.client, rt.model_name)[0]["to_version"] == "1"
+
+
+def test_2_degraded_labels_are_rejected_and_the_champion_stays(world):
+    rt, dag = world
+    _degrade_labels(rt, date(2026, 2, 1), date(2026, 2, 16), share=0.35)
+    dr, states = _run(dag, {**DEGRADED, "reason": "degraded labels"})
+    assert dr.state == "success", states
+    assert _versions(rt) == [1, 2]
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == "1"
+    mv = rt.client.get_model_version(rt.model_name, "2")
+    assert mv.tags["closedloop.status"] == "rejected"
+    assert mv.tags["closedloop.decision"] == "reject"
+    assert mv.tags["closedloop.rejected_reason"]
+    assert float(mv.tags["closedloop.gate.candidate_roc_auc"]) < float(mv.tags["closedloop.gate.champion_roc_auc"])
+    assert len(history(rt.client, rt.model_name)) == 1
+
+
+def test_3_a_better_candidate_is_promoted(world):
+    rt, dag = world
+    dr, states = _run(dag, {**BETTER, "reason": "more, clean data"})
+    assert dr.state == "success", states
+    assert _versions(rt) == [1, 2, 3]
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == "3"
+    assert alias_version(rt.client, rt.model_name, PREVIOUS) == "1"
+    mv = rt.client.get_model_version(rt.model_name, "3")
+    assert mv.tags["closedloop.decision"] == "promote"
+    assert float(mv.tags["closedloop.gate.candidate_roc_auc"]) > float(mv.tags["closedloop.gate.champion_roc_auc"])
+    moves = history(rt.client, rt.model_name)
+    assert [(m["from_version"], m["to_version"]) for m in moves] == [("1", "3"), (None, "1")]
+
+
+def test_4_a_blocking_bad_partition_is_quarantined_and_nothing_downstream_happens(world):
+    rt, dag = world
+    c = rt.contract
+    uri = rt.lake.partition("landing", "transactions", BAD_DAY)
+    rt.lake.write_parquet(make_bad(rt.lake.read_parquet(uri), "null_key", c), uri)
+    before = _versions(rt)
+    dr, states = _run(dag, {**BAD, "reason": "bad data"})
+    assert dr.state == "failed"
+    assert states["validate_window"] == "failed"
+    assert all(states[t] in ("upstream_failed", None) for t in states if t != "validate_window"), states
+    assert rt.lake.exists(rt.lake.partition("quarantine", "transactions", BAD_DAY))
+    report = rt.lake.read_json(rt.lake.partition("quarantine", "transactions", BAD_DAY, ".validation.json"))
+    assert "expect_column_values_to_not_be_null" in report["summary"] and c.row_key in report["summary"]
+    assert not rt.lake.exists(rt.lake.partition("landing", "transactions", BAD_DAY))
+    assert not rt.lake.exists(rt.lake.partition("curated", c.feature_view, BAD_DAY))
+    assert not rt.lake.exists(rt.lake.partition("curated", "transactions", BAD_DAY))
+    assert _versions(rt) == before
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == "3"
+
+
+def test_5_rerunning_a_window_creates_nothing_new(world):
+    rt, dag = world
+    runs_before = len(rt.client.search_runs([rt.client.get_experiment_by_name("closedloop-training").experiment_id]))
+    dr, states = _run(dag, {**BETTER, "reason": "re-run"})
+    assert dr.state == "success", states
+    assert _versions(rt) == [1, 2, 3]
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == "3"
+    assert len(history(rt.client, rt.model_name)) == 2
+    assert rt.client.get_model_version(rt.model_name, "3").tags["closedloop.decision_reason"].startswith("roc_auc")
+    runs_after = len(rt.client.search_runs([rt.client.get_experiment_by_name("closedloop-training").experiment_id]))
+    assert runs_after == runs_before
