@@ -48,7 +48,8 @@ retrain: airflow-home  ## Run the retraining DAG once on the demo window (airflo
 	  -c '{"window_start": "$(DEMO_WINDOW_START)", "window_end": "$(DEMO_WINDOW_END)", "reason": "make demo"}' \
 	  > $(CLOSEDLOOP_HOME)/retraining-demo.log 2>&1 \
 	  || (tail -n 80 $(CLOSEDLOOP_HOME)/retraining-demo.log; echo "retraining failed: see $(CLOSEDLOOP_HOME)/retraining-demo.log"; exit 1)
-	@grep -E "Marking run|state=|Task (instance|.*finished)" $(CLOSEDLOOP_HOME)/retraining-demo.log | tail -n 12 || true
+	@grep -o "DagRun Finished: dag_id=retraining.*run_duration=[0-9.]*, state=[a-z_]*" $(CLOSEDLOOP_HOME)/retraining-demo.log \
+	  | sed -E 's/.*run_id=([^,]*).*run_duration=([0-9.]*), state=([a-z_]*)/retraining run \1: \3 in \2 s/' || true
 
 status: install  ## Show champion, candidates and promotion history
 	$(BIN)/closedloop status

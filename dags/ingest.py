@@ -12,11 +12,9 @@ store, and the day is materialised into the online store with an overlap for lat
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import DEFAULT_ARGS, documented, run_stage
-
-CURATED = Asset(name="closedloop_curated", uri="closedloop://lake/curated")
+from closedloop.orchestration import CURATED, DEFAULT_ARGS, conf_of, documented, run_stage
 
 
 @dag(
@@ -40,23 +38,20 @@ def ingest():
         from closedloop.runtime import Runtime
 
         ctx = get_current_context()
-        day = run_stage(stages.resolve_day, _conf(ctx), ctx.get("data_interval_start"))
+        day = run_stage(stages.resolve_day, conf_of(ctx), ctx.get("data_interval_start"))
         return run_stage(stages.ingest_day, Runtime.from_env(), day)
 
     @task(outlets=[CURATED])
     def materialise_features(ingested: dict) -> dict:
-        """Materialise the day (with the configured overlap) into the online store."""
+        """Materialise the day (with the configured overlap) into the online store; announce the day."""
         from closedloop import ingest as stages
         from closedloop.runtime import Runtime
 
-        return run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"])
+        result = run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"])
+        get_current_context()["outlet_events"][CURATED].extra = {"day": ingested["day"]}
+        return result
 
     materialise_features(validate_partitions())
-
-
-def _conf(ctx) -> dict:
-    run = ctx.get("dag_run")
-    return dict(getattr(run, "conf", None) or {})
 
 
 ingest()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import DEFAULT_ARGS, documented, run_stage
+from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage
 
 
 @dag(
@@ -41,6 +41,10 @@ from closedloop.orchestration import DEFAULT_ARGS, documented, run_stage
         "window_end": Param(None, type=["null", "string"], format="date", title="Window end",
                             description="Day after the last day of the window (YYYY-MM-DD, exclusive)."),
         "reason": Param("", type="string", title="Reason", description="Why this run was started (recorded)."),
+        "holdout_days": Param(None, type=["null", "integer"], minimum=1, maximum=14, title="Holdout days",
+                              description="Hold out the window's last N days instead of the configured fractions."),
+        "validation_days": Param(None, type=["null", "integer"], minimum=1, maximum=14, title="Validation days",
+                                 description="With holdout days: validate on the N days before the holdout."),
     },
 )
 def retraining():
@@ -53,7 +57,7 @@ def retraining():
 
         ctx = get_current_context()
         rt = Runtime.from_env()
-        window = run_stage(resolve_window, _conf(ctx), *_interval(ctx, rt))
+        window = run_stage(resolve_window, conf_of(ctx), *_interval(ctx, rt))
         return run_stage(stages.validate, rt, window)
 
     @task
@@ -68,9 +72,11 @@ def retraining():
     def build_training_set(validated: dict, materialised: dict) -> dict:
         """Point-in-time-correct training set of the window, written as Parquet (its URI goes on)."""
         from closedloop import retraining as stages
+        from closedloop.runconf import split_override
         from closedloop.runtime import Runtime
 
-        return run_stage(stages.build_training_set, Runtime.from_env(), _window(validated))
+        split = run_stage(split_override, conf_of(get_current_context()))
+        return run_stage(stages.build_training_set, Runtime.from_env(), _window(validated), split)
 
     @task
     def train_model(training_set: dict, validated: dict) -> dict:
@@ -79,7 +85,7 @@ def retraining():
         from closedloop.runtime import Runtime
 
         ctx = get_current_context()
-        lineage = {"dag_run_id": ctx["run_id"], "reason": _conf(ctx).get("reason", ""),
+        lineage = {"dag_run_id": ctx["run_id"], "reason": conf_of(ctx).get("reason", ""),
                    "window": f"{validated['window']['start']}..{validated['window']['end']}",
                    "validation": validated}
         return run_stage(stages.train, Runtime.from_env(), training_set, lineage)
@@ -91,10 +97,12 @@ def retraining():
         from closedloop.runtime import Runtime
 
         ctx = get_current_context()
+        conf = conf_of(ctx)
         extra = {"closedloop.dag_run_id": ctx["run_id"]}
-        reason = _conf(ctx).get("reason")
-        if reason:
-            extra["closedloop.trigger_reason"] = reason[:4000]
+        if conf.get("reason"):
+            extra["closedloop.trigger_reason"] = conf["reason"][:4000]
+        for key, value in (conf.get("trigger") or {}).items():
+            extra[f"closedloop.trigger_{key}"] = str(value)[:4000]
         return run_stage(stages.register, Runtime.from_env(), trained, _window(validated), extra)
 
     @task
@@ -120,11 +128,6 @@ def retraining():
     trained = train_model(training_set, validated)
     registered = register_model(trained, validated)
     promote_or_reject(evaluate_gate(registered, training_set))
-
-
-def _conf(ctx) -> dict:
-    run = ctx.get("dag_run")
-    return dict(getattr(run, "conf", None) or {})
 
 
 def _interval(ctx, rt) -> tuple:

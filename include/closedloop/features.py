@@ -226,10 +226,21 @@ def read_labelled_window(lake: Lake, contract: DataContract, start: date, end: d
     return labelled, partitions, len(tx) - len(labelled)
 
 
-def time_split(frame: pd.DataFrame, contract: DataContract, fractions: dict[str, float]) -> dict[str, pd.DataFrame]:
-    """Split rows by event time: the earliest ``train`` share, then ``validation``, then ``holdout``."""
-    total = sum(fractions[s] for s in SPLITS)
+def time_split(frame: pd.DataFrame, contract: DataContract, fractions: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Split rows by event time: the earliest ``train`` share, then ``validation``, then ``holdout``.
+
+    With ``holdout_days`` (and optionally ``validation_days``, default 1) the split is by whole days
+    instead: the last days are held out, the days before them validate, the rest trains.
+    """
     ordered = frame.sort_values([contract.event_timestamp, contract.row_key], kind="stable").reset_index(drop=True)
+    if fractions.get("holdout_days"):
+        ts = ordered[contract.event_timestamp]
+        last = ts.max().normalize() + timedelta(days=1)
+        hold_from = last - timedelta(days=int(fractions["holdout_days"]))
+        val_from = hold_from - timedelta(days=int(fractions.get("validation_days") or 1))
+        return {"train": ordered[ts < val_from], "validation": ordered[(ts >= val_from) & (ts < hold_from)],
+                "holdout": ordered[ts >= hold_from]}
+    total = sum(fractions[s] for s in SPLITS)
     n = len(ordered)
     a = round(n * fractions["train"] / total)
     b = a + round(n * fractions["validation"] / total)
@@ -247,7 +258,7 @@ def frame_sha256(frame: pd.DataFrame) -> str:
 
 def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, contract: DataContract,
                        start: date, end: date, *, label_grace_days: int,
-                       split: dict[str, float]) -> TrainingSet:
+                       split: dict[str, Any]) -> TrainingSet:
     """Write the point-in-time-correct training set of ``[start, end)`` as Parquet partitioned by split.
 
     Deterministic: the same curated data gives the same rows, hash and location.
@@ -259,11 +270,14 @@ def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, 
     columns = [contract.row_key, contract.entity, contract.event_timestamp, *contract.model_features, contract.label]
     full = full[columns]
     parts = time_split(full, contract, split)
+    for name in SPLITS:
+        if parts[name].empty:
+            raise NoDataError(f"window {start}..{end}: the {name} split is empty; widen the window")
     digest = hashlib.sha256()
     for name in SPLITS:
         digest.update(frame_sha256(parts[name]).encode())
     data_sha = digest.hexdigest()
-    key = f"{start.isoformat()}_{end.isoformat()}_{data_sha[:12]}"
+    key = f"{start.isoformat()}_{end.isoformat()}_{data_sha[:12]}"  # the split is part of the hash
     base = lake.uri("training_sets", key)
     for name in SPLITS:
         lake.write_parquet(parts[name], f"{base}/split={name}/part-0.parquet")

@@ -213,3 +213,16 @@ def materialise_day(rt: Runtime, day: str | date) -> dict[str, Any]:
     overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
     lo, hi = materialize_window(rt.store, rt.defs, d, d + timedelta(days=1), overlap)
     return {"day": d.isoformat(), "feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat()}
+
+
+def resolve_days(conf: dict[str, Any] | None, event_days: list[str]) -> list[date]:
+    """The days a run started by Asset events (or by a person, with ``conf["day"]``) works on."""
+    from closedloop.errors import ConfigError
+    from closedloop.runconf import INGEST_CONF_SCHEMA, parse_day, validate_conf
+
+    conf = validate_conf(conf, INGEST_CONF_SCHEMA)
+    if conf.get("day"):
+        return [parse_day(conf["day"])]
+    if not event_days:
+        raise ConfigError("no day to work on: trigger with {\"day\": \"YYYY-MM-DD\"} or let ingest's event start it")
+    return [parse_day(d) for d in event_days]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from airflow.sdk import Asset
 from airflow.sdk.exceptions import AirflowFailException
 
 from closedloop.errors import PermanentError
@@ -17,6 +18,11 @@ from closedloop.errors import PermanentError
 T = TypeVar("T")
 
 OWNER = "closedloop"
+
+# The Assets that chain the DAGs: ingest -> batch_scoring -> drift_monitoring (-> retraining, by trigger).
+# Their events carry the day they are about in `extra`.
+CURATED = Asset(name="closedloop_curated", uri="closedloop://lake/curated", group="closedloop")
+PREDICTIONS = Asset(name="closedloop_predictions", uri="closedloop://lake/predictions", group="closedloop")
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": OWNER,
@@ -42,3 +48,23 @@ def documented(module_doc: str | None) -> dict[str, str]:
     first = doc.split("\n\n", 1)[0].replace("\n", " ").strip()
     sentence = first.split(". ", 1)[0].rstrip(".") + "."
     return {"doc_md": doc, "description": sentence}
+
+
+def conf_of(context: Any) -> dict[str, Any]:
+    """The run's configuration as given by whoever triggered it (empty for scheduled runs)."""
+    run = context.get("dag_run")
+    return dict(getattr(run, "conf", None) or {})
+
+
+def days_from_events(context: Any, asset: Asset) -> list[str]:
+    """The days named in ``extra["day"]`` of the asset events that triggered this run, sorted."""
+    events = (context.get("triggering_asset_events") or {}).get(asset, [])
+    return sorted({str(e.extra["day"]) for e in events if (e.extra or {}).get("day")})
+
+
+def active_runs(dag_id: str) -> int:
+    """How many runs of ``dag_id`` are queued or running (asked through the Task SDK, not the DB)."""
+    from airflow.sdk import get_current_context
+
+    ti = get_current_context()["ti"]
+    return int(ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]))

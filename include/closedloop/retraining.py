@@ -38,13 +38,17 @@ def materialise(rt: Runtime, window: Window) -> dict[str, Any]:
     return {"feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat()}
 
 
-def build_training_set(rt: Runtime, window: Window) -> dict[str, Any]:
-    """Write the point-in-time-correct training set of the window; returns its description."""
+def build_training_set(rt: Runtime, window: Window, split: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write the point-in-time-correct training set of the window; returns its description.
+
+    ``split`` may hold day-based overrides from the run's configuration (``holdout_days``, ``validation_days``).
+    """
     from closedloop.features import build_training_set as build
 
     cfg = rt.settings.config
     ts = build(rt.store, rt.defs, rt.lake, rt.contract, window.start, window.end,
-               label_grace_days=int(cfg.ingest.get("label_grace_days", 21)), split=cfg.training["split"])
+               label_grace_days=int(cfg.ingest.get("label_grace_days", 21)), split={**cfg.training["split"],
+                                                                                    **(split or {})})
     return ts.to_dict()
 
 

@@ -23,6 +23,10 @@ RETRAINING_CONF_SCHEMA: dict[str, Any] = {
         "window_end": {"type": ["string", "null"], "format": "date",
                        "description": "day after the last day (exclusive)"},
         "reason": {"type": ["string", "null"], "maxLength": 2000, "description": "why this run was started"},
+        "holdout_days": {"type": ["integer", "null"], "minimum": 1, "maximum": 14,
+                         "description": "hold out the window's last N days (default: the configured fractions)"},
+        "validation_days": {"type": ["integer", "null"], "minimum": 1, "maximum": 14,
+                            "description": "validate on the N days before the holdout"},
         "trigger": {
             "type": "object",
             "description": "who started the run: a monitoring run, a person",
@@ -93,3 +97,12 @@ def resolve_window(conf: dict[str, Any] | None, interval_start: Any = None, inte
         raise ConfigError("retraining run configuration refused: a triggered run needs window_start and "
                           "window_end (YYYY-MM-DD, end exclusive)")
     return Window(parse_day(interval_start), parse_day(interval_end))
+
+
+def split_override(conf: dict[str, Any] | None) -> dict[str, int]:
+    """Day-based split settings of a run's configuration (empty: the configured fractions apply)."""
+    conf = validate_conf(conf, RETRAINING_CONF_SCHEMA)
+    out = {k: int(conf[k]) for k in ("holdout_days", "validation_days") if conf.get(k)}
+    if out and "holdout_days" not in out:
+        raise ConfigError("retraining run configuration refused: validation_days needs holdout_days")
+    return out

@@ -1,0 +1,60 @@
+"""
+Score each newly ingested day with the champion and keep the predictions that monitoring reads.
+
+Runs when `ingest` announces a curated day (the `closedloop_curated` Asset), or for any past day
+given as `day` in a triggered run's configuration (backfills). For the day's validated transactions
+it fetches the customer features through Feast (point in time, as in training), scores them with
+`models:/<name>@champion`, and writes `predictions/transactions/<day>.parquet`: transaction id,
+customer, timestamp, the model's features, score, decision at the champion's stored threshold and
+model version. Emits the `closedloop_predictions` Asset with the day in its extra.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from closedloop.orchestration import (
+    CURATED,
+    DEFAULT_ARGS,
+    PREDICTIONS,
+    conf_of,
+    days_from_events,
+    documented,
+    run_stage,
+)
+
+
+@dag(
+    schedule=[CURATED],
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    **documented(__doc__),
+    tags=["closedloop", "scoring"],
+    params={
+        "day": Param(None, type=["null", "string"], format="date", title="Day",
+                     description="The day to score (YYYY-MM-DD). Empty when ingest started the run: "
+                                 "its event names the day."),
+    },
+)
+def batch_scoring():
+    @task(outlets=[PREDICTIONS])
+    def score_day() -> list[dict]:
+        """Score the day's transactions with the champion and write its predictions partition."""
+        from closedloop import scoring
+        from closedloop.ingest import resolve_days
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        days = run_stage(resolve_days, conf_of(ctx), days_from_events(ctx, CURATED))
+        rt = Runtime.from_env()
+        results = [run_stage(scoring.score_day, rt, day) for day in days]
+        ctx["outlet_events"][PREDICTIONS].extra = {"days": [r["day"] for r in results], "day": results[-1]["day"]}
+        return results
+
+    score_day()
+
+
+batch_scoring()

@@ -1,0 +1,95 @@
+"""
+Compare recent predictions with the champion's training reference and start retraining on drift.
+
+Runs when `batch_scoring` announces new predictions (the `closedloop_predictions` Asset), daily as a
+safety net, or for a given `day` (the last day of the window) in a triggered run's configuration.
+The window is the `monitoring.window_days` days ending with that day.
+
+- `measure_drift`: Evidently compares the window's features and scores (and its quality, for the
+  labels that have arrived) with the reference saved with the champion's model version, one fixed
+  statistical test per column; the HTML report and JSON figures go to `reports/drift/` in the lake
+  and to the `closedloop-monitoring` experiment in MLflow (one run per window).
+- `decide_retraining`: the policy (drift share, key features, prediction drift, quality drop, a
+  minimum window size), a cooldown, and no new retraining while one is queued or running. Without
+  drift the run stops here and what follows is skipped.
+- `trigger_retraining`: starts `retraining` with the window to train on, the reason and the report,
+  under a run id made from the window, so the same window can never start two runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+
+from closedloop.orchestration import (
+    DEFAULT_ARGS,
+    PREDICTIONS,
+    active_runs,
+    conf_of,
+    days_from_events,
+    documented,
+    run_stage,
+)
+
+
+@dag(
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 6 * * *", timezone="UTC"), assets=[PREDICTIONS]),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    **documented(__doc__),
+    tags=["closedloop", "monitoring"],
+    params={
+        "day": Param(None, type=["null", "string"], format="date", title="Last day of the window",
+                     description="YYYY-MM-DD. Empty when scoring started the run: its event names the day."),
+    },
+)
+def drift_monitoring():
+    @task
+    def measure_drift() -> dict:
+        """Measure drift on the window and keep the report (lake and MLflow)."""
+        from closedloop import monitoring
+        from closedloop.ingest import resolve_days
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        rt = Runtime.from_env()
+        days = days_from_events(ctx, PREDICTIONS)
+        if not days and not conf_of(ctx).get("day") and ctx.get("data_interval_end") is not None:
+            days = [(ctx["data_interval_end"] - timedelta(days=1)).date().isoformat()]
+        last = run_stage(resolve_days, conf_of(ctx), days)[-1]
+        window_days = int(rt.settings.config.raw["monitoring"]["window_days"])
+        window = monitoring.monitoring_window(last + timedelta(days=1), window_days)
+        return run_stage(monitoring.measure_window, rt, window, dag_run_id=ctx["run_id"])
+
+    @task.short_circuit
+    def decide_retraining(measured: dict) -> dict | bool:
+        """Apply the drift policy, the cooldown and de-duplication; skip what follows unless retraining."""
+        from closedloop import monitoring
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        decision = run_stage(monitoring.decide_retraining, Runtime.from_env(), measured,
+                             active_retrainings=active_runs("retraining"), monitoring_run_id=ctx["run_id"])
+        logging.getLogger(__name__).info("decision: %s: %s", "retrain" if decision["retrain"] else "no retraining",
+                                         decision["why"])
+        return decision if decision["retrain"] else False
+
+    decision = decide_retraining(measure_drift())
+    TriggerDagRunOperator(
+        task_id="trigger_retraining",
+        trigger_dag_id="retraining",
+        trigger_run_id=decision["run_id"],
+        conf=decision["conf"],
+        skip_when_already_exists=True,
+        wait_for_completion=False,
+        doc_md="Start `retraining` on the window that includes the drifted days, with the reason and the report.",
+    )
+
+
+drift_monitoring()
