@@ -33,17 +33,22 @@ from closedloop.orchestration import (
     days_from_events,
     documented,
     run_stage,
+    time_schedule,
 )
 
 
 @dag(
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 6 * * *", timezone="UTC"), assets=[PREDICTIONS]),
+    schedule=time_schedule(
+        AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 6 * * *", timezone="UTC"), assets=[PREDICTIONS]),
+        fallback=[PREDICTIONS],
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     **documented(__doc__),
     tags=["closedloop", "monitoring"],
+    render_template_as_native_obj=True,
     params={
         "day": Param(None, type=["null", "string"], format="date", title="Last day of the window",
                      description="YYYY-MM-DD. Empty when scoring started the run: its event names the day."),
@@ -80,12 +85,11 @@ def drift_monitoring():
                                          decision["why"])
         return decision if decision["retrain"] else False
 
-    decision = decide_retraining(measure_drift())
-    TriggerDagRunOperator(
+    decide_retraining(measure_drift()) >> TriggerDagRunOperator(
         task_id="trigger_retraining",
         trigger_dag_id="retraining",
-        trigger_run_id=decision["run_id"],
-        conf=decision["conf"],
+        trigger_run_id="{{ ti.xcom_pull(task_ids='decide_retraining')['run_id'] }}",
+        conf="{{ ti.xcom_pull(task_ids='decide_retraining')['conf'] }}",
         skip_when_already_exists=True,
         wait_for_completion=False,
         doc_md="Start `retraining` on the window that includes the drifted days, with the reason and the report.",

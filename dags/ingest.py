@@ -14,11 +14,11 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import CURATED, DEFAULT_ARGS, conf_of, documented, run_stage
+from closedloop.orchestration import CURATED, DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
 
 
 @dag(
-    schedule="@daily",
+    schedule=time_schedule("@daily"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

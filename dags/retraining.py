@@ -23,11 +23,11 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage
+from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
 
 
 @dag(
-    schedule="@weekly",
+    schedule=time_schedule("@weekly"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

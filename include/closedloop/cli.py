@@ -100,6 +100,33 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         typer.echo(f"  {h['at']}  v{h['from_version'] or '-'} -> v{h['to_version']}  by {h['actor']}: {h['reason']}")
 
 
+@app.command()
+def demo(
+    history_days: Annotated[int, typer.Option(min=7)] = 35,
+    normal_days: Annotated[int, typer.Option(min=0)] = 2,
+    drift_days: Annotated[int, typer.Option(min=1)] = 4,
+    transactions_per_day: Annotated[int, typer.Option(min=100)] = 6000,
+    customers: Annotated[int, typer.Option(min=10)] = 3000,
+    port: Annotated[int, typer.Option()] = 8080,
+    as_json: Annotated[bool, typer.Option("--json", help="Also print the summary as JSON.")] = False,
+) -> None:
+    """Run the closed loop on the real Airflow scheduler: history, normal days, a new regime, a retrain."""
+    from closedloop.demo import DemoPlan, run_demo
+    from closedloop.runtime import Runtime
+
+    plan = DemoPlan(history_days=history_days, normal_days=normal_days, drift_days=drift_days,
+                    transactions_per_day=transactions_per_day, customers=customers)
+    try:
+        summary = run_demo(Runtime.from_env(), plan, port=port, say=typer.echo)
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    if summary["champion_after"] == summary["champion_before"]:
+        typer.secho("the champion did not change: see the monitoring decisions above", fg=typer.colors.YELLOW)
+        raise typer.Exit(code=2)
+
+
 @app.command("airflow-config")
 def airflow_config(
     force: Annotated[bool, typer.Option(help="Rewrite an existing airflow.cfg.")] = False,

@@ -229,17 +229,25 @@ def read_labelled_window(lake: Lake, contract: DataContract, start: date, end: d
 def time_split(frame: pd.DataFrame, contract: DataContract, fractions: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """Split rows by event time: the earliest ``train`` share, then ``validation``, then ``holdout``.
 
-    With ``holdout_days`` (and optionally ``validation_days``, default 1) the split is by whole days
-    instead: the last days are held out, the days before them validate, the rest trains.
+    With ``holdout_days`` the split is by whole days instead: the last days are held out; the
+    ``validation_days`` before them validate, or, without ``validation_days``, a seeded random
+    ``validation`` share of the remaining rows does, so that the most recent days (a new regime, after
+    drift) are also in the training part.
     """
     ordered = frame.sort_values([contract.event_timestamp, contract.row_key], kind="stable").reset_index(drop=True)
     if fractions.get("holdout_days"):
         ts = ordered[contract.event_timestamp]
         last = ts.max().normalize() + timedelta(days=1)
         hold_from = last - timedelta(days=int(fractions["holdout_days"]))
-        val_from = hold_from - timedelta(days=int(fractions.get("validation_days") or 1))
-        return {"train": ordered[ts < val_from], "validation": ordered[(ts >= val_from) & (ts < hold_from)],
-                "holdout": ordered[ts >= hold_from]}
+        holdout = ordered[ts >= hold_from]
+        rest = ordered[ts < hold_from]
+        if fractions.get("validation_days"):
+            val_from = hold_from - timedelta(days=int(fractions["validation_days"]))
+            in_val = rest[contract.event_timestamp] >= val_from
+        else:
+            share = fractions["validation"] / (fractions["train"] + fractions["validation"])
+            in_val = rest.index.isin(rest.sample(frac=share, random_state=0).index)
+        return {"train": rest[~in_val], "validation": rest[in_val], "holdout": holdout}
     total = sum(fractions[s] for s in SPLITS)
     n = len(ordered)
     a = round(n * fractions["train"] / total)

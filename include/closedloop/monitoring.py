@@ -160,7 +160,7 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
     if drift.in_cooldown(last_at, now, policy):
         return {**base, "retrain": False,
                 "why": f"drift, but within the {policy.cooldown_hours} h cooldown after {last_id}"}
-    days = int(rt.settings.config.training.get("window_days", 28))
+    days = int(rt.settings.config.raw["monitoring"].get("retrain_window_days", 14))
     run_id = drift.trigger_run_id(window.start, window.end)
     reason = "drift: " + "; ".join(decision["reasons"])
     conf = {
@@ -168,7 +168,6 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
         "window_end": window.end.isoformat(),
         "reason": reason[:2000],
         "holdout_days": 1,
-        "validation_days": 1,
         "trigger": {"dag_id": "drift_monitoring", "run_id": monitoring_run_id,
                     "report_uri": measured["report"]["html"],
                     "drift_share": measured["figures"]["drift_share"]},

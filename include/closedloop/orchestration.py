@@ -68,3 +68,10 @@ def active_runs(dag_id: str) -> int:
 
     ti = get_current_context()["ti"]
     return int(ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]))
+
+
+def time_schedule(schedule: Any, fallback: Any = None) -> Any:
+    """``schedule``, unless time-based schedules are off (``CLOSEDLOOP_SCHEDULES=manual``): then ``fallback``."""
+    from closedloop.settings import Settings
+
+    return schedule if Settings.from_env().time_schedules else fallback

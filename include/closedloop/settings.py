@@ -12,6 +12,9 @@ Environment variables (all optional):
 - ``CLOSEDLOOP_MLFLOW_ARTIFACTS``: artifact root for new experiments (default ``$CLOSEDLOOP_HOME/mlflow/artifacts``).
 - ``CLOSEDLOOP_FEAST_REPO``: the Feast repository (default: ``<repo>/feature_repo``).
 - ``CLOSEDLOOP_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda``: where XGBoost trains.
+- ``CLOSEDLOOP_SCHEDULES``: ``on`` (default) or ``manual``: with ``manual`` the DAGs keep their Asset
+  schedules but drop their time-based ones, so that a simulation or a demo drives days with explicit
+  dates and the scheduler starts nothing on the wall clock.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Settings:
     feast_repo: Path
     feast_registry: str
     device: str = "auto"
+    time_schedules: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +78,7 @@ class Settings:
             feast_repo=Path(env.get("CLOSEDLOOP_FEAST_REPO") or REPO_ROOT / "feature_repo").resolve(),
             feast_registry=env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db"),
             device=device,
+            time_schedules=env.get("CLOSEDLOOP_SCHEDULES", "on").lower() != "manual",
             storage_options=storage_options,
         )
 

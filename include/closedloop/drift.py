@@ -1,0 +1,537 @@
+"""Drift monitoring: measure a window of predictions against the champion's reference, and decide.
+
+Three layers, kept apart so that the policy can be tested without any statistics:
+
+- :func:`measure` runs one Evidently report over the model's features (and the score column when both
+  frames have it) with a FIXED statistical test and threshold per column, taken from the policy
+  (Evidently would otherwise pick the test from the sample size and switch method at 1000 rows), and
+  extracts the figures (:class:`DriftFigures`) from Evidently's results. With labels it adds the
+  model's quality on the window (ROC AUC, PR AUC) and its drop below the reference.
+- :func:`decide` is the pure policy (:class:`DriftPolicy`, the ``monitoring:`` section of the
+  configuration): no verdict below ``min_rows``; drift when the share of drifted features reaches
+  ``drift_share_threshold``, when a key feature's score reaches its own threshold, when the score
+  distribution drifts, or when ROC AUC drops more than ``quality_drop`` (only with enough labelled
+  positives). Every verdict carries sentences with the figures that led to it.
+- :func:`save_report` / :func:`prune_reports` keep the HTML report and the figures in the lake under
+  ``reports/drift/<start>_<end>/``; :func:`in_cooldown` and :func:`trigger_run_id` are what the DAG needs
+  to start (at most) one retraining per window.
+
+Evidently 0.7 API used: ``Report([ValueDrift(column=..., method=..., threshold=...), ...],
+include_tests=True).run(current_data=Dataset.from_pandas(..., data_definition=DataDefinition(...)),
+reference_data=...)``. Each ``ValueDrift`` value is the column's drift score; its test (``FAIL`` when the
+stattest reports drift, i.e. score >= threshold for distances) is the column's drift flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from closedloop.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from closedloop.lake import Lake
+    from closedloop.schema import DataContract
+
+log = logging.getLogger(__name__)
+
+REPORTS_DIR = ("reports", "drift")
+REPORT_HTML = "report.html"
+REPORT_JSON = "figures.json"
+NUMERIC_DTYPES = {"float64", "int64"}
+
+# rule names (DriftDecision.fired)
+RULE_SHARE = "drift_share"
+RULE_KEY = "key_feature"
+RULE_PREDICTION = "prediction"
+RULE_QUALITY = "quality"
+
+
+# -- the policy ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DriftPolicy:
+    """The ``monitoring:`` section of the configuration, checked."""
+
+    min_rows: int
+    sample_rows: int
+    numeric_stattest: str
+    numeric_threshold: float
+    categorical_stattest: str
+    categorical_threshold: float
+    drift_share_threshold: float
+    key_features: dict[str, float]
+    prediction_threshold: float
+    quality_drop: float
+    min_labelled_positives: int
+    cooldown_hours: float
+    keep_reports: int
+    window_days: int = 2
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> DriftPolicy:
+        """Build the policy from the ``monitoring`` mapping; errors name the offending key."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"monitoring: expected a mapping, got {type(cfg).__name__}")
+
+        def get(key: str, kind: type, lo: float | None = None, hi: float | None = None,
+                default: Any = None) -> Any:
+            if key not in cfg:
+                if default is not None:
+                    return default
+                raise ConfigError(f"monitoring: missing required key {key!r}")
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"monitoring.{key}={value!r}: expected a number")
+            if kind is int and float(value) != int(value):
+                raise ConfigError(f"monitoring.{key}={value!r}: expected a whole number")
+            value = kind(value)
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise ConfigError(f"monitoring.{key}={value!r}: must be in [{lo}, {hi if hi is not None else 'inf'}]")
+            return value
+
+        def name(key: str) -> str:
+            value = cfg.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"monitoring.{key}={value!r}: expected the name of an Evidently stattest")
+            return value.strip()
+
+        raw_keys = cfg.get("key_features") or {}
+        if not isinstance(raw_keys, dict):
+            raise ConfigError("monitoring.key_features: expected a mapping feature -> threshold")
+        key_features: dict[str, float] = {}
+        for feature, threshold in raw_keys.items():
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold < 0:
+                raise ConfigError(f"monitoring.key_features.{feature}={threshold!r}: expected a number >= 0")
+            key_features[str(feature)] = float(threshold)
+        return cls(
+            min_rows=get("min_rows", int, 1),
+            sample_rows=get("sample_rows", int, 0),
+            numeric_stattest=name("numeric_stattest"),
+            numeric_threshold=get("numeric_threshold", float, 0.0),
+            categorical_stattest=name("categorical_stattest"),
+            categorical_threshold=get("categorical_threshold", float, 0.0),
+            drift_share_threshold=get("drift_share_threshold", float, 0.0, 1.0),
+            key_features=key_features,
+            prediction_threshold=get("prediction_threshold", float, 0.0),
+            quality_drop=get("quality_drop", float, 0.0, 1.0),
+            min_labelled_positives=get("min_labelled_positives", int, 0),
+            cooldown_hours=get("cooldown_hours", float, 0.0),
+            keep_reports=get("keep_reports", int, 1),
+            window_days=get("window_days", int, 1, default=2),
+        )
+
+    def check_features(self, contract: DataContract) -> None:
+        """Refuse key features that are not model features of ``contract``."""
+        unknown = sorted(set(self.key_features) - set(contract.model_features))
+        if unknown:
+            raise ConfigError(f"monitoring.key_features: {unknown} are not model features of {contract.name!r}")
+
+
+# -- the figures ---------------------------------------------------------------------------------------
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+@dataclass
+class DriftFigures:
+    """What :func:`measure` found, JSON-safe through :meth:`to_dict`."""
+
+    reference_rows: int
+    current_rows: int
+    sampled_rows: int
+    per_feature: dict[str, dict[str, Any]]  # name -> {"stattest", "score", "threshold", "drifted"}
+    drift_share: float
+    drifted_features: list[str]
+    prediction: dict[str, Any] | None = None  # {"stattest", "score", "threshold", "drifted"}
+    quality: dict[str, Any] | None = None     # {"rows", "positives", "roc_auc", "pr_auc", "reference_roc_auc", "drop"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DriftFigures:
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+
+
+def _kinds(contract: DataContract) -> dict[str, str]:
+    """``numeric`` or ``categorical`` for each model feature."""
+    kinds: dict[str, str] = {}
+    dtypes = {c.name: c.dtype for c in contract.columns}
+    for name in contract.model_features:
+        kinds[name] = "numeric" if dtypes.get(name, "float64") in NUMERIC_DTYPES else "categorical"
+    return kinds
+
+
+def _prepared(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
+    """The columns in ``kinds``: numeric as float64 (unparseable -> NaN), categorical as Python strings
+    (missing -> None; values outside the contract's categories are kept: they are drift)."""
+    import numpy as np
+    import pandas as pd
+
+    out: dict[str, Any] = {}
+    for name, kind in kinds.items():
+        s = frame[name]
+        if kind == "numeric":
+            values = pd.to_numeric(s, errors="coerce").astype("float64").to_numpy()
+            out[name] = np.where(np.isfinite(values), values, np.nan)
+        else:
+            out[name] = s.astype("string").to_numpy(dtype=object, na_value=None)
+    return pd.DataFrame(out)
+
+
+def _sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``n`` rows of ``frame`` drawn without replacement (in their original order), or all of them."""
+    import numpy as np
+
+    if n <= 0 or len(frame) <= n:
+        return frame
+    rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=n, replace=False))
+    return frame.iloc[rows]
+
+
+def _quality(current: pd.DataFrame, score_column: str, label_column: str,
+             reference_quality: dict[str, Any] | None) -> dict[str, Any]:
+    """ROC AUC / PR AUC of the score on the labelled rows of ``current`` (all of them, not sampled)."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    labels = pd.to_numeric(current[label_column], errors="coerce")
+    scores = pd.to_numeric(current[score_column], errors="coerce")
+    keep = labels.notna() & scores.notna()
+    y = labels[keep].to_numpy().astype(int)
+    s = scores[keep].to_numpy(dtype=float)
+    both = len(np.unique(y)) == 2
+    roc = float(roc_auc_score(y, s)) if both else None
+    pr = float(average_precision_score(y, s)) if both else None
+    ref = (reference_quality or {}).get("roc_auc")
+    ref = float(ref) if ref is not None and math.isfinite(float(ref)) else None
+    return {"rows": len(y), "positives": int((y == 1).sum()), "roc_auc": roc, "pr_auc": pr,
+            "reference_roc_auc": ref, "drop": (ref - roc) if ref is not None and roc is not None else None}
+
+
+def measure(reference: pd.DataFrame, current: pd.DataFrame, contract: DataContract, policy: DriftPolicy, *,
+            score_column: str = "score", reference_quality: dict[str, Any] | None = None,
+            label_column: str | None = None, seed: int = 0) -> tuple[Any, DriftFigures]:
+    """Measure drift of ``current`` against ``reference``; returns ``(evidently snapshot, figures)``.
+
+    One Evidently ``ValueDrift`` per model feature, with the policy's fixed stattest and threshold for
+    its kind (numeric: ``numeric_stattest``/``numeric_threshold``; category, bool and string columns:
+    ``categorical_stattest``/``categorical_threshold``), plus one for ``score_column`` (numeric stattest,
+    ``prediction_threshold``) when both frames have it. Frames larger than ``policy.sample_rows`` are
+    sampled down to it first (deterministically, from ``seed``). Scores and drift flags are read from
+    Evidently's results. With ``label_column`` in ``current`` (rows with a null label ignored), the
+    quality of the score on the whole window and its drop below ``reference_quality["roc_auc"]``.
+    """
+    import time
+
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    started = time.perf_counter()
+    kinds = _kinds(contract)
+    missing = {side: sorted(set(kinds) - set(frame.columns))
+               for side, frame in (("reference", reference), ("current", current))}
+    if missing["reference"] or missing["current"]:
+        raise ValueError(f"drift: model features missing from the frames: {missing}")
+    with_score = score_column in reference.columns and score_column in current.columns
+    if with_score and score_column in kinds:
+        raise ValueError(f"drift: score column {score_column!r} is also a model feature")
+    columns = dict(kinds)
+    if with_score:
+        columns[score_column] = "numeric"
+
+    ref = _prepared(_sample(reference, policy.sample_rows, seed + 1), columns)
+    cur = _prepared(_sample(current, policy.sample_rows, seed), columns)
+
+    def test_of(name: str) -> tuple[str, float]:
+        if name == score_column and with_score:
+            return policy.numeric_stattest, policy.prediction_threshold
+        if columns[name] == "numeric":
+            return policy.numeric_stattest, policy.numeric_threshold
+        return policy.categorical_stattest, policy.categorical_threshold
+
+    # a column with no value on one side cannot be tested: all-missing in the window is drift
+    # (a broken feed), all-missing in the reference cannot be judged
+    untestable: dict[str, dict[str, Any]] = {}
+    for name in columns:
+        ref_empty, cur_empty = ref[name].isna().all(), cur[name].isna().all()
+        if ref_empty or cur_empty:
+            method, threshold = test_of(name)
+            untestable[name] = {"stattest": method, "score": None, "threshold": threshold,
+                                "drifted": bool(cur_empty and not ref_empty),
+                                "note": "no values in the " + ("reference" if ref_empty else "current window")}
+    tested = [c for c in columns if c not in untestable]
+    definition = DataDefinition(numerical_columns=[c for c in tested if columns[c] == "numeric"],
+                                categorical_columns=[c for c in tested if columns[c] == "categorical"])
+    metrics = [ValueDrift(column=c, method=test_of(c)[0], threshold=test_of(c)[1]) for c in tested]
+    snapshot = Report(metrics, include_tests=True).run(
+        current_data=Dataset.from_pandas(cur[tested], data_definition=definition),
+        reference_data=Dataset.from_pandas(ref[tested], data_definition=definition),
+    )
+
+    results = _value_drift_results(snapshot)
+    per_column = {**results, **untestable}
+    absent = set(columns) - set(per_column)
+    if absent:
+        raise RuntimeError(f"drift: Evidently returned no result for {sorted(absent)}")
+    per_feature = {name: per_column[name] for name in kinds}
+    drifted = [name for name, r in per_feature.items() if r["drifted"]]
+    quality = None
+    if label_column is not None and label_column in current.columns:
+        if score_column in current.columns:
+            quality = _quality(current, score_column, label_column, reference_quality)
+        else:
+            log.warning("labels in %r but no score column %r: quality not measured", label_column, score_column)
+    figures = DriftFigures(
+        reference_rows=len(reference),
+        current_rows=len(current),
+        sampled_rows=len(cur),
+        per_feature=per_feature,
+        drift_share=len(drifted) / len(per_feature) if per_feature else 0.0,
+        drifted_features=drifted,
+        prediction=per_column[score_column] if with_score else None,
+        quality=quality,
+    )
+    log.info("drift measured on %d/%d current rows vs %d reference rows in %.1f s: %d/%d features drifted "
+             "(%s)%s%s", len(cur), len(current), len(ref), time.perf_counter() - started, len(drifted),
+             len(per_feature), ", ".join(drifted) or "none",
+             f"; score {figures.prediction['score']:.3f}" if with_score and figures.prediction["score"] is not None
+             else "",
+             f"; ROC AUC {quality['roc_auc']}" if quality else "")
+    return snapshot, figures
+
+
+def _value_drift_results(snapshot: Any) -> dict[str, dict[str, Any]]:
+    """Column -> {"stattest", "score", "threshold", "drifted"} from the snapshot's ValueDrift metrics and tests."""
+    d = snapshot.dict()
+    status: dict[str, str] = {}
+    for test in d["tests"]:
+        metric_id = (test.get("metric_config") or {}).get("metric_id")
+        if metric_id is not None:
+            status[metric_id] = str(getattr(test["status"], "value", test["status"]))
+    out: dict[str, dict[str, Any]] = {}
+    for metric in d["metrics"]:
+        config = metric.get("config") or {}
+        if not str(config.get("type", "")).endswith(":ValueDrift"):
+            continue
+        if metric["id"] not in status:
+            raise RuntimeError(f"drift: Evidently gave no drift test for {metric['metric_name']}")
+        value = metric["value"]
+        out[config["column"]] = {
+            "stattest": config["method"],
+            "score": float(value) if value is not None else None,
+            "threshold": float(config["threshold"]),
+            "drifted": status[metric["id"]] == "FAIL",
+        }
+    return out
+
+
+# -- the decision ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DriftDecision:
+    """The verdict on one window."""
+
+    judged: bool          # False when the window is too small: no verdict
+    drift: bool
+    reasons: list[str]    # sentences with the figures: which rule fired, or why not
+    fired: list[str] = field(default_factory=list)  # rules that fired: drift_share, key_feature:<name>, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"judged": self.judged, "drift": self.drift, "reasons": list(self.reasons), "fired": list(self.fired)}
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def decide(figures: DriftFigures, policy: DriftPolicy) -> DriftDecision:
+    """Apply ``policy`` to ``figures`` (pure).
+
+    No verdict when the window (or the reference) has fewer than ``min_rows`` rows. Otherwise drift
+    when any rule fires: share of drifted features >= ``drift_share_threshold``; a key feature's score
+    >= its threshold; the score column drifted (Evidently's flag at ``prediction_threshold``); ROC AUC
+    more than ``quality_drop`` below the reference, only with at least ``min_labelled_positives``
+    labelled positives. The reasons say which rules fired and, for the others, why they did not.
+    """
+    if figures.current_rows < policy.min_rows:
+        return DriftDecision(judged=False, drift=False, reasons=[
+            f"not judged: the window has {figures.current_rows} rows, fewer than min_rows={policy.min_rows}"])
+    if figures.reference_rows < policy.min_rows:
+        return DriftDecision(judged=False, drift=False, reasons=[
+            f"not judged: the reference has {figures.reference_rows} rows, fewer than min_rows={policy.min_rows}"])
+
+    fired: list[str] = []
+    reasons: list[str] = []
+    n = len(figures.per_feature)
+    k = len(figures.drifted_features)
+    listed = ", ".join(figures.drifted_features) or "none"
+    if n and figures.drift_share >= policy.drift_share_threshold:
+        fired.append(RULE_SHARE)
+        reasons.append(f"drift share {figures.drift_share:.3f} ({k}/{n} features: {listed}) reaches "
+                       f"drift_share_threshold={policy.drift_share_threshold}")
+    else:
+        reasons.append(f"drift share {figures.drift_share:.3f} ({k}/{n} features: {listed}) is below "
+                       f"drift_share_threshold={policy.drift_share_threshold}")
+
+    for name, threshold in policy.key_features.items():
+        r = figures.per_feature.get(name)
+        if r is None:
+            reasons.append(f"key feature {name} was not measured")
+            continue
+        score = r.get("score")
+        if score is None:
+            if r.get("drifted"):
+                fired.append(f"{RULE_KEY}:{name}")
+                reasons.append(f"key feature {name} drifted: {r.get('note', 'no score')}")
+            else:
+                reasons.append(f"key feature {name} has no score: {r.get('note', 'not tested')}")
+        elif score >= threshold:
+            fired.append(f"{RULE_KEY}:{name}")
+            reasons.append(f"key feature {name}: {r.get('stattest')} {score:.3f} reaches its threshold {threshold}")
+        else:
+            reasons.append(f"key feature {name}: {r.get('stattest')} {score:.3f} is below its threshold {threshold}")
+
+    p = figures.prediction
+    if p is None:
+        reasons.append("prediction drift not measured: no score column on both sides")
+    elif p.get("drifted"):
+        fired.append(RULE_PREDICTION)
+        reasons.append(f"the score distribution drifted: {p.get('stattest')} {_f(p.get('score'))} reaches "
+                       f"{p.get('threshold')}")
+    else:
+        reasons.append(f"the score distribution is stable: {p.get('stattest')} {_f(p.get('score'))} is below "
+                       f"{p.get('threshold')}")
+
+    q = figures.quality
+    if q is None:
+        reasons.append("quality not measured: no labels")
+    elif q.get("positives", 0) < policy.min_labelled_positives:
+        reasons.append(f"quality not judged: {q.get('positives', 0)} labelled positives, fewer than "
+                       f"min_labelled_positives={policy.min_labelled_positives}")
+    elif q.get("drop") is None:
+        reasons.append(f"quality not judged: ROC AUC {_f(q.get('roc_auc'))} on the window, reference "
+                       f"{_f(q.get('reference_roc_auc'))}")
+    elif q["drop"] > policy.quality_drop:
+        fired.append(RULE_QUALITY)
+        reasons.append(f"ROC AUC {_f(q['roc_auc'])} on {q['rows']} labelled rows ({q['positives']} positives) is "
+                       f"{q['drop']:.3f} below the reference {_f(q['reference_roc_auc'])}: more than "
+                       f"quality_drop={policy.quality_drop}")
+    else:
+        reasons.append(f"ROC AUC {_f(q['roc_auc'])} on {q['rows']} labelled rows ({q['positives']} positives) is "
+                       f"within quality_drop={policy.quality_drop} of the reference {_f(q['reference_roc_auc'])}")
+
+    drift = bool(fired)
+    reasons.insert(0, "drift: " + ", ".join(fired) if drift else "no drift: no rule fired")
+    return DriftDecision(judged=True, drift=drift, reasons=reasons, fired=fired)
+
+
+# -- what the DAG needs to act on a verdict --------------------------------------------------------------
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+def in_cooldown(last_trigger_at: datetime | None, now: datetime, policy: DriftPolicy) -> bool:
+    """Whether a drift-triggered retraining at ``last_trigger_at`` still blocks another one at ``now``
+    (naive datetimes are taken as UTC; a trigger in the future blocks)."""
+    if last_trigger_at is None or policy.cooldown_hours <= 0:
+        return False
+    return _utc(now) - _utc(last_trigger_at) < timedelta(hours=policy.cooldown_hours)
+
+
+def _day(d: date, what: str) -> date:
+    if isinstance(d, datetime) or not isinstance(d, date):
+        raise ValueError(f"{what}={d!r}: give a date")
+    return d
+
+
+def window_name(window_start: date, window_end: date) -> str:
+    """``<start>_<end>`` of a window (end exclusive)."""
+    start, end = _day(window_start, "window_start"), _day(window_end, "window_end")
+    if end <= start:
+        raise ValueError(f"window {start}..{end}: the end must be after the start")
+    return f"{start.isoformat()}_{end.isoformat()}"
+
+
+def trigger_run_id(window_start: date, window_end: date) -> str:
+    """The run id of the retraining a window's drift would start: one per window, whatever retries."""
+    return f"drift__{window_name(window_start, window_end)}"
+
+
+# -- reports in the lake --------------------------------------------------------------------------------
+def report_uri(lake: Lake, window_start: date, window_end: date) -> str:
+    """The folder of a window's report."""
+    return lake.uri(*REPORTS_DIR, window_name(window_start, window_end))
+
+
+def save_report(snapshot: Any, figures: DriftFigures, decision: DriftDecision, lake: Lake,
+                window_start: date, window_end: date) -> dict[str, str]:
+    """Write ``reports/drift/<start>_<end>/report.html`` (the Evidently report) and ``figures.json``
+    (window, figures, decision); the same window always goes to the same place."""
+    folder = report_uri(lake, window_start, window_end)
+    with tempfile.TemporaryDirectory(prefix="closedloop-drift-") as tmp:
+        path = Path(tmp) / REPORT_HTML
+        snapshot.save_html(str(path))
+        html = lake.write_bytes(f"{folder}/{REPORT_HTML}", path.read_bytes())
+    doc = {"window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
+           "figures": figures.to_dict(), "decision": decision.to_dict()}
+    js = lake.write_json(f"{folder}/{REPORT_JSON}", doc)
+    log.info("drift report of %s..%s written to %s", window_start, window_end, folder)
+    return {"html": html, "json": js}
+
+
+def _parse_window(name: str) -> tuple[date, date] | None:
+    start, sep, end = name.partition("_")
+    if not sep:
+        return None
+    try:
+        return date.fromisoformat(start), date.fromisoformat(end)
+    except ValueError:
+        return None
+
+
+def list_reports(lake: Lake) -> list[str]:
+    """URIs of the report folders under ``reports/drift/``, oldest window first (other entries ignored)."""
+    base = lake.uri(*REPORTS_DIR)
+    if not lake.exists(base):
+        return []
+    found: list[tuple[date, date, str]] = []
+    for entry in lake.fs.ls(base, detail=True):
+        if entry.get("type") != "directory":
+            continue
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+        window = _parse_window(name)
+        if window is not None:
+            found.append((window[1], window[0], name))
+    return [lake.uri(*REPORTS_DIR, name) for _, _, name in sorted(found)]
+
+
+def prune_reports(lake: Lake, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` report folders (by window end, then start); returns the deleted URIs."""
+    if keep < 0:
+        raise ValueError(f"keep={keep}: must be >= 0")
+    reports = list_reports(lake)
+    doomed = reports[: max(0, len(reports) - keep)]
+    for uri in doomed:
+        lake.delete(uri, recursive=True)
+    if doomed:
+        log.info("pruned %d drift report(s), kept %d", len(doomed), len(reports) - len(doomed))
+    return doomed

@@ -1,0 +1,118 @@
+"""batch_scoring and drift_monitoring with ``dag.test()``: a day scored; a quiet window and a drifted one.
+
+The champion is trained through the package's stages (the retraining DAG has its own tests); then a
+normal day is scored and monitored (no drift, nothing triggered), and days of a new regime are scored
+and monitored (drift: a ``retraining`` run is created with the window, the reason and the report).
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import pytest
+
+from closedloop import retraining as stages
+from closedloop.generate import GeneratorConfig, generate
+from closedloop.runconf import Window
+
+pytestmark = pytest.mark.integration
+
+START = date(2026, 4, 1)
+WARMUP, HISTORY = 30, 14
+TRAIN = Window(START + timedelta(days=WARMUP), START + timedelta(days=WARMUP + HISTORY))
+NORMAL = TRAIN.end                      # the first day after the training window
+DRIFT_START = NORMAL + timedelta(days=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, airflow_db, dagbag):
+    from closedloop.runtime import Runtime
+
+    home = tmp_path_factory.mktemp("monitoring") / "closedloop"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLOSEDLOOP_HOME", str(home))
+        rt = Runtime.from_env()
+        generate(GeneratorConfig(start=START, days=WARMUP + HISTORY + 4, customers=500, transactions_per_day=1500,
+                                 seed=5, covariate_drift=0.6, concept_drift=1.0, new_categories=True,
+                                 drift_start=DRIFT_START), rt.lake, rt.contract)
+        stages.validate(rt, TRAIN)
+        stages.materialise(rt, TRAIN)
+        ts = stages.build_training_set(rt, TRAIN)
+        trained = stages.train(rt, ts, {"dag_run_id": "fixture"})
+        registered = stages.register(rt, trained, TRAIN)
+        stages.promote_or_reject(rt, stages.evaluate_gate(rt, registered, ts))
+        yield rt, dagbag
+
+
+def _states(dr):
+    return {ti.task_id: ti.state for ti in dr.get_task_instances()}
+
+
+def _retraining_runs():
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return [(r.run_id, dict(r.conf or {}), r.state) for r in
+                session.query(DagRun).filter(DagRun.dag_id == "retraining", DagRun.run_id.like("drift__%"))]
+
+
+def test_scoring_a_day(world):
+    rt, dagbag = world
+    c = rt.contract
+    dr = dagbag.get_dag("batch_scoring").test(run_conf={"day": NORMAL.isoformat()})
+    assert dr.state == "success", _states(dr)
+    preds = rt.lake.read_parquet(rt.lake.partition("predictions", "transactions", NORMAL))
+    landed = rt.lake.read_parquet(rt.lake.partition("landing", "transactions", NORMAL))
+    assert len(preds) == len(landed) and preds[c.row_key].is_unique
+    assert set(preds[c.row_key]) == set(landed[c.row_key])
+    assert {"score", "decision", "model_version", *c.model_features} <= set(preds.columns)
+    assert preds["score"].between(0, 1).all()
+    assert set(preds["model_version"]) == {"1"}
+    threshold = float(rt.client.get_run(rt.client.get_model_version(rt.model_name, "1").run_id)
+                      .data.params["decision_threshold"])
+    assert ((preds["score"] >= threshold).astype(int) == preds["decision"]).all()
+
+
+def test_a_quiet_window_triggers_nothing(world):
+    rt, dagbag = world
+    day2 = NORMAL + timedelta(days=1)
+    assert dagbag.get_dag("batch_scoring").test(run_conf={"day": day2.isoformat()}).state == "success"
+    dr = dagbag.get_dag("drift_monitoring").test(run_conf={"day": day2.isoformat()})
+    states = _states(dr)
+    assert states["measure_drift"] == "success"
+    assert states["decide_retraining"] == "success"
+    assert states["trigger_retraining"] == "skipped"
+    measured = dr.get_task_instance("measure_drift").xcom_pull(task_ids="measure_drift")
+    assert measured["decision"]["judged"] and not measured["decision"]["drift"], measured["decision"]
+    assert rt.lake.exists(measured["report"]["html"]) and rt.lake.exists(measured["report"]["json"])
+    assert _retraining_runs() == []
+
+
+def test_a_drifted_window_starts_retraining_with_the_right_configuration(world):
+    _, dagbag = world
+    for d in (DRIFT_START, DRIFT_START + timedelta(days=1)):
+        assert dagbag.get_dag("batch_scoring").test(run_conf={"day": d.isoformat()}).state == "success"
+    last = DRIFT_START + timedelta(days=1)
+    dr = dagbag.get_dag("drift_monitoring").test(run_conf={"day": last.isoformat()})
+    states = _states(dr)
+    assert states["trigger_retraining"] == "success", states
+    runs = _retraining_runs()
+    assert len(runs) == 1
+    run_id, conf, _ = runs[0]
+    end = last + timedelta(days=1)
+    assert run_id == f"drift__{(end - timedelta(days=2)).isoformat()}_{end.isoformat()}"
+    assert conf["window_end"] == end.isoformat()
+    assert conf["window_start"] == (end - timedelta(days=14)).isoformat()
+    assert conf["holdout_days"] == 1
+    assert conf["reason"].startswith("drift")
+    assert conf["trigger"]["report_uri"].endswith("report.html")
+    # the configuration it starts retraining with is one retraining accepts
+    from closedloop.runconf import resolve_window
+
+    assert resolve_window(conf) == Window(end - timedelta(days=14), end)
+
+    # the same window again: no second run (a retraining is queued, and the run id is the window's)
+    dr = dagbag.get_dag("drift_monitoring").test(run_conf={"day": last.isoformat()})
+    assert _states(dr)["trigger_retraining"] in {"skipped", "success"}
+    assert len(_retraining_runs()) == 1
