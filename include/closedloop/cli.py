@@ -102,6 +102,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 
 @app.command()
 def demo(
+    warmup_days: Annotated[int, typer.Option(min=0, help="Days before the history (customer features' past).")
+                           ] = 30,
     history_days: Annotated[int, typer.Option(min=7)] = 35,
     normal_days: Annotated[int, typer.Option(min=0)] = 2,
     drift_days: Annotated[int, typer.Option(min=1)] = 4,
@@ -114,7 +116,7 @@ def demo(
     from closedloop.demo import DemoPlan, run_demo
     from closedloop.runtime import Runtime
 
-    plan = DemoPlan(history_days=history_days, normal_days=normal_days, drift_days=drift_days,
+    plan = DemoPlan(warmup_days=warmup_days, history_days=history_days, normal_days=normal_days, drift_days=drift_days,
                     transactions_per_day=transactions_per_day, customers=customers)
     try:
         summary = run_demo(Runtime.from_env(), plan, port=port, say=typer.echo)

@@ -1,7 +1,7 @@
 """The closed-loop demo: the whole loop on the embedded defaults, driven by the real Airflow scheduler.
 
-1. History (35 days, about 210k transactions): ``retraining`` validates and ingests it and promotes
-   the first champion.
+1. History (35 days, about 210k transactions, after a 30-day warm-up that gives every customer a
+   past): ``retraining`` validates and ingests it and promotes the first champion.
 2. Normal days: each is ingested; the scheduler runs ``batch_scoring`` and ``drift_monitoring`` on
    the Asset events, which find no drift and retrain nothing.
 3. A new regime (covariate and concept drift): monitoring detects it and starts ``retraining`` by
@@ -33,23 +33,30 @@ DAGS = ["ingest", "batch_scoring", "drift_monitoring", "retraining"]
 
 @dataclass(frozen=True)
 class DemoPlan:
-    start: date = date(2026, 3, 1)
+    start: date = date(2026, 2, 1)
+    warmup_days: int = 30
     history_days: int = 35
     normal_days: int = 2
     drift_days: int = 4
     customers: int = 3000
     transactions_per_day: int = 6000
     seed: int = 42
+    fraud_rate: float = 0.01
     covariate_drift: float = 0.6
     concept_drift: float = 1.0
 
     @property
+    def history_start(self) -> date:
+        """The first day of the first champion's training window: the warm-up feeds its customer features."""
+        return self.start + timedelta(days=self.warmup_days)
+
+    @property
     def drift_start(self) -> date:
-        return self.start + timedelta(days=self.history_days + self.normal_days)
+        return self.history_start + timedelta(days=self.history_days + self.normal_days)
 
     @property
     def days(self) -> int:
-        return self.history_days + self.normal_days + self.drift_days
+        return self.warmup_days + self.history_days + self.normal_days + self.drift_days
 
 
 def _duration(run: dict[str, Any]) -> float | None:
@@ -73,6 +80,7 @@ def run_demo(rt: Runtime, plan: DemoPlan, *, port: int = 8080, say: Callable[[st
         f"new regime from {plan.drift_start})")
     generate(GeneratorConfig(start=plan.start, days=plan.days, customers=plan.customers,
                              transactions_per_day=plan.transactions_per_day, seed=plan.seed,
+                             fraud_rate=plan.fraud_rate,
                              covariate_drift=plan.covariate_drift, concept_drift=plan.concept_drift,
                              new_categories=True, drift_start=plan.drift_start), rt.lake, rt.contract)
     env = {"CLOSEDLOOP_HOME": str(rt.settings.home), "CLOSEDLOOP_SCHEDULES": "manual",
@@ -89,11 +97,12 @@ def run_demo(rt: Runtime, plan: DemoPlan, *, port: int = 8080, say: Callable[[st
         stack.wait(lambda: all(_has_dag(stack, d) for d in DAGS), 180, "the DAGs to be parsed")
         stamp(f"Airflow is up at {stack.url}")
 
-        end = plan.start + timedelta(days=plan.history_days)
-        run_id = stack.trigger("retraining", {"window_start": plan.start.isoformat(), "window_end": end.isoformat(),
+        end = plan.history_start + timedelta(days=plan.history_days)
+        run_id = stack.trigger("retraining", {"window_start": plan.history_start.isoformat(),
+                                              "window_end": end.isoformat(),
                                               "reason": "demo: first champion from the history"})
         run = stack.wait_run("retraining", run_id, timeout)
-        stamp(f"retraining on the history {plan.start}..{end}: {run['state']}")
+        stamp(f"retraining on the history {plan.history_start}..{end}: {run['state']}")
         champion_before = alias_version(rt.client, rt.model_name, CHAMPION)
         stamp(f"champion: version {champion_before}")
 

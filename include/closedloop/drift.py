@@ -269,16 +269,19 @@ def measure(reference: pd.DataFrame, current: pd.DataFrame, contract: DataContra
             return policy.numeric_stattest, policy.numeric_threshold
         return policy.categorical_stattest, policy.categorical_threshold
 
-    # a column with no value on one side cannot be tested: all-missing in the window is drift
-    # (a broken feed), all-missing in the reference cannot be judged
+    # a column with no value on one side cannot be tested: all-missing in a non-empty window is drift
+    # (a broken feed); all-missing in the reference, or an empty frame, cannot be judged
     untestable: dict[str, dict[str, Any]] = {}
     for name in columns:
-        ref_empty, cur_empty = ref[name].isna().all(), cur[name].isna().all()
+        ref_empty, cur_empty = bool(ref[name].isna().all()), bool(cur[name].isna().all())
         if ref_empty or cur_empty:
             method, threshold = test_of(name)
+            if len(ref) == 0 or len(cur) == 0:
+                note = "the " + ("reference" if len(ref) == 0 else "current window") + " has no rows"
+            else:
+                note = "no values in the " + ("reference" if ref_empty else "current window")
             untestable[name] = {"stattest": method, "score": None, "threshold": threshold,
-                                "drifted": bool(cur_empty and not ref_empty),
-                                "note": "no values in the " + ("reference" if ref_empty else "current window")}
+                                "drifted": cur_empty and not ref_empty and len(cur) > 0, "note": note}
     tested = [c for c in columns if c not in untestable]
     definition = DataDefinition(numerical_columns=[c for c in tested if columns[c] == "numeric"],
                                 categorical_columns=[c for c in tested if columns[c] == "categorical"])

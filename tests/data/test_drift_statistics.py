@@ -4,9 +4,11 @@ The set-up (seed 11, 400 customers, 2500 transactions a day):
 
 - one simulated period per scenario: 30 warm-up days (the customer aggregates' 30-day lookback, so the
   reference does not see half-empty aggregates), 14 reference days, then 40 days cut into 20 two-day
-  windows (about 4750 rows and 50 positives each). Drift starts with the first window. The same seed
-  gives the same transactions before ``drift_start`` whatever the knobs (checked), so the reference and
-  the model are shared by all scenarios.
+  windows (4500-5800 rows and 18-77 positives each). Drift starts with the first window. The same seed
+  gives the same transactions before ``drift_start`` whatever the knobs (checked on the keys, amounts,
+  categories and labels: with ``concept_drift`` the null masks of distance_from_home_km and
+  merchant_risk_score before drift_start do shift, because ``simulate`` draws both masks from one stream
+  whose length is the total row count), so the reference and the model are shared by all scenarios.
 - reference: 5000 rows sampled from the 14 reference days, scored by the model.
 - model: XGBoost with the repo's training parameters (at most 150 rounds) trained on reference days 0-9,
   early-stopped on days 10-11; its ROC AUC on days 12-13 is the reference quality.
@@ -14,10 +16,11 @@ The set-up (seed 11, 400 customers, 2500 transactions a day):
 - the policy is the repo's (``monitoring:`` of include/config/closedloop.yaml); ``RECOMMENDED`` is the repo's
   with the two changes these measurements argue for (see the tests of no drift and of new categories).
 
-Measured with the repo policy (20 windows each): no drift 1/20 windows flagged (the quality rule);
-covariate_drift=0.5 20/20; new_categories 7/20 (35 %: below the 90 % target, see
-test_new_categories_are_detected); concept_drift=1 quality rule 20/20; covariate_drift=0.05 1/20.
-One window takes about 1.1 s (Evidently's per-column rendering is most of it).
+Measured with the repo policy (20 windows each): no drift 0/20 windows flagged; covariate_drift=0.5
+20/20; new_categories 4/20 (20 %: below the 90 % target, see test_new_categories_are_detected);
+concept_drift=1 quality rule 20/20; covariate_drift=0.15 (near the threshold) 2/20. With RECOMMENDED:
+0/20, 20/20, 20/20, 20/20, 1/20. One window takes about 1.1 s (Evidently's per-column rendering is most
+of it), so each scenario test takes about 20-25 s.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "covariate": {"covariate_drift": 0.5},
     "new_categories": {"new_categories": True},
     "concept": {"concept_drift": 1.0},
-    "near_threshold": {"covariate_drift": 0.05},
+    "near_threshold": {"covariate_drift": 0.15},
 }
 
 
@@ -162,12 +165,13 @@ def scores(figures: list[DriftFigures], feature: str) -> np.ndarray:
 
 # -- the scenarios ---------------------------------------------------------------------------------------------
 def test_no_drift_false_alarm_rate(world: World) -> None:
-    """No drift: measured 1/20 windows flagged (5 %), by the quality rule (ROC AUC 0.055 below a reference
-    of 0.935 on ~50 positives); the feature rules never fired (largest drift share 2/17, largest key-feature
-    score: amount 0.071).
+    """No drift: measured 0/20 windows flagged. Largest drift share 2/17 (txn_count_1d and amount_sum_1d
+    move with the weekday mix), key features at most 0.045 (amount) and 0.042 (merchant_risk_score), score
+    0.010-0.038, ROC AUC from 0.042 below to 0.053 above the reference 0.932.
 
-    The quality rule is the noisy one: over 6 data seeds its false-alarm rate on two-day windows was 0-15 %
-    (mean ~6 %), on one-day windows (~25 positives) 3-17 %; with quality_drop=0.08 it was 0-5 % and 3-7 %.
+    The quality rule is the noisy one: over 6 other data seeds its own false-alarm rate on two-day windows
+    (~50 positives) was 0-15 % (mean ~6 %), on one-day windows (~25 positives) 3-17 %; with quality_drop=0.08
+    it was 0-5 % and 3-7 %, while concept drift still drops ROC AUC by 0.14-0.33.
     """
     figures = measured(world, "none")
     fa = rate(figures, world.policy)
@@ -176,12 +180,14 @@ def test_no_drift_false_alarm_rate(world: World) -> None:
     assert max(f.drift_share for f in figures) < world.policy.drift_share_threshold
     fa_rec = rate(figures, recommended(world.policy))
     assert fa_rec <= 0.10, f"false-alarm rate {fa_rec:.0%} with the recommended policy"
-    assert all(f.quality is not None and f.quality["positives"] >= 20 for f in figures)
+    labelled = [f.quality["positives"] >= world.policy.min_labelled_positives for f in figures if f.quality]
+    assert len(labelled) == WINDOWS and np.mean(labelled) >= 0.9  # the quality rule was in play
 
 
 def test_covariate_drift_is_detected(world: World) -> None:
-    """covariate_drift=0.5: measured 20/20 windows flagged (amount 0.34-0.48 against 0.1; the drift share
-    rule fired in 18/20: amount, channel, hour, the amount aggregates)."""
+    """covariate_drift=0.5: measured 20/20 windows flagged: amount 0.28-0.35 against 0.1 in every window,
+    the drift share rule in 19/20 (amount, channel, hour, distance, the amount aggregates), the quality rule
+    in 2/20."""
     figures = measured(world, "covariate")
     power = rate(figures, world.policy)
     assert power >= 0.90, f"detection power {power:.0%}: {fired(figures, world.policy)}"
@@ -193,11 +199,11 @@ def test_covariate_drift_is_detected(world: World) -> None:
 def test_new_categories_are_detected(world: World) -> None:
     """new_categories: 3 % of the window's rows are in a merchant category the contract does not know.
 
-    Measured: merchant_category's Jensen-Shannon distance is 0.100-0.116 in every window (no drift: at most
-    0.027 on ~4750 rows, 0.054 on 1000-row windows), i.e. right at the categorical threshold of 0.1, and
-    merchant_category is not a key feature, so only the merchant_risk_score key rule can see it (0.063-0.120,
-    against 0.1): the repo policy flags 7/20 windows (35 %), below the 90 % target. With merchant_category a
-    key feature at 0.07 (RECOMMENDED) it flags 20/20, with no extra false alarm on the no-drift windows.
+    Measured: merchant_category's Jensen-Shannon distance is 0.100-0.113 in every window (no drift: 0.015-
+    0.025 here, at most 0.054 on 1000-row windows), i.e. right at the categorical threshold of 0.1, and
+    merchant_category is not a key feature, so only the merchant_risk_score key rule can see it (0.063-0.114
+    against 0.1): the repo policy flags 4/20 windows (20 %), far below the 90 % target. With merchant_category
+    a key feature at 0.07 (RECOMMENDED) it flags 20/20, with no extra false alarm on the no-drift windows.
     """
     figures = measured(world, "new_categories")
     js = scores(figures, "merchant_category")
@@ -215,8 +221,8 @@ def test_new_categories_are_detected(world: World) -> None:
 
 def test_concept_drift_fires_the_quality_rule(world: World) -> None:
     """concept_drift=1 (fraud turns domestic, chip, daytime, usual amounts): the features barely move, the
-    model's ROC AUC falls. Measured: the quality rule fired in 20/20 windows (drops 0.12-0.47 below the
-    reference, ~50 positives a window); no feature rule fired."""
+    model's ROC AUC falls. Measured: the quality rule fired in 20/20 windows (ROC AUC 0.14-0.33 below the
+    reference 0.932, 21-77 positives a window); no feature rule fired (score drift 0.060-0.073)."""
     figures = measured(world, "concept")
     quality = rate(figures, world.policy, "quality")
     drops = [f.quality["drop"] for f in figures]
@@ -226,14 +232,17 @@ def test_concept_drift_fires_the_quality_rule(world: World) -> None:
 
 
 def test_small_covariate_drift_is_mostly_not_flagged(world: World) -> None:
-    """covariate_drift=0.05, a shift the policy is meant to tolerate: amount's normed Wasserstein distance
-    is 0.03-0.11 (mean 0.06, against 0.03 without drift), and 1/20 windows is flagged (5 %)."""
+    """covariate_drift=0.15, just under what the policy flags: amount's normed Wasserstein distance is
+    0.063-0.108 (median 0.078; 0.015-0.045 without drift); 2/20 windows flagged (the amount key rule once,
+    the quality rule once), and the drift share reached 5/17, one feature short of 0.3. (covariate_drift=0.05
+    is lost in the noise here: amount 0.018-0.043, 0/20 flagged; 0.2 is flagged in 18/20.)"""
     figures = measured(world, "near_threshold")
     flagged = rate(figures, world.policy)
     assert flagged <= 0.25, f"{flagged:.0%} of windows flagged: {fired(figures, world.policy)}"
     amount, quiet = scores(figures, "amount"), scores(measured(world, "none"), "amount")
-    assert amount.mean() > quiet.mean()  # the drift is there ...
-    assert np.median(amount) < world.policy.key_features["amount"]  # ... but below the key threshold
+    threshold = world.policy.key_features["amount"]
+    assert np.median(amount) > max(quiet.max(), 0.5 * threshold)  # the drift is there, near the threshold ...
+    assert np.median(amount) < threshold  # ... but mostly below it
 
 
 # -- how measure works --------------------------------------------------------------------------------------------
@@ -333,3 +342,31 @@ def test_save_report_with_a_real_snapshot(world: World, tmp_path) -> None:
     assert len(html) > 100_000 and b"<html" in html[:2000].lower()
     doc = lake.read_json(uris["json"])
     assert doc["decision"]["judged"] is True and doc["figures"]["sampled_rows"] == 2000
+
+
+def test_awkward_frames(world: World) -> None:
+    """An empty window gives figures and no verdict; a key feature with no value left is drift; nullable
+    and categorical dtypes are measured like plain ones."""
+    c, policy = world.contract, world.policy
+    _, empty = measure(world.reference, world.reference.iloc[0:0], c, policy, label_column=c.label)
+    assert empty.current_rows == 0 and empty.drifted_features == [] and empty.drift_share == 0.0
+    assert all(r["note"] == "the current window has no rows" for r in empty.per_feature.values())
+    decision = decide(empty, policy)
+    assert not decision.judged and "0 rows" in decision.reasons[0]
+
+    broken = world.reference.copy()
+    broken["amount"] = np.nan
+    _, figures = measure(world.reference, broken, c, policy)
+    assert figures.per_feature["amount"] == {"stattest": "wasserstein", "score": None, "threshold": 0.1,
+                                             "drifted": True, "note": "no values in the current window"}
+    assert decide(figures, policy).fired == ["key_feature:amount"]
+
+    typed = world.reference.copy()
+    typed["amount"] = typed["amount"].astype("Float64")
+    typed["hour_of_day"] = typed["hour_of_day"].astype("Int64")
+    typed.loc[typed.index[:10], "hour_of_day"] = pd.NA
+    typed["channel"] = typed["channel"].astype("category")
+    _, figures = measure(world.reference, typed, c, policy)
+    assert figures.drifted_features == []
+    assert figures.per_feature["amount"]["score"] == pytest.approx(0.0, abs=1e-12)
+    assert figures.per_feature["channel"]["score"] == pytest.approx(0.0, abs=1e-12)
