@@ -20,7 +20,7 @@ DEMO_DAYS ?= 45
 DEMO_WINDOW_START ?= 2026-03-01
 DEMO_WINDOW_END ?= 2026-03-29
 
-.PHONY: help install demo test lint format airflow-home generate retrain status clean
+.PHONY: help install demo demo-retrain test lint format airflow-home airflow generate retrain status clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -54,11 +54,23 @@ retrain: airflow-home  ## Run the retraining DAG once on the demo window (airflo
 status: install  ## Show champion, candidates and promotion history
 	$(BIN)/closedloop status
 
-demo: install airflow-home generate retrain  ## Set up, generate data, run retraining end to end, show the champion
+demo: install  ## The closed loop on the real scheduler: history, normal days, drift, a retrain, a summary
+	@echo "A fresh $(CLOSEDLOOP_HOME) for the demo (its dates are fixed)"
+	@rm -rf $(CLOSEDLOOP_HOME)
+	@$(MAKE) --no-print-directory airflow-home
+	$(BIN)/closedloop demo
+	@echo
+	@$(BIN)/closedloop status
+
+demo-retrain: install airflow-home generate retrain  ## Only the first step: generate data and run retraining once
 	@echo
 	@$(BIN)/closedloop status
 	@echo
 	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CLOSEDLOOP_HOME)/mlflow/mlflow.db"
+
+airflow: airflow-home  ## Airflow's UI and scheduler on the embedded home (http://localhost:8080)
+	@echo "Log in as admin; the password is in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	CLOSEDLOOP_SCHEDULES=manual $(BIN)/airflow standalone
 
 test: install  ## Set up and run the test suite
 	$(BIN)/ruff check .

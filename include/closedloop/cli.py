@@ -103,12 +103,12 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 @app.command()
 def demo(
     warmup_days: Annotated[int, typer.Option(min=0, help="Days before the history (customer features' past).")
-                           ] = 30,
-    history_days: Annotated[int, typer.Option(min=7)] = 35,
+                           ] = 14,
+    history_days: Annotated[int, typer.Option(min=7)] = 30,
     normal_days: Annotated[int, typer.Option(min=0)] = 2,
     drift_days: Annotated[int, typer.Option(min=1)] = 4,
-    transactions_per_day: Annotated[int, typer.Option(min=100)] = 6000,
-    customers: Annotated[int, typer.Option(min=10)] = 3000,
+    transactions_per_day: Annotated[int, typer.Option(min=100)] = 7000,
+    customers: Annotated[int, typer.Option(min=10)] = 3500,
     port: Annotated[int, typer.Option()] = 8080,
     as_json: Annotated[bool, typer.Option("--json", help="Also print the summary as JSON.")] = False,
 ) -> None:

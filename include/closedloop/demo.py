@@ -1,6 +1,6 @@
 """The closed-loop demo: the whole loop on the embedded defaults, driven by the real Airflow scheduler.
 
-1. History (35 days, about 210k transactions, after a 30-day warm-up that gives every customer a
+1. History (30 days, about 210k transactions, after a 14-day warm-up that gives every customer a
    past): ``retraining`` validates and ingests it and promotes the first champion.
 2. Normal days: each is ingested; the scheduler runs ``batch_scoring`` and ``drift_monitoring`` on
    the Asset events, which find no drift and retrain nothing.
@@ -34,12 +34,12 @@ DAGS = ["ingest", "batch_scoring", "drift_monitoring", "retraining"]
 @dataclass(frozen=True)
 class DemoPlan:
     start: date = date(2026, 2, 1)
-    warmup_days: int = 30
-    history_days: int = 35
+    warmup_days: int = 14
+    history_days: int = 30
     normal_days: int = 2
     drift_days: int = 4
-    customers: int = 3000
-    transactions_per_day: int = 6000
+    customers: int = 3500
+    transactions_per_day: int = 7000
     seed: int = 42
     fraud_rate: float = 0.01
     covariate_drift: float = 0.6

@@ -426,9 +426,13 @@ def simulate(config: GeneratorConfig, contract: DataContract) -> GeneratedData:
     new_risk = _beta_mean(drift_rng, np.full(n, _CATEGORY_RISK[_NEW]), 10.0)
     risk = np.where(category == _NEW, new_risk, rows["risk"])
 
-    null_rng = np.random.default_rng(streams["nulls"])
-    missing = {"distance_from_home_km": null_rng.random(n) < _NULL_SHARE,
-               "merchant_risk_score": null_rng.random(n) < _NULL_SHARE}
+    # legitimate and fraudulent rows draw their nulls from separate streams, so that a knob that changes
+    # the number of frauds (concept drift) leaves the legitimate rows' nulls as they were
+    legit_rng, fraud_rng = np.random.default_rng(streams["nulls"]).spawn(2)
+    null_legit = legit_rng.random((2, n_legit)) < _NULL_SHARE
+    null_fraud = fraud_rng.random((2, n - n_legit)) < _NULL_SHARE
+    missing = {"distance_from_home_km": np.concatenate([null_legit[0], null_fraud[0]]),
+               "merchant_risk_score": np.concatenate([null_legit[1], null_fraud[1]])}
 
     # event order, ids
     order = np.lexsort((rows["cust"], ts))
