@@ -106,7 +106,7 @@ def demo(
                            ] = 14,
     history_days: Annotated[int, typer.Option(min=7)] = 30,
     normal_days: Annotated[int, typer.Option(min=0)] = 2,
-    drift_days: Annotated[int, typer.Option(min=1)] = 4,
+    drift_days: Annotated[int, typer.Option(min=1)] = 3,
     transactions_per_day: Annotated[int, typer.Option(min=100)] = 7000,
     customers: Annotated[int, typer.Option(min=10)] = 3500,
     port: Annotated[int, typer.Option()] = 8080,

@@ -37,7 +37,7 @@ class DemoPlan:
     warmup_days: int = 14
     history_days: int = 30
     normal_days: int = 2
-    drift_days: int = 4
+    drift_days: int = 3
     customers: int = 3500
     transactions_per_day: int = 7000
     seed: int = 42

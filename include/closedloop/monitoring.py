@@ -118,6 +118,16 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
             "mlflow_run_id": run.info.run_id, "pruned_reports": len(pruned)}
 
 
+def _drift_of(rt: Runtime, window: Window) -> bool:
+    """Whether monitoring found drift on ``window`` (False when it was not measured)."""
+    exp = rt.client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return False
+    runs = rt.client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}window` = '{window}'",
+                                 max_results=1)
+    return bool(runs) and runs[0].data.tags.get(f"{TAG}drift") == "true"
+
+
 def last_trigger(rt: Runtime) -> tuple[datetime | None, str | None]:
     """Data time (window end) and run id of the last retraining that monitoring started."""
     exp = rt.client.get_experiment_by_name(EXPERIMENT)
@@ -138,8 +148,9 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
                       monitoring_run_id: str = "") -> dict[str, Any]:
     """Whether to start ``retraining`` for a measured window, and with which configuration.
 
-    No when the window was not judged or showed no drift, when a retraining is queued or running, or
-    within the cooldown after the last drift-triggered one (measured in data time, so backfills and
+    No when the window was not judged or showed no drift, when the drift is not yet confirmed by the
+    ``confirm_windows - 1`` windows before it, when a retraining is queued or running, or within the
+    cooldown after the last drift-triggered one (measured in data time, so backfills and
     simulations behave as production would). The run id is a function of the window: starting the
     same window twice is impossible.
     """
@@ -153,6 +164,14 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
         return {**base, "retrain": False, "why": "not judged: " + "; ".join(decision["reasons"])}
     if not decision["drift"]:
         return {**base, "retrain": False, "why": "no drift: " + "; ".join(decision["reasons"])}
+    confirm = int(rt.settings.config.raw["monitoring"].get("confirm_windows", 1))
+    if confirm > 1:
+        earlier = [_drift_of(rt, Window(window.start - timedelta(days=k), window.end - timedelta(days=k)))
+                   for k in range(1, confirm)]
+        if not all(earlier):
+            return {**base, "retrain": False,
+                    "why": f"drift, not yet confirmed: {confirm} consecutive drifted windows are needed "
+                           f"(this one and {confirm - 1} before it); " + "; ".join(decision["reasons"])}
     if active_retrainings > 0:
         return {**base, "retrain": False, "why": f"drift, but {active_retrainings} retraining run(s) queued or running"}
     now = datetime.combine(window.end, time(0), tzinfo=UTC)

@@ -54,7 +54,7 @@ class AirflowStack:
                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/"}
         for name in COMPONENTS:
             out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the process's life
-            cmd = [airflow, name] + (["--port", str(self.port)] if name == "api-server" else [])
+            cmd = [airflow, name] + (["--host", "127.0.0.1", "--port", str(self.port)] if name == "api-server" else [])
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
         self.wait(self.healthy, timeout, "the Airflow API to answer healthy")

@@ -93,6 +93,13 @@ def test_a_drifted_window_starts_retraining_with_the_right_configuration(world):
     _, dagbag = world
     for d in (DRIFT_START, DRIFT_START + timedelta(days=1)):
         assert dagbag.get_dag("batch_scoring").test(run_conf={"day": d.isoformat()}).state == "success"
+    # the first drifted window is not yet a regime: drift, but not confirmed, nothing started
+    dr = dagbag.get_dag("drift_monitoring").test(run_conf={"day": DRIFT_START.isoformat()})
+    assert _states(dr)["trigger_retraining"] == "skipped"
+    measured = dr.get_task_instance("measure_drift").xcom_pull(task_ids="measure_drift")
+    assert measured["decision"]["drift"], measured["decision"]
+    assert _retraining_runs() == []
+    # the next one confirms it
     last = DRIFT_START + timedelta(days=1)
     dr = dagbag.get_dag("drift_monitoring").test(run_conf={"day": last.isoformat()})
     states = _states(dr)

@@ -55,3 +55,15 @@ def test_ingest_conf_schema():
     assert validate_conf({"day": "2026-01-02"}, INGEST_CONF_SCHEMA) == {"day": "2026-01-02"}
     with pytest.raises(ConfigError):
         validate_conf({"days": "2026-01-02"}, INGEST_CONF_SCHEMA)
+
+
+def test_split_override():
+    from closedloop.runconf import split_override
+
+    assert split_override({"window_start": "2026-01-01", "window_end": "2026-01-15"}) == {}
+    assert split_override({"holdout_days": 1}) == {"holdout_days": 1}
+    assert split_override({"holdout_days": 2, "validation_days": 1}) == {"holdout_days": 2, "validation_days": 1}
+    with pytest.raises(ConfigError, match="needs holdout_days"):
+        split_override({"validation_days": 1})
+    with pytest.raises(ConfigError):
+        split_override({"holdout_days": 0})
