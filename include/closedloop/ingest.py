@@ -73,16 +73,27 @@ def normalise(df: pd.DataFrame, contract: DataContract, kind: str) -> pd.DataFra
     return out
 
 
-def _history(lake: Lake, contract: DataContract, day: date) -> tuple[pd.DataFrame | None, list[str]]:
-    """Curated transactions of the lookback period before ``day`` (context for aggregates)."""
+def _history(lake: Lake, contract: DataContract, day: date,
+             cache: dict[date, pd.DataFrame] | None = None) -> tuple[pd.DataFrame | None, list[str]]:
+    """Curated transactions of the lookback period before ``day`` (context for aggregates).
+
+    ``cache`` (day -> frame) spares re-reading the same days when a whole window is ingested in order.
+    """
+    import pandas as pd
+
     first = day - contract.lookback
     days = [d for d in lake.list_days("curated", "transactions") if first <= d < day]
     if not days:
         return None, []
     cols = [contract.entity, contract.event_timestamp,
             *sorted({a.column for a in contract.aggregates if a.column})]
-    frame = lake.read_parquet_many([lake.partition("curated", "transactions", d) for d in days], columns=cols)
-    return frame, [d.isoformat() for d in days]
+    cache = {} if cache is None else cache
+    for d in days:
+        if d not in cache:
+            cache[d] = lake.read_parquet(lake.partition("curated", "transactions", d), columns=cols)
+    for d in [d for d in cache if d < first]:
+        del cache[d]
+    return pd.concat([cache[d] for d in days], ignore_index=True), [d.isoformat() for d in days]
 
 
 def quarantine(lake: Lake, kind: str, day: date, report: dict[str, Any]) -> tuple[str, str]:
@@ -96,7 +107,8 @@ def quarantine(lake: Lake, kind: str, day: date, report: dict[str, Any]) -> tupl
     return dst, report_uri
 
 
-def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date) -> IngestOutcome:
+def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
+                     history_cache: dict[date, pd.DataFrame] | None = None) -> IngestOutcome:
     """Validate and curate (or quarantine) the landed ``kind`` partition of ``day``.
 
     Raises DataValidationError (after quarantining) on a blocking finding, and NoDataError when the
@@ -141,7 +153,7 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date) -
     lake.write_parquet(frame, curated)
     history_days: list[str] = []
     if kind == "transactions" and contract.aggregates:
-        history, history_days = _history(lake, contract, day)
+        history, history_days = _history(lake, contract, day, history_cache)
         feats = compute_entity_features(frame, contract, history)
         lake.write_parquet(feats, lake.partition("curated", contract.feature_view, day))
     warnings = [f"{f.rule}({f.column}): {f.message}" for f in result.warnings]
@@ -168,9 +180,10 @@ def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *,
     plan += [("labels", d) for d in label_days if start <= d < end + timedelta(days=label_grace_days)]
     outcomes: list[IngestOutcome] = []
     errors: list[DataValidationError] = []
+    cache: dict[date, pd.DataFrame] = {}
     for kind, day in plan:
         try:
-            outcomes.append(ingest_partition(lake, contract, kind, day))
+            outcomes.append(ingest_partition(lake, contract, kind, day, cache))
         except DataValidationError as exc:
             errors.append(exc)
             outcomes.append(IngestOutcome(kind, day.isoformat(), "quarantined",
