@@ -151,6 +151,9 @@ def promote(client: MlflowClient, settings: Settings, name: str, version: str, *
             return Promotion(name, str(version), current, reason, actor, _now(), "noop")
         try:
             client.get_model_version(name, str(version))
+            old_previous = alias_version(client, name, PREVIOUS)
+            if old_previous is not None and old_previous not in (current, str(version)):
+                client.set_model_version_tag(name, old_previous, f"{TAG}status", "retired")
             if current is not None:
                 client.set_registered_model_alias(name, PREVIOUS, current)
                 client.set_model_version_tag(name, current, f"{TAG}status", "previous")

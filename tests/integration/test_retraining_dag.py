@@ -114,6 +114,7 @@ def test_3_a_better_candidate_is_promoted(world):
     assert _versions(rt) == [1, 2, 3]
     assert alias_version(rt.client, rt.model_name, CHAMPION) == "3"
     assert alias_version(rt.client, rt.model_name, PREVIOUS) == "1"
+    assert rt.client.get_model_version(rt.model_name, "1").tags["closedloop.status"] == "previous"
     mv = rt.client.get_model_version(rt.model_name, "3")
     assert mv.tags["closedloop.decision"] == "promote"
     assert float(mv.tags["closedloop.gate.candidate_roc_auc"]) > float(mv.tags["closedloop.gate.champion_roc_auc"])
