@@ -123,3 +123,22 @@ def test_a_drifted_window_starts_retraining_with_the_right_configuration(world):
     dr = dagbag.get_dag("drift_monitoring").test(run_conf={"day": last.isoformat()})
     assert _states(dr)["trigger_retraining"] in {"skipped", "success"}
     assert len(_retraining_runs()) == 1
+
+
+def test_the_reference_is_the_champions_own(world):
+    from closedloop.monitoring import champion_reference
+    from closedloop.scoring import champion
+
+    rt, _ = world
+    champ = champion(rt)
+    reference, quality = champion_reference(rt, champ)
+    run = rt.client.get_run(champ["run_id"])
+    assert set(rt.contract.model_features) <= set(reference.columns)
+    assert len(reference) == min(int(rt.settings.config.training["reference_sample_rows"]),
+                                 int(run.data.params["rows_train"]))
+    assert quality["roc_auc"] == run.data.metrics["holdout_roc_auc"]
+    # the reference comes from the champion's training window, not from any later data
+    window = rt.client.get_model_version(rt.model_name, champ["version"]).tags["closedloop.window"]
+    start, end = window.split("..")
+    ts = reference[rt.contract.event_timestamp]
+    assert ts.min().date().isoformat() >= start and ts.max().date().isoformat() < end
