@@ -69,3 +69,18 @@ def test_environment_overrides(tmp_path):
     assert s.device == "cuda"
     with pytest.raises(ConfigError, match="CLOSEDLOOP_DEVICE"):
         Settings.from_env({"CLOSEDLOOP_DEVICE": "tpu"})
+
+
+def test_an_mlflow_client_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a second home in the same process must not
+    inherit the first one's store through it."""
+    import os
+
+    from closedloop.registry import mlflow_client
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow_client(Settings.from_env({"CLOSEDLOOP_HOME": str(tmp_path / "a")}))
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    second = Settings.from_env({**os.environ, "CLOSEDLOOP_HOME": str(tmp_path / "b")})
+    assert second.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'b'}/mlflow/mlflow.db"
