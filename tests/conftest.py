@@ -7,6 +7,7 @@ MLflow store, Feast registry and online store), so tests never see each other's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -75,3 +76,26 @@ def dagbag(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(REPO / "dags"))
+
+
+@pytest.fixture(scope="session")
+def generated_home(tmp_path_factory):
+    """A factory of fresh closedloop homes holding generated data, for module-scoped fixtures.
+
+    ``with generated_home("name", GeneratorConfig(...)) as rt:`` sets ``CLOSEDLOOP_HOME`` (as tasks read
+    it) for as long as the block lasts and yields a Runtime on it.
+    """
+
+    @contextlib.contextmanager
+    def make(name: str, config):
+        from closedloop.generate import generate
+        from closedloop.runtime import Runtime
+
+        home = tmp_path_factory.mktemp(name) / "closedloop"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CLOSEDLOOP_HOME", str(home))
+            rt = Runtime.from_env()
+            generate(config, rt.lake, rt.contract)
+            yield rt
+
+    return make

@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from closedloop.features import read_training_split
@@ -103,9 +104,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def file_sha256(path: Any) -> str:
+def file_sha256(path: Path) -> str:
     try:
-        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return "unknown"
 

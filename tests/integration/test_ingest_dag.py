@@ -6,22 +6,16 @@ from datetime import date
 
 import pytest
 
-from closedloop.generate import GeneratorConfig, generate, make_bad
+from closedloop.generate import GeneratorConfig, make_bad
 from closedloop.ingest import read_marker
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, airflow_db, dagbag):
-    from closedloop.runtime import Runtime
-
-    home = tmp_path_factory.mktemp("ingest") / "closedloop"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLOSEDLOOP_HOME", str(home))
-        rt = Runtime.from_env()
-        generate(GeneratorConfig(start=date(2026, 5, 1), days=4, customers=120, transactions_per_day=300, seed=8),
-                 rt.lake, rt.contract)
+def world(generated_home, airflow_db, dagbag):
+    config = GeneratorConfig(start=date(2026, 5, 1), days=4, customers=120, transactions_per_day=300, seed=8)
+    with generated_home("ingest", config) as rt:
         yield rt, dagbag.get_dag("ingest")
 
 

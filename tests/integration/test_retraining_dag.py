@@ -15,7 +15,7 @@ from datetime import date
 import numpy as np
 import pytest
 
-from closedloop.generate import GeneratorConfig, generate, make_bad
+from closedloop.generate import GeneratorConfig, make_bad
 from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, load_booster
 
 pytestmark = pytest.mark.integration
@@ -28,16 +28,10 @@ BAD = {"window_start": "2026-02-23", "window_end": "2026-02-25"}
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, airflow_db, dagbag):
+def world(generated_home, airflow_db, dagbag):
     """A fresh closedloop home with 58 days of generated data, and the retraining DAG."""
-    from closedloop.runtime import Runtime
-
-    home = tmp_path_factory.mktemp("retraining") / "closedloop"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLOSEDLOOP_HOME", str(home))
-        rt = Runtime.from_env()
-        generate(GeneratorConfig(start=date(2026, 1, 1), days=58, customers=400, transactions_per_day=1000, seed=3),
-                 rt.lake, rt.contract)
+    config = GeneratorConfig(start=date(2026, 1, 1), days=58, customers=400, transactions_per_day=1000, seed=3)
+    with generated_home("retraining", config) as rt:
         _degrade_labels(rt, date(2026, 1, 1), date(2026, 1, 8), share=0.05, seed=1)
         yield rt, dagbag.get_dag("retraining")
 

@@ -12,7 +12,7 @@ from datetime import date, timedelta
 import pytest
 
 from closedloop import retraining as stages
-from closedloop.generate import GeneratorConfig, generate
+from closedloop.generate import GeneratorConfig
 from closedloop.runconf import Window
 
 pytestmark = pytest.mark.integration
@@ -25,16 +25,11 @@ DRIFT_START = NORMAL + timedelta(days=2)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, airflow_db, dagbag):
-    from closedloop.runtime import Runtime
-
-    home = tmp_path_factory.mktemp("monitoring") / "closedloop"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLOSEDLOOP_HOME", str(home))
-        rt = Runtime.from_env()
-        generate(GeneratorConfig(start=START, days=WARMUP + HISTORY + 4, customers=500, transactions_per_day=1500,
-                                 seed=5, covariate_drift=0.6, concept_drift=1.0, new_categories=True,
-                                 drift_start=DRIFT_START), rt.lake, rt.contract)
+def world(generated_home, airflow_db, dagbag):
+    config = GeneratorConfig(start=START, days=WARMUP + HISTORY + 4, customers=500, transactions_per_day=1500,
+                             seed=5, covariate_drift=0.6, concept_drift=1.0, new_categories=True,
+                             drift_start=DRIFT_START)
+    with generated_home("monitoring", config) as rt:
         stages.validate(rt, TRAIN)
         stages.materialise(rt, TRAIN)
         ts = stages.build_training_set(rt, TRAIN)
