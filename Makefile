@@ -20,7 +20,7 @@ DEMO_DAYS ?= 45
 DEMO_WINDOW_START ?= 2026-03-01
 DEMO_WINDOW_END ?= 2026-03-29
 
-.PHONY: help install demo demo-retrain test lint format airflow-home airflow generate retrain status clean
+.PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ airflow: airflow-home  ## Airflow's UI and scheduler on the embedded home (http:
 test: install  ## Set up and run the test suite
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+reliability: install  ## Run the tests that try to break closedloop and regenerate RELIABILITY.md from their results
+	CLOSEDLOOP_WRITE_RELIABILITY=1 $(BIN)/pytest -m reliability -p no:cacheprovider -q
 
 lint: install  ## ruff
 	$(BIN)/ruff check .

@@ -36,6 +36,35 @@ from closedloop.settings import REPO_ROOT  # noqa: E402
 
 CONTRACT_PATH = REPO_ROOT / "include" / "schemas" / "card_fraud.yaml"
 
+# -- RELIABILITY.md: what the tests that try to break the pipeline observed (tests/support/reliability.py)
+RELIABILITY_RECORDS: list = []
+
+
+@pytest.fixture
+def reliability(request):
+    """``reliability.record(area, case, outcome, lost="nothing")``: call it after the case's assertions."""
+    from support.reliability import Recorder
+
+    return Recorder(request.node.nodeid, RELIABILITY_RECORDS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    # Tests that record reliability cases carry the marker (`make reliability` selects them), and the
+    # staleness check of RELIABILITY.md, which reads what the other tests recorded, runs last.
+    for item in items:
+        if "reliability" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.reliability)
+    last = [i for i in items if i.nodeid.startswith("tests/test_reliability_doc.py")]
+    items[:] = [i for i in items if i not in last] + last
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("CLOSEDLOOP_WRITE_RELIABILITY") == "1" and exitstatus == 0 and RELIABILITY_RECORDS:
+        from support.reliability import DOC, render
+
+        DOC.write_text(render(RELIABILITY_RECORDS) + "\n")
+
 
 @pytest.fixture(scope="session")
 def contract() -> DataContract:
