@@ -54,9 +54,18 @@ def read_marker(lake: Lake, kind: str, day: date) -> dict[str, Any] | None:
 
 
 def normalise(df: pd.DataFrame, contract: DataContract, kind: str) -> pd.DataFrame:
-    """Cast a validated partition to the contract's types (categories as strings, timestamps UTC)."""
+    """Cast a validated partition to the contract's types (categories as strings, timestamps UTC).
+
+    Applies the lossless repairs validation records as ``normalise`` findings: exact repeats of a row are
+    dropped, timestamps of another zone become UTC; columns the contract does not know are left out.
+    """
     import pandas as pd
 
+    from closedloop.validation import exact_duplicates
+
+    repeats = exact_duplicates(df)
+    if repeats is not None and repeats.any():
+        df = df.loc[~repeats.to_numpy()]
     cols = contract.landing_columns if kind == "transactions" else contract.label_columns
     out = df[list(cols)].copy()
     for name, dtype in cols.items():
@@ -108,7 +117,8 @@ def quarantine(lake: Lake, kind: str, day: date, report: dict[str, Any]) -> tupl
 
 
 def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
-                     history_cache: dict[date, pd.DataFrame] | None = None) -> IngestOutcome:
+                     history_cache: dict[date, pd.DataFrame] | None = None, *, label_grace_days: int = 21,
+                     known_ids: dict[date, Any] | None = None) -> IngestOutcome:
     """Validate and curate (or quarantine) the landed ``kind`` partition of ``day``.
 
     Raises DataValidationError (after quarantining) on a blocking finding, and NoDataError when the
@@ -139,6 +149,10 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
                              marker.get("warnings", []))
 
     result = validate_partition(lake, landing, contract, kind, day)
+    if kind == "labels" and result.passed:
+        unknown = unknown_label_finding(lake, contract, day, landing, label_grace_days, known_ids)
+        if unknown is not None:
+            result.findings.append(unknown)
     report = result.to_dict()
     report["summary"] = result.summary()
     report["validated_at"] = datetime.now(UTC).isoformat()
@@ -159,11 +173,57 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
     warnings = [f"{f.rule}({f.column}): {f.message}" for f in result.warnings]
     for w in warnings:
         log.warning("%s: %s", landing, w)
+    normalised = [f"{f.rule}({f.column}): {f.message}" for f in result.normalised]
+    for n in normalised:
+        log.warning("%s: normalised: %s", landing, n)
     lake.write_json(marker_uri(lake, kind, day), {
         **report, "uri": landing, "sha256": sha, "rows": len(frame), "warnings": warnings,
+        "normalisations": normalised,
         "curated_uri": curated, "history_days": history_days,
     })
-    return IngestOutcome(kind, day.isoformat(), "curated", landing, sha, len(frame), warnings)
+    return IngestOutcome(kind, day.isoformat(), "curated", landing, sha, len(frame), warnings + normalised)
+
+
+UNKNOWN_LABELS_RULE = "labels_of_known_transactions"
+
+
+def unknown_label_finding(lake: Lake, contract: DataContract, day: date, uri: str, grace_days: int,
+                          cache: dict[date, Any] | None = None) -> Any:
+    """A warning when labels of ``day`` name transactions that no curated partition of the grace period holds.
+
+    Judged only when no transactions partition of the period is still waiting in landing (not curated yet).
+
+    Such labels cannot be joined to features (the training set leaves them out); a few are late labels of
+    transactions that were quarantined, many are a label feed pointing at the wrong system.
+    """
+    import pandas as pd
+
+    from closedloop.validation import WARN, Finding, _sample
+
+    first = day - timedelta(days=grace_days)
+    pending = [d for d in lake.list_days("landing", "transactions")
+               if first <= d <= day and read_marker(lake, "transactions", d) is None]
+    if pending:  # transactions of the period are not all curated yet: an unknown id proves nothing
+        log.info("%s: labels not matched to transactions (transactions of %s not curated yet)", uri,
+                 ", ".join(d.isoformat() for d in pending[:3]))
+        return None
+    labels = lake.read_parquet(uri, columns=[contract.row_key])[contract.row_key]
+    cache = {} if cache is None else cache
+    known: list[Any] = []
+    for d in lake.list_days("curated", "transactions"):
+        if first <= d <= day:
+            if d not in cache:
+                cache[d] = lake.read_parquet(lake.partition("curated", "transactions", d),
+                                             columns=[contract.row_key])[contract.row_key]
+            known.append(cache[d])
+    ids = pd.concat(known, ignore_index=True) if known else pd.Series([], dtype=object)
+    unknown = labels[~labels.isin(ids)]
+    if unknown.empty:
+        return None
+    return Finding(UNKNOWN_LABELS_RULE, contract.row_key, WARN,
+                   f"{len(unknown)} of {len(labels)} label(s) name transactions that no curated transactions "
+                   f"partition of [{first}, {day}] holds; they are kept but cannot be used for training.",
+                   len(unknown), _sample(unknown))
 
 
 def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *, label_grace_days: int = 0,
@@ -181,9 +241,12 @@ def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *,
     outcomes: list[IngestOutcome] = []
     errors: list[DataValidationError] = []
     cache: dict[date, pd.DataFrame] = {}
+    known_ids: dict[date, Any] = {}
+    label_lookback = label_grace_days or contract.lookback.days  # how far back a label's transaction may lie
     for kind, day in plan:
         try:
-            outcomes.append(ingest_partition(lake, contract, kind, day, cache))
+            outcomes.append(ingest_partition(lake, contract, kind, day, cache, label_grace_days=label_lookback,
+                                             known_ids=known_ids))
         except DataValidationError as exc:
             errors.append(exc)
             outcomes.append(IngestOutcome(kind, day.isoformat(), "quarantined",
@@ -210,9 +273,10 @@ def resolve_day(conf: dict[str, Any] | None, interval_start: Any = None) -> date
 
 def ingest_day(rt: Runtime, day: date) -> dict[str, Any]:
     """Validate and curate the transactions and (when they landed) the labels of ``day``."""
+    grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
     outcomes = [ingest_partition(rt.lake, rt.contract, "transactions", day)]
     if rt.lake.exists(rt.lake.partition("landing", "labels", day)) or read_marker(rt.lake, "labels", day):
-        outcomes.append(ingest_partition(rt.lake, rt.contract, "labels", day))
+        outcomes.append(ingest_partition(rt.lake, rt.contract, "labels", day, label_grace_days=grace))
     return {"day": day.isoformat(), "partitions": [o.to_dict() for o in outcomes]}
 
 

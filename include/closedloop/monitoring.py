@@ -71,6 +71,24 @@ def read_window(rt: Runtime, window: Window) -> tuple[pd.DataFrame, list[str]]:
     return current, [d.isoformat() for d in days]
 
 
+def validation_notes(rt: Runtime, window: Window) -> dict[str, list[str]]:
+    """The warnings and repairs validation recorded for the window's curated partitions, by partition.
+
+    Data let through with a warning is exactly what monitoring must look at: the monitoring run carries them.
+    """
+    from closedloop.ingest import read_marker
+    from closedloop.lake import days_between
+
+    notes: dict[str, list[str]] = {}
+    for d in days_between(window.start, window.end):
+        for kind in ("transactions", "labels"):
+            marker = read_marker(rt.lake, kind, d)
+            if marker and (marker.get("warnings") or marker.get("normalisations")):
+                notes[f"{kind}/{d.isoformat()}"] = [*marker.get("warnings", []),
+                                                    *(f"normalised: {n}" for n in marker.get("normalisations", []))]
+    return notes
+
+
 def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict[str, Any]:
     """Measure drift on ``window``; keep the reports; log the figures to MLflow. Returns a summary."""
     import mlflow
@@ -86,6 +104,7 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
     snapshot, figures = drift.measure(reference, current, rt.contract, policy, reference_quality=ref_quality,
                                       label_column=rt.contract.label)
     decision = drift.decide(figures, policy)
+    notes = validation_notes(rt, window)
     uris = drift.save_report(snapshot, figures, decision, rt.lake, window.start, window.end)
     pruned = drift.prune_reports(rt.lake, policy.keep_reports)
 
@@ -97,6 +116,7 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
             f"{TAG}reasons": "; ".join(decision.reasons)[:4000], f"{TAG}dag_run_id": dag_run_id}
     step = window.end.toordinal()
     metrics = {"drift_share": figures.drift_share, "current_rows": float(figures.current_rows),
+               "validation_warnings": float(sum(len(v) for v in notes.values())),
                **{f"drift_{k}": float(v["score"]) for k, v in figures.per_feature.items()}}
     if figures.prediction:
         metrics["drift_score_prediction"] = float(figures.prediction["score"])
@@ -112,10 +132,11 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
                 local = Path(tmp) / f"report.{name}"
                 local.write_bytes(rt.lake.read_bytes(uri))
                 mlflow.log_artifact(str(local), artifact_path="drift")
+        mlflow.log_dict(notes, "drift/validation_notes.json")
     log.info("drift on %s: %s (%s)", window, decision.drift, "; ".join(decision.reasons))
     return {"window": window.to_dict(), "days": days, "champion_version": champ["version"],
             "figures": figures.to_dict(), "decision": decision.to_dict(), "report": uris,
-            "mlflow_run_id": run.info.run_id, "pruned_reports": len(pruned)}
+            "mlflow_run_id": run.info.run_id, "pruned_reports": len(pruned), "validation_notes": notes}
 
 
 def _drift_of(rt: Runtime, window: Window) -> bool:

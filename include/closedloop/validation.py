@@ -8,13 +8,20 @@ in ``meta["severity"]``:
   columns not null, the row key unique, label values in their domain, event (label) timestamps inside the
   partition's day, the ``block`` ranges of the columns, at least ``checks.block.min_rows`` rows;
 - ``warn`` (let the data through, tell the operator): the ``warn`` ranges of the columns, their
-  ``warn.max_null_share``, category values outside the declared categories, and for labels the positive
-  share outside ``checks.warn`` (only from :data:`POSITIVE_SHARE_MIN_ROWS` rows on).
+  ``warn.max_null_share``, category values outside the declared categories, a feature column holding one
+  value only (from :data:`CONSTANT_MIN_ROWS` rows on), and for labels the positive share outside
+  ``checks.warn`` (only from :data:`POSITIVE_SHARE_MIN_ROWS` rows on).
+
+Two lossless repairs are ``normalise`` findings (the data goes through, repaired, and the repair is recorded):
+timestamps with a time zone other than UTC are converted to UTC, and rows that repeat another row exactly (a
+batch delivered twice into one file) are dropped. :func:`closedloop.ingest.normalise` applies them.
 
 Column types are checked with pandas before GX runs (rule ``expect_column_values_to_be_in_type_list``): a
 column of the wrong type would make GX's value checks crash or compare nonsense, so its value checks are
-skipped and the type problem is reported instead. A column the contract does not know is a warning
-(``unexpected_column``); a file that is not readable Parquet is one blocking finding (``readable_parquet``).
+skipped and the type problem is reported instead. Infinite values in a number column are blocking
+(``finite_values``: no model can use them). A column the contract does not know is a warning
+(``unexpected_column``; it is dropped when curated); a file that is not readable Parquet is one blocking
+finding (``readable_parquet``).
 
 Nothing here raises for bad data: :func:`validate_partition` returns a :class:`ValidationResult`;
 quarantining the file and failing the task is the caller's business.
@@ -44,17 +51,23 @@ if TYPE_CHECKING:
 KINDS = ("transactions", "labels")
 BLOCK = "block"
 WARN = "warn"
+NORMALISE = "normalise"
 SAMPLE_SIZE = 10
 # GX returns the first PARTIAL_COUNT offending values of each failed expectation; the sample is the first
 # SAMPLE_SIZE distinct ones among them.
 PARTIAL_COUNT = 20
 # Below this many label rows the positive share is too noisy to warn about.
 POSITIVE_SHARE_MIN_ROWS = 1000
+# Below this many rows a feature column with a single value may be chance, not a broken feed.
+CONSTANT_MIN_ROWS = 1000
 
 TYPE_RULE = "expect_column_values_to_be_in_type_list"
 UNEXPECTED_COLUMN_RULE = "unexpected_column"
 DUPLICATE_COLUMN_RULE = "unique_column_names"
 READABLE_RULE = "readable_parquet"
+FINITE_RULE = "finite_values"
+UTC_RULE = "timestamps_normalised_to_utc"
+EXACT_DUPLICATES_RULE = "exact_duplicate_rows_dropped"
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -64,7 +77,7 @@ class Finding:
 
     rule: str  # a GX expectation type, or one of the pandas-side rules above
     column: str | None
-    severity: str  # "block" | "warn"
+    severity: str  # "block" | "warn" | "normalise"
     message: str
     unexpected_count: int = 0
     sample: list = field(default_factory=list)  # up to SAMPLE_SIZE offending values, JSON-safe
@@ -104,6 +117,11 @@ class ValidationResult:
     def warnings(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == WARN]
 
+    @property
+    def normalised(self) -> list[Finding]:
+        """The lossless repairs the curated partition gets (see the module docstring)."""
+        return [f for f in self.findings if f.severity == NORMALISE]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "uri": self.uri,
@@ -114,6 +132,7 @@ class ValidationResult:
             "passed": self.passed,
             "blocking": len(self.blocking),
             "warnings": len(self.warnings),
+            "normalised": len(self.normalised),
             "findings": [f.to_dict() for f in self.findings],
         }
 
@@ -123,7 +142,8 @@ class ValidationResult:
         lines = [
             f"Validation of {self.kind} partition {self.day} {state}: {self.uri}",
             f"({self.rows} rows, sha256 {self.sha256[:16] or 'n/a'}; "
-            f"{len(self.blocking)} blocking problem(s), {len(self.warnings)} warning(s))",
+            f"{len(self.blocking)} blocking problem(s), {len(self.warnings)} warning(s)"
+            + (f", {len(self.normalised)} repair(s))" if self.normalised else ")"),
         ]
         if self.blocking:
             lines.append("Blocking problems:")
@@ -131,6 +151,9 @@ class ValidationResult:
         if self.warnings:
             lines.append("Warnings (the data is let through):")
             lines += [f"  - {f.describe()}" for f in self.warnings]
+        if self.normalised:
+            lines.append("Normalised (lossless repairs applied to the curated data, recorded here):")
+            lines += [f"  - {f.describe()}" for f in self.normalised]
         if not self.passed:
             lines.append(
                 f"What to do: this file must not be used as it is. Fix the file and re-deliver it for "
@@ -239,6 +262,10 @@ def build_suite(contract: DataContract, kind: str, day: date) -> gx.ExpectationS
                 add(gxe.ExpectColumnProportionOfNonNullValuesToBeBetween, WARN,
                     f"at most {_pct(float(share))} of the values should be null",
                     min_rows=1, column=col.name, min_value=1.0 - float(share))
+            if col.role == "feature":
+                add(gxe.ExpectColumnUniqueValueCountToBeBetween, WARN,
+                    "a feature should not hold a single value (a constant column is a broken feed or a default "
+                    "filled in upstream)", min_rows=CONSTANT_MIN_ROWS, column=col.name, min_value=2)
             if col.dtype == "category":
                 add(gxe.ExpectColumnValuesToBeInSet, WARN,
                     f"values are expected among the declared categories {list(col.categories)}",
@@ -300,10 +327,8 @@ def _type_problem(s: pd.Series, dtype: str) -> tuple[str, int, list] | None:
 
     if dtype == "timestamp":
         if isinstance(s.dtype, pd.DatetimeTZDtype):
-            if _is_utc(s.dtype.tz):
-                return None
-            problem = f"has timestamps in time zone {s.dtype.tz} where the contract requires UTC timestamps"
-        elif pdt.is_datetime64_dtype(s.dtype):
+            return None  # another zone names the same instants: validate_frame normalises it to UTC
+        if pdt.is_datetime64_dtype(s.dtype):
             problem = ("has naive timestamps (no time zone) where the contract requires timezone-aware UTC "
                        "timestamps")
         else:
@@ -371,6 +396,16 @@ def validate_frame(
     if any(not isinstance(c, str) for c in df.columns):
         df = df.rename(columns=str)  # a copy: the caller's frame is never modified
 
+    repeats = exact_duplicates(df)
+    if repeats is not None and repeats.any():
+        key = contract.row_key if contract.row_key in df.columns else None
+        findings.append(Finding(
+            EXACT_DUPLICATES_RULE, key, NORMALISE,
+            f"{int(repeats.sum())} row(s) repeat another row of the file exactly (every column equal); the "
+            f"repeats are dropped. The sample lists their {key or 'row positions'}.", int(repeats.sum()),
+            _sample(df.loc[repeats, key] if key else repeats[repeats].index.to_series())))
+        df = df.loc[~repeats.to_numpy()]
+
     for name in df.columns:
         if name not in columns:
             findings.append(Finding(UNEXPECTED_COLUMN_RULE, name, WARN,
@@ -378,13 +413,27 @@ def validate_frame(
                                     f"{contract.version}); it is not validated. Add it to the contract or "
                                     f"stop sending it."))
     for name, dtype in columns.items():
-        if name in df.columns:
-            problem = _type_problem(df[name], dtype)
-            if problem:
-                message, count, sample = problem
-                findings.append(Finding(TYPE_RULE, name, BLOCK, f"column {name!r} {message}.", count,
-                                        sample))
-                unusable.add(name)
+        if name not in df.columns:
+            continue
+        problem = _type_problem(df[name], dtype)
+        if problem:
+            message, count, sample = problem
+            findings.append(Finding(TYPE_RULE, name, BLOCK, f"column {name!r} {message}.", count,
+                                    sample))
+            unusable.add(name)
+        elif dtype == "timestamp" and not _is_utc(df[name].dtype.tz):
+            zone = df[name].dtype.tz
+            df = df.assign(**{name: df[name].dt.tz_convert("UTC")})
+            findings.append(Finding(UTC_RULE, name, NORMALISE,
+                                    f"column {name!r} has timestamps in time zone {zone}; they are converted to "
+                                    f"UTC (the same instants).", int(df[name].notna().sum())))
+        elif dtype == "float64":
+            infinite = _infinite(df[name])
+            if infinite.any():
+                findings.append(Finding(FINITE_RULE, name, BLOCK,
+                                        f"column {name!r} holds {int(infinite.sum())} infinite value(s): values "
+                                        f"must be finite numbers (or null where the column is nullable).",
+                                        int(infinite.sum()), _sample(df.loc[infinite.to_numpy(), name])))
     frame = _gx_frame(df, columns, unusable)
     present = set(frame.columns)
 
@@ -403,9 +452,27 @@ def validate_frame(
 
     if runnable:
         findings.extend(_run_gx(frame, suite, runnable, contract, kind))
-    order = {BLOCK: 0, WARN: 1}
+    order = {BLOCK: 0, WARN: 1, NORMALISE: 2}
     findings.sort(key=lambda f: order.get(f.severity, 2))
     return result
+
+
+def exact_duplicates(df: pd.DataFrame) -> pd.Series | None:
+    """Which rows repeat an earlier row exactly (every column equal); None when the values cannot be compared."""
+    if df.empty:
+        return None
+    try:
+        return df.duplicated(keep="first")
+    except TypeError:  # unhashable values (lists, dicts): a type finding reports the column
+        return None
+
+
+def _infinite(s: pd.Series) -> pd.Series:
+    import numpy as np
+    import pandas as pd
+
+    values = s.to_numpy(dtype="float64", na_value=np.nan)
+    return pd.Series(np.isinf(values), index=s.index)
 
 
 def _gx_frame(df: pd.DataFrame, columns: dict[str, str], unusable: set[str]) -> pd.DataFrame:
@@ -522,6 +589,11 @@ def _finding(res: Any, df: pd.DataFrame, contract: DataContract) -> Finding:
         share = float(r.get("observed_value") or 0.0)
         return Finding(rule, column, severity, f"the positive share of {subject} is {_pct(share)}: {what}.",
                        round(share * len(df)), [])
+    if rule == "expect_column_unique_value_count_to_be_between":
+        n = int(r.get("observed_value") or 0)
+        sample = _sample(df[column].dropna().unique()[:1]) if n else []
+        return Finding(rule, column, severity, f"{subject} holds {n} distinct value(s) in {len(df)} rows: {what}.",
+                       len(df), sample)
 
     count = int(r.get("unexpected_count") or 0)
     total = int(r.get("element_count") or len(df))
@@ -551,7 +623,7 @@ def validate_partition(
     A file that cannot be read as Parquet gives one blocking ``readable_parquet`` finding. Nothing is
     raised for bad data; errors of the storage itself (a missing file, a lost connection) propagate.
     """
-    import pandas as pd
+    import pyarrow.parquet as pq
 
     _columns(contract, kind)  # reject an unknown kind before reading anything
     data = lake.read_bytes(uri)
@@ -559,7 +631,9 @@ def validate_partition(
     try:
         if not data:
             raise ValueError("the file is empty (0 bytes)")
-        df = pd.read_parquet(io.BytesIO(data))
+        # pyarrow's ParquetFile rather than pandas' dataset reader: it reads a file with duplicated column
+        # names (which validate_frame then names) instead of failing on it.
+        df = pq.ParquetFile(io.BytesIO(data)).read().to_pandas()
     except Exception as exc:  # anything that stops the file being decoded makes it unreadable
         return ValidationResult(
             uri=uri, kind=kind, day=day.isoformat(), rows=0, sha256=digest,

@@ -159,11 +159,6 @@ def _naive_timestamps(df, c):
     return df, v.TYPE_RULE, c.event_timestamp, df.loc[0, c.event_timestamp].isoformat()
 
 
-def _non_utc_timestamps(df, c):
-    df[c.event_timestamp] = df[c.event_timestamp].dt.tz_convert("Europe/Paris")
-    return df, v.TYPE_RULE, c.event_timestamp, df.loc[0, c.event_timestamp].isoformat()
-
-
 def _empty(df, c):
     return df.iloc[0:0], "expect_table_row_count_to_be_between", None, None
 
@@ -218,7 +213,6 @@ BLOCKING: list[tuple[str, Callable]] = [
     ("transactions", _event_after_day),
     ("transactions", _event_before_day),
     ("transactions", _naive_timestamps),
-    ("transactions", _non_utc_timestamps),
     ("transactions", _empty),
     ("transactions", _hour_out_of_range),
     ("transactions", _is_foreign_out_of_range),
@@ -325,6 +319,22 @@ def _extra_column(df, c):
 
 
 DRIFT = [_amount_x3, _unknown_category, _too_many_nulls, _risk_score_above_range, _extra_column]
+
+
+def test_timestamps_of_another_zone_are_normalised_and_judged_in_utc(contract):
+    df = make_transactions(contract)
+    c = contract
+    df[c.event_timestamp] = df[c.event_timestamp].dt.tz_convert("Europe/Paris")
+    # 00:30 in Paris on the next day is 23:30 UTC on the partition's day: inside it
+    df.loc[3, c.event_timestamp] = pd.Timestamp("2024-03-11T00:30", tz="Europe/Paris")
+    result = v.validate_frame(df, contract, "transactions", DAY)
+    assert result.passed, result.summary()
+    assert [(f.rule, f.column) for f in result.normalised] == [(v.UTC_RULE, c.event_timestamp)]
+    df.loc[4, c.event_timestamp] = pd.Timestamp("2024-03-11T01:30", tz="Europe/Paris")  # 00:30 UTC next day
+    result = v.validate_frame(df, contract, "transactions", DAY)
+    assert [(f.rule, f.column) for f in result.blocking] == [
+        ("expect_column_values_to_be_between", c.event_timestamp)]
+    assert result.blocking[0].sample == ["2024-03-11T00:30:00+00:00"]
 
 
 @pytest.mark.parametrize("drift", DRIFT, ids=[d.__name__.strip("_") for d in DRIFT])
