@@ -1,8 +1,10 @@
 """The ``closedloop`` command: what Airflow does not already do.
 
 ``generate`` writes a synthetic data set into the lake's landing zone, ``status`` shows the model's
-champion, candidates and promotion history; ``airflow-config`` writes the embedded Airflow home and
-``env`` prints the settings as shell exports (for the ``feast`` and ``mlflow`` CLIs).
+champion, candidates and promotion history; ``quarantine list|show|release`` inspects and releases the
+partitions validation rejected, ``rollback`` gives ``champion`` back to an earlier version;
+``airflow-config`` writes the embedded Airflow home and ``env`` prints the settings as shell exports
+(for the ``feast`` and ``mlflow`` CLIs).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ import typer
 from closedloop.errors import ClosedloopError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+quarantine_app = typer.Typer(no_args_is_help=True,
+                             help="List, inspect and release the partitions that validation quarantined.")
+app.add_typer(quarantine_app, name="quarantine")
+
+ActorOption = Annotated[str | None, typer.Option(help="Who is acting, for the record (default: your login name).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _fail(exc: Exception) -> None:
@@ -98,6 +106,130 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     typer.echo("promotion history:")
     for h in report["history"]:
         typer.echo(f"  {h['at']}  v{h['from_version'] or '-'} -> v{h['to_version']}  by {h['actor']}: {h['reason']}")
+
+
+def _finding_line(f: dict) -> str:
+    return f"{f['rule']}({f['column']})" if f.get("column") else str(f["rule"])
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    include_released: Annotated[bool, typer.Option("--all", help="Also list the released partitions.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Every quarantined partition: kind, day, file, rows and hash, when, and the blocking rules."""
+    from closedloop.quarantine import list_quarantine
+    from closedloop.runtime import Runtime
+
+    try:
+        entries = list_quarantine(Runtime.from_env().lake, include_released=include_released)
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2, sort_keys=True, default=str))
+        return
+    if not entries:
+        typer.echo("nothing is quarantined")
+        return
+    for e in entries:
+        rules = ", ".join(_finding_line(f) for f in e["blocking"]) or "-"
+        sha = (e["sha256"] or "")[:12] or "-"
+        rows = "-" if e["rows"] is None else e["rows"]
+        typer.echo(f"{e['kind']:<12} {e['day']}  {e['status']:<11} rows={rows}  sha256={sha}  "
+                   f"at {e['quarantined_at'] or '-'}  blocking: {rules}")
+        if e["status"] == "released":
+            typer.echo(f"    released at {e['released_at']} by {e['released_by']}: {e['release_reason']}")
+        else:
+            typer.echo(f"    file: {e['uri'] or '(missing: release it with --file)'}")
+            if e["file_changed_since_report"]:
+                typer.echo("    the file changed since it was validated (fixed in place?): release it to validate it")
+            if e["superseded_by_curated"]:
+                typer.echo("    a later delivery of this day was curated: this copy is stale")
+
+
+@quarantine_app.command("show")
+def quarantine_show(
+    kind: Annotated[str, typer.Argument(help="transactions or labels.")],
+    day: Annotated[str, typer.Argument(help="The partition's day, YYYY-MM-DD.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole validation report as JSON.")] = False,
+) -> None:
+    """The validation report of a quarantined partition (its summary; the whole report with --json)."""
+    from closedloop.quarantine import show
+    from closedloop.runtime import Runtime
+
+    try:
+        found = show(Runtime.from_env().lake, kind, day)
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(found["report"], indent=2, sort_keys=True, default=str))
+        return
+    typer.echo(f"{found['kind']} {found['day']}: quarantined at {found['quarantined_at'] or '-'}")
+    typer.echo(f"file: {found['uri'] or '(missing)'}  report: {found['report_uri'] or '(missing)'}")
+    typer.echo(found["summary"] or "(no report summary)")
+
+
+@quarantine_app.command("release")
+def quarantine_release(
+    kind: Annotated[str, typer.Argument(help="transactions or labels.")],
+    day: Annotated[str, typer.Argument(help="The partition's day, YYYY-MM-DD.")],
+    reason: Annotated[str, typer.Option(help="What was wrong and what was fixed (recorded).")],
+    file: Annotated[str | None, typer.Option("--file", help="A corrected Parquet file that replaces the "
+                                             "quarantined one (default: the quarantined file, fixed in place).")
+                    ] = None,
+    actor: ActorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate a fixed partition again with the same rules; curate it if it passes, else keep it quarantined."""
+    from closedloop.errors import DataValidationError
+    from closedloop.quarantine import release
+    from closedloop.runtime import Runtime
+
+    try:
+        rt = Runtime.from_env()
+        record = release(rt.lake, rt.contract, kind, day, reason=reason, actor=actor, fixed_file=file)
+    except DataValidationError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(record, indent=2, sort_keys=True, default=str))
+        return
+    if record["status"] == "already_released":
+        typer.echo(f"{kind} {day} was already released at {record['released_at']} by {record['actor']}: "
+                   f"{record['reason']}")
+        return
+    typer.echo(f"{kind} {day} released by {record['actor']}: validated again and curated ({record['rows']} rows, "
+               f"sha256 {record['new_sha256'][:12]}); recorded under quarantine/_released/")
+    for w in record["warnings"]:
+        typer.echo(f"  warning: {w}")
+    typer.echo(f'next: trigger the ingest DAG with {{"day": "{day}"}} to materialise it (it is not validated again)')
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why the champion is rolled back (recorded in the history).")],
+    to: Annotated[str | None, typer.Option("--to", help="The version to make champion (default: previous).")
+                  ] = None,
+    force: Annotated[bool, typer.Option(help="Allow a version the promotion gate rejected.")] = False,
+    actor: ActorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Give `champion` back to the previous champion (or --to VERSION), through the same compare-and-set."""
+    from closedloop.rollback import rollback as run
+    from closedloop.runtime import Runtime
+
+    try:
+        rt = Runtime.from_env()
+        result = run(rt.client, rt.settings, rt.model_name, reason=reason, version=to, actor=actor, force=force)
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+        return
+    typer.echo(f"{result.model}: champion v{result.from_version} -> v{result.to_version} (rollback by "
+               f"{result.actor}: {result.reason}); v{result.from_version} is now 'previous'")
 
 
 @app.command()

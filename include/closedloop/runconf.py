@@ -46,6 +46,22 @@ INGEST_CONF_SCHEMA: dict[str, Any] = {
     },
 }
 
+ROLLBACK_CONF_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "rollback run configuration",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["reason"],
+    "properties": {
+        "version": {"type": ["string", "null"], "pattern": "^\\s*v?[0-9]*\\s*$",
+                    "description": "the model version to make champion (empty: the previous champion)"},
+        "reason": {"type": "string", "minLength": 1, "maxLength": 2000, "pattern": "\\S",
+                   "description": "why the champion is rolled back (recorded in the promotion history)"},
+        "force": {"type": ["boolean", "null"],
+                  "description": "allow a version the promotion gate rejected"},
+    },
+}
+
 
 @dataclass(frozen=True)
 class Window:

@@ -1,0 +1,57 @@
+"""
+Roll the model back: give the `champion` alias to the previous champion, or to a named version.
+
+Triggered by hand only. The form asks for the `version` (empty: the version the `previous` alias
+points at, the champion before the current one) and the `reason`, which is required; `force` allows a
+version the promotion gate rejected. The whole configuration is checked against a JSON schema (no
+unknown keys) before any work.
+
+One task, `roll_back_champion`, calls `closedloop.rollback.rollback_run`: the move goes through the
+registry's compare-and-set `promote()` like every promotion, the old champion becomes `previous`, and
+the promotion history records a `rollback` with the reason, this run's id and the user who triggered
+the run. Refused, with nothing changed: no previous version, an unknown version, the current champion,
+a rejected version without `force`, and a plain rollback right after a rollback. A retry finds the
+rollback its own run made and does not move the champion twice. `closedloop rollback` does the same
+from a shell.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage
+
+
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    **documented(__doc__),
+    tags=["closedloop", "registry"],
+    params={
+        "version": Param("", type=["null", "string"], pattern=r"^\s*v?[0-9]*\s*$", title="Version",
+                         description="The model version to make champion. Empty: the previous champion."),
+        "reason": Param(type="string", minLength=1, maxLength=2000, title="Reason",
+                        description="Why the champion is rolled back (required; recorded in the history)."),
+        "force": Param(False, type="boolean", title="Force",
+                       description="Allow a version that the promotion gate rejected."),
+    },
+)
+def rollback():
+    @task
+    def roll_back_champion() -> dict:
+        """Check the run configuration, then move `champion` back through the registry's compare-and-set."""
+        from closedloop.rollback import rollback_run, triggering_actor
+        from closedloop.runtime import Runtime
+
+        ctx = get_current_context()
+        return run_stage(rollback_run, Runtime.from_env(), conf_of(ctx), actor=triggering_actor(ctx.get("dag_run")),
+                         request=ctx["run_id"])
+
+    roll_back_champion()
+
+
+rollback()
