@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def world(generated_home, airflow_db, dagbag):
-    config = GeneratorConfig(start=date(2026, 5, 1), days=4, customers=120, transactions_per_day=300, seed=8)
+    config = GeneratorConfig(start=date(2026, 5, 1), days=8, customers=120, transactions_per_day=300, seed=8)
     with generated_home("ingest", config) as rt:
         yield rt, dagbag.get_dag("ingest")
 
@@ -82,6 +82,63 @@ def test_a_bad_day_is_quarantined_and_a_fixed_one_goes_through(world):
     dr = dag.test(run_conf={"day": day.isoformat()})
     assert dr.state == "success", _states(dr)
     assert rt.lake.exists(rt.lake.partition("curated", c.feature_view, day))
+
+
+def _deliver_bytes(rt, kind, day, data: bytes) -> str:
+    uri = rt.lake.partition("landing", kind, day)
+    rt.lake.write_bytes(uri, data)
+    return uri
+
+
+@pytest.mark.parametrize(("name", "day", "kind", "breaker", "outcome"), [
+    ("truncated Parquet", date(2026, 5, 4), "transactions", lambda b, df: b[: len(b) // 2], "rejected"),
+    ("CSV where Parquet is expected", date(2026, 5, 5), "labels", lambda b, df: df.to_csv(index=False).encode(),
+     "rejected"),
+    ("non-UTC timestamps", date(2026, 5, 6), "transactions", None, "normalised"),
+    ("unknown category", date(2026, 5, 7), "transactions", None, "warned"),
+])
+def test_representative_bad_input_through_the_dag(world, reliability, name, day, kind, breaker, outcome):
+    import io
+
+    rt, dag = world
+    c = rt.contract
+    uri = rt.lake.partition("landing", kind, day)
+    good_bytes = rt.lake.read_bytes(uri)
+    good = rt.lake.read_parquet(uri)
+    if name == "non-UTC timestamps":
+        bad = good.assign(**{c.event_timestamp: good[c.event_timestamp].dt.tz_convert("Asia/Tokyo")})
+        rt.lake.write_parquet(bad, uri)
+    elif name == "unknown category":
+        bad = good.copy()
+        bad.loc[bad.index[::10], "merchant_category"] = "crypto_exchange"
+        rt.lake.write_parquet(bad, uri)
+    else:
+        buf = io.BytesIO(good_bytes)
+        _deliver_bytes(rt, kind, day, breaker(buf.getvalue(), good))
+
+    dr = dag.test(run_conf={"day": day.isoformat()})
+    states = _states(dr)
+    if outcome == "rejected":
+        assert dr.state == "failed" and states["validate_partitions"] == "failed", states
+        assert states["materialise_features"] == "upstream_failed"
+        report = rt.lake.read_json(rt.lake.partition("quarantine", kind, day, ".validation.json"))
+        assert "readable_parquet" in report["summary"] and uri in report["summary"]
+        assert not rt.lake.exists(rt.lake.partition("curated", kind, day))
+        rt.lake.write_bytes(uri, good_bytes)  # the corrected delivery
+        dr = dag.test(run_conf={"day": day.isoformat()})
+        assert dr.state == "success", _states(dr)
+        assert rt.lake.exists(rt.lake.partition("curated", kind, day))
+        text = "ingest run failed at validate_partitions, materialise_features not run; quarantined; the corrected " \
+               "file went through the next run"
+    else:
+        assert dr.state == "success", states
+        marker = read_marker(rt.lake, kind, day)
+        notes = marker["normalisations"] if outcome == "normalised" else marker["warnings"]
+        rule = "timestamps_normalised_to_utc" if outcome == "normalised" else "expect_column_values_to_be_in_set"
+        assert any(n.startswith(rule) for n in notes), notes
+        assert rt.lake.exists(rt.lake.partition("curated", c.feature_view, day))
+        text = f"ingest run succeeded; {outcome} ({rule}) recorded in the validation marker; features materialised"
+    reliability.record("bad-input-dag", f"{name} (ingest DAG)", text)
 
 
 def test_a_bad_run_configuration_is_refused(world):

@@ -116,7 +116,7 @@ def test_3_a_better_candidate_is_promoted(world):
     assert [(m["from_version"], m["to_version"]) for m in moves] == [("1", "3"), (None, "1")]
 
 
-def test_4_a_blocking_bad_partition_is_quarantined_and_nothing_downstream_happens(world):
+def test_4_a_blocking_bad_partition_is_quarantined_and_nothing_downstream_happens(world, reliability):
     rt, dag = world
     c = rt.contract
     uri = rt.lake.partition("landing", "transactions", BAD_DAY)
@@ -134,6 +134,9 @@ def test_4_a_blocking_bad_partition_is_quarantined_and_nothing_downstream_happen
     assert not rt.lake.exists(rt.lake.partition("curated", "transactions", BAD_DAY))
     assert _versions(rt) == before
     assert alias_version(rt.client, rt.model_name, CHAMPION) == "3"
+    reliability.record("bad-input-dag", "null keys in a retraining window (retraining DAG)",
+                       "run failed at validate_window, every later task upstream_failed; quarantined with its "
+                       "report; no features, no model version; champion kept")
 
 
 def test_5_rerunning_a_window_creates_nothing_new(world):
