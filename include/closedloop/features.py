@@ -298,5 +298,8 @@ def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, 
 
 
 def read_training_split(lake: Lake, uri: str, split: str) -> pd.DataFrame:
-    """One split of a training set written by :func:`build_training_set`."""
+    """One split of a training set written by :func:`build_training_set` (a URI under the lake's training sets)."""
+    from closedloop.settings import check_uri
+
+    check_uri(uri, [lake.uri("training_sets")], "training set URI")
     return lake.read_parquet(f"{uri}/split={split}/part-0.parquet")

@@ -15,6 +15,13 @@ Environment variables (all optional):
 - ``CLOSEDLOOP_SCHEDULES``: ``on`` (default) or ``manual``: with ``manual`` the DAGs keep their Asset
   schedules but drop their time-based ones, so that a simulation or a demo drives days with explicit
   dates and the scheduler starts nothing on the wall clock.
+- ``CLOSEDLOOP_TASK_RETRIES`` (default 2), ``CLOSEDLOOP_RETRY_DELAY_SECONDS`` (default 20; each retry waits about
+  twice as long as the one before, at most 10 minutes) and ``CLOSEDLOOP_TASK_TIMEOUT_MINUTES`` (default 60): the
+  retry and timeout policy of every task (tests shorten the delay).
+- ``CLOSEDLOOP_ALLOWED_ROOTS``: comma-separated URI prefixes closedloop may read and write (default: the lake,
+  the MLflow artifact root and ``$CLOSEDLOOP_HOME``). A lake or artifact root outside them, a scheme other than
+  ``file``, ``s3`` or ``gs``, or a URI handed to a task that climbs out of them is refused before any work.
+- ``CLOSEDLOOP_FAULT``: a test hook only, empty in production (see :mod:`closedloop.faults`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,49 @@ def _as_uri(path_or_uri: str) -> str:
     return "file://" + str(Path(path_or_uri).expanduser().resolve())
 
 
+SCHEMES = ("file", "s3", "gs")
+
+
+def normalise_uri(uri: str) -> str:
+    """``uri`` with ``.`` and ``..`` segments resolved (so that a prefix test means containment)."""
+    import posixpath
+
+    scheme, sep, rest = _as_uri(uri).partition("://")
+    if scheme == "file":
+        return "file://" + posixpath.normpath(rest)
+    bucket, _, path = rest.partition("/")
+    path = posixpath.normpath("/" + path).lstrip("/") if path else ""
+    return f"{scheme}{sep}{bucket}" + (f"/{path}" if path else "")
+
+
+def check_uri(uri: str, roots: list[str] | tuple[str, ...], what: str) -> str:
+    """The normalised ``uri`` when it uses an allowed scheme and lies under one of ``roots``; ConfigError else."""
+    scheme = _as_uri(uri).partition("://")[0]
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{what}: {uri!r} uses the scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    norm = normalise_uri(uri)
+    for root in roots:
+        r = normalise_uri(root)
+        if norm == r or norm.startswith(r.rstrip("/") + "/"):
+            return norm
+    raise ConfigError(f"{what}: {uri!r} lies outside the allowed roots ({', '.join(roots)}); set "
+                      f"CLOSEDLOOP_ALLOWED_ROOTS to allow it")
+
+
+def _number(env: dict[str, str], name: str, default: float) -> float:
+    """A non-negative number from ``env[name]`` (``default`` when unset or empty)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r}: expected a non-negative number")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved locations and service endpoints; build with :meth:`from_env`."""
@@ -55,6 +105,11 @@ class Settings:
     device: str = "auto"
     time_schedules: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
+    task_retries: int = 2
+    retry_delay_seconds: float = 20.0
+    task_timeout_minutes: float = 60.0
+    fault: str = ""
+    allowed_roots: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -68,19 +123,34 @@ class Settings:
         storage_options: dict[str, Any] = {}
         if env.get("CLOSEDLOOP_S3_ENDPOINT_URL"):
             storage_options = {"client_kwargs": {"endpoint_url": env["CLOSEDLOOP_S3_ENDPOINT_URL"]}}
+        lake_uri = _as_uri(env.get("CLOSEDLOOP_LAKE_URI") or str(home / "lake"))
+        artifacts = _as_uri(env.get("CLOSEDLOOP_MLFLOW_ARTIFACTS") or str(home / "mlflow" / "artifacts"))
+        explicit = [r.strip() for r in env.get("CLOSEDLOOP_ALLOWED_ROOTS", "").split(",") if r.strip()]
+        roots = tuple(explicit) if explicit else (lake_uri, artifacts, _as_uri(str(home)))
+        check_uri(lake_uri, roots, "CLOSEDLOOP_LAKE_URI")
+        check_uri(artifacts, roots, "CLOSEDLOOP_MLFLOW_ARTIFACTS")
         return cls(
             home=home,
-            lake_uri=_as_uri(env.get("CLOSEDLOOP_LAKE_URI") or str(home / "lake")),
+            lake_uri=lake_uri,
             config_path=Path(env.get("CLOSEDLOOP_CONFIG") or DEFAULT_CONFIG).resolve(),
             mlflow_tracking_uri=tracking,
             mlflow_registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
-            mlflow_artifact_root=_as_uri(env.get("CLOSEDLOOP_MLFLOW_ARTIFACTS") or str(home / "mlflow" / "artifacts")),
+            mlflow_artifact_root=artifacts,
             feast_repo=Path(env.get("CLOSEDLOOP_FEAST_REPO") or REPO_ROOT / "feature_repo").resolve(),
             feast_registry=env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db"),
             device=device,
             time_schedules=env.get("CLOSEDLOOP_SCHEDULES", "on").lower() != "manual",
             storage_options=storage_options,
+            task_retries=int(_number(env, "CLOSEDLOOP_TASK_RETRIES", 2)),
+            retry_delay_seconds=_number(env, "CLOSEDLOOP_RETRY_DELAY_SECONDS", 20.0),
+            task_timeout_minutes=_number(env, "CLOSEDLOOP_TASK_TIMEOUT_MINUTES", 60.0),
+            fault=env.get("CLOSEDLOOP_FAULT", ""),
+            allowed_roots=roots,
         )
+
+    def check_uri(self, uri: str, what: str) -> str:
+        """Refuse (ConfigError) a URI outside the allowed roots or climbing out of them; see the module doc."""
+        return check_uri(uri, self.allowed_roots, what)
 
     @cached_property
     def config(self) -> Config:
