@@ -69,7 +69,8 @@ demo-retrain: install airflow-home generate retrain  ## Only the first step: gen
 	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CLOSEDLOOP_HOME)/mlflow/mlflow.db"
 
 airflow: airflow-home  ## Airflow's UI and scheduler on the embedded home (http://localhost:8080)
-	@echo "Log in as admin; the password is in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	@echo "Airflow UI: http://localhost:8080"
+	@$(BIN)/closedloop airflow-config --show-login | tail -n 1
 	CLOSEDLOOP_SCHEDULES=manual $(BIN)/airflow standalone
 
 test: install  ## Set up and run the test suite

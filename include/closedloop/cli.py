@@ -265,12 +265,16 @@ def demo(
 def airflow_config(
     force: Annotated[bool, typer.Option(help="Rewrite an existing airflow.cfg.")] = False,
     parallelism: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    show_login: Annotated[bool, typer.Option(help="Print the admin user's generated password.")] = False,
 ) -> None:
-    """Write the embedded Airflow home's airflow.cfg (SQLite, LocalExecutor, the repo's DAGs)."""
-    from closedloop.airflow_home import write_config
+    """Write the embedded Airflow home's airflow.cfg (SQLite, LocalExecutor, the repo's DAGs, a login)."""
+    from closedloop.airflow_home import ADMIN, ensure_password, write_config
     from closedloop.settings import Settings
 
-    typer.echo(str(write_config(Settings.from_env(), force=force, parallelism=parallelism)))
+    settings = Settings.from_env()
+    typer.echo(str(write_config(settings, force=force, parallelism=parallelism)))
+    if show_login:
+        typer.echo(f"Airflow login: user {ADMIN}, password {ensure_password(settings)}")
 
 
 @app.command()

@@ -25,6 +25,9 @@ class Runtime:
 
     @classmethod
     def from_env(cls) -> Runtime:
+        from closedloop.secrets import mask_secrets
+
+        mask_secrets()  # every task builds its Runtime first: its logs never show what closedloop reads
         rt = cls(Settings.from_env())
         rt.settings.ensure_dirs()
         return rt
