@@ -1,8 +1,20 @@
 """The promotion gate: decide whether a candidate replaces the champion.
 
 The gate decides; the registry acts. :func:`decide` is a pure function of the two models' metrics on
-the same holdout; :func:`evaluate_gate` scores both models, records the decision in the candidate's
-version tags and a decision report in its MLflow run, and returns it for the promote task.
+the same holdout (and of their per-row scores, for the paired bootstrap); :func:`evaluate_gate` scores
+both models, records the decision in the candidate's version tags and a decision report in its MLflow
+run, and returns it for the promote task. See ``docs/GATE.md`` for the policy and its measured power.
+
+The rule, in order:
+
+1. The primary metric must be defined on the holdout (both classes present), else "insufficient evidence".
+2. Without a usable champion (none yet, or the champion is gone, unloadable or trained on another
+   schema: :class:`ChampionCheck`), nothing can be compared: the candidate must clear the absolute
+   ``floor`` on its own, point estimate and bootstrap bound both.
+3. With a champion, fewer than ``min_holdout_positives`` positives is "insufficient evidence" (the
+   champion stays); otherwise the candidate's gain on the primary metric must exceed ``margin`` (a tie
+   is never a win), the lower bound of the paired bootstrap interval of the gain must exceed it too, and
+   no guard metric may worsen by more than its tolerance.
 """
 
 from __future__ import annotations
@@ -12,9 +24,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from closedloop.errors import ConfigError, TransientError
 from closedloop.metrics import DIRECTIONS, classification_metrics
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+    import pandas as pd
     from mlflow import MlflowClient
 
     from closedloop.lake import Lake
@@ -25,11 +42,156 @@ log = logging.getLogger(__name__)
 
 PROMOTE, REJECT, INSUFFICIENT = "promote", "reject", "insufficient_evidence"
 _EPS = 1e-9  # metric differences below this are rounding, not evidence
+_CLIP = 1e-7  # scores are clipped as classification_metrics clips them, so both see the same ties
+_CHUNK = 1 << 19  # resampling weights held at once (b x rows): small enough to stay in cache
+BOOTSTRAP_METRICS = ("roc_auc", "pr_auc", "log_loss")
 
 
+# -- the paired bootstrap ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Interval:
+    """A percentile bootstrap interval.
+
+    ``of`` says what it bounds: ``"gain"`` (candidate minus champion on ``metric``, oriented so that
+    positive means the candidate is better, also for lower-is-better metrics) or ``"candidate"`` (the
+    candidate's own ``metric``, used against the floor when there is no champion to compare with).
+    """
+
+    metric: str
+    of: str
+    lower: float
+    upper: float
+    resamples: int
+    confidence: float
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bootstrap_settings(policy: dict[str, Any]) -> tuple[int, float, int]:
+    """``(resamples, confidence, seed)`` of the policy's ``bootstrap`` section; no section means disabled."""
+    boot = policy.get("bootstrap") or {}
+    try:
+        resamples, confidence, seed = int(boot.get("resamples", 0)), float(boot.get("confidence", 0.95)), int(
+            boot.get("seed", 0))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"gate.bootstrap {boot!r}: resamples and seed must be integers, confidence a number "
+                          "(e.g. {resamples: 1000, confidence: 0.95, seed: 0})") from exc
+    if resamples < 0 or not 0.0 < confidence < 1.0:
+        raise ConfigError(f"gate.bootstrap {boot!r}: resamples must be >= 0 (0 disables the bootstrap) and "
+                          "confidence strictly between 0 and 1")
+    if resamples and policy["primary_metric"] not in BOOTSTRAP_METRICS:
+        raise ConfigError(f"gate.bootstrap: no bootstrap for primary metric {policy['primary_metric']!r}; use one "
+                          f"of {list(BOOTSTRAP_METRICS)} or set gate.bootstrap.resamples to 0")
+    return resamples, confidence, seed
+
+
+def _resample_counts(rng: np.random.Generator, k: int, b: int) -> np.ndarray:
+    """``b`` rows of multinomial resampling counts of ``k`` rows (how often each row is drawn): shape ``(b, k)``."""
+    import numpy as np
+
+    draws = rng.integers(0, k, size=(b, k)) + (np.arange(b) * k)[:, None]
+    return np.bincount(draws.ravel(), minlength=b * k).reshape(b, k)
+
+
+def _weighted_metric(metric: str, y: np.ndarray, scores: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A function of resampling weights giving ``metric`` of ``(y, scores)`` under each row of them.
+
+    The function takes ``wpos`` (``(b, positives)``) and ``wneg`` (``(b, negatives)``), weights of the
+    positive and negative rows in the rows' order, and returns shape ``(b,)``. The sort is done here,
+    once, whatever the number of resamples: ROC AUC counts, for every positive, the weight of negatives
+    scored below it (ties count half) from a cumulative sum over the negatives in score order; average
+    precision sums, over distinct scores from the top, each group's positive weight times the precision
+    there (as scikit-learn's ``average_precision_score``); log loss is a weighted mean.
+    """
+    import numpy as np
+
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if metric == "log_loss":
+        loss_pos, loss_neg = -np.log(scores[pos]), -np.log1p(-scores[neg])
+        return lambda wpos, wneg: (wpos @ loss_pos + wneg @ loss_neg) / (wpos.sum(axis=1) + wneg.sum(axis=1))
+    if metric == "roc_auc":
+        order = np.argsort(scores[neg], kind="stable")
+        neg_sorted = scores[neg][order]
+        lo = np.searchsorted(neg_sorted, scores[pos], side="left")
+        hi = np.searchsorted(neg_sorted, scores[pos], side="right")
+
+        def auc(wpos: np.ndarray, wneg: np.ndarray) -> np.ndarray:
+            cum = np.zeros((wneg.shape[0], len(neg) + 1), dtype=wneg.dtype)
+            np.cumsum(wneg[:, order], axis=1, out=cum[:, 1:])
+            below = cum[:, lo] + 0.5 * (cum[:, hi] - cum[:, lo])
+            return (wpos * below).sum(axis=1) / (wpos.sum(axis=1) * cum[:, -1])
+
+        return auc
+    if metric == "pr_auc":
+        order = np.argsort(-scores, kind="stable")
+        s = scores[order]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+        is_pos = y[order] == 1
+        # where each row of the score order comes from in [positives..., negatives...]
+        source = np.empty(len(y), dtype=np.int64)
+        source[pos], source[neg] = np.arange(len(pos)), len(pos) + np.arange(len(neg))
+        source = source[order]
+
+        def average_precision(wpos: np.ndarray, wneg: np.ndarray) -> np.ndarray:
+            ws = np.concatenate([wpos, wneg], axis=1)[:, source]
+            tp = np.add.reduceat(ws * is_pos, starts, axis=1)
+            ctp, call = np.cumsum(tp, axis=1), np.cumsum(np.add.reduceat(ws, starts, axis=1), axis=1)
+            precision = np.divide(ctp, call, out=np.zeros(ctp.shape), where=call > 0)
+            return (tp * precision).sum(axis=1) / ctp[:, -1]
+
+        return average_precision
+    raise ConfigError(f"no bootstrap for metric {metric!r}: use one of {list(BOOTSTRAP_METRICS)}")
+
+
+def bootstrap_interval(y: Any, candidate: Any, champion: Any | None = None, *, metric: str, resamples: int,
+                       confidence: float, seed: int) -> Interval:
+    """Percentile interval of ``metric``'s gain (candidate over champion), or of the candidate's metric alone.
+
+    Paired: each resample reweights the same holdout rows for both models, so what the two models
+    share (the hard rows, the easy rows) cancels and only their difference is left to vary. Vectorised
+    over resamples in chunks (see ``bench/gate_power.py`` for timings).
+    """
+    import numpy as np
+
+    if resamples < 1:
+        raise ValueError(f"bootstrap_interval: resamples={resamples}, need at least 1")
+    y = np.asarray(y).astype(int)
+    cand = np.clip(np.asarray(candidate, dtype=float), _CLIP, 1 - _CLIP)
+    champ = None if champion is None else np.clip(np.asarray(champion, dtype=float), _CLIP, 1 - _CLIP)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(pos) == 0 or len(neg) == 0:
+        nan = float("nan")
+        return Interval(metric, "candidate" if champ is None else "gain", nan, nan, resamples, confidence, seed)
+    rng = np.random.default_rng(seed)
+    sign = 1.0 if DIRECTIONS[metric] else -1.0
+    chunk = max(1, min(resamples, _CHUNK // len(y)))
+    of_candidate = _weighted_metric(metric, y, cand)
+    of_champion = None if champ is None else _weighted_metric(metric, y, champ)
+    values = []
+    for start in range(0, resamples, chunk):
+        # positives and negatives are resampled apart (stratified): every resample keeps the holdout's
+        # class counts, so ROC AUC is defined in each and the class balance does not wobble
+        b = min(chunk, resamples - start)
+        wpos, wneg = _resample_counts(rng, len(pos), b), _resample_counts(rng, len(neg), b)
+        v = of_candidate(wpos, wneg)
+        values.append(v if of_champion is None else sign * (v - of_champion(wpos, wneg)))
+    stats = np.concatenate(values)
+    lower, upper = np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Interval(metric, "candidate" if champ is None else "gain", float(lower), float(upper), resamples,
+                    confidence, seed)
+
+
+# -- the decision --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Decision:
-    """The gate's verdict on one candidate."""
+    """The gate's verdict on one candidate.
+
+    ``champion_version`` is what ``champion`` pointed at when the gate looked (None when no alias):
+    promotion is a compare-and-set against it. ``champion_problem`` says why the champion could not be
+    compared (gone, unloadable, other schema); ``interval`` is the bootstrap interval the rule used.
+    """
 
     outcome: str  # promote | reject | insufficient_evidence
     reason: str
@@ -37,6 +199,8 @@ class Decision:
     champion_version: str | None
     candidate: dict[str, float] = field(default_factory=dict)
     champion: dict[str, float] = field(default_factory=dict)
+    interval: dict[str, Any] | None = None
+    champion_problem: str | None = None
 
     @property
     def promote(self) -> bool:
@@ -46,76 +210,276 @@ class Decision:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Scores:
+    """Per-row scores of both models on the same holdout rows (``champion`` None without a usable one)."""
+
+    y: Any
+    candidate: Any
+    champion: Any | None = None
+
+
 def _loss(metric: str, candidate: float, champion: float) -> float:
     """How much worse the candidate is on ``metric`` (negative when better)."""
     return champion - candidate if DIRECTIONS[metric] else candidate - champion
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float] | None, policy: dict[str, Any], *,
-           candidate_version: str, champion_version: str | None) -> Decision:
-    """Apply the gate policy to the metrics of both models on the same holdout.
+def _ci(interval: Interval) -> str:
+    sign = "+" if interval.of == "gain" else ""
+    return f"{interval.confidence:.0%} CI [{interval.lower:{sign}.4f}, {interval.upper:{sign}.4f}]"
 
-    Promote when there is no champion, or when the candidate beats it on the primary metric by more
-    than ``margin`` (a tie is not a win) without losing more than each guard's tolerance.
+
+def decide(candidate: dict[str, float], champion: dict[str, float] | None, policy: dict[str, Any], *,
+           candidate_version: str, champion_version: str | None, scores: Scores | None = None,
+           interval: Interval | None = None, champion_problem: str | None = None) -> Decision:
+    """Apply the gate policy (the module docstring's rule) to the metrics of both models on one holdout.
+
+    ``champion`` is None when there is no usable champion; ``champion_problem`` then says why (None:
+    there has never been one). With ``gate.bootstrap.resamples`` > 0 the rule needs an interval: pass
+    ``interval`` (computed by :func:`bootstrap_interval`) or the per-row ``scores`` to compute it from;
+    the bootstrap is seeded, so the same inputs always give the same decision.
     """
     primary = policy["primary_metric"]
+    if primary not in DIRECTIONS:
+        raise ConfigError(f"gate.primary_metric {primary!r}: use one of {list(DIRECTIONS)}")
+    higher = DIRECTIONS[primary]
     margin = float(policy.get("margin", 0.0))
+    resamples, confidence, seed = bootstrap_settings(policy)
     args = {"candidate_version": candidate_version, "champion_version": champion_version,
-            "candidate": candidate, "champion": champion or {}}
+            "candidate": candidate, "champion": champion or {}, "champion_problem": champion_problem}
+
+    def verdict(outcome: str, reason: str, ci: Interval | None = None) -> Decision:
+        return Decision(outcome, reason, interval=ci.to_dict() if ci else None, **args)
+
+    def need_interval(of: str) -> Interval | None:
+        if not resamples:
+            return None
+        if interval is not None and interval.of == of:
+            return interval
+        if scores is None or (of == "gain" and scores.champion is None):
+            raise TypeError(f"decide: gate.bootstrap is on; pass the {of} interval or the per-row scores")
+        return bootstrap_interval(scores.y, scores.candidate, scores.champion if of == "gain" else None,
+                                  metric=primary, resamples=resamples, confidence=confidence, seed=seed)
+
+    c = candidate.get(primary, math.nan)
+    if math.isnan(c):
+        return verdict(INSUFFICIENT, f"{primary} undefined on the holdout (one class only): nothing moves")
+
     if champion is None:
-        return Decision(PROMOTE, "no champion yet: the first valid candidate becomes champion", **args)
+        floor = policy.get("floor")
+        problem = f"champion unusable: {champion_problem}" if champion_problem else "no champion yet"
+        if floor is None:
+            if champion_problem:  # replacing a broken champion needs some absolute evidence
+                return verdict(REJECT, f"{problem}; no gate.floor is configured to judge the candidate alone: "
+                               "nothing moves, fix or roll back the champion")
+            return verdict(PROMOTE, "no champion yet: the first valid candidate becomes champion")
+        floor = float(floor)
+        ci = need_interval("candidate")
+        bound = c if ci is None else (ci.lower if higher else ci.upper)
+        clears = (c >= floor and bound >= floor) if higher else (c <= floor and bound <= floor)
+        where = f"{primary} {c:.4f}" + (f" ({_ci(ci)})" if ci else "")
+        if not clears:
+            return verdict(REJECT, f"{problem}: {where} does not clear the floor {floor}: nothing moves", ci)
+        return verdict(PROMOTE, f"{problem}: {where} clears the floor {floor}", ci)
+
     positives = candidate.get("positives", math.inf)
     if positives < int(policy.get("min_holdout_positives", 0)):
-        return Decision(INSUFFICIENT, f"holdout has {positives:.0f} positives, fewer than the "
-                        f"{policy['min_holdout_positives']} needed to judge: champion kept", **args)
-    c, k = candidate.get(primary, math.nan), champion.get(primary, math.nan)
-    if math.isnan(c) or math.isnan(k):
-        return Decision(INSUFFICIENT, f"{primary} undefined on the holdout: champion kept", **args)
-    gain = -_loss(primary, c, k)
+        return verdict(INSUFFICIENT, f"holdout has {positives:.0f} positives, fewer than the "
+                       f"{policy['min_holdout_positives']} needed to judge: champion kept")
+    k = champion.get(primary, math.nan)
+    if math.isnan(k):
+        return verdict(INSUFFICIENT, f"champion's {primary} undefined on the holdout: champion kept")
+    gain = c - k if higher else k - c  # not -_loss(): a tie must read +0.0000, not -0.0000
+    ci = need_interval("gain")
+    where = f"{primary} {c:.4f} vs champion {k:.4f}: gain {gain:+.4f}" + (f" ({_ci(ci)})" if ci else "")
     if gain <= margin + _EPS:  # a tie (or a gain of exactly the margin, up to rounding) is not a win
-        return Decision(REJECT, f"{primary} {c:.4f} vs champion {k:.4f}: gain {gain:+.4f} does not exceed "
-                        f"the margin {margin}", **args)
+        return verdict(REJECT, f"{where} does not exceed the margin {margin}", ci)
+    if ci is not None and ci.lower <= margin + _EPS:
+        return verdict(REJECT, f"{where} exceeds the margin {margin} but the interval's lower bound does not: "
+                       "the gain may be noise", ci)
     for metric, tolerance in (policy.get("guards") or {}).items():
         loss = _loss(metric, candidate.get(metric, math.nan), champion.get(metric, math.nan))
         if math.isnan(loss) or loss > float(tolerance) + _EPS:
-            return Decision(REJECT, f"{primary} improves by {gain:+.4f} but guard {metric} worsens by {loss:.4f} "
-                            f"(tolerance {tolerance})", **args)
-    return Decision(PROMOTE, f"{primary} {c:.4f} vs champion {k:.4f}: gain {gain:+.4f} exceeds the margin "
-                    f"{margin}, guards within tolerance", **args)
+            return verdict(REJECT, f"{primary} improves by {gain:+.4f} but guard {metric} worsens by {loss:.4f} "
+                           f"(tolerance {tolerance})", ci)
+    return verdict(PROMOTE, f"{where} exceeds the margin {margin}" + (" with its lower bound" if ci else "")
+                   + ", guards within tolerance", ci)
 
 
-def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract: DataContract, *,
-                  name: str, candidate_version: str, training_set_uri: str) -> Decision:
-    """Score candidate and current champion on the candidate's holdout and record the decision."""
-    from closedloop.features import read_training_split
+# -- the champion, as the gate finds it ----------------------------------------------------------
+@dataclass(frozen=True)
+class ChampionCheck:
+    """What the gate found behind the ``champion`` alias.
+
+    ``version`` is the alias's target (None without alias), ``scores`` the champion's scores on the
+    holdout when it could be used, ``problem`` why it could not (None: usable, or there never was one).
+    """
+
+    version: str | None
+    scores: Any | None = None
+    threshold: float = 0.5
+    problem: str | None = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def _deterministic(exc: BaseException) -> bool:
+    """Whether a failure to load or score the champion says something about the champion (not the network).
+
+    A missing or corrupt artifact, an unknown version, a model that does not fit the matrix: those
+    are the champion's. A refused or timed-out connection is not, and must not let a candidate in
+    on the floor alone: it raises TransientError so that the task is retried.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionError | TimeoutError) or type(seen).__module__.startswith(
+                ("requests", "urllib3", "botocore.exceptions")):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
+
+
+def _missing_champion(client: MlflowClient, name: str) -> str | None:
+    """Why there is no champion alias although there was a champion (None: there never was one)."""
+    from mlflow.exceptions import MlflowException
+
+    from closedloop.registry import CHAMPION, history
+
+    aliases = client.get_registered_model(name).aliases or {}
+    if CHAMPION in aliases:
+        return f"the champion alias points at version {aliases[CHAMPION]}, which cannot be read"
+    moves = history(client, name, limit=1)
+    if not moves or not moves[0].get("to_version"):
+        return None
+    last = moves[0]["to_version"]
+    try:
+        client.get_model_version(name, last)
+    except MlflowException:
+        return f"version {last}, the last one promoted, is gone (deleted) and the champion alias with it"
+    return f"the champion alias was removed (version {last}, the last one promoted, still exists)"
+
+
+def inspect_champion(client: MlflowClient, name: str, contract: DataContract, holdout: pd.DataFrame) -> ChampionCheck:
+    """The champion's scores on ``holdout``, or why it cannot be compared with a candidate of ``contract``.
+
+    Deterministic problems (the version or its artifact gone, a corrupt model file, another schema or
+    feature list) come back as ``problem``; an unreachable server raises TransientError instead.
+    """
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+
     from closedloop.registry import CHAMPION, TAG, alias_version, load_booster
     from closedloop.training import predict
 
+    version = alias_version(client, name, CHAMPION)
+    if version is None:
+        try:
+            problem = _missing_champion(client, name)
+        except MlflowException as exc:
+            if not _deterministic(exc):
+                raise TransientError(f"{name}: could not read the registry ({_first_line(exc)}); retried") from exc
+            problem = None  # no registered model yet: there never was a champion
+        return ChampionCheck(None, problem=problem)
+
+    def fail(what: str) -> ChampionCheck:
+        return ChampionCheck(version, problem=f"version {version} {what}")
+
+    try:
+        mv = client.get_model_version(name, version)
+        run_tags, params = {}, {}
+        if mv.run_id:
+            try:
+                run = client.get_run(mv.run_id)
+                run_tags, params = run.data.tags, run.data.params
+            except MlflowException as exc:
+                if not _deterministic(exc):
+                    raise
+        schema = mv.tags.get(f"{TAG}schema_sha256") or run_tags.get(f"{TAG}schema_sha256")
+        if not schema:
+            return fail("has no closedloop.schema_sha256 tag: which schema it was trained on is unknown")
+        if schema != contract.sha256:
+            return fail(f"was trained on another schema (schema_sha256 {schema[:12]}, the candidate's contract "
+                        f"{contract.sha256[:12]})")
+        features = run_tags.get(f"{TAG}features")
+        if features is not None and features != ",".join(contract.model_features):
+            return fail(f"was trained on other features ({features[:200]})")
+        booster = load_booster(mv.source)
+    except Exception as exc:
+        if not _deterministic(exc):
+            raise TransientError(f"{name} v{version}: could not reach the champion ({_first_line(exc)}); "
+                                 "the task is retried") from exc
+        return fail(f"could not be loaded ({_first_line(exc)})")
+    if booster.num_features() != len(contract.model_features):
+        return fail(f"expects {booster.num_features()} features, the contract has {len(contract.model_features)}")
+    try:
+        scores = predict(booster, holdout, contract)
+    except Exception as exc:
+        return fail(f"could not score the holdout ({_first_line(exc)})")
+    if not np.isfinite(scores).all():
+        return fail("gives non-finite scores on the holdout")
+    raw = params.get("decision_threshold") or mv.tags.get(f"{TAG}decision_threshold") or 0.5
+    return ChampionCheck(version, scores=scores, threshold=float(raw))
+
+
+# -- the task's function ---------------------------------------------------------------------------
+def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract: DataContract, *,
+                  name: str, candidate_version: str, training_set_uri: str) -> Decision:
+    """Score candidate and current champion on the candidate's holdout and record the decision.
+
+    Never moves an alias: a champion problem is a decision (recorded, with the reason), not a crash,
+    and the promote task acts on it through the registry's compare-and-set.
+    """
+    from closedloop.features import read_training_split
+    from closedloop.registry import CHAMPION, alias_version, load_booster
+    from closedloop.training import predict
+
+    policy = settings.config.gate
+    bootstrap_settings(policy)  # a bad bootstrap section fails here, before any scoring
     holdout = read_training_split(lake, training_set_uri, "holdout")
     y = holdout[contract.label].to_numpy()
     cand_mv = client.get_model_version(name, candidate_version)
     cand_threshold = float(client.get_run(cand_mv.run_id).data.params["decision_threshold"])
-    cand_metrics = classification_metrics(y, predict(load_booster(cand_mv.source), holdout, contract), cand_threshold)
+    cand_scores = predict(load_booster(cand_mv.source), holdout, contract)
+    cand_metrics = classification_metrics(y, cand_scores, cand_threshold)
 
-    champ_version = alias_version(client, name, CHAMPION)
-    champ_metrics: dict[str, float] | None = None
-    if champ_version == candidate_version:  # a re-run of the run that promoted it: keep its recorded decision
+    if alias_version(client, name, CHAMPION) == candidate_version:  # a re-run of the run that promoted it
         log.info("%s v%s is already the champion", name, candidate_version)
-        return Decision(PROMOTE, "already the champion", candidate_version, champ_version, cand_metrics, cand_metrics)
-    if champ_version is not None:
-        champ_mv = client.get_model_version(name, champ_version)
-        champ_threshold = float(client.get_run(champ_mv.run_id).data.params["decision_threshold"])
-        champ_metrics = classification_metrics(
-            y, predict(load_booster(champ_mv.source), holdout, contract), champ_threshold)
-    decision = decide(cand_metrics, champ_metrics, settings.config.gate,
-                      candidate_version=candidate_version, champion_version=champ_version)
-    client.set_model_version_tag(name, candidate_version, f"{TAG}decision", decision.outcome)
-    client.set_model_version_tag(name, candidate_version, f"{TAG}decision_reason", decision.reason[:4000])
-    client.set_model_version_tag(name, candidate_version, f"{TAG}compared_with", champ_version or "none")
-    for m in ("roc_auc", "pr_auc", "log_loss"):
-        if champ_metrics is not None:
-            client.set_model_version_tag(name, candidate_version, f"{TAG}gate.champion_{m}", f"{champ_metrics[m]:.6f}")
-        client.set_model_version_tag(name, candidate_version, f"{TAG}gate.candidate_{m}", f"{cand_metrics[m]:.6f}")
-    client.log_dict(cand_mv.run_id, decision.to_dict(), f"gate/decision_v{candidate_version}.json")
+        return Decision(PROMOTE, "already the champion", candidate_version, candidate_version, cand_metrics,
+                        cand_metrics)
+    champ = inspect_champion(client, name, contract, holdout)
+    champ_metrics = None if champ.scores is None else classification_metrics(y, champ.scores, champ.threshold)
+    decision = decide(cand_metrics, champ_metrics, policy, candidate_version=candidate_version,
+                      champion_version=champ.version, scores=Scores(y, cand_scores, champ.scores),
+                      champion_problem=champ.problem)
+    record_decision(client, name, decision, cand_mv.run_id)
     log.info("gate for %s v%s: %s (%s)", name, candidate_version, decision.outcome, decision.reason)
     return decision
+
+
+def record_decision(client: MlflowClient, name: str, decision: Decision, run_id: str) -> None:
+    """The decision in the candidate version's tags (``closedloop.decision*``, ``closedloop.gate.*``) and run."""
+    from closedloop.registry import TAG
+
+    tags = {
+        f"{TAG}decision": decision.outcome,
+        f"{TAG}decision_reason": decision.reason[:4000],
+        f"{TAG}compared_with": decision.champion_version or "none",
+    }
+    for m in ("roc_auc", "pr_auc", "log_loss"):
+        if m in decision.champion:
+            tags[f"{TAG}gate.champion_{m}"] = f"{decision.champion[m]:.6f}"
+        tags[f"{TAG}gate.candidate_{m}"] = f"{decision.candidate[m]:.6f}"
+    if decision.interval:
+        ci = decision.interval
+        tags.update({f"{TAG}gate.ci_metric": ci["metric"], f"{TAG}gate.ci_of": ci["of"],
+                     f"{TAG}gate.ci_lower": f"{ci['lower']:.6f}", f"{TAG}gate.ci_upper": f"{ci['upper']:.6f}",
+                     f"{TAG}gate.ci_resamples": str(ci["resamples"]),
+                     f"{TAG}gate.ci_confidence": str(ci["confidence"]), f"{TAG}gate.ci_seed": str(ci["seed"])})
+    if decision.champion_problem:
+        tags[f"{TAG}gate.champion_problem"] = decision.champion_problem[:4000]
+    for key, value in tags.items():
+        client.set_model_version_tag(name, decision.candidate_version, key, value)
+    client.log_dict(run_id, decision.to_dict(), f"gate/decision_v{decision.candidate_version}.json")
