@@ -44,7 +44,7 @@ def test_a_stale_decision_changes_nothing(registry):
     assert len(history(client, name)) == 1
 
 
-def test_two_racing_promotions_one_wins(registry):
+def test_two_racing_promotions_one_wins(registry, reliability):
     rt, client, name = registry
     promote(client, rt.settings, name, "1", expected_champion=None, reason="first")
     outcomes: list[str] = []
@@ -64,3 +64,6 @@ def test_two_racing_promotions_one_wins(registry):
     assert sorted(outcomes) == ["lost", "won"]
     assert alias_version(client, name, CHAMPION) in {"2", "3"}
     assert len(history(client, name)) == 2
+    reliability.record("champion", "two promotions race from the same expected champion (v1), in two threads",
+                       "one moved the champion, the other got PromotionConflict and changed nothing; one history "
+                       "entry for the move")
