@@ -25,13 +25,16 @@ DEGRADED = {"window_start": "2026-02-01", "window_end": "2026-02-22"}
 BETTER = {"window_start": "2026-01-08", "window_end": "2026-02-01"}
 BAD_DAY = date(2026, 2, 23)
 BAD = {"window_start": "2026-02-23", "window_end": "2026-02-25"}
+CANARY = "canary-secret-7f3e9c2a"
 
 
 @pytest.fixture(scope="module")
 def world(generated_home, airflow_db, dagbag):
     """A fresh closedloop home with 58 days of generated data, and the retraining DAG."""
     config = GeneratorConfig(start=date(2026, 1, 1), days=58, customers=400, transactions_per_day=1000, seed=3)
-    with generated_home("retraining", config) as rt:
+    with generated_home("retraining", config) as rt, pytest.MonkeyPatch.context() as mp:
+        # a canary secret in the environment of every run: test_6 checks it never reaches MLflow
+        mp.setenv("CLOSEDLOOP_CANARY_SECRET_TOKEN", CANARY)
         _degrade_labels(rt, date(2026, 1, 1), date(2026, 1, 8), share=0.05, seed=1)
         yield rt, dagbag.get_dag("retraining")
 
@@ -150,3 +153,22 @@ def test_5_rerunning_a_window_creates_nothing_new(world):
     assert rt.client.get_model_version(rt.model_name, "3").tags["closedloop.decision_reason"].startswith("roc_auc")
     runs_after = len(rt.client.search_runs([rt.client.get_experiment_by_name("closedloop-training").experiment_id]))
     assert runs_after == runs_before
+
+
+def test_6_no_secret_reaches_mlflow(world, reliability):
+    """Tags, params and model version tags hold neither the environment's secrets nor passwords in URIs."""
+    import re
+
+    rt, _ = world
+    userinfo = re.compile(r"://[^/@\s]+:[^/@\s]+@")
+    values = []
+    for exp in rt.client.search_experiments():
+        for run in rt.client.search_runs([exp.experiment_id], max_results=1000):
+            values += [*run.data.tags.values(), *run.data.params.values()]
+    for mv in rt.client.search_model_versions(f"name = '{rt.model_name}'"):
+        values += [*mv.tags.values(), mv.source]
+    assert len(values) > 50
+    leaks = [v for v in values if CANARY in v or userinfo.search(v)]
+    assert not leaks, leaks
+    reliability.record("security", "a secret in the environment of a retraining run",
+                       "never written to MLflow: no run tag, param or model version tag holds it")
