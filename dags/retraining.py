@@ -16,6 +16,11 @@ Tasks, each a thin call into the `closedloop` package:
 - `register_model`: a model version with its lineage and drift reference (a re-run finds its own version).
 - `evaluate_gate`: candidate and champion scored on the same holdout; the decision goes to the version's tags.
 - `promote_or_reject`: moves the `champion` alias (compare-and-set) or keeps the candidate as rejected.
+
+One run at a time (`max_active_runs=1`). Every task has an execution timeout and is retried with
+exponential backoff (`CLOSEDLOOP_TASK_RETRIES`, `CLOSEDLOOP_RETRY_DELAY_SECONDS`,
+`CLOSEDLOOP_TASK_TIMEOUT_MINUTES`); a retried `train_model` marks the MLflow run a killed try left
+behind as an orphan, and a retried `register_model` finds the version it already made.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
+from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule, timeout
 
 
 @dag(
@@ -90,7 +95,7 @@ def retraining():
                    "validation": validated}
         return run_stage(stages.train, Runtime.from_env(), training_set, lineage)
 
-    @task
+    @task(execution_timeout=timeout(minutes=10))
     def register_model(trained: dict, validated: dict) -> dict:
         """Register the model version (a retry finds the version it already made)."""
         from closedloop import retraining as stages
@@ -113,7 +118,7 @@ def retraining():
 
         return run_stage(stages.evaluate_gate, Runtime.from_env(), registered, training_set)
 
-    @task
+    @task(execution_timeout=timeout(minutes=10))
     def promote_or_reject(decision: dict) -> dict:
         """Move `champion` to the candidate (compare-and-set) or keep it as rejected with the reason."""
         from closedloop import retraining as stages

@@ -30,6 +30,14 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_SESSION / 'air
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ["CLOSEDLOOP_DEVICE"] = "cpu"
+# MLflow's HTTP client retries for minutes by default (7 retries, backoff factor 2, 120 s timeout): a test
+# that meets a dead server should fail in seconds, still through MLflow's own retries with backoff.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# a task retried by the scheduler waits a second or two, not the production 20 s and more
+os.environ.setdefault("CLOSEDLOOP_RETRY_DELAY_SECONDS", "1")
 
 from closedloop.schema import DataContract, load_contract  # noqa: E402
 from closedloop.settings import REPO_ROOT  # noqa: E402

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import Asset
 from airflow.sdk.exceptions import AirflowFailException
 
 from closedloop.errors import PermanentError
+
+if TYPE_CHECKING:
+    from closedloop.settings import Settings
 
 T = TypeVar("T")
 
@@ -24,14 +27,41 @@ OWNER = "closedloop"
 CURATED = Asset(name="closedloop_curated", uri="closedloop://lake/curated", group="closedloop")
 PREDICTIONS = Asset(name="closedloop_predictions", uri="closedloop://lake/predictions", group="closedloop")
 
-DEFAULT_ARGS: dict[str, Any] = {
-    "owner": OWNER,
-    "retries": 2,
-    "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=10),
-    "execution_timeout": timedelta(minutes=60),
-}
+MAX_RETRY_DELAY = timedelta(minutes=10)
+# Airflow 3 reads retry_exponential_backoff as a multiplier: True is 1, a constant delay, so say 2.
+BACKOFF = 2.0
+
+
+def task_defaults(settings: Settings | None = None) -> dict[str, Any]:
+    """Every task's default arguments: retries with exponential backoff, and an execution timeout.
+
+    From the settings (``CLOSEDLOOP_TASK_RETRIES``, ``CLOSEDLOOP_RETRY_DELAY_SECONDS``,
+    ``CLOSEDLOOP_TASK_TIMEOUT_MINUTES``): a transient failure (a service down, a killed worker) is retried
+    after about 20 s, 40 s, ... at most 10 minutes; a task that hangs is stopped after an hour and retried.
+    """
+    from closedloop.settings import Settings
+
+    s = settings or Settings.from_env()
+    return {
+        "owner": OWNER,
+        "retries": s.task_retries,
+        "retry_delay": timedelta(seconds=s.retry_delay_seconds),
+        "retry_exponential_backoff": BACKOFF,
+        "max_retry_delay": MAX_RETRY_DELAY,
+        "execution_timeout": timedelta(minutes=s.task_timeout_minutes),
+    }
+
+
+DEFAULT_ARGS: dict[str, Any] = task_defaults()
+
+
+def timeout(minutes: float) -> timedelta:
+    """A task's own execution timeout: ``minutes``, never above the configured default.
+
+    For tasks that only talk to a service (registering, moving an alias): a hung call fails fast and is
+    retried instead of holding a worker for the default hour.
+    """
+    return min(timedelta(minutes=minutes), DEFAULT_ARGS["execution_timeout"])
 
 
 def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
