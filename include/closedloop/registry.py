@@ -69,13 +69,51 @@ def ensure_experiment(client: MlflowClient, settings: Settings, name: str) -> st
 
 
 def ensure_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model ``name`` unless it exists (only "does not exist" means missing)."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
-        with contextlib.suppress(MlflowException):
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
             client.create_registered_model(name, description="Managed by closedloop: see its promotion history.")
+        except MlflowException as exc2:  # created meanwhile by a concurrent task
+            if exc2.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether an MLflow error is a failure to reach its server (refused, timed out, retries exhausted)."""
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.RequestException | ConnectionError | TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def service_errors(client: MlflowClient, action: str) -> Iterator[None]:
+    """Turn "the MLflow server does not answer" into a TransientError that names it.
+
+    MLflow's HTTP client has already retried with backoff (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+    ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``); what is left is for the task's
+    own retries, and the message says where to look. Other MLflow errors pass unchanged.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if not unreachable(exc):
+            raise
+        detail = str(exc).splitlines()[0][:300]
+        raise TransientError(f"{action}: the MLflow server at {client.tracking_uri} did not answer after "
+                             f"retries ({detail}); check that it is up, the task is retried") from exc
 
 
 def find_version(client: MlflowClient, name: str, lineage_key: str) -> ModelVersion | None:
@@ -90,16 +128,30 @@ def register(client: MlflowClient, name: str, *, model_uri: str, run_id: str, li
              tags: dict[str, str]) -> tuple[str, bool]:
     """Register the run's model as a version of ``name``; returns ``(version, created)``.
 
-    Idempotent: a version already registered for the same lineage key is returned, not duplicated.
+    Idempotent: a version already registered for the same lineage key is returned, not duplicated. The
+    version and its tags are created in one call, so a failure leaves either no version or a whole one;
+    an unreachable server raises TransientError naming it (the retry finds any version this call made).
     """
-    ensure_model(client, name)
-    existing = find_version(client, name, lineage_key)
-    if existing is not None:
-        log.info("version %s of %s already holds lineage %s", existing.version, name, lineage_key)
-        return str(existing.version), False
-    all_tags = {**tags, f"{TAG}lineage_key": lineage_key, f"{TAG}status": "candidate"}
-    mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=all_tags)
+    with service_errors(client, f"registering {name} (lineage {lineage_key})"):
+        ensure_model(client, name)
+        existing = find_version(client, name, lineage_key)
+        if existing is not None:
+            log.info("version %s of %s already holds lineage %s", existing.version, name, lineage_key)
+            return str(existing.version), False
+        all_tags = {**tags, f"{TAG}lineage_key": lineage_key, f"{TAG}status": "candidate"}
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=all_tags,
+                                         model_id=logged_model_id(model_uri))
     return str(mv.version), True
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """The LoggedModel id of a ``models:/m-...`` URI (what ``log_model`` returns), else None.
+
+    An MLflow tracking server refuses a version whose source is a ``models:/<id>`` URI unless the id is
+    also given (the local SQLite store does not check): pass it, as ``mlflow.register_model`` does.
+    """
+    rest = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest and "@" not in rest else None
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

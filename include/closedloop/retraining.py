@@ -61,11 +61,16 @@ def train(rt: Runtime, training_set: dict[str, Any], lineage: dict[str, Any]) ->
 
 def register(rt: Runtime, trained: dict[str, Any], window: Window, extra_tags: dict[str, str] | None = None
              ) -> dict[str, Any]:
-    """Register the trained model as a version (idempotent on its lineage key)."""
-    from closedloop.registry import TAG
+    """Register the trained model as a version (idempotent on its lineage key).
+
+    An unreachable MLflow server raises TransientError naming it, after MLflow's own retries with
+    backoff; nothing is half-done (no version, no alias moved) and the task's retry completes the work.
+    """
+    from closedloop.registry import TAG, service_errors
     from closedloop.registry import register as reg
 
-    run = rt.client.get_run(trained["run_id"])
+    with service_errors(rt.client, f"reading training run {trained['run_id']}"):
+        run = rt.client.get_run(trained["run_id"])
     tags = {
         f"{TAG}window": str(window),
         f"{TAG}decision_threshold": f"{trained['threshold']:.8f}",
