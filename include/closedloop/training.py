@@ -18,6 +18,7 @@ from closedloop.settings import REPO_ROOT
 if TYPE_CHECKING:
     import pandas as pd
     import xgboost as xgb
+    from mlflow import MlflowClient
 
     from closedloop.lake import Lake
     from closedloop.schema import DataContract
@@ -179,17 +180,22 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
     """Train on a written training set and log everything to MLflow; a re-run reuses its finished run.
 
     ``lineage`` carries what the caller knows (dag_run id, validation results); the rest is added here.
+    Runs that an earlier, killed or failed try of the same DAG run left unfinished are marked as orphans
+    first (:func:`mark_orphans`).
     """
     import mlflow
     import xgboost as xgb
     from mlflow.models import infer_signature
 
+    from closedloop import faults
     from closedloop.registry import ensure_experiment, mlflow_client
 
     client = mlflow_client(settings)
     cfg = settings.config
     key = lineage_key(training_set, contract, settings)
     exp_id = ensure_experiment(client, settings, cfg.raw["model"]["experiment"])
+    if lineage.get("dag_run_id"):
+        mark_orphans(client, exp_id, key, str(lineage["dag_run_id"]))
     found = client.search_runs([exp_id], filter_string=f"tags.`{TAG}lineage_key` = '{key}' and status = 'FINISHED'",
                                max_results=1)
     if found:
@@ -231,6 +237,7 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         **{f"{TAG}{k}": str(v) for k, v in lineage.items() if isinstance(v, str | int | float)},
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
+        faults.inject(settings.fault, "train_run_created")  # test hook; inert unless CLOSEDLOOP_FAULT is set
         mlflow.log_params({f"xgb_{k}": v for k, v in tcfg["params"].items()})
         mlflow.log_params({
             "num_boost_round": tcfg["num_boost_round"], "early_stopping_rounds": tcfg["early_stopping_rounds"],
@@ -259,6 +266,33 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
     log.info("trained on %s in run %s: holdout %s", device, run_id, json.dumps(holdout_metrics))
     return TrainResult(run_id=run_id, model_uri=info.model_uri, lineage_key=key, device=device,
                        threshold=threshold, metrics=holdout_metrics)
+
+
+def mark_orphans(client: MlflowClient, experiment_id: str, key: str, dag_run_id: str) -> list[str]:
+    """Mark the unfinished training runs of ``key`` left by earlier tries of DAG run ``dag_run_id``.
+
+    Airflow never runs two tries of one task at once, so a run of the same lineage and DAG run that is
+    not FINISHED when a try starts belongs to a try that died (SIGKILL, OOM, timeout) or failed: it gets
+    ``closedloop.orphan=true`` and, if still RUNNING, is terminated as FAILED, so nobody mistakes it for
+    a live or usable run (the reuse above only takes FINISHED runs). Returns the run ids marked.
+    """
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{TAG}lineage_key` = '{key}' and tags.`{TAG}dag_run_id` = '{dag_run_id}' "
+        "and attributes.status != 'FINISHED'"), max_results=100)
+    marked = []
+    for r in runs:
+        if r.data.tags.get(f"{TAG}orphan") == "true":
+            continue
+        client.set_tag(r.info.run_id, f"{TAG}orphan", "true")
+        client.set_tag(r.info.run_id, f"{TAG}orphan_reason",
+                       f"left {r.info.status} by an earlier try of {dag_run_id}, which died or failed; "
+                       "a later try trained again")
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, status="FAILED")
+        marked.append(r.info.run_id)
+    if marked:
+        log.warning("marked %d orphan training run(s) of %s: %s", len(marked), dag_run_id, ", ".join(marked))
+    return marked
 
 
 def _log_frame(frame: pd.DataFrame, artifact_file: str) -> None:

@@ -1,0 +1,173 @@
+"""Faults that only the real scheduler can show: a killed task retried, two runs at once, a run re-run.
+
+One Airflow stack (scheduler, dag-processor, triggerer, API server) on its own home and database, small
+data, and three ``retraining`` runs:
+
+1. two runs on overlapping windows are triggered at the same moment; the training task of whichever
+   trains first SIGKILLs itself right after its MLflow run was created (the ``CLOSEDLOOP_FAULT`` test
+   hook, once, see ``closedloop.faults``), so the scheduler has to retry it;
+2. the last of them is cleared and re-run whole.
+
+Retries wait a second (``CLOSEDLOOP_RETRY_DELAY_SECONDS``), every wait polls with a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+START = date(2026, 7, 1)
+W1 = {"window_start": (START + timedelta(days=6)).isoformat(), "window_end": (START + timedelta(days=13)).isoformat()}
+W2 = {"window_start": (START + timedelta(days=7)).isoformat(), "window_end": (START + timedelta(days=14)).isoformat()}
+TIMEOUT = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The stack, and the two retraining runs triggered at once and finished: ``(rt, stack, marker, runs)``."""
+    from closedloop.airflow_home import airflow_home, write_config
+    from closedloop.generate import GeneratorConfig, generate
+    from closedloop.runtime import Runtime
+    from closedloop.stack import AirflowStack
+
+    root = tmp_path_factory.mktemp("faults-scheduler")
+    marker = root / "kill_train_once.marker"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLOSEDLOOP_HOME", str(root / "closedloop"))
+        rt = Runtime.from_env()
+        generate(GeneratorConfig(start=START, days=16, customers=300, transactions_per_day=800, seed=21,
+                                 fraud_rate=0.03), rt.lake, rt.contract)
+        af_home = airflow_home(rt.settings)
+        write_config(rt.settings, parallelism=2)
+        # this module's own Airflow: its own home and database, not the session's
+        for var in [v for v in os.environ if v.startswith("AIRFLOW__")]:
+            mp.delenv(var)
+        mp.setenv("AIRFLOW_HOME", str(af_home))
+        subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
+                       capture_output=True, timeout=300, env=os.environ.copy())
+        env = {"CLOSEDLOOP_HOME": str(rt.settings.home), "CLOSEDLOOP_SCHEDULES": "manual",
+               "CLOSEDLOOP_RETRY_DELAY_SECONDS": "1", "CLOSEDLOOP_FAULT": f"kill_train_once:{marker}",
+               "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+               "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+               "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10"}
+        with AirflowStack(af_home, env, port=_free_port()) as stack:
+            stack.wait(lambda: _has_dag(stack, "retraining"), 180, "the retraining DAG to be parsed")
+            ids = [stack.trigger("retraining", {**W1, "reason": "fault test: first"}, run_id="faults_w1"),
+                   stack.trigger("retraining", {**W2, "reason": "fault test: second"}, run_id="faults_w2")]
+            runs = [stack.wait_run("retraining", run_id, TIMEOUT) for run_id in ids]
+            yield rt, stack, marker, sorted(runs, key=lambda r: r["start_date"])
+
+
+def _has_dag(stack, dag_id: str) -> bool:
+    try:
+        stack.api("GET", f"/dags/{dag_id}")
+        return True
+    except Exception:
+        return False
+
+
+def _tries(stack, run_id: str) -> dict[str, int]:
+    tis = stack.api("GET", f"/dags/retraining/dagRuns/{run_id}/taskInstances")["task_instances"]
+    return {t["task_id"]: t["try_number"] for t in tis}
+
+
+def _training_runs(rt, filter_string: str = "") -> list:
+    exp = rt.client.get_experiment_by_name(rt.settings.config.raw["model"]["experiment"])
+    return rt.client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=100)
+
+
+def _versions(rt) -> dict[str, dict[str, str]]:
+    return {str(v.version): dict(v.tags) for v in rt.client.search_model_versions(f"name = '{rt.model_name}'")}
+
+
+def test_a_killed_training_task_is_retried_and_leaves_no_duplicate(world, reliability):
+    rt, stack, marker, runs = world
+    assert all(r["state"] == "success" for r in runs), runs
+    assert marker.exists(), "the fault never struck"
+    killed, other = runs[0]["dag_run_id"], runs[1]["dag_run_id"]  # the first to train met the fault
+    assert _tries(stack, killed)["train_model"] == 2
+    assert set(_tries(stack, other).values()) == {1}
+
+    orphans = _training_runs(rt, "tags.`closedloop.orphan` = 'true'")
+    assert len(orphans) == 1
+    orphan = orphans[0]
+    assert orphan.info.status == "FAILED"
+    assert orphan.data.tags["closedloop.dag_run_id"] == killed
+    assert killed in orphan.data.tags["closedloop.orphan_reason"]
+    finished = _training_runs(rt, f"tags.`closedloop.dag_run_id` = '{killed}' and attributes.status = 'FINISHED'")
+    assert len(finished) == 1
+    assert finished[0].data.tags["closedloop.lineage_key"] == orphan.data.tags["closedloop.lineage_key"]
+
+    versions = _versions(rt)
+    of_lineage = [v for v, tags in versions.items()
+                  if tags["closedloop.lineage_key"] == orphan.data.tags["closedloop.lineage_key"]]
+    assert len(of_lineage) == 1
+    assert rt.client.get_model_version(rt.model_name, of_lineage[0]).run_id == finished[0].info.run_id
+    reliability.record(
+        "fault", "training task's process SIGKILLed right after its MLflow run was created (real scheduler)",
+        "Airflow retried the task and the DAG run succeeded; 1 model version for the lineage, from the retry's "
+        "run; the killed try's MLflow run tagged closedloop.orphan=true and terminated FAILED")
+
+
+def test_two_runs_triggered_at_once_are_serialised_with_one_promotion_per_decision(world, reliability):
+    from closedloop.registry import CHAMPION, alias_version, history
+
+    rt, _, _, runs = world
+    first, second = runs
+    assert first["end_date"] <= second["start_date"], runs  # max_active_runs=1: one after the other
+
+    versions = _versions(rt)
+    assert len(versions) == 2 == len({t["closedloop.lineage_key"] for t in versions.values()})
+    by_run = {t["closedloop.dag_run_id"]: v for v, t in versions.items()}
+    v1, v2 = by_run[first["dag_run_id"]], by_run[second["dag_run_id"]]
+    assert versions[v1]["closedloop.decision"] == "promote" and versions[v1]["closedloop.compared_with"] == "none"
+    # the second decision saw the first's outcome: it was judged against the champion the first promoted
+    assert versions[v2]["closedloop.compared_with"] == v1
+    moves = history(rt.client, rt.model_name)
+    promoted = [v for v in (v1, v2) if versions[v]["closedloop.decision"] == "promote"]
+    assert sorted(m["to_version"] for m in moves) == sorted(promoted)  # one promotion per promote decision
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == promoted[-1]
+    reliability.record(
+        "fault", "two retraining runs triggered at the same moment (real scheduler)",
+        "max_active_runs=1 ran them one after the other; the second's gate judged against the champion the first "
+        "promoted; one promotion per promote decision, the champion is the last one promoted")
+
+
+def test_a_finished_run_cleared_and_rerun_whole_creates_nothing_new(world, reliability):
+    from closedloop.registry import CHAMPION, alias_version, history
+
+    rt, stack, _, runs = world
+    last = runs[-1]["dag_run_id"]
+    versions, moves = _versions(rt), history(rt.client, rt.model_name)
+    champion = alias_version(rt.client, rt.model_name, CHAMPION)
+    trained = len(_training_runs(rt))
+    tries = _tries(stack, last)
+
+    stack.api("POST", f"/dags/retraining/dagRuns/{last}/clear", json={"dry_run": False})
+    stack.wait(lambda: _tries(stack, last)["promote_or_reject"] > tries["promote_or_reject"]
+               and stack.api("GET", f"/dags/retraining/dagRuns/{last}")["state"] in {"success", "failed"},
+               TIMEOUT, f"the cleared run {last} to finish again")
+    assert stack.api("GET", f"/dags/retraining/dagRuns/{last}")["state"] == "success"
+    assert set(_versions(rt)) == set(versions)
+    assert len(history(rt.client, rt.model_name)) == len(moves)
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == champion
+    assert len(_training_runs(rt)) == trained  # the finished training run was reused
+    reliability.record(
+        "fault", "a finished retraining run cleared and re-run whole (real scheduler)",
+        "the re-run succeeded reusing its training run and model version; no new version, no second promotion, "
+        "champion unchanged")
