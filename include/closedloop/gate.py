@@ -8,10 +8,11 @@ run, and returns it for the promote task. See ``docs/GATE.md`` for the policy an
 The rule, in order:
 
 1. The primary metric must be defined on the holdout (both classes present), else "insufficient evidence".
-2. Without a usable champion (none yet, or the champion is gone, unloadable or trained on another
-   schema: :class:`ChampionCheck`), nothing can be compared: the candidate must clear the absolute
-   ``floor`` on its own, point estimate and bootstrap bound both.
-3. With a champion, fewer than ``min_holdout_positives`` positives is "insufficient evidence" (the
+2. With no champion yet (the registry has never promoted one), the candidate becomes the champion.
+3. With an unusable champion (gone, unloadable, trained on another schema: :class:`ChampionCheck`)
+   nothing can be compared: the candidate must clear the absolute ``floor`` on its own, point estimate
+   and bootstrap bound both; the alias still moves only by the registry's compare-and-set.
+4. With a champion, fewer than ``min_holdout_positives`` positives is "insufficient evidence" (the
    champion stays); otherwise the candidate's gain on the primary metric must exceed ``margin`` (a tie
    is never a win), the lower bound of the paired bootstrap interval of the gain must exceed it too, and
    no guard metric may worsen by more than its tolerance.
@@ -235,9 +236,10 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
     """Apply the gate policy (the module docstring's rule) to the metrics of both models on one holdout.
 
     ``champion`` is None when there is no usable champion; ``champion_problem`` then says why (None:
-    there has never been one). With ``gate.bootstrap.resamples`` > 0 the rule needs an interval: pass
-    ``interval`` (computed by :func:`bootstrap_interval`) or the per-row ``scores`` to compute it from;
-    the bootstrap is seeded, so the same inputs always give the same decision.
+    there has never been one, and the candidate is the first champion). With
+    ``gate.bootstrap.resamples`` > 0 the rule needs an interval: pass ``interval`` (computed by
+    :func:`bootstrap_interval`) or the per-row ``scores`` to compute it from; the bootstrap is seeded,
+    so the same inputs always give the same decision.
     """
     primary = policy["primary_metric"]
     if primary not in DIRECTIONS:
@@ -265,14 +267,14 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
     if math.isnan(c):
         return verdict(INSUFFICIENT, f"{primary} undefined on the holdout (one class only): nothing moves")
 
+    if champion is None and not champion_problem:
+        return verdict(PROMOTE, "no champion yet: the first valid candidate becomes champion")
     if champion is None:
         floor = policy.get("floor")
-        problem = f"champion unusable: {champion_problem}" if champion_problem else "no champion yet"
-        if floor is None:
-            if champion_problem:  # replacing a broken champion needs some absolute evidence
-                return verdict(REJECT, f"{problem}; no gate.floor is configured to judge the candidate alone: "
-                               "nothing moves, fix or roll back the champion")
-            return verdict(PROMOTE, "no champion yet: the first valid candidate becomes champion")
+        problem = f"champion unusable: {champion_problem}"
+        if floor is None:  # replacing a broken champion needs some absolute evidence
+            return verdict(REJECT, f"{problem}; no gate.floor is configured to judge the candidate alone: "
+                           "nothing moves, fix or roll back the champion")
         floor = float(floor)
         ci = need_interval("candidate")
         bound = c if ci is None else (ci.lower if higher else ci.upper)

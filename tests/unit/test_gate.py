@@ -172,28 +172,36 @@ def test_resamples_zero_disables_the_interval():
 
 # -- no usable champion: the floor ------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("auc", "interval", "problem", "outcome", "why"),
+    ("auc", "interval", "outcome", "why"),
     [
-        (0.90, (0.85, 0.95), None, PROMOTE, "no champion yet: roc_auc 0.9000 (95% CI [0.8500, 0.9500]) clears"),
-        (0.65, (0.55, 0.75), None, REJECT, "does not clear the floor 0.6"),  # the bound, not the point, fails
-        (0.55, (0.50, 0.62), None, REJECT, "does not clear the floor 0.6"),
-        (0.90, (0.85, 0.95), "version 1 could not be loaded (XGBoostError: ...)", PROMOTE,
-         "champion unusable: version 1 could not be loaded"),
-        (0.50, (0.45, 0.55), "version 1 was trained on another schema", REJECT, "nothing moves"),
+        (0.90, (0.85, 0.95), PROMOTE, "roc_auc 0.9000 (95% CI [0.8500, 0.9500]) clears the floor 0.6"),
+        (0.65, (0.55, 0.75), REJECT, "does not clear the floor 0.6"),  # the bound, not the point, fails
+        (0.55, (0.50, 0.62), REJECT, "does not clear the floor 0.6"),
     ],
 )
-def test_without_a_usable_champion_the_candidate_must_clear_the_floor(auc, interval, problem, outcome, why):
+@pytest.mark.parametrize("problem", ["version 1 could not be loaded (XGBoostError: ...)",
+                                     "version 1 was trained on another schema"])
+def test_an_unusable_champion_is_replaced_only_by_a_candidate_that_clears_the_floor(auc, interval, outcome, why,
+                                                                                     problem):
     ci = Interval("roc_auc", "candidate", *interval, 1000, 0.95, 0)
-    d = decide(_cand(roc_auc=auc), None, BOOT, candidate_version="2", champion_version="1" if problem else None,
-               interval=ci, champion_problem=problem)
+    d = decide(_cand(roc_auc=auc), None, BOOT, candidate_version="2", champion_version="1", interval=ci,
+               champion_problem=problem)
     assert d.outcome == outcome and why in d.reason, d.reason
+    assert d.reason.startswith(f"champion unusable: {problem}")
     assert d.champion_problem == problem
-    assert d.champion_version == ("1" if problem else None)  # the compare-and-set expects what the gate saw
+    assert d.champion_version == "1"  # the compare-and-set expects what the gate saw
+
+
+def test_the_first_champion_needs_no_floor():
+    # nothing to keep: an empty registry serves nothing (and a first window may be noisy, see docs/GATE.md)
+    d = decide(_cand(roc_auc=0.55), None, BOOT, candidate_version="1", champion_version=None)
+    assert d.outcome == PROMOTE and d.reason.startswith("no champion yet") and d.interval is None
 
 
 def test_the_floor_is_computed_from_the_candidates_scores():
     y, cand, _ = _noisy_pair(seed=2)
-    d = decide(_metrics(y, cand), None, BOOT, candidate_version="1", champion_version=None, scores=Scores(y, cand))
+    d = decide(_metrics(y, cand), None, BOOT, candidate_version="2", champion_version=None, scores=Scores(y, cand),
+               champion_problem="version 1, the last one promoted, is gone")
     assert d.outcome == PROMOTE and d.interval["of"] == "candidate"
     assert d.interval["lower"] < roc_auc_score(y, cand) < d.interval["upper"]
 
@@ -206,8 +214,9 @@ def test_a_broken_champion_without_a_floor_is_not_replaced_blindly():
 
 def test_a_floor_is_a_ceiling_for_a_lower_is_better_metric():
     policy = {**POLICY, "primary_metric": "log_loss", "guards": {}, "floor": 0.1}
-    assert decide(_cand(log_loss=0.05), None, policy, candidate_version="1", champion_version=None).promote
-    assert not decide(_cand(log_loss=0.2), None, policy, candidate_version="1", champion_version=None).promote
+    args = {"candidate_version": "2", "champion_version": "1", "champion_problem": "version 1 is broken"}
+    assert decide(_cand(log_loss=0.05), None, policy, **args).promote
+    assert not decide(_cand(log_loss=0.2), None, policy, **args).promote
 
 
 # -- the bootstrap itself --------------------------------------------------------------------------
