@@ -123,15 +123,35 @@ def apply_definitions(store: FeatureStore, defs: FeastDefinitions) -> None:
     store.apply(defs.objects())
 
 
+def materialised_until(store: FeatureStore, view_name: str) -> datetime | None:
+    """The end of the latest interval materialised for ``view_name`` (Feast's registry); None before any."""
+    from feast.errors import FeatureViewNotFoundException
+
+    try:
+        view = store.get_feature_view(view_name, allow_registry_cache=False)
+    except FeatureViewNotFoundException:
+        return None
+    ends = [end if end.tzinfo else end.replace(tzinfo=UTC) for _, end in view.materialization_intervals]
+    return max(ends) if ends else None
+
+
 def materialize_window(store: FeatureStore, defs: FeastDefinitions, start: date, end: date,
                        overlap_days: int = 1) -> tuple[datetime, datetime]:
-    """Materialise ``[start - overlap, end)`` of the feature view into the online store.
+    """Materialise ``[start - overlap, end)`` of the feature view into the online store; returns the interval.
 
     The interval is named by the caller (the run's window), never "now"; the overlap re-reads the
-    days before for late data. Re-running it writes the same rows again.
+    days before for late data. Re-running it writes the same rows again, so an interrupted run is
+    repaired by its retry. The online store keeps one row per entity and overwrites it whatever its
+    time, so a window older than what was already materialised (a backfill, an old window retrained)
+    is extended to the end of that: each entity keeps its newest features instead of going back in time.
     """
     lo = to_utc(start - timedelta(days=overlap_days))
     hi = to_utc(end)
+    until = materialised_until(store, defs.view.name)
+    if until is not None and until > hi:
+        log.info("materialising %s..%s instead of ..%s: the online store already holds features up to %s",
+                 lo, until, hi, until)
+        hi = until
     store.materialize(lo, hi, feature_views=[defs.view.name])
     return lo, hi
 

@@ -168,7 +168,7 @@ def test_mlflow_server_dying_during_registration(home, monkeypatch, mlflow_serve
         "no alias; after restart the re-run registered exactly 1 version and a second re-run found it")
 
 
-# -- Feast materialisation interrupted ---------------------------------------------------------------
+# -- Feast materialisation interrupted, or run out of order -----------------------------------------
 START = date(2026, 5, 1)
 WINDOW = Window(START + timedelta(days=4), START + timedelta(days=10))
 
@@ -190,33 +190,40 @@ stages.materialise(rt, Window(parse_day(sys.argv[1]), parse_day(sys.argv[2])))
 """
 
 
+@pytest.fixture(scope="module")
+def feast_home(generated_home):
+    """A home with ten generated days, the window validated, and a clean materialisation of it."""
+    from closedloop.generate import GeneratorConfig
+
+    config = GeneratorConfig(start=START, days=10, customers=300, transactions_per_day=300, seed=13)
+    with generated_home("faults-feast", config) as rt:
+        stages.validate(rt, WINDOW)
+        stages.materialise(rt, WINDOW)
+        yield rt, _online_rows(rt)
+
+
 def _online_rows(rt) -> list[tuple]:
     """Every row of the SQLite online store: entity key, feature, value, event time (sorted)."""
     with contextlib.closing(sqlite3.connect(rt.settings.feast_dir / "online_store.db")) as db:
-        tables = [r[0] for r in db.execute("select name from sqlite_master where type = 'table'")
-                  if r[0] == f"closedloop_{rt.contract.feature_view}"]
-        assert tables, "the feature view's online table is missing"
-        return sorted(db.execute(f"select entity_key, feature_name, value, event_ts from {tables[0]}").fetchall())
+        table = f"closedloop_{rt.contract.feature_view}"
+        return sorted(db.execute(f"select entity_key, feature_name, value, event_ts from {table}").fetchall())
+
+
+def _wipe_online(rt) -> None:
+    with contextlib.closing(sqlite3.connect(rt.settings.feast_dir / "online_store.db")) as db, db:
+        db.execute(f"delete from closedloop_{rt.contract.feature_view}")
 
 
 @pytest.mark.integration
-def test_an_interrupted_materialisation_rerun_equals_a_clean_one(home, reliability):
-    from closedloop.generate import GeneratorConfig, generate
-    from closedloop.runtime import Runtime
-
-    rt = Runtime.from_env()
-    generate(GeneratorConfig(start=START, days=10, customers=300, transactions_per_day=300, seed=13), rt.lake,
-             rt.contract)
-    stages.validate(rt, WINDOW)
-    stages.materialise(rt, WINDOW)
-    clean = _online_rows(rt)
+def test_an_interrupted_materialisation_rerun_equals_a_clean_one(feast_home, reliability):
+    rt, clean = feast_home
     entities = {r[0] for r in clean}
     assert len(entities) > 100
 
-    with contextlib.closing(sqlite3.connect(rt.settings.feast_dir / "online_store.db")) as db, db:
-        db.execute(f"delete from closedloop_{rt.contract.feature_view}")
+    _wipe_online(rt)
     out = subprocess.run([sys.executable, "-c", _KILLED_MATERIALISATION, WINDOW.start.isoformat(),
-                          WINDOW.end.isoformat()], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+                          WINDOW.end.isoformat()], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CLOSEDLOOP_HOME": str(rt.settings.home)})
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     partial = {r[0] for r in _online_rows(rt)}
     assert 0 < len(partial) < len(entities)  # killed half-way: some entities written, not all
@@ -227,6 +234,26 @@ def test_an_interrupted_materialisation_rerun_equals_a_clean_one(home, reliabili
         "fault", "Feast materialisation SIGKILLed after its first online-store batch, then re-run for the window",
         "the killed run left part of the entities in the online store; the re-run made every online feature of "
         "every entity identical to a clean run's")
+
+
+@pytest.mark.integration
+def test_an_older_window_materialised_late_does_not_take_features_back_in_time(feast_home, reliability):
+    rt, clean = feast_home
+    newer = Window(WINDOW.end - timedelta(days=3), WINDOW.end)
+    older = Window(WINDOW.start, WINDOW.start + timedelta(days=2))
+    _wipe_online(rt)
+    stages.materialise(rt, newer)
+    after_newer = dict(((r[0], r[1]), r) for r in _online_rows(rt))
+
+    done = stages.materialise(rt, older)  # a backfill, or an old window retrained, after the newer days
+    assert done["end"] == f"{WINDOW.end.isoformat()}T00:00:00+00:00"  # extended to what was already there
+    rows = _online_rows(rt)
+    assert all(after_newer[(r[0], r[1])] == r for r in rows if (r[0], r[1]) in after_newer)
+    assert rows == clean  # every entity holds its newest features, as after one clean run of the whole window
+    reliability.record(
+        "fault", "an older window materialised after newer days (backfill, old window retrained)",
+        "the materialisation was extended to the newest materialised day: no entity's online features went back "
+        "in time; the online store equals a clean run of the whole window")
 
 
 # -- monitoring while a retraining is queued or running ------------------------------------------------
