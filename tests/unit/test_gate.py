@@ -264,3 +264,57 @@ def test_a_thousand_resamples_of_fifty_thousand_rows_are_fast():
     t0 = time.perf_counter()
     bootstrap_interval(y, cand, champ, metric="roc_auc", resamples=1000, confidence=0.95, seed=0)
     assert time.perf_counter() - t0 < 10  # about 0.6 s alone on one core; generous for a shared machine
+
+
+# -- the champion behind the alias: network errors are not champion problems ------------------------
+class _Version:
+    def __init__(self, contract):
+        self.version, self.run_id, self.source = "1", None, "models:/m-1"
+        self.tags = {"closedloop.schema_sha256": contract.sha256}
+
+
+class _Client:
+    """Just enough of MlflowClient for inspect_champion: the alias resolves to version 1."""
+
+    def __init__(self, contract):
+        self.mv = _Version(contract)
+
+    def get_model_version_by_alias(self, name, alias):
+        return self.mv
+
+    def get_model_version(self, name, version):
+        return self.mv
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ConnectionError("connection refused"), "transient"),
+        (TimeoutError("read timed out"), "transient"),
+        (ValueError("Invalid model format"), "version 1 could not be loaded (ValueError: Invalid model format)"),
+        (FileNotFoundError("model.ubj"), "version 1 could not be loaded (FileNotFoundError: model.ubj)"),
+    ],
+)
+def test_an_unreachable_store_is_retried_not_taken_for_a_broken_champion(contract, monkeypatch, error, expected):
+    import closedloop.registry
+    from closedloop.errors import TransientError
+    from closedloop.gate import inspect_champion
+
+    def load(uri):
+        raise error
+
+    monkeypatch.setattr(closedloop.registry, "load_booster", load)
+    if expected == "transient":
+        with pytest.raises(TransientError, match="could not reach the champion"):
+            inspect_champion(_Client(contract), "m", contract, holdout=None)
+    else:
+        assert inspect_champion(_Client(contract), "m", contract, holdout=None).problem == expected
+
+
+def test_a_champion_without_a_schema_tag_is_not_compared(contract):
+    from closedloop.gate import inspect_champion
+
+    client = _Client(contract)
+    client.mv.tags = {}
+    check = inspect_champion(client, "m", contract, holdout=None)
+    assert check.scores is None and "no closedloop.schema_sha256 tag" in check.problem
