@@ -89,7 +89,9 @@ def unreachable(exc: BaseException) -> bool:
     import requests
 
     seen: BaseException | None = exc
-    while seen is not None:
+    for _ in range(20):  # the chain of causes, bounded
+        if seen is None:
+            break
         if isinstance(seen, requests.exceptions.RequestException | ConnectionError | TimeoutError):
             return True
         seen = seen.__cause__ or seen.__context__

@@ -195,7 +195,7 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
     key = lineage_key(training_set, contract, settings)
     exp_id = ensure_experiment(client, settings, cfg.raw["model"]["experiment"])
     if lineage.get("dag_run_id"):
-        mark_orphans(client, exp_id, key, str(lineage["dag_run_id"]))
+        mark_orphans(client, exp_id, str(lineage["dag_run_id"]))
     found = client.search_runs([exp_id], filter_string=f"tags.`{TAG}lineage_key` = '{key}' and status = 'FINISHED'",
                                max_results=1)
     if found:
@@ -268,17 +268,17 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
                        threshold=threshold, metrics=holdout_metrics)
 
 
-def mark_orphans(client: MlflowClient, experiment_id: str, key: str, dag_run_id: str) -> list[str]:
-    """Mark the unfinished training runs of ``key`` left by earlier tries of DAG run ``dag_run_id``.
+def mark_orphans(client: MlflowClient, experiment_id: str, dag_run_id: str) -> list[str]:
+    """Mark the unfinished training runs left by earlier tries of DAG run ``dag_run_id``.
 
-    Airflow never runs two tries of one task at once, so a run of the same lineage and DAG run that is
-    not FINISHED when a try starts belongs to a try that died (SIGKILL, OOM, timeout) or failed: it gets
+    Airflow never runs two tries of one task at once, so a training run of the same DAG run that is not
+    FINISHED when a try starts belongs to a try that died (SIGKILL, OOM, timeout) or failed: it gets
     ``closedloop.orphan=true`` and, if still RUNNING, is terminated as FAILED, so nobody mistakes it for
-    a live or usable run (the reuse above only takes FINISHED runs). Returns the run ids marked.
+    a live or usable run (the reuse above only takes FINISHED runs). Matched on the DAG run, not the
+    lineage key, which a deployment between the tries changes. Returns the run ids marked.
     """
     runs = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{TAG}lineage_key` = '{key}' and tags.`{TAG}dag_run_id` = '{dag_run_id}' "
-        "and attributes.status != 'FINISHED'"), max_results=100)
+        f"tags.`{TAG}dag_run_id` = '{dag_run_id}' and attributes.status != 'FINISHED'"), max_results=100)
     marked = []
     for r in runs:
         if r.data.tags.get(f"{TAG}orphan") == "true":

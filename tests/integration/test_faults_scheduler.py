@@ -9,6 +9,9 @@ data, and three ``retraining`` runs:
 2. the last of them is cleared and re-run whole.
 
 Retries wait a second (``CLOSEDLOOP_RETRY_DELAY_SECONDS``), every wait polls with a bounded timeout.
+What the lineage key hashes besides the data is frozen for the module (a copy of the configuration and
+the schema, no git commit): others commit and edit this checkout while it runs, and a new commit or
+configuration is rightly a new lineage, a new model version.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def world(tmp_path_factory):
     marker = root / "kill_train_once.marker"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLOSEDLOOP_HOME", str(root / "closedloop"))
+        mp.setenv("CLOSEDLOOP_CONFIG", str(_frozen_config(root)))
         rt = Runtime.from_env()
         generate(GeneratorConfig(start=START, days=16, customers=300, transactions_per_day=800, seed=21,
                                  fraud_rate=0.03), rt.lake, rt.contract)
@@ -61,6 +65,7 @@ def world(tmp_path_factory):
         subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
                        capture_output=True, timeout=300, env=os.environ.copy())
         env = {"CLOSEDLOOP_HOME": str(rt.settings.home), "CLOSEDLOOP_SCHEDULES": "manual",
+               "CLOSEDLOOP_CONFIG": str(rt.settings.config_path), "GIT_DIR": str(root / "no-git"),
                "CLOSEDLOOP_RETRY_DELAY_SECONDS": "1", "CLOSEDLOOP_FAULT": f"kill_train_once:{marker}",
                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
@@ -71,6 +76,22 @@ def world(tmp_path_factory):
                    stack.trigger("retraining", {**W2, "reason": "fault test: second"}, run_id="faults_w2")]
             runs = [stack.wait_run("retraining", run_id, TIMEOUT) for run_id in ids]
             yield rt, stack, marker, sorted(runs, key=lambda r: r["start_date"])
+
+
+def _frozen_config(root: Path) -> Path:
+    """A copy of the configuration whose schema is a copy too (its relative path made absolute)."""
+    import shutil
+
+    import yaml
+
+    from closedloop.settings import Settings
+
+    config = Settings.from_env().config
+    schema = shutil.copy(config.schema_path, root / config.schema_path.name)
+    raw = {**config.raw, "dataset": {**config.raw["dataset"], "schema": str(schema)}}
+    path = root / "closedloop.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def _has_dag(stack, dag_id: str) -> bool:
