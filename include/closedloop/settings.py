@@ -10,7 +10,14 @@ Environment variables (all optional):
 - ``CLOSEDLOOP_CONFIG``: the versioned model and policy configuration (default: ``include/config/closedloop.yaml``).
 - ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``: default ``sqlite:///$CLOSEDLOOP_HOME/mlflow/mlflow.db``.
 - ``CLOSEDLOOP_MLFLOW_ARTIFACTS``: artifact root for new experiments (default ``$CLOSEDLOOP_HOME/mlflow/artifacts``).
+- ``CLOSEDLOOP_S3_ENDPOINT_URL``: an S3-compatible endpoint (MinIO) for ``s3://`` URIs; empty: AWS itself.
 - ``CLOSEDLOOP_FEAST_REPO``: the Feast repository (default: ``<repo>/feature_repo``).
+- ``CLOSEDLOOP_FEAST_REGISTRY``: Feast's registry file (default ``$CLOSEDLOOP_HOME/feast/registry.db``; ``s3://``
+  in production).
+- ``CLOSEDLOOP_ONLINE_STORE``: ``sqlite`` (default: a file under ``$CLOSEDLOOP_HOME/feast``) or ``redis``: Feast's
+  online store, rendered into ``feature_store.yaml`` by :meth:`Settings.feast_online_store`.
+- ``CLOSEDLOOP_REDIS_URL``: the Redis of the online store, ``redis://[:password@]host[:port][/db]`` (``rediss://``
+  for TLS); required with ``CLOSEDLOOP_ONLINE_STORE=redis``.
 - ``CLOSEDLOOP_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda``: where XGBoost trains.
 - ``CLOSEDLOOP_SCHEDULES``: ``on`` (default) or ``manual``: with ``manual`` the DAGs keep their Asset
   schedules but drop their time-based ones, so that a simulation or a demo drives days with explicit
@@ -26,11 +33,13 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -90,6 +99,38 @@ def _number(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+ONLINE_STORES = ("sqlite", "redis")
+
+
+def feast_redis_connection(url: str) -> str:
+    """Feast's Redis ``connection_string`` (``host:port,db=N,password=...``) for a ``redis://`` URL.
+
+    A URL is what Celery, redis-py and the secret masker understand; Feast wants its own comma-separated
+    form, so the password may hold no comma (generate it with ``openssl rand -hex 32``).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ConfigError(f"CLOSEDLOOP_REDIS_URL: not a valid URL ({exc})") from exc
+    if parts.scheme not in {"redis", "rediss"} or not parts.hostname:
+        raise ConfigError("CLOSEDLOOP_REDIS_URL: expected redis://[:password@]host[:port][/db] (or rediss://)")
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit():
+        raise ConfigError(f"CLOSEDLOOP_REDIS_URL: the database must be a number, not {db!r}")
+    fields = [f"{parts.hostname}:{port}", f"db={db}"]
+    if parts.username:
+        fields.append(f"username={unquote(parts.username)}")
+    if parts.password:
+        password = unquote(parts.password)
+        if "," in password:
+            raise ConfigError("CLOSEDLOOP_REDIS_URL: Feast cannot pass a password with a comma; generate another")
+        fields.append(f"password={password}")
+    if parts.scheme == "rediss":
+        fields.append("ssl=true")
+    return ",".join(fields)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved locations and service endpoints; build with :meth:`from_env`."""
@@ -110,6 +151,8 @@ class Settings:
     task_timeout_minutes: float = 60.0
     fault: str = ""
     allowed_roots: tuple[str, ...] = ()
+    online_store: str = "sqlite"
+    redis_url: str = field(default="", repr=False)  # may hold a password: kept out of repr()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -129,6 +172,14 @@ class Settings:
         roots = tuple(explicit) if explicit else (lake_uri, artifacts, _as_uri(str(home)))
         check_uri(lake_uri, roots, "CLOSEDLOOP_LAKE_URI")
         check_uri(artifacts, roots, "CLOSEDLOOP_MLFLOW_ARTIFACTS")
+        online_store = (env.get("CLOSEDLOOP_ONLINE_STORE") or "sqlite").lower()
+        if online_store not in ONLINE_STORES:
+            raise ConfigError(f"CLOSEDLOOP_ONLINE_STORE={online_store!r}: use one of {', '.join(ONLINE_STORES)}")
+        redis_url = env.get("CLOSEDLOOP_REDIS_URL", "")
+        if online_store == "redis":
+            if not redis_url:
+                raise ConfigError("CLOSEDLOOP_ONLINE_STORE=redis needs CLOSEDLOOP_REDIS_URL (redis://...)")
+            feast_redis_connection(redis_url)  # refuse a malformed URL now, not at the first materialisation
         return cls(
             home=home,
             lake_uri=lake_uri,
@@ -146,6 +197,8 @@ class Settings:
             task_timeout_minutes=_number(env, "CLOSEDLOOP_TASK_TIMEOUT_MINUTES", 60.0),
             fault=env.get("CLOSEDLOOP_FAULT", ""),
             allowed_roots=roots,
+            online_store=online_store,
+            redis_url=redis_url,
         )
 
     def check_uri(self, uri: str, what: str) -> str:
@@ -162,11 +215,22 @@ class Settings:
         """Where Feast keeps its registry and the SQLite online store (embedded default)."""
         return self.home / "feast"
 
+    def feast_online_store(self) -> dict[str, str]:
+        """Feast's ``online_store`` section: the SQLite file under the home, or Redis in production."""
+        if self.online_store == "redis":
+            return {"type": "redis", "connection_string": feast_redis_connection(self.redis_url)}
+        return {"type": "sqlite", "path": str(self.feast_dir / "online_store.db")}
+
     def feast_env(self) -> dict[str, str]:
-        """The values that ``feature_repo/feature_store.yaml`` refers to as ``${...}``."""
+        """The values that ``feature_repo/feature_store.yaml`` refers to as ``${...}``.
+
+        ``CLOSEDLOOP_FEAST_ONLINE_STORE`` is the whole ``online_store`` mapping as JSON (which YAML reads
+        as a flow mapping): the store's type decides its other keys, and Feast refuses keys it does not know.
+        """
         return {
             "CLOSEDLOOP_FEAST_REGISTRY": self.feast_registry,
             "CLOSEDLOOP_FEAST_ONLINE_PATH": str(self.feast_dir / "online_store.db"),
+            "CLOSEDLOOP_FEAST_ONLINE_STORE": json.dumps(self.feast_online_store()),
             "CLOSEDLOOP_LAKE_URI": self.lake_uri,
         }
 
