@@ -192,3 +192,21 @@ def test_a_finished_run_cleared_and_rerun_whole_creates_nothing_new(world, relia
         "fault", "a finished retraining run cleared and re-run whole (real scheduler)",
         "the re-run succeeded reusing its training run and model version; no new version, no second promotion, "
         "champion unchanged")
+
+
+def test_the_api_refuses_requests_without_a_valid_login(world, reliability):
+    """The embedded Airflow's REST API needs the token flow: no token or a wrong password get 401, a forged token
+    403 (Airflow's answer to a JWT it cannot verify)."""
+    import httpx
+
+    _, stack, _, _ = world
+    assert httpx.get(f"{stack.url}/api/v2/dags", timeout=10).status_code == 401
+    forged = {"Authorization": "Bearer eyJhbGciOiJIUzUxMiJ9.eyJzdWIiOiJhZG1pbiJ9.forged"}
+    assert httpx.get(f"{stack.url}/api/v2/dags", headers=forged, timeout=10).status_code == 403
+    wrong = httpx.post(f"{stack.url}/auth/token", json={"username": "admin", "password": "admin"}, timeout=10)
+    assert wrong.status_code == 401
+    assert httpx.post(f"{stack.url}/api/v2/dags/retraining/dagRuns", json={"logical_date": None},
+                      timeout=10).status_code == 401
+    assert stack.api("GET", "/dags/retraining")["dag_id"] == "retraining"  # the generated password works
+    reliability.record("security", "the Airflow REST API without a valid login",
+                       "401 for no token, the default password admin/admin and an anonymous trigger; 403 for a forged token")
