@@ -209,4 +209,5 @@ def test_the_api_refuses_requests_without_a_valid_login(world, reliability):
                       timeout=10).status_code == 401
     assert stack.api("GET", "/dags/retraining")["dag_id"] == "retraining"  # the generated password works
     reliability.record("security", "the Airflow REST API without a valid login",
-                       "401 for no token, the default password admin/admin and an anonymous trigger; 403 for a forged token")
+                       "401 for no token, the default password admin/admin and an anonymous trigger; 403 for a "
+                       "forged token")
