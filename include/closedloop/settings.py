@@ -121,11 +121,11 @@ def feast_redis_connection(url: str) -> str:
     fields = [f"{parts.hostname}:{port}", f"db={db}"]
     if parts.username:
         fields.append(f"username={unquote(parts.username)}")
-    if parts.password:
-        password = unquote(parts.password)
-        if "," in password:
-            raise ConfigError("CLOSEDLOOP_REDIS_URL: Feast cannot pass a password with a comma; generate another")
-        fields.append(f"password={password}")
+    secret = unquote(parts.password or "")
+    if "," in secret:
+        raise ConfigError("CLOSEDLOOP_REDIS_URL: Feast cannot pass a password with a comma; generate another")
+    if secret:
+        fields.append(f"password={secret}")
     if parts.scheme == "rediss":
         fields.append("ssl=true")
     return ",".join(fields)
