@@ -79,6 +79,7 @@ test: install  ## Set up and run the test suite
 
 reliability: install  ## Run the tests that try to break closedloop and regenerate RELIABILITY.md from their results
 	CLOSEDLOOP_WRITE_RELIABILITY=1 $(BIN)/pytest -m reliability -p no:cacheprovider -q
+	$(BIN)/pytest tests/test_reliability_doc.py -p no:cacheprovider -q
 
 lint: install  ## ruff
 	$(BIN)/ruff check .
