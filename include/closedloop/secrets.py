@@ -24,7 +24,7 @@ MIN_LENGTH = 5  # shorter values would mask ordinary words in logs
 
 
 def uri_password(uri: str) -> str | None:
-    """The password in ``scheme://user:password@host/...``, if any."""
+    """The password in ``scheme://user:<password>@host/...``, if any."""
     try:
         return urlsplit(uri).password
     except ValueError:
@@ -36,9 +36,9 @@ def secret_values(env: dict[str, str] | None = None) -> list[str]:
     env = dict(os.environ if env is None else env)
     found = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= MIN_LENGTH}
     for name in URI_NAMES:
-        password = uri_password(env.get(name, ""))
-        if password and len(password) >= MIN_LENGTH:
-            found.add(password)
+        secret = uri_password(env.get(name, ""))
+        if secret and len(secret) >= MIN_LENGTH:
+            found.add(secret)
     return sorted(found, key=len, reverse=True)
 
 
