@@ -2,9 +2,10 @@
 
 Selected by ``training.engine: dask`` in the configuration. The cluster is the Dask scheduler at
 ``CLOSEDLOOP_DASK_SCHEDULER`` or, when that is empty, a ``LocalCluster`` started for the task with
-``training.dask.local_cluster`` (its keyword arguments) and closed with it. The workers of a remote cluster
-run closedloop's image (they call :func:`closedloop.training.feature_frame`) and reach the lake with the
-same credentials as the Airflow workers.
+``training.dask.local_cluster`` (its keyword arguments; on the GPU, at most one worker per visible device)
+and closed with it. The workers of a remote cluster run closedloop's image (they call
+:func:`closedloop.training.feature_frame`), reach the lake with the same credentials as the Airflow workers
+and, for ``device=cuda``, hold one GPU each (dask-cuda). The GPU path has not been run here (no GPU).
 
 What it does, so that the outcome is judged exactly as the ``local`` engine's:
 
@@ -132,7 +133,14 @@ def fit_on_dask(lake: Lake, uri: str, contract: DataContract, config: dict[str, 
     from xgboost import dask as dxgb
 
     dask_config = dict(config.get("dask") or {})
-    with dask_client(scheduler, dask_config.get("local_cluster")) as client:
+    local_cluster = dict(dask_config.get("local_cluster") or {})
+    if device == "cuda" and not scheduler:
+        # XGBoost's GPU collective (NCCL) takes one GPU per worker: a local cluster gets one worker per
+        # visible device (a remote cluster is the operator's: dask-cuda starts one worker per GPU)
+        from closedloop.training import cuda_device_count
+
+        local_cluster["n_workers"] = max(1, min(int(local_cluster.get("n_workers", 1)), cuda_device_count()))
+    with dask_client(scheduler, local_cluster) as client:
         frames = {split: read_split(lake, uri, split) for split in ("train", "validation", "holdout")}
         matrices = {split: model_matrix(f, contract) for split, f in frames.items()}
         x = {split: m[0] for split, m in matrices.items()}
