@@ -3,7 +3,10 @@
 No cluster and no chart download here: the file parses, runs the KubernetesExecutor on closedloop's image,
 holds no secret (every one is a Kubernetes Secret named by reference), gives every task pod each setting
 closedloop reads, and the pod template of train_model (named by CLOSEDLOOP_TRAINING_POD_TEMPLATE, which the
-DAG turns into the task's executor_config: tests/dags/test_task_placement.py) asks for one NVIDIA GPU.
+DAG turns into the task's executor_config: tests/dags/test_task_placement.py) asks for one NVIDIA GPU. Every chart
+key it sets is one the chart has: tests/deploy/airflow_chart_keys.yaml, transcribed from the chart's values.yaml
+at a named commit (a trimmed list, not the chart's 400 kB values.schema.json, of which only an old version
+was at hand).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import yaml
 from closedloop.settings import REPO_ROOT
 
 VALUES = REPO_ROOT / "deploy" / "helm" / "values.yaml"
+CHART_KEYS = Path(__file__).with_name("airflow_chart_keys.yaml")
 # environment names (MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY) and chart keys (fernetKey, pass)
 SECRETISH = re.compile(r"PASSWORD|SECRET|_KEY|TOKEN|CREDENTIAL|REDIS_URL|USERNAME|[a-z](Key|Password|Secret|Token)$"
                        r"|^(pass|password|secret|token)$")
@@ -69,7 +73,8 @@ def test_the_chart_runs_the_kubernetes_executor_on_closedloops_image(values):
     assert f"{image['repository']}:{image['tag']}" == default_image  # the image docker compose builds
     assert values["config"]["core"]["dags_folder"] == "/opt/closedloop/dags"
     assert values["airflowHome"] == "/opt/closedloop/airflow"  # the Dockerfile's AIRFLOW_HOME
-    assert values["webserver"]["defaultUser"]["enabled"] is False  # no admin with the chart's known password
+    # no create-user job, so no Admin with the chart's well-known password; and no Airflow 2 `webserver` section
+    assert values["createUserJob"]["enabled"] is False and "webserver" not in values
     assert values["postgresql"]["enabled"] is False and values["redis"]["enabled"] is False
 
 
@@ -124,3 +129,39 @@ def test_the_training_pod_asks_for_one_gpu_and_the_scheduler_can_read_it(values,
     assert template.name in yaml.safe_load(values["extraConfigMaps"][volumes[volume]]["data"])
     # every other task pod stays on the CPU
     assert "nvidia.com/gpu" not in str(values["workers"]) and settings_map["CLOSEDLOOP_DEVICE"] == "cpu"
+
+
+def _unknown_chart_keys(values: dict, chart: dict) -> list[str]:
+    """The key paths of ``values`` that the chart (as listed in airflow_chart_keys.yaml) does not have."""
+    sections, free = chart["sections"], set(chart["free"])
+    unknown = [key for key in values if key not in chart["top_level"]]
+
+    def walk(node: dict, path: str) -> None:
+        for key, child in node.items():
+            if key not in sections[path]:
+                unknown.append(f"{path}.{key}")
+            elif f"{path}.{key}" in sections and isinstance(child, dict):
+                walk(child, f"{path}.{key}")
+
+    for key, node in values.items():
+        if isinstance(node, dict) and key in chart["top_level"] and key not in free:
+            if key in sections:
+                walk(node, key)
+            else:
+                unknown.append(f"{key}.* (a section {CHART_KEYS.name} does not list)")
+    for name, entry in values.get("extraConfigMaps", {}).items():
+        unknown += [f"extraConfigMaps.{name}.{k}" for k in entry if k not in chart["extraConfigMaps_entry"]]
+    return unknown
+
+
+def test_every_chart_key_is_one_the_chart_has(values):
+    chart = yaml.safe_load(CHART_KEYS.read_text())
+    assert chart["source"]["commit"] in VALUES.read_text()  # the values file names what it was checked against
+    assert _unknown_chart_keys(values, chart) == []
+    for name, entry in values["extraConfigMaps"].items():
+        assert "{{" not in entry["data"], name  # the chart passes each ConfigMap's data through `tpl`
+    # and the check bites: keys written from memory that the chart does not have are found
+    wrong = {**values, "apiServerSecretKeySecretName": "x", "scheduler": {"extraVolume": []},
+             "images": {"airflow": {"repo": "closedloop"}}, "extraConfigMaps": {"c": {"data": "", "immutable": True}}}
+    assert _unknown_chart_keys(wrong, chart) == [
+        "apiServerSecretKeySecretName", "images.airflow.repo", "scheduler.extraVolume", "extraConfigMaps.c.immutable"]
