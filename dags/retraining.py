@@ -13,6 +13,10 @@ Tasks, each a thin call into the `closedloop` package:
 - `build_training_set`: point-in-time-correct join of the customer features onto every labelled
   transaction, time-based train / validation / holdout split, written as Parquet.
 - `train_model`: XGBoost with early stopping, on the GPU when one is usable; run, lineage and model in MLflow.
+  It runs on the queue `CLOSEDLOOP_TRAINING_QUEUE` (`gpu` where a GPU worker listens; every other task stays
+  on `default`) and, on Kubernetes, in the pod of `CLOSEDLOOP_TRAINING_POD_TEMPLATE`. With `training.engine:
+  dask` it trains on a Dask cluster (`CLOSEDLOOP_DASK_SCHEDULER`, or a local one) for sets beyond one
+  machine's memory.
 - `register_model`: a model version with its lineage and drift reference (a re-run finds its own version).
 - `evaluate_gate`: candidate and champion scored on the same holdout; the decision goes to the version's tags.
 - `promote_or_reject`: moves the `champion` alias (compare-and-set) or keeps the candidate as rejected.
@@ -28,7 +32,15 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule, timeout
+from closedloop.orchestration import (
+    DEFAULT_ARGS,
+    conf_of,
+    documented,
+    run_stage,
+    time_schedule,
+    timeout,
+    training_task_args,
+)
 
 
 @dag(
@@ -83,7 +95,7 @@ def retraining():
         split = run_stage(split_override, conf_of(get_current_context()))
         return run_stage(stages.build_training_set, Runtime.from_env(), _window(validated), split)
 
-    @task
+    @task(**training_task_args())
     def train_model(training_set: dict, validated: dict) -> dict:
         """Train XGBoost and log the run, its lineage and the model to MLflow."""
         from closedloop import retraining as stages

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "holdout")
+# rows per Parquet part of a training split (``training.part_rows`` of the configuration)
+DEFAULT_PART_ROWS = 500_000
 
 
 def to_utc(day: date) -> datetime:
@@ -286,10 +288,13 @@ def frame_sha256(frame: pd.DataFrame) -> str:
 
 def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, contract: DataContract,
                        start: date, end: date, *, label_grace_days: int,
-                       split: dict[str, Any]) -> TrainingSet:
+                       split: dict[str, Any], part_rows: int = DEFAULT_PART_ROWS) -> TrainingSet:
     """Write the point-in-time-correct training set of ``[start, end)`` as Parquet partitioned by split.
 
-    Deterministic: the same curated data gives the same rows, hash and location.
+    Each split is a folder of parts of at most ``part_rows`` rows each (``split=<name>/part-00000.parquet``,
+    ...), in event-time order: one process reads them all (:func:`read_training_split`), a Dask cluster
+    one part per task (:func:`training_split_parts`). Deterministic: the same curated data gives the same
+    rows, hash and location.
     """
     labelled, partitions, unlabelled = read_labelled_window(lake, contract, start, end, label_grace_days)
     full = historical_features(store, defs, labelled, contract)
@@ -308,7 +313,7 @@ def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, 
     key = f"{start.isoformat()}_{end.isoformat()}_{data_sha[:12]}"  # the split is part of the hash
     base = lake.uri("training_sets", key)
     for name in SPLITS:
-        lake.write_parquet(parts[name], f"{base}/split={name}/part-0.parquet")
+        write_training_split(lake, base, name, parts[name], part_rows)
     rows = {s: len(parts[s]) for s in SPLITS}
     positives = {s: int(parts[s][contract.label].sum()) for s in SPLITS}
     log.info("training set %s: rows %s, positives %s, %d unlabelled transactions left out",
@@ -317,9 +322,41 @@ def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, 
                        partitions=dict(sorted(partitions.items())), unlabelled_rows=unlabelled)
 
 
-def read_training_split(lake: Lake, uri: str, split: str) -> pd.DataFrame:
-    """One split of a training set written by :func:`build_training_set` (a URI under the lake's training sets)."""
+def write_training_split(lake: Lake, uri: str, split: str, frame: pd.DataFrame,
+                         part_rows: int = DEFAULT_PART_ROWS) -> list[str]:
+    """Write one split under the training set ``uri`` as parts of at most ``part_rows`` rows, in order.
+
+    The split's folder is emptied first: a rewrite with another ``part_rows`` leaves no stale part behind.
+    """
+    if part_rows < 1:
+        raise PermanentError(f"training.part_rows={part_rows}: a part holds at least one row")
+    lake.delete(f"{uri}/split={split}", recursive=True)
+    return [lake.write_parquet(frame.iloc[i:i + part_rows], f"{uri}/split={split}/part-{n:05d}.parquet")
+            for n, i in enumerate(range(0, max(len(frame), 1), part_rows))]
+
+
+def training_split_parts(lake: Lake, uri: str, split: str) -> list[str]:
+    """The Parquet parts of one split of a training set (a URI under the lake's training sets), in order."""
+    import re
+
     from closedloop.settings import check_uri
 
     check_uri(uri, [lake.uri("training_sets")], "training set URI")
-    return lake.read_parquet(f"{uri}/split={split}/part-0.parquet")
+    folder = f"{uri}/split={split}"
+    found = lake.fs.glob(f"{lake.local_path(folder)}/part-*.parquet") if lake.exists(folder) else []
+    numbered = []
+    for path in found:
+        m = re.fullmatch(r"part-(\d+)\.parquet", path.rsplit("/", 1)[-1])
+        if m:
+            numbered.append((int(m.group(1)), f"{folder}/{path.rsplit('/', 1)[-1]}"))
+    if not numbered:
+        raise NoDataError(f"{folder}: no part-*.parquet in this training split; build the training set first")
+    return [part for _, part in sorted(numbered)]
+
+
+def read_training_split(lake: Lake, uri: str, split: str) -> pd.DataFrame:
+    """One split of a training set written by :func:`build_training_set`, all its parts in one frame."""
+    import pandas as pd
+
+    frames = [lake.read_parquet(part) for part in training_split_parts(lake, uri, split)]
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)

@@ -8,7 +8,7 @@ Layout under the root (``file://$CLOSEDLOOP_HOME/lake`` by default, ``s3://bucke
     curated/<kind>/<YYYY-MM-DD>.parquet            validated partitions
     curated/<feature view>/<YYYY-MM-DD>.parquet    entity features: Feast's offline source
     curated/_validation/<kind>/<YYYY-MM-DD>.json   validation result of each curated partition
-    training_sets/<window>/<split>/part-0.parquet  training sets, partitioned by split
+    training_sets/<window>/split=<split>/part-NNNNN.parquet  training sets: a folder of parts per split
     reports/...
 """
 

@@ -100,6 +100,23 @@ def active_runs(dag_id: str) -> int:
     return int(ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]))
 
 
+def training_task_args(settings: Settings | None = None) -> dict[str, Any]:
+    """The ``train_model`` task's placement: its executor queue and, on Kubernetes, its pod template.
+
+    ``queue`` is ``CLOSEDLOOP_TRAINING_QUEUE`` (``default`` unless set: ``gpu`` sends training to the Celery
+    worker that owns the GPU); ``executor_config`` names ``CLOSEDLOOP_TRAINING_POD_TEMPLATE`` when set, a plain
+    dict the KubernetesExecutor reads (``pod_template_file``) and every other executor ignores, so that parsing
+    imports nothing from Kubernetes. Every other task keeps the defaults.
+    """
+    from closedloop.settings import Settings
+
+    s = settings or Settings.from_env()
+    args: dict[str, Any] = {"queue": s.training_queue}
+    if s.training_pod_template:
+        args["executor_config"] = {"pod_template_file": s.training_pod_template}
+    return args
+
+
 def time_schedule(schedule: Any, fallback: Any = None) -> Any:
     """``schedule``, unless time-based schedules are off (``CLOSEDLOOP_SCHEDULES=manual``): then ``fallback``."""
     from closedloop.settings import Settings

@@ -43,12 +43,14 @@ def build_training_set(rt: Runtime, window: Window, split: dict[str, int] | None
 
     ``split`` may hold day-based overrides from the run's configuration (``holdout_days``, ``validation_days``).
     """
+    from closedloop.features import DEFAULT_PART_ROWS
     from closedloop.features import build_training_set as build
 
     cfg = rt.settings.config
     ts = build(rt.store, rt.defs, rt.lake, rt.contract, window.start, window.end,
                label_grace_days=int(cfg.ingest.get("label_grace_days", 21)), split={**cfg.training["split"],
-                                                                                    **(split or {})})
+                                                                                    **(split or {})},
+               part_rows=int(cfg.training.get("part_rows", DEFAULT_PART_ROWS)))
     return ts.to_dict()
 
 

@@ -19,6 +19,12 @@ Environment variables (all optional):
 - ``CLOSEDLOOP_REDIS_URL``: the Redis of the online store, ``redis://[:password@]host[:port][/db]`` (``rediss://``
   for TLS); required with ``CLOSEDLOOP_ONLINE_STORE=redis``.
 - ``CLOSEDLOOP_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda``: where XGBoost trains.
+- ``CLOSEDLOOP_TRAINING_QUEUE``: the executor queue of the retraining DAG's ``train_model`` task (default
+  ``default``, where every other task runs); ``gpu`` on a stack with a GPU worker listening on that queue.
+- ``CLOSEDLOOP_TRAINING_POD_TEMPLATE``: on Kubernetes, the pod template file of the ``train_model`` task's pod
+  (e.g. one that requests ``nvidia.com/gpu: 1``); empty (default): the executor's ordinary pod.
+- ``CLOSEDLOOP_DASK_SCHEDULER``: with ``training.engine: dask`` in the configuration, the address of the Dask
+  scheduler that trains (``tcp://host:8786``); empty (default): a local Dask cluster started for the task.
 - ``CLOSEDLOOP_SCHEDULES``: ``on`` (default) or ``manual``: with ``manual`` the DAGs keep their Asset
   schedules but drop their time-based ones, so that a simulation or a demo drives days with explicit
   dates and the scheduler starts nothing on the wall clock.
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -153,6 +160,9 @@ class Settings:
     allowed_roots: tuple[str, ...] = ()
     online_store: str = "sqlite"
     redis_url: str = field(default="", repr=False)  # may hold a password: kept out of repr()
+    training_queue: str = "default"
+    training_pod_template: str = ""
+    dask_scheduler: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -180,6 +190,14 @@ class Settings:
             if not redis_url:
                 raise ConfigError("CLOSEDLOOP_ONLINE_STORE=redis needs CLOSEDLOOP_REDIS_URL (redis://...)")
             feast_redis_connection(redis_url)  # refuse a malformed URL now, not at the first materialisation
+        queue = (env.get("CLOSEDLOOP_TRAINING_QUEUE") or "default").strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", queue):
+            raise ConfigError(f"CLOSEDLOOP_TRAINING_QUEUE={queue!r}: a queue name is letters, digits, '_', '.', '-' "
+                              "(e.g. default or gpu)")
+        dask_scheduler = (env.get("CLOSEDLOOP_DASK_SCHEDULER") or "").strip()
+        if dask_scheduler and "://" not in dask_scheduler:
+            raise ConfigError(f"CLOSEDLOOP_DASK_SCHEDULER={dask_scheduler!r}: expected an address such as "
+                              "tcp://dask-scheduler:8786, or empty for a local cluster")
         return cls(
             home=home,
             lake_uri=lake_uri,
@@ -199,6 +217,9 @@ class Settings:
             allowed_roots=roots,
             online_store=online_store,
             redis_url=redis_url,
+            training_queue=queue,
+            training_pod_template=(env.get("CLOSEDLOOP_TRAINING_POD_TEMPLATE") or "").strip(),
+            dask_scheduler=dask_scheduler,
         )
 
     def check_uri(self, uri: str, what: str) -> str:

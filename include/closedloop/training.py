@@ -158,6 +158,52 @@ def trimmed(booster: xgb.Booster) -> xgb.Booster:
     return booster[: best + 1] if best is not None else booster
 
 
+ENGINES = ("local", "dask")
+
+
+def training_engine(training_config: dict[str, Any]) -> str:
+    """``training.engine`` of the configuration: ``local`` (default, one process) or ``dask``."""
+    from closedloop.errors import ConfigError
+
+    engine = str(training_config.get("engine") or "local").lower()
+    if engine not in ENGINES:
+        raise ConfigError(f"training.engine={engine!r} in the configuration: use one of {', '.join(ENGINES)}")
+    return engine
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What an engine hands to the logging: the model (trimmed, on the CPU) and what it was judged on."""
+
+    engine: str
+    model: xgb.Booster
+    best_iteration: int
+    threshold: float
+    validation_metrics: dict[str, float]
+    holdout_metrics: dict[str, float]
+    reference_sample: pd.DataFrame  # at most training.reference_sample_rows rows of the train split
+    reference_stats: dict[str, Any]
+    example: pd.DataFrame  # a few holdout rows, for the model's signature and input example
+
+
+def fit_in_process(lake: Lake, uri: str, contract: DataContract, config: dict[str, Any], device: str) -> Fitted:
+    """The ``local`` engine: the three splits read into this process, :func:`fit`, metrics on whole frames."""
+    train = read_training_split(lake, uri, "train")
+    validation = read_training_split(lake, uri, "validation")
+    holdout = read_training_split(lake, uri, "holdout")
+    booster, threshold = fit(train, validation, contract, config, device)
+    model = trimmed(booster)
+    model.set_param({"device": "cpu"})  # served and evaluated anywhere
+    holdout_metrics = classification_metrics(holdout[contract.label].to_numpy(), predict(model, holdout, contract),
+                                             threshold)
+    val_metrics = classification_metrics(validation[contract.label].to_numpy(),
+                                         predict(model, validation, contract), threshold)
+    ref = train.sample(n=min(len(train), int(config.get("reference_sample_rows", 5000))), random_state=0)
+    return Fitted(engine="local", model=model, best_iteration=int(booster.best_iteration), threshold=threshold,
+                  validation_metrics=val_metrics, holdout_metrics=holdout_metrics, reference_sample=ref,
+                  reference_stats=reference_stats(train, contract), example=holdout.head(5))
+
+
 def reference_stats(frame: pd.DataFrame, contract: DataContract) -> dict[str, Any]:
     """Per-feature statistics of the training data: the drift reference's summary."""
     stats: dict[str, Any] = {}
@@ -208,24 +254,25 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
                                     if k.startswith("holdout_")}, reused=True)
 
     uri = training_set["uri"]
-    train = read_training_split(lake, uri, "train")
-    validation = read_training_split(lake, uri, "validation")
-    holdout = read_training_split(lake, uri, "holdout")
     device, why = choose_device(settings.device)
     tcfg = cfg.training
-    booster, threshold = fit(train, validation, contract, tcfg, device)
-    model = trimmed(booster)
-    model.set_param({"device": "cpu"})  # served and evaluated anywhere
-    holdout_metrics = classification_metrics(holdout[contract.label].to_numpy(), predict(model, holdout, contract),
-                                             threshold)
-    val_metrics = classification_metrics(validation[contract.label].to_numpy(),
-                                         predict(model, validation, contract), threshold)
+    engine = training_engine(tcfg)
+    if engine == "dask":
+        from closedloop.dask_training import fit_on_dask
+
+        fitted = fit_on_dask(lake, uri, contract, tcfg, device, scheduler=settings.dask_scheduler,
+                             train_rows=int(training_set["rows"]["train"]))
+    else:
+        fitted = fit_in_process(lake, uri, contract, tcfg, device)
+    model, threshold = fitted.model, fitted.threshold
+    holdout_metrics, val_metrics = fitted.holdout_metrics, fitted.validation_metrics
     importance = model.get_score(importance_type="gain")
 
     tags = {
         f"{TAG}lineage_key": key,
         f"{TAG}device": device,
         f"{TAG}device_reason": why,
+        f"{TAG}engine": fitted.engine,
         f"{TAG}training_set": uri,
         f"{TAG}data_sha256": training_set["data_sha256"],
         f"{TAG}schema": contract.name,
@@ -241,8 +288,8 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         mlflow.log_params({f"xgb_{k}": v for k, v in tcfg["params"].items()})
         mlflow.log_params({
             "num_boost_round": tcfg["num_boost_round"], "early_stopping_rounds": tcfg["early_stopping_rounds"],
-            "best_iteration": booster.best_iteration, "decision_threshold": threshold,
-            "target_fpr": tcfg["target_fpr"], "device": device,
+            "best_iteration": fitted.best_iteration, "decision_threshold": threshold,
+            "target_fpr": tcfg["target_fpr"], "device": device, "engine": fitted.engine,
             **{f"rows_{k}": v for k, v in training_set["rows"].items()},
             **{f"positives_{k}": v for k, v in training_set["positives"].items()},
         })
@@ -250,10 +297,9 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         mlflow.log_metrics({f"validation_{k}": v for k, v in val_metrics.items()})
         mlflow.log_dict(importance, "feature_importance.json")
         mlflow.log_dict({"training_set": training_set, **lineage, "tags": tags}, "lineage.json")
-        ref = train.sample(n=min(len(train), int(tcfg.get("reference_sample_rows", 5000))), random_state=0)
-        mlflow.log_dict(reference_stats(train, contract), "reference/stats.json")
-        _log_frame(ref, "reference/sample.parquet")
-        x_example = feature_frame(holdout.head(5), contract)
+        mlflow.log_dict(fitted.reference_stats, "reference/stats.json")
+        _log_frame(fitted.reference_sample, "reference/sample.parquet")
+        x_example = feature_frame(fitted.example, contract)
         signature = infer_signature(x_example, model.predict(xgb.DMatrix(x_example)))
         info = mlflow.xgboost.log_model(
             model, name="model", signature=signature, input_example=x_example,
@@ -263,7 +309,8 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         )
         mlflow.set_tag(f"{TAG}model_uri", info.model_uri)
         run_id = run.info.run_id
-    log.info("trained on %s in run %s: holdout %s", device, run_id, json.dumps(holdout_metrics))
+    log.info("trained on %s (%s engine) in run %s: holdout %s", device, fitted.engine, run_id,
+             json.dumps(holdout_metrics))
     return TrainResult(run_id=run_id, model_uri=info.model_uri, lineage_key=key, device=device,
                        threshold=threshold, metrics=holdout_metrics)
 

@@ -270,3 +270,14 @@ def test_the_gpu_worker_serves_the_gpu_queue_on_one_nvidia_gpu(services):
     assert gpu["environment"]["CLOSEDLOOP_DEVICE"] == "cuda" and gpu["profiles"] == ["gpu"]
     default = services["airflow-worker"]["command"]
     assert default[default.index("--queues") + 1] == "default"  # the CPU worker never takes GPU work
+
+
+def test_training_reaches_the_gpu_worker_only_when_the_host_says_so(services):
+    # the setting reaches every Airflow service (the dag-processor decides the queue when it parses), with
+    # `default` unless .env says `gpu`: a task sent to a queue nobody listens on would wait forever
+    for name, service in airflow_services(services).items():
+        assert service["environment"]["CLOSEDLOOP_TRAINING_QUEUE"] == "${CLOSEDLOOP_TRAINING_QUEUE:-default}", name
+    assert env_example()["CLOSEDLOOP_TRAINING_QUEUE"] == "default"
+    gpu = services["airflow-worker-gpu"]["command"]
+    assert gpu[gpu.index("--queues") + 1] == "gpu"  # the value a GPU host sets (tests/dags/test_task_placement.py)
+    assert "CLOSEDLOOP_TRAINING_QUEUE=gpu" in COMPOSE.read_text()  # and the compose file says how
