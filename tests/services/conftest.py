@@ -58,3 +58,13 @@ def prod_env(home: Path, s3, bucket, redis_url, postgres, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+@pytest.fixture
+def mlflow_env(prod_env, s3, bucket, postgres, tmp_path, monkeypatch):
+    """An MLflow tracking server on its own Postgres database with artifacts on S3, selected by environment."""
+    artifacts = f"s3://{bucket}/mlflow"
+    with services.mlflow_server(postgres("cl_mlflow"), artifacts, s3.endpoint, tmp_path / "mlflow-server.log") as srv:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.url)
+        monkeypatch.setenv("CLOSEDLOOP_MLFLOW_ARTIFACTS", artifacts)
+        yield srv
