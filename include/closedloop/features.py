@@ -125,7 +125,12 @@ def ensure_duckdb_httpfs() -> None:
         if not path.exists():
             raise PermanentError(f"{path}: DuckDB's httpfs extension for duckdb {duckdb.__version__} is missing; "
                                  "install duckdb-extension-httpfs of the same version as duckdb")
-        con.execute(f"INSTALL '{path}'")
+        try:
+            con.execute(f"INSTALL '{path}'")
+        except duckdb.Error:  # another task process installing it at the same moment: fine if it is there now
+            row = con.execute("SELECT installed FROM duckdb_extensions() WHERE extension_name = 'httpfs'").fetchone()
+            if not (row and row[0]):
+                raise
         log.info("installed DuckDB's httpfs extension from %s", path)
 
 
