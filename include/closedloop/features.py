@@ -106,12 +106,79 @@ def build_definitions(contract: DataContract, lake_uri: str, s3_endpoint: str | 
     return FeastDefinitions(entity, source, view, service)
 
 
+def ensure_duckdb_httpfs() -> None:
+    """Install DuckDB's ``httpfs`` extension from the ``duckdb-extension-httpfs`` wheel (never downloaded).
+
+    The wheel only ships the file; DuckDB (through ibis, in Feast's offline store) looks for it in its
+    extension directory and, not finding it there, tries to download it at the first ``s3://`` read, which
+    fails on a machine without internet access. Installing the file from the wheel puts it there once.
+    """
+    from pathlib import Path
+
+    import duckdb
+    import duckdb_extension_httpfs
+
+    with duckdb.connect() as con:
+        row = con.execute("SELECT installed FROM duckdb_extensions() WHERE extension_name = 'httpfs'").fetchone()
+        if row and row[0]:
+            return
+        path = (Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+                / "httpfs.duckdb_extension")
+        if not path.exists():
+            raise PermanentError(f"{path}: DuckDB's httpfs extension for duckdb {duckdb.__version__} is missing; "
+                                 "install duckdb-extension-httpfs of the same version as duckdb")
+        try:
+            con.execute(f"INSTALL '{path}'")
+        except duckdb.Error:  # another task process installing it at the same moment: fine if it is there now
+            row = con.execute("SELECT installed FROM duckdb_extensions() WHERE extension_name = 'httpfs'").fetchone()
+            if not (row and row[0]):
+                raise
+        log.info("installed DuckDB's httpfs extension from %s", path)
+
+
+def configure_duckdb_s3(endpoint: str | None) -> None:
+    """Give DuckDB (the default ibis connection Feast's offline store reads through) the S3 credentials.
+
+    Feast's DuckDB store reads a ``FileSource`` on ``s3://`` with ``ibis.read_parquet(path)``: unless the
+    source names a credential reference, it passes neither credentials nor its ``s3_endpoint_override``,
+    and DuckDB then asks ``<bucket>.s3.amazonaws.com`` anonymously. This sets an S3 secret on that
+    connection from botocore's own credential chain (environment, config files, instance role: what s3fs
+    and MLflow use too) and, for an S3-compatible endpoint (MinIO), its host with path-style URLs.
+    """
+    from urllib.parse import urlsplit
+
+    import boto3
+    import ibis
+
+    session = boto3.Session()
+    creds = session.get_credentials()
+    parts = [("TYPE", "s3"), ("REGION", session.region_name or "us-east-1")]
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        parts += [("KEY_ID", frozen.access_key), ("SECRET", frozen.secret_key)]
+        if frozen.token:
+            parts.append(("SESSION_TOKEN", frozen.token))
+    if endpoint:
+        url = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        parts += [("ENDPOINT", url.netloc), ("URL_STYLE", "path"), ("USE_SSL", url.scheme == "https")]
+    body = ", ".join(f"{k} {v}" if isinstance(v, bool) else f"{k} '{str(v).replace(chr(39), chr(39) * 2)}'"
+                     for k, v in parts)
+    if ibis.options.default_backend is None:
+        ibis.options.default_backend = ibis.duckdb.connect()
+    con = ibis.options.default_backend
+    con._load_extensions(["httpfs"])
+    con.raw_sql(f"CREATE OR REPLACE SECRET closedloop_s3 ({body})")
+
+
 def feature_store(settings: Settings) -> FeatureStore:
     """A FeatureStore for ``settings``: ``feature_repo/feature_store.yaml`` rendered with its values."""
     import yaml
     from feast import FeatureStore
     from feast.repo_config import RepoConfig
 
+    if settings.lake_uri.startswith("s3://"):  # the offline store reads the curated zone over s3://
+        ensure_duckdb_httpfs()
+        configure_duckdb_s3((settings.storage_options.get("client_kwargs") or {}).get("endpoint_url"))
     settings.feast_dir.mkdir(parents=True, exist_ok=True)
     text = (settings.feast_repo / "feature_store.yaml").read_text()
     rendered = string.Template(text).safe_substitute(settings.feast_env())

@@ -12,8 +12,11 @@ Environment variables (all optional):
 - ``CLOSEDLOOP_MLFLOW_ARTIFACTS``: artifact root for new experiments (default ``$CLOSEDLOOP_HOME/mlflow/artifacts``).
 - ``CLOSEDLOOP_S3_ENDPOINT_URL``: an S3-compatible endpoint (MinIO) for ``s3://`` URIs; empty: AWS itself.
 - ``CLOSEDLOOP_FEAST_REPO``: the Feast repository (default: ``<repo>/feature_repo``).
-- ``CLOSEDLOOP_FEAST_REGISTRY``: Feast's registry file (default ``$CLOSEDLOOP_HOME/feast/registry.db``; ``s3://``
-  in production).
+- ``CLOSEDLOOP_FEAST_REGISTRY``: Feast's registry: a file (default ``$CLOSEDLOOP_HOME/feast/registry.db``; ``s3://``
+  works too, with ``FEAST_S3_ENDPOINT_URL`` for an S3-compatible endpoint) or a database,
+  ``postgresql://user:password@host:port/db``, which Feast keeps as its SQL registry (what several processes
+  that apply and materialise at once need). Rendered into ``feature_store.yaml`` by
+  :meth:`Settings.feast_registry_config`.
 - ``CLOSEDLOOP_ONLINE_STORE``: ``sqlite`` (default: a file under ``$CLOSEDLOOP_HOME/feast``) or ``redis``: Feast's
   online store, rendered into ``feature_store.yaml`` by :meth:`Settings.feast_online_store`.
 - ``CLOSEDLOOP_REDIS_URL``: the Redis of the online store, ``redis://[:password@]host[:port][/db]`` (``rediss://``
@@ -107,6 +110,23 @@ def _number(env: dict[str, str], name: str, default: float) -> float:
 
 
 ONLINE_STORES = ("sqlite", "redis")
+SQL_REGISTRY_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+# A SQL registry is shared by every task process: each re-reads it at most this often (Feast's default is 600 s,
+# long enough for a task to miss the feature view another task applied a minute before).
+SQL_REGISTRY_CACHE_TTL_SECONDS = 60
+
+
+def feast_sql_registry_url(url: str) -> str:
+    """The SQLAlchemy URL of a ``postgresql://`` registry, with the psycopg2 driver closedloop installs.
+
+    Feast rewrites a bare ``postgresql://`` to psycopg 3, which is not installed (and warns); naming the
+    driver keeps one Postgres driver for Airflow, MLflow and Feast.
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme not in SQL_REGISTRY_SCHEMES or not rest.strip("/"):
+        raise ConfigError(f"CLOSEDLOOP_FEAST_REGISTRY: {scheme!r} is not a database URL Feast can use; give "
+                          "postgresql://user:password@host:port/database, a file path or an s3:// URI")
+    return f"postgresql+psycopg2{sep}{rest}"
 
 
 def feast_redis_connection(url: str) -> str:
@@ -138,6 +158,10 @@ def feast_redis_connection(url: str) -> str:
     return ",".join(fields)
 
 
+def _is_database_url(value: str) -> bool:
+    return value.partition("://")[0].split("+")[0] in {"postgresql", "postgres", "mysql", "sqlite"} and "://" in value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved locations and service endpoints; build with :meth:`from_env`."""
@@ -145,11 +169,12 @@ class Settings:
     home: Path
     lake_uri: str
     config_path: Path
-    mlflow_tracking_uri: str
-    mlflow_registry_uri: str
+    # database URLs may hold a password: kept out of repr() (as the Redis URL)
+    mlflow_tracking_uri: str = field(repr=False)
+    mlflow_registry_uri: str = field(repr=False)
     mlflow_artifact_root: str
     feast_repo: Path
-    feast_registry: str
+    feast_registry: str = field(repr=False)
     device: str = "auto"
     time_schedules: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -198,6 +223,9 @@ class Settings:
         if dask_scheduler and "://" not in dask_scheduler:
             raise ConfigError(f"CLOSEDLOOP_DASK_SCHEDULER={dask_scheduler!r}: expected an address such as "
                               "tcp://dask-scheduler:8786, or empty for a local cluster")
+        registry = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
+        if _is_database_url(registry):
+            feast_sql_registry_url(registry)
         return cls(
             home=home,
             lake_uri=lake_uri,
@@ -206,7 +234,7 @@ class Settings:
             mlflow_registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
             mlflow_artifact_root=artifacts,
             feast_repo=Path(env.get("CLOSEDLOOP_FEAST_REPO") or REPO_ROOT / "feature_repo").resolve(),
-            feast_registry=env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db"),
+            feast_registry=registry,
             device=device,
             time_schedules=env.get("CLOSEDLOOP_SCHEDULES", "on").lower() != "manual",
             storage_options=storage_options,
@@ -242,14 +270,24 @@ class Settings:
             return {"type": "redis", "connection_string": feast_redis_connection(self.redis_url)}
         return {"type": "sqlite", "path": str(self.feast_dir / "online_store.db")}
 
+    def feast_registry_config(self) -> dict[str, Any]:
+        """Feast's ``registry`` section: a registry file (local or ``s3://``), or the SQL registry on Postgres."""
+        if _is_database_url(self.feast_registry):
+            return {"registry_type": "sql", "path": feast_sql_registry_url(self.feast_registry),
+                    "cache_ttl_seconds": SQL_REGISTRY_CACHE_TTL_SECONDS,
+                    "sqlalchemy_config_kwargs": {"pool_pre_ping": True}}
+        return {"registry_type": "file", "path": self.feast_registry}
+
     def feast_env(self) -> dict[str, str]:
         """The values that ``feature_repo/feature_store.yaml`` refers to as ``${...}``.
 
-        ``CLOSEDLOOP_FEAST_ONLINE_STORE`` is the whole ``online_store`` mapping as JSON (which YAML reads
-        as a flow mapping): the store's type decides its other keys, and Feast refuses keys it does not know.
+        ``CLOSEDLOOP_FEAST_ONLINE_STORE`` and ``CLOSEDLOOP_FEAST_REGISTRY_CONFIG`` are the whole ``online_store``
+        and ``registry`` mappings as JSON (which YAML reads as a flow mapping): the store's type decides its
+        other keys, and Feast refuses keys it does not know.
         """
         return {
             "CLOSEDLOOP_FEAST_REGISTRY": self.feast_registry,
+            "CLOSEDLOOP_FEAST_REGISTRY_CONFIG": json.dumps(self.feast_registry_config()),
             "CLOSEDLOOP_FEAST_ONLINE_PATH": str(self.feast_dir / "online_store.db"),
             "CLOSEDLOOP_FEAST_ONLINE_STORE": json.dumps(self.feast_online_store()),
             "CLOSEDLOOP_LAKE_URI": self.lake_uri,
