@@ -281,3 +281,54 @@ def test_model_swap_under_load_and_shadow_scoring(world):
     assert len(shadow) > 0
     assert set(shadow["model_version"]) == {"1"} and set(shadow["champion_version"]) == {str(v2.version)}
     assert shadow["score"].to_numpy() == pytest.approx(shadow["champion_score"].to_numpy())  # same model logged
+
+
+# -- training/serving skew on the served log ------------------------------------------------------------
+def test_skew_check_passes_on_what_was_served(served):
+    """The day's served rows (clean online store) match the offline store and the batch scores."""
+    from closedloop import skew
+
+    rt = served.rt
+    served.srv.__exit__(None, None, None)  # everything served so far is flushed to the lake
+    today = pd.Timestamp.now(tz="UTC").date()
+    report = skew.measure_day(rt, today)
+    assert report["passed"], report["reasons"]
+    assert report["sampled"] >= 401 and report["mismatch_share"] == 0.0 and report["score_max_abs_diff"] < 1e-6
+    assert skew.check(report)["passed"] is True
+    assert rt.lake.read_json(skew.report_uri(rt, today))["passed"] is True  # what the Model health page reads
+    run = rt.client.get_run(report["mlflow_run_id"])
+    assert run.data.metrics["skew_mismatch_share"] == 0.0 and run.data.tags["closedloop.passed"] == "true"
+
+
+def test_skew_check_catches_a_corrupted_online_feature(world, dagbag):
+    """amount_mean_30d tripled in the online store for some customers: their served rows differ from the
+    offline store, their scores from batch; the report says which feature, the check task fails."""
+    from closedloop import skew
+    from closedloop.errors import PermanentError
+
+    rt, live = world
+    c = rt.contract
+    victims = live.iloc[401:500]  # not served before
+    customers = sorted(set(victims[c.entity].astype(int)))
+    online = rt.store.get_online_features(features=rt.defs.service,
+                                          entity_rows=[{c.entity: e} for e in customers]).to_df()
+    online["amount_mean_30d"] = online["amount_mean_30d"] * 3 + 50.0
+    online[c.event_timestamp] = pd.Timestamp.now(tz="UTC")
+    rt.store.write_to_online_store(c.feature_view, df=online[[c.entity, c.event_timestamp, *c.entity_features]])
+    with Server(_app(rt, shadow_share=0.0)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.post("/score", json={"transactions": _requests(rt, victims)}, headers=AUTH)
+        assert r.status_code == 200, r.text
+    today = pd.Timestamp.now(tz="UTC").date()
+    report = skew.measure_day(rt, today)
+    assert not report["passed"]
+    assert report["features"]["amount_mean_30d"]["mismatches"] > 0
+    assert {e[c.row_key] for e in report["examples"]} <= set(victims[c.row_key])  # only the corrupted rows
+    assert all(v["mismatches"] == 0 for f, v in report["features"].items() if f != "amount_mean_30d")
+    assert report["score_mismatch_rows"] > 0 and "amount_mean_30d" in report["reasons"][0]
+    with pytest.raises(PermanentError, match="training/serving skew"):
+        skew.check(report)
+
+    dr = dagbag.get_dag("skew_check").test(run_conf={"day": today.isoformat()})
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    assert states == {"measure_skew": "success", "check_skew": "failed"}, states
+    assert dr.get_task_instance("check_skew").try_number == 1  # failed at once: an alert, not a retry
