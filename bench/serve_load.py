@@ -103,7 +103,8 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"closedloop serve exited with {self.proc.returncode}; see {self.log.name}")
+                tail = Path(self.log.name).read_text()[-3000:]
+                raise RuntimeError(f"closedloop serve exited with {self.proc.returncode}:\n{tail}")
             try:
                 if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
                     return

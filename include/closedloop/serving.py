@@ -3,7 +3,8 @@
 ``POST /score`` takes transactions with their request-time fields (the contract's ``role: feature``
 columns, the row key, the entity and, optionally, the event time), fetches each customer's features
 from the online store (Feast's feature service, the same one batch scoring reads offline), builds the
-model's matrix with :func:`closedloop.training.predict` (the code path batch scoring uses) and answers
+model's matrix with :func:`closedloop.training.feature_frame` and scores it with the same trees as
+batch scoring (:func:`~closedloop.training.predict_inplace`, equal to batch's ``predict``), and answers
 the score, the decision at the version's stored threshold and the model version. Every answer is
 logged to the lake (``served/transactions/<day>/part-*.parquet``) by a background writer; when a version
 carries the ``challenger`` alias it is scored beside the champion on a configured share of requests and
@@ -119,7 +120,9 @@ def version_loader(client: MlflowClient, name: str) -> Callable[[str, str], Load
 
     def load(alias: str, version: str) -> LoadedModel:
         info = version_info(client, name, version)
-        return LoadedModel(name, alias, version, info["threshold"], load_booster(info["model_uri"]))
+        booster = load_booster(info["model_uri"])
+        booster.set_param({"nthread": 1})  # a request is a few rows; concurrency comes from the requests
+        return LoadedModel(name, alias, version, info["threshold"], booster)
 
     return load
 
@@ -197,7 +200,7 @@ def read_served(lake: Lake, day: date, kind: str = SERVED) -> pd.DataFrame:
         import pandas as pd
 
         return pd.DataFrame()
-    files = sorted(p for p in lake.fs.ls(lake.local_path(base) if lake.is_local else base, detail=False)
+    files = sorted(p for p in lake.fs.ls(lake.local_path(base), detail=False)  # a path, whatever the store
                    if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
     return lake.read_parquet_many([f"{base}/{p.rsplit('/', 1)[-1]}" for p in files])
 
@@ -303,10 +306,10 @@ def request_model(contract: DataContract) -> tuple[type, type]:
 
 
 def score_frame(model: LoadedModel, frame: pd.DataFrame, contract: DataContract) -> Any:
-    """Scores of ``frame`` (request fields and entity features) by ``model``: the batch code path."""
-    from closedloop.training import predict
+    """Scores of ``frame`` (request fields and entity features) by ``model``: the batch path's matrix and trees."""
+    from closedloop.training import predict_inplace
 
-    return predict(model.booster, frame, contract).astype("float64")
+    return predict_inplace(model.booster, frame, contract).astype("float64")
 
 
 @dataclass
