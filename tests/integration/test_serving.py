@@ -230,6 +230,52 @@ def test_online_store_down_gives_503(world, tmp_path):
         assert "online feature store did not answer" in r.json()["error"] and "score" not in r.json()
 
 
+REDIS_URL = "redis://127.0.0.1:6379/12"  # a database of its own: must be empty, flushed afterwards
+
+
+@pytest.fixture
+def redis_db():
+    """The Redis of this machine (CI provides one); unreachable: skipped on a laptop, a failure under CI=true."""
+    import os
+
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis at {REDIS_URL} is unreachable under CI=true: {exc}")
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    assert client.dbsize() == 0, f"{REDIS_URL} is not empty: another run uses it, or an earlier one left keys"
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+def test_scoring_on_the_redis_online_store(world, redis_db):
+    """Production's online store: the same window materialised into Redis gives the same answers as SQLite."""
+    from closedloop.features import feature_store, materialize_window
+    from closedloop.serving import ServingConfig, create_app
+    from closedloop.settings import Settings
+
+    rt, live = world
+    settings = Settings.from_env({"CLOSEDLOOP_HOME": str(rt.settings.home), "CLOSEDLOOP_ONLINE_STORE": "redis",
+                                  "CLOSEDLOOP_REDIS_URL": redis_db})
+    store = feature_store(settings)
+    materialize_window(store, rt.defs, TRAIN.start, TRAIN.end, 1)
+    reqs = _requests(rt, live.iloc[600:650])
+    answers = {}
+    for name, st in (("redis", store), ("sqlite", rt.store)):
+        app = create_app(contract=rt.contract, store=st, defs=rt.defs, client=rt.client, model_name=rt.model_name,
+                         lake=rt.lake, config=ServingConfig(poll_seconds=60, shadow_share=0.0), token="")
+        with Server(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+            r = http.post("/score", json={"transactions": reqs})
+            assert r.status_code == 200, r.text
+            answers[name] = r.json()
+    assert answers["redis"] == answers["sqlite"]
+
+
 def test_model_swap_under_load_and_shadow_scoring(world):
     """While requests run, champion moves to v2 and v1 becomes the challenger: no request fails, the version
     changes once per client and never goes back, challenger predictions are logged, never returned."""
