@@ -2,7 +2,8 @@
 Compare what online scoring served with what the offline path gives for the same rows, daily.
 
 Runs daily on the previous day's served predictions (`served/transactions/<day>/`, written by
-`closedloop serve`), or for a given `day` in a triggered run's configuration.
+`closedloop serve`), or for a given `day` in a triggered run's configuration. A scheduled run on a day
+nothing was served (no scoring service running) is skipped, not failed; a day asked for fails.
 
 - `measure_skew`: samples `skew.sample_rows` served predictions of the day; for each, the customer
   features Feast's offline store reproduces just before the transaction's event time and the batch
@@ -18,7 +19,9 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from closedloop.errors import NoDataError
 from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
 
 
@@ -48,7 +51,12 @@ def skew_check():
         if not conf_of(ctx).get("day") and ctx.get("data_interval_end") is not None:
             days = [(ctx["data_interval_end"] - timedelta(days=1)).date().isoformat()]
         day = run_stage(resolve_days, conf_of(ctx), days)[-1]
-        return run_stage(skew.measure_day, Runtime.from_env(), day, dag_run_id=ctx["run_id"])
+        try:
+            return run_stage(skew.measure_day, Runtime.from_env(), day, dag_run_id=ctx["run_id"])
+        except AirflowFailException as exc:
+            if isinstance(exc.__cause__, NoDataError) and not conf_of(ctx).get("day"):
+                raise AirflowSkipException(f"nothing served on {day} (no scoring service running?)") from exc
+            raise
 
     @task
     def check_skew(report: dict) -> dict:

@@ -378,3 +378,11 @@ def test_skew_check_catches_a_corrupted_online_feature(world, dagbag):
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     assert states == {"measure_skew": "success", "check_skew": "failed"}, states
     assert dr.get_task_instance("check_skew").try_number == 1  # failed at once: an alert, not a retry
+
+
+def test_a_scheduled_skew_check_on_a_day_with_nothing_served_is_skipped(world, dagbag):
+    import pendulum
+
+    dr = dagbag.get_dag("skew_check").test(logical_date=pendulum.datetime(2026, 1, 5, 6, 30, tz="UTC"))
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    assert states == {"measure_skew": "skipped", "check_skew": "skipped"}, states
