@@ -23,7 +23,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -486,7 +486,7 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
     poller = Poller([champion, challenger], config.poll_seconds, lambda: metrics.set_versions(champion, challenger))
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> Iterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         poller.poll_once()
         metrics.set_versions(champion, challenger)
         poller.start()
