@@ -3,7 +3,8 @@
 ``generate`` writes a synthetic data set into the lake's landing zone, ``status`` shows the model's
 champion, candidates and promotion history; ``quarantine list|show|release`` inspects and releases the
 partitions validation rejected, ``rollback`` gives ``champion`` back to an earlier version;
-``airflow-config`` writes the embedded Airflow home and ``env`` prints the settings as shell exports
+``serve`` answers scoring requests online (:mod:`closedloop.serving`), ``airflow-config`` writes the
+embedded Airflow home and ``env`` prints the settings as shell exports
 (for the ``feast`` and ``mlflow`` CLIs).
 """
 
@@ -290,6 +291,28 @@ def env() -> None:
     }
     for k, v in values.items():
         typer.echo(f"export {k}={json.dumps(v)}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 in a container).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+) -> None:
+    """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see README "Online scoring"."""
+    import uvicorn
+
+    from closedloop.runtime import Runtime
+    from closedloop.serving import app_from_runtime
+
+    try:
+        rt = Runtime.from_env()
+        api = app_from_runtime(rt)
+    except ClosedloopError as exc:
+        _fail(exc)
+    if not rt.settings.serve_token:
+        logging.getLogger(__name__).warning("CLOSEDLOOP_SERVE_TOKEN is not set: POST /score is open to anyone "
+                                            "who reaches %s:%s", host, port)
+    uvicorn.run(api, host=host, port=port, workers=1, log_level="info")
 
 
 if __name__ == "__main__":

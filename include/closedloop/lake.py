@@ -9,7 +9,9 @@ Layout under the root (``file://$CLOSEDLOOP_HOME/lake`` by default, ``s3://bucke
     curated/<feature view>/<YYYY-MM-DD>.parquet    entity features: Feast's offline source
     curated/_validation/<kind>/<YYYY-MM-DD>.json   validation result of each curated partition
     training_sets/<window>/split=<split>/part-NNNNN.parquet  training sets: a folder of parts per split
-    reports/...
+    served/transactions/<YYYY-MM-DD>/part-*.parquet predictions answered online (closedloop serve), one file per batch
+    served/shadow/<YYYY-MM-DD>/part-*.parquet      the challenger's shadow predictions, never answered
+    reports/...                                     (reports/skew/<YYYY-MM-DD>.json: training/serving skew)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ZONES = ("landing", "quarantine", "curated", "training_sets", "predictions", "reports")
+ZONES = ("landing", "quarantine", "curated", "training_sets", "predictions", "served", "reports")
 KINDS = ("transactions", "labels")
 
 

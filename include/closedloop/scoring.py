@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from closedloop.errors import NoDataError, PermanentError
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
     from closedloop.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,14 @@ def champion(rt: Runtime) -> dict[str, Any]:
     version = alias_version(rt.client, rt.model_name, CHAMPION)
     if version is None:
         raise PermanentError(f"{rt.model_name} has no champion yet: run the retraining DAG first")
-    mv = rt.client.get_model_version(rt.model_name, version)
-    run = rt.client.get_run(mv.run_id)
-    return {"version": version, "model_uri": mv.source, "run_id": mv.run_id,
+    return version_info(rt.client, rt.model_name, version)
+
+
+def version_info(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
+    """A version's model URI, run and decision threshold (stored with its training run)."""
+    mv = client.get_model_version(name, version)
+    run = client.get_run(mv.run_id)
+    return {"version": str(version), "model_uri": mv.source, "run_id": mv.run_id,
             "threshold": float(run.data.params["decision_threshold"]),
             "artifact_uri": run.info.artifact_uri}
 

@@ -37,6 +37,8 @@ Environment variables (all optional):
 - ``CLOSEDLOOP_ALLOWED_ROOTS``: comma-separated URI prefixes closedloop may read and write (default: the lake,
   the MLflow artifact root and ``$CLOSEDLOOP_HOME``). A lake or artifact root outside them, a scheme other than
   ``file``, ``s3`` or ``gs``, or a URI handed to a task that climbs out of them is refused before any work.
+- ``CLOSEDLOOP_SERVE_TOKEN``: the bearer token of ``closedloop serve`` (``POST /score`` and ``GET /metrics``); empty
+  (the laptop default): no token asked. Read by the scoring service only (docker-compose gives it to no other).
 - ``CLOSEDLOOP_FAULT``: a test hook only, empty in production (see :mod:`closedloop.faults`).
 """
 
@@ -188,6 +190,7 @@ class Settings:
     training_queue: str = "default"
     training_pod_template: str = ""
     dask_scheduler: str = ""
+    serve_token: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -248,6 +251,7 @@ class Settings:
             training_queue=queue,
             training_pod_template=(env.get("CLOSEDLOOP_TRAINING_POD_TEMPLATE") or "").strip(),
             dask_scheduler=dask_scheduler,
+            serve_token=env.get("CLOSEDLOOP_SERVE_TOKEN", "").strip(),
         )
 
     def check_uri(self, uri: str, what: str) -> str:
@@ -347,6 +351,14 @@ class Config:
     @property
     def ingest(self) -> dict[str, Any]:
         return dict(self.raw.get("ingest", {}))
+
+    @property
+    def serving(self) -> dict[str, Any]:
+        return dict(self.raw.get("serving") or {})
+
+    @property
+    def skew(self) -> dict[str, Any]:
+        return dict(self.raw.get("skew") or {})
 
     def sha256(self) -> str:
         """Content hash of the configuration file (lineage)."""

@@ -96,6 +96,15 @@ def predict(booster: xgb.Booster, frame: pd.DataFrame, contract: DataContract) -
     return booster.predict(dmatrix(frame, contract, with_label=False))
 
 
+def predict_inplace(booster: xgb.Booster, frame: pd.DataFrame, contract: DataContract) -> Any:
+    """The scores :func:`predict` gives, without building a DMatrix: for the small batches of online scoring.
+
+    Same matrix (:func:`feature_frame`), same trees, same float32 conversion: the scores are equal (the
+    serving tests and the skew check compare them); about ten times faster for one row.
+    """
+    return booster.inplace_predict(feature_frame(frame, contract))
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,

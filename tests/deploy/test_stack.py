@@ -141,8 +141,25 @@ def test_every_variable_closedloop_reads_is_given_to_the_airflow_services(servic
     assert {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
             "airflow-worker", "airflow-worker-gpu"} == set(runners)
     for name, service in runners.items():
-        missing = read - set(service["environment"])
+        missing = read - SERVE_ONLY - set(service["environment"])
         assert not missing, f"{name} lacks {sorted(missing)}"
+        assert not SERVE_ONLY & set(service["environment"]), f"{name} holds the scoring service's token"
+
+
+# Read by settings.py for `closedloop serve` only: given to closedloop-serve, to no Airflow service.
+SERVE_ONLY = {"CLOSEDLOOP_SERVE_TOKEN"}
+
+
+def test_the_scoring_service_gets_closedloop_settings_and_its_token_but_no_airflow_key(services):
+    serve = services["closedloop-serve"]
+    env = serve["environment"]
+    read = variables_read_by(PKG / "settings.py") | variables_read_by(PKG / "secrets.py")
+    missing = {n for n in read if not n.startswith("AIRFLOW__")} - set(env)
+    assert not missing, f"closedloop-serve lacks {sorted(missing)}"
+    assert not [k for k in env if k.startswith("AIRFLOW__")], "the scoring service needs no Airflow setting"
+    assert serve["command"][:2] == ["closedloop", "serve"] and env["CLOSEDLOOP_ONLINE_STORE"] == "redis"
+    assert env["CLOSEDLOOP_REDIS_URL"].endswith("@redis:6379/1")  # the online store the workers materialise
+    assert env["MLFLOW_TRACKING_USERNAME"] == services["airflow-worker"]["environment"]["MLFLOW_TRACKING_USERNAME"]
 
 
 def test_settings_docstring_names_every_variable_it_reads():
@@ -189,6 +206,7 @@ ONLY_IN = {  # the secrets that must not spread beyond the services that need th
     "MLFLOW_ADMIN_PASSWORD": {"mlflow", "mlflow-init"},
     "AIRFLOW_ADMIN_PASSWORD": {"airflow-init"},
     "MLFLOW_DB_PASSWORD": {"postgres", "mlflow"},
+    "CLOSEDLOOP_SERVE_TOKEN": {"closedloop-serve"},
 }
 
 

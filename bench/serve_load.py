@@ -1,0 +1,204 @@
+"""Load benchmark of online scoring: ``closedloop serve`` in one process, the load from this one, on loopback.
+
+Builds a small world in a temporary ``CLOSEDLOOP_HOME`` (generated data, a champion trained through the
+retraining stages, the window materialised into the online store), then, for each online store (Feast's
+SQLite file, and Redis at ``--redis``, a dedicated database number that must be empty and is flushed at
+the end), starts ``closedloop serve`` as a child process (its own process group, a free loopback port,
+a bearer token) and sends it requests of 1 and of 100 transactions, one at a time from one client with
+keep-alive (closed loop: latency, not queueing), bounded by ``--requests`` and ``--seconds`` per case.
+Reports p50/p99 latency, requests/s and transactions/s as a Markdown table (BENCHMARKS.md quotes it).
+
+    .venv/bin/python bench/serve_load.py [--requests 2000] [--seconds 20] [--redis redis://127.0.0.1:6379/13]
+                                         [--stores sqlite,redis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+START = date(2026, 3, 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_world(home: Path) -> list[dict]:
+    """Generate, train and promote a champion in ``home``; returns request rows of the day after the window."""
+    os.environ["CLOSEDLOOP_HOME"] = str(home)
+    os.environ.setdefault("CLOSEDLOOP_DEVICE", "cpu")
+    import pandas as pd
+
+    from closedloop import retraining as stages
+    from closedloop.generate import GeneratorConfig, generate
+    from closedloop.registry import promote
+    from closedloop.runconf import Window
+    from closedloop.runtime import Runtime
+
+    window = Window(START + timedelta(days=2), START + timedelta(days=16))
+    rt = Runtime.from_env()
+    generate(GeneratorConfig(start=START, days=17, customers=1000, transactions_per_day=1500, seed=3), rt.lake,
+             rt.contract)
+    stages.validate(rt, window)
+    stages.materialise(rt, window)
+    ts = stages.build_training_set(rt, window)
+    reg = stages.register(rt, stages.train(rt, ts, {"dag_run_id": "bench"}), window)
+    promote(rt.client, rt.settings, rt.model_name, reg["version"], expected_champion=None, reason="bench",
+            actor="bench")
+    live = rt.lake.read_parquet(rt.lake.partition("landing", "transactions", window.end))
+    c = rt.contract
+    known = rt.store.get_online_features(features=rt.defs.service, entity_rows=[
+        {c.entity: int(e)} for e in live[c.entity].unique()]).to_df()
+    known = set(known.dropna(subset=c.entity_features, how="all")[c.entity])
+    live = live[live[c.entity].isin(known)]  # new customers would get 404: not what is measured here
+    rows = []
+    for rec in live[[c.row_key, c.entity, c.event_timestamp, *c.transaction_features]].to_dict("records"):
+        tx = {k: (None if pd.isna(v) else (v.item() if hasattr(v, "item") else v)) for k, v in rec.items()}
+        tx[c.event_timestamp] = pd.Timestamp(rec[c.event_timestamp]).isoformat()
+        rows.append(tx)
+    return rows
+
+
+def materialise_redis(home: Path, url: str) -> None:
+    from closedloop.features import feature_store, materialize_window
+    from closedloop.runtime import Runtime
+    from closedloop.settings import Settings
+
+    rt = Runtime(Settings.from_env({**os.environ, "CLOSEDLOOP_HOME": str(home), "CLOSEDLOOP_ONLINE_STORE": "redis",
+                                    "CLOSEDLOOP_REDIS_URL": url}))
+    store = feature_store(rt.settings)
+    materialize_window(store, rt.defs, START + timedelta(days=2), START + timedelta(days=16), 1)
+
+
+class ServeProcess:
+    """``closedloop serve`` in a child process group, stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log.open("w")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "closedloop"), "serve", "--host", "127.0.0.1",
+                                      "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = Path(self.log.name).read_text()[-3000:]
+                raise RuntimeError(f"closedloop serve exited with {self.proc.returncode}:\n{tail}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"closedloop serve not ready after {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: int, seconds: float) -> dict:
+    """Requests of ``batch`` transactions, one after the other, for at most ``max_requests`` or ``seconds``."""
+    import httpx
+    import numpy as np
+
+    lat = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        for i in range(20):  # warm-up, not counted
+            http.post("/score", json={"transactions": rows[i * batch % len(rows):][:batch]}).raise_for_status()
+        t0 = time.perf_counter()
+        i = 0
+        while i < max_requests and time.perf_counter() - t0 < seconds:
+            start = (i * batch) % (len(rows) - batch)
+            s = time.perf_counter()
+            r = http.post("/score", json={"transactions": rows[start:start + batch]})
+            lat.append(time.perf_counter() - s)
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+            i += 1
+        wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000
+    return {"batch": batch, "requests": len(lat), "seconds": round(wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "requests_per_s": round(len(lat) / wall, 1), "transactions_per_s": round(len(lat) * batch / wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000, help="at most this many requests per case")
+    ap.add_argument("--seconds", type=float, default=20.0, help="at most this long per case")
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/13", help="a dedicated, empty Redis database")
+    ap.add_argument("--stores", default="sqlite,redis")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="closedloop-serve-bench-"))
+    home = tmp / "home"
+    t = time.perf_counter()
+    rows = build_world(home)
+    print(f"world built in {time.perf_counter() - t:.0f} s ({len(rows)} live transactions)", file=sys.stderr)
+    token = secrets.token_hex(16)
+    results = []
+    redis_client = None
+    try:
+        for store in args.stores.split(","):
+            env = {**os.environ, "CLOSEDLOOP_HOME": str(home), "CLOSEDLOOP_SERVE_TOKEN": token}
+            if store == "redis":
+                import redis
+
+                redis_client = redis.Redis.from_url(args.redis)
+                if redis_client.dbsize():
+                    raise SystemExit(f"{args.redis} is not empty: give a dedicated database (--redis .../<db>)")
+                materialise_redis(home, args.redis)
+                env.update({"CLOSEDLOOP_ONLINE_STORE": "redis", "CLOSEDLOOP_REDIS_URL": args.redis})
+            server = ServeProcess(env, tmp / f"serve-{store}.log")  # its log goes with the temporary home
+            try:
+                server.wait_ready()
+                for batch in (1, 100):
+                    res = {"store": store, **run_case(server.url, token, rows, batch, args.requests, args.seconds)}
+                    print(json.dumps(res), file=sys.stderr)
+                    results.append(res)
+            finally:
+                server.stop()
+    finally:
+        if redis_client is not None:
+            redis_client.flushdb()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"{args.requests} requests or {args.seconds:.0f} s per case, one client, keep-alive, loopback.\n")
+    print("| online store | transactions per request | requests | p50 latency | p99 latency | requests/s "
+          "| transactions/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['store']} | {r['batch']} | {r['requests']} | {r['p50_ms']} ms | {r['p99_ms']} ms "
+              f"| {r['requests_per_s']} | {r['transactions_per_s']} |")
+
+
+if __name__ == "__main__":
+    main()
