@@ -14,7 +14,7 @@ Environment variables (all optional):
 - ``CLOSEDLOOP_FEAST_REPO``: the Feast repository (default: ``<repo>/feature_repo``).
 - ``CLOSEDLOOP_FEAST_REGISTRY``: Feast's registry: a file (default ``$CLOSEDLOOP_HOME/feast/registry.db``; ``s3://``
   works too, with ``FEAST_S3_ENDPOINT_URL`` for an S3-compatible endpoint) or a database,
-  ``postgresql://user:password@host:port/db``, which Feast keeps as its SQL registry (what several processes
+  ``postgresql://user:<password>@host:port/db``, which Feast keeps as its SQL registry (what several processes
   that apply and materialise at once need). Rendered into ``feature_store.yaml`` by
   :meth:`Settings.feast_registry_config`.
 - ``CLOSEDLOOP_ONLINE_STORE``: ``sqlite`` (default: a file under ``$CLOSEDLOOP_HOME/feast``) or ``redis``: Feast's
@@ -127,7 +127,7 @@ def feast_sql_registry_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if scheme not in SQL_REGISTRY_SCHEMES or not rest.strip("/"):
         raise ConfigError(f"CLOSEDLOOP_FEAST_REGISTRY: {scheme!r} is not a database URL Feast can use; give "
-                          "postgresql://user:password@host:port/database, a file path or an s3:// URI")
+                          "postgresql://user:<password>@host:port/database, a file path or an s3:// URI")
     return f"postgresql+psycopg2{sep}{rest}"
 
 

@@ -37,21 +37,21 @@ def test_an_s3_registry_file(tmp_path):
         "registry_type": "file", "path": "s3://bucket/feast/registry.db"}
 
 
-@pytest.mark.parametrize("url", ["postgresql://feast:pw-4711@db:5432/feast", "postgres://feast:pw-4711@db:5432/feast",
-                                 "postgresql+psycopg2://feast:pw-4711@db:5432/feast"])
+@pytest.mark.parametrize("url", ["postgresql://feast:pw123@db:5432/feast", "postgres://feast:pw123@db:5432/feast",
+                                 "postgresql+psycopg2://feast:pw123@db:5432/feast"])
 def test_a_database_url_selects_the_sql_registry_with_psycopg2(tmp_path, url):
     from feast.repo_config import RepoConfig
 
     s = settings(tmp_path, url)
     section = rendered(s)["registry"]
     assert section["registry_type"] == "sql"
-    assert section["path"] == "postgresql+psycopg2://feast:pw-4711@db:5432/feast"
+    assert section["path"] == "postgresql+psycopg2://feast:pw123@db:5432/feast"
     assert 0 < section["cache_ttl_seconds"] <= 60  # tasks see a view another task applied within a minute
     config = RepoConfig(**rendered(s))  # what Feast is given is what it accepts
     assert config.registry.registry_type == "sql"
     assert config.registry.path == section["path"]  # not rewritten to psycopg 3 (not installed)
     assert config.registry.sqlalchemy_config_kwargs == {"pool_pre_ping": True}
-    assert "pw-4711" not in repr(s)
+    assert "pw123" not in repr(s)
 
 
 @pytest.mark.parametrize(("url", "says"), [
