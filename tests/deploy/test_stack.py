@@ -231,7 +231,7 @@ def test_the_airflow_services_need_logins_and_share_their_keys(services):
 def test_postgres_keeps_airflow_and_mlflow_apart():
     script = (REPO_ROOT / "deploy" / "postgres" / "init-databases.sh").read_text()
     assert re.findall(r"CREATE DATABASE (\w+) OWNER (\w+)", script) == [
-        ("airflow", "airflow"), ("mlflow", "mlflow"), ("mlflow_auth", "mlflow")]
+        ("airflow", "airflow"), ("mlflow", "mlflow"), ("mlflow_auth", "mlflow"), ("feast", "feast")]
     assert "$AIRFLOW_DB_PASSWORD" in script and "PASSWORD '" not in script  # from the environment, quoted by psql
 
 
