@@ -6,7 +6,8 @@ Runs daily on the previous day's served predictions (`served/transactions/<day>/
 nothing was served (no scoring service running) is skipped, not failed; a day asked for fails.
 
 - `measure_skew`: samples `skew.sample_rows` served predictions of the day; for each, the customer
-  features Feast's offline store reproduces just before the transaction's event time and the batch
+  features Feast's offline store holds at the close of the day before the transaction's (the customer's
+  state after its last ingested transaction, what the online store serves that day) and the batch
   score of the same row with the served model version; the JSON report goes to `reports/skew/<day>.json`
   in the lake (what the Model health page reads) and to the `closedloop-skew` experiment in MLflow.
 - `check_skew`: fails (no retry: an alert) when the share of rows whose features or score differ beyond

@@ -1,49 +1,77 @@
-"""Customer features: aggregates over each customer's earlier events, free of leakage.
+"""Customer features: aggregates over each customer's events, free of leakage, and its state after each day.
 
-For every event ``e`` of entity ``c`` at time ``t``, each aggregate is computed over the events of ``c``
-with timestamps in ``[t - window, t)``: strictly before ``t``, so an event never sees itself (nor
-another event at the very same instant). The row describing ``e`` is stamped ``t``; Feast's
-point-in-time join at ``t`` then picks exactly that row.
+Event rows. For every event ``e`` of entity ``c`` at time ``t``, each aggregate is computed over the
+events of ``c`` with timestamps in ``[t - window, t)``: strictly before ``t``, so an event never sees
+itself (nor another event at the very same instant). The row describing ``e`` is stamped ``t``;
+Feast's point-in-time join at ``t`` then picks exactly that row (training sets, batch scoring).
 
-Vectorised: events sorted by (entity, time); for each event the bounds of its window are found with
-``merge_asof`` (per entity), sums and counts come from cumulative sums, maxima and minima from a
-sparse table, so the cost grows as n log n, whatever the number of entities.
+Closing rows (``closing_rows=True``, what ingest writes). For every entity active on a UTC day, one more
+row stamped at that day's last microsecond ``T`` (:func:`day_close`): the aggregates over the events in
+``[T - window, T]``, so the day's events included, ``time_since_last`` measured from ``T``. ``T`` is
+after every event of the day and before the next day, so the point-in-time join of a real event still
+picks that event's own row, while the latest row of an entity (what materialisation puts in the online
+store, and what an offline lookup at a later moment finds) describes its state AFTER its most recent
+ingested transaction: online scoring sees the same history as training and batch scoring would for a
+transaction at that moment. An entity whose last event of a day is at ``T`` itself keeps that event's row
+(no two rows share entity and timestamp); with microsecond timestamps that needs an event in the day's
+very last microsecond.
+
+Vectorised: events sorted by (entity, time); for each query (an event, or a day's close) the bounds of
+its window are found with ``merge_asof`` (per entity), sums and counts come from cumulative sums, maxima
+and minima from a sparse table, so the cost grows as n log n, whatever the number of entities.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from datetime import date
+
     import numpy as np
     import pandas as pd
 
     from closedloop.schema import DataContract
 
+log = logging.getLogger(__name__)
 
-def _bounds(ent: np.ndarray, tsu: np.ndarray, lo_ts: np.ndarray) -> np.ndarray:
-    """For each row, the first position (in the sorted arrays) of its entity with time >= ``lo_ts``."""
+_DAY_NS = 86_400 * 10**9
+_US_NS = 1_000
+
+
+def day_close(day: date) -> pd.Timestamp:
+    """The stamp of ``day``'s closing rows: its last microsecond (UTC), after every event of the day."""
+    import pandas as pd
+
+    return pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)
+
+
+def _first_at_or_after(codes: np.ndarray, tsu: np.ndarray, group_end: np.ndarray, q_codes: np.ndarray,
+                       q_ts: np.ndarray) -> np.ndarray:
+    """For each query, the first position (in the sorted arrays) of its entity with time >= ``q_ts``.
+
+    A query after every event of its entity gets the position after the entity's last event.
+    """
     import numpy as np
     import pandas as pd
 
-    pos = np.arange(len(ent))
-    right = pd.DataFrame({"e": ent, "t": tsu, "p": pos})
-    left = pd.DataFrame({"e": ent, "t": lo_ts, "i": pos}).sort_values("t", kind="stable")
-    found = pd.merge_asof(left, right.sort_values("t", kind="stable"), on="t", by="e", direction="forward",
-                          allow_exact_matches=True)
-    out = np.empty(len(ent), dtype=np.int64)
-    # no later event of the entity: the window ends at the entity's last row + 1 (never happens for the
-    # upper bound, since every row is its own candidate)
-    out[found["i"].to_numpy()] = found["p"].fillna(-1).to_numpy(dtype=np.int64)
+    right = pd.DataFrame({"e": codes, "t": tsu, "p": np.arange(len(codes))}).sort_values("t", kind="stable")
+    left = pd.DataFrame({"e": q_codes, "t": q_ts, "i": np.arange(len(q_codes))}).sort_values("t", kind="stable")
+    found = pd.merge_asof(left, right, on="t", by="e", direction="forward", allow_exact_matches=True)
+    out = np.empty(len(q_codes), dtype=np.int64)
+    pos = found["p"].to_numpy(dtype="float64")
+    q = found["i"].to_numpy()
+    out[q] = np.where(np.isnan(pos), group_end[q_codes[q]], np.nan_to_num(pos)).astype(np.int64)
     return out
 
 
 def _range_extreme(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, fn) -> np.ndarray:
-    """``fn`` (np.fmax or np.fmin) of ``values[lo:hi]`` for every row; NaN for empty ranges."""
+    """``fn`` (np.fmax or np.fmin) of ``values[lo:hi]`` for every query; NaN for empty ranges."""
     import numpy as np
 
     n = len(values)
-    out = np.full(n, np.nan)
+    out = np.full(len(lo), np.nan)
     length = hi - lo
     ok = length > 0
     if not ok.any():
@@ -57,7 +85,7 @@ def _range_extreme(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, fn) -> np
         nxt[: n - step] = fn(prev[: n - step], prev[step:])
         table.append(nxt)
         k += 1
-    level = np.zeros(n, dtype=np.int64)
+    level = np.zeros(len(lo), dtype=np.int64)
     level[ok] = np.floor(np.log2(length[ok])).astype(np.int64)
     for lv in np.unique(level[ok]):
         rows = ok & (level == lv)
@@ -67,12 +95,14 @@ def _range_extreme(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, fn) -> np
 
 
 def compute_entity_features(events: pd.DataFrame, contract: DataContract,
-                            history: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Entity-feature rows for each distinct (entity, timestamp) of ``events``.
+                            history: pd.DataFrame | None = None, *, closing_rows: bool = False) -> pd.DataFrame:
+    """Entity-feature rows for each distinct (entity, timestamp) of ``events`` (and the days' closes).
 
     ``history`` holds earlier events of the same entities (the lookback period) that are used as
-    context only; no rows are produced for them. Returns the entity key, the event timestamp and one
-    column per aggregate of the contract, one row per distinct (entity, timestamp) of ``events``.
+    context only; no rows are produced for them. Returns the entity key, the timestamp and one column
+    per aggregate of the contract: one row per distinct (entity, timestamp) of ``events`` and, with
+    ``closing_rows``, one row per entity and UTC day of ``events`` stamped :func:`day_close` of that day
+    (the state after the day's events; see the module docstring). Sorted by entity and timestamp.
     """
     import numpy as np
     import pandas as pd
@@ -90,26 +120,44 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
     allev[ts] = pd.to_datetime(allev[ts], utc=True).astype("datetime64[ns, UTC]")
     allev = allev.sort_values([ent, ts], kind="stable").reset_index(drop=True)
 
-    codes = pd.factorize(allev[ent])[0].astype(np.int64)
+    codes = pd.factorize(allev[ent])[0].astype(np.int64)  # increasing: the frame is sorted by entity
     tsu = allev[ts].astype("int64").to_numpy()  # ns since the epoch
-    upper = _bounds(codes, tsu, tsu)  # first event of the entity at >= t: the window ends before it
-    group_start = np.zeros(len(codes), dtype=np.int64)
-    if len(codes):
-        first = np.r_[True, codes[1:] != codes[:-1]]
-        group_start = np.maximum.accumulate(np.where(first, np.arange(len(codes)), 0))
-
-    out = allev.loc[allev["_target"], [ent, ts]].copy()
+    counts = np.bincount(codes) if len(codes) else np.zeros(0, dtype=np.int64)
+    group_end = np.cumsum(counts).astype(np.int64)
     is_target = allev["_target"].to_numpy()
+
+    # queries: every target event (window [t - w, t)), then each day's close (window [T - w, T])
+    q_codes, q_ref, q_hi = codes[is_target], tsu[is_target], tsu[is_target]
+    out = allev.loc[is_target, [ent, ts]].reset_index(drop=True)
+    if closing_rows and is_target.any():
+        close = (tsu[is_target] // _DAY_NS + 1) * _DAY_NS - _US_NS
+        days = pd.DataFrame({"c": q_codes, "T": close, "e": allev.loc[is_target, ent].to_numpy()}).drop_duplicates(
+            ["c", "T"])
+        # an event at the close itself keeps its own row: no two rows share entity and timestamp
+        clash = pd.MultiIndex.from_arrays([days["c"], days["T"]]).isin(
+            pd.MultiIndex.from_arrays([q_codes, q_hi]))
+        if clash.any():
+            log.warning("%d closing row(s) left out: the entity has an event at the day's last microsecond, whose "
+                        "own row stays its latest", int(clash.sum()))
+            days = days[~clash]
+        c_codes, c_ts = days["c"].to_numpy(), days["T"].to_numpy()
+        q_codes = np.r_[q_codes, c_codes]
+        q_ref = np.r_[q_ref, c_ts]
+        q_hi = np.r_[q_hi, c_ts + 1]  # first event after T: the window includes T
+        closing = pd.DataFrame({ent: days["e"].to_numpy(),
+                                ts: pd.to_datetime(c_ts, utc=True).astype("datetime64[ns, UTC]")})
+        out = pd.concat([out, closing], ignore_index=True)
+
+    upper = _first_at_or_after(codes, tsu, group_end, q_codes, q_hi)
     for agg in contract.aggregates:
-        lower = _bounds(codes, tsu, tsu - int(pd.Timedelta(agg.window).value))
-        lower = np.minimum(np.where(lower < 0, upper, lower), upper)
+        lower = _first_at_or_after(codes, tsu, group_end, q_codes, q_ref - int(pd.Timedelta(agg.window).value))
+        lower = np.minimum(lower, upper)
         count = (upper - lower).astype("float64")
         if agg.function == "count":
             values = count
         elif agg.function == "time_since_last":
-            prev = upper - 1
-            has = (count > 0) & (prev >= group_start)
-            values = np.where(has, (tsu - tsu[np.clip(prev, 0, None)]) / 1e9, np.nan)
+            prev = np.clip(upper - 1, 0, None)
+            values = np.where(count > 0, (q_ref - tsu[prev]) / 1e9, np.nan)
         else:
             x = allev[agg.column].astype("float64").to_numpy()
             if agg.function in ("max", "min"):
@@ -130,6 +178,6 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
                 else:  # std, ddof=1 as pandas
                     var = np.where(k > 1, (s2 - s * s / np.maximum(k, 1)) / np.maximum(k - 1, 1), np.nan)
                     values = np.sqrt(np.clip(var, 0.0, None))
-        out[agg.name] = np.asarray(values, dtype="float64")[is_target]
-    out = out.drop_duplicates([ent, ts]).reset_index(drop=True)
-    return out
+        out[agg.name] = np.asarray(values, dtype="float64")
+    out = out.drop_duplicates([ent, ts])  # several events of an entity at one instant: one row
+    return out.sort_values([ent, ts], kind="stable").reset_index(drop=True)

@@ -94,7 +94,8 @@ def build_definitions(contract: DataContract, lake_uri: str, s3_endpoint: str | 
         ],
         source=source,
         online=True,
-        description=f"Aggregates over each {contract.entity}'s earlier events (never the event itself).",
+        description=f"Aggregates over each {contract.entity}'s earlier events (an event's row never counts "
+                    "it), and its state at the close of each day it was active (what the online store holds).",
         tags={"dataset": contract.name, "contract_sha256": contract.sha256[:12], "owner": "closedloop"},
     )
     service = FeatureService(

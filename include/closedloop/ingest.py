@@ -3,8 +3,10 @@
 A partition that breaks a blocking rule moves to ``quarantine/`` with its validation report and
 :class:`~closedloop.errors.DataValidationError` names the file, each failed rule, its column and
 sample values. A valid one (warnings included) is written to ``curated/`` with, for transactions, its
-entity-feature rows; a marker with the validation result is written last and makes the step
-idempotent: a partition whose landed content is unchanged is not validated again.
+entity-feature rows (one per event, the state before it, and one closing row per customer active that
+day, the state after the day: see :mod:`closedloop.aggregates`); a marker with the validation result is
+written last and makes the step idempotent: a partition whose landed content is unchanged is not
+validated again (its feature rows are rewritten only when an older version wrote them without closing rows).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ if TYPE_CHECKING:
     from closedloop.schema import DataContract
 
 log = logging.getLogger(__name__)
+
+# what a transactions partition's feature rows hold (recorded in its marker): event rows and closing rows.
+# A partition curated before closing rows existed gets its feature rows rewritten, without validating again.
+FEATURE_ROWS = "events+closing"
 
 
 @dataclass
@@ -105,6 +111,31 @@ def _history(lake: Lake, contract: DataContract, day: date,
     return pd.concat([cache[d] for d in days], ignore_index=True), [d.isoformat() for d in days]
 
 
+def write_entity_features(lake: Lake, contract: DataContract, day: date, frame: pd.DataFrame,
+                          history_cache: dict[date, pd.DataFrame] | None = None) -> list[str]:
+    """Write the feature-view partition of ``day`` from its curated transactions; returns the history days used."""
+    from closedloop.aggregates import compute_entity_features
+
+    history, history_days = _history(lake, contract, day, history_cache)
+    feats = compute_entity_features(frame, contract, history, closing_rows=True)
+    lake.write_parquet(feats, lake.partition("curated", contract.feature_view, day))
+    return history_days
+
+
+def _upgrade_features(lake: Lake, contract: DataContract, kind: str, day: date, marker: dict[str, Any],
+                      history_cache: dict[date, pd.DataFrame] | None) -> None:
+    """Rewrite the feature rows of a partition curated by an older version (no closing rows); marker updated."""
+    if kind != "transactions" or not contract.aggregates or marker.get("feature_rows") == FEATURE_ROWS:
+        return
+    curated = lake.partition("curated", kind, day)
+    if not lake.exists(curated):
+        return
+    log.info("%s: feature rows written before closing rows existed; rewriting them", curated)
+    history_days = write_entity_features(lake, contract, day, lake.read_parquet(curated), history_cache)
+    lake.write_json(marker_uri(lake, kind, day), {**marker, "feature_rows": FEATURE_ROWS,
+                                                  "history_days": history_days})
+
+
 def quarantine(lake: Lake, kind: str, day: date, report: dict[str, Any]) -> tuple[str, str]:
     """Move a landed partition to quarantine with its report; returns (partition URI, report URI)."""
     src = lake.partition("landing", kind, day)
@@ -124,7 +155,6 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
     Raises DataValidationError (after quarantining) on a blocking finding, and NoDataError when the
     partition neither landed nor was curated before.
     """
-    from closedloop.aggregates import compute_entity_features
     from closedloop.validation import validate_partition
 
     if kind not in KINDS:
@@ -133,6 +163,7 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
     marker = read_marker(lake, kind, day)
     if not lake.exists(landing):
         if marker is not None:
+            _upgrade_features(lake, contract, kind, day, marker, history_cache)
             return IngestOutcome(kind, day.isoformat(), "already_curated", marker["uri"], marker["sha256"],
                                  marker["rows"], marker.get("warnings", []))
         report_uri = lake.partition("quarantine", kind, day, suffix=".validation.json")
@@ -145,6 +176,7 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
     sha = lake.sha256(landing)
     if marker is not None and marker.get("sha256") == sha:
         log.info("%s: unchanged since validated (%s), not validated again", landing, sha[:12])
+        _upgrade_features(lake, contract, kind, day, marker, history_cache)
         return IngestOutcome(kind, day.isoformat(), "already_curated", landing, sha, marker["rows"],
                              marker.get("warnings", []))
 
@@ -167,9 +199,7 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
     lake.write_parquet(frame, curated)
     history_days: list[str] = []
     if kind == "transactions" and contract.aggregates:
-        history, history_days = _history(lake, contract, day, history_cache)
-        feats = compute_entity_features(frame, contract, history)
-        lake.write_parquet(feats, lake.partition("curated", contract.feature_view, day))
+        history_days = write_entity_features(lake, contract, day, frame, history_cache)
     warnings = [f"{f.rule}({f.column}): {f.message}" for f in result.warnings]
     for w in warnings:
         log.warning("%s: %s", landing, w)
@@ -180,6 +210,7 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
         **report, "uri": landing, "sha256": sha, "rows": len(frame), "warnings": warnings,
         "normalisations": normalised,
         "curated_uri": curated, "history_days": history_days,
+        **({"feature_rows": FEATURE_ROWS} if kind == "transactions" and contract.aggregates else {}),
     })
     return IngestOutcome(kind, day.isoformat(), "curated", landing, sha, len(frame), warnings + normalised)
 

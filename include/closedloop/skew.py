@@ -2,10 +2,15 @@
 
 For a sample of one day's served predictions (``served/transactions/<day>/``, written by
 :mod:`closedloop.serving`), the customer features the service got from the online store are compared
-with what Feast's offline store reproduces for the same customer just before the transaction's event
-time (the online store holds each customer's latest materialised row, which the point-in-time join
-picks as of that moment), and the served score with the batch score of the same row (the served
-version, the logged request fields and the offline features, through :func:`closedloop.training.predict`).
+with what Feast's offline store holds for the same customer at the moment the online store describes
+when the transaction is served (:func:`online_moment`): the close of the day before the transaction's
+event day, since ingest and materialisation run per day. At that moment the point-in-time join picks
+the customer's closing row (:mod:`closedloop.aggregates`), its state after its last ingested
+transaction, which is also what a training set or batch scoring gives for a transaction at that moment;
+so an online store that leaves out the customer's last transaction (a row describing the state before
+it) is flagged, as is a bad materialisation, a feature changed in one path or a stale store. The served
+score is compared with the batch score of the same row (the served version, the logged request fields
+and the offline features, through :func:`closedloop.training.predict`).
 
 A row mismatches when a feature differs by more than ``skew.feature_tolerance`` (absolute, or relative
 to the offline value when that is larger than 1) or the score by more than ``skew.score_tolerance``;
@@ -68,8 +73,20 @@ def report_uri(rt: Runtime, day: date) -> str:
     return rt.lake.uri("reports", "skew", f"{day.isoformat()}.json")
 
 
+def online_moment(event_time: pd.Series) -> pd.Series:
+    """The moment whose state the online store serves a transaction of ``event_time`` with.
+
+    The stamp of the closing rows of the day before the event's UTC day (its last microsecond): ingest
+    and materialisation work per day, so the features served during a day are each customer's state
+    after its transactions up to the end of the day before (never the same day's earlier ones).
+    """
+    import pandas as pd
+
+    return pd.to_datetime(event_time, utc=True).dt.floor("D") - pd.Timedelta(microseconds=1)
+
+
 def offline_view(rt: Runtime, served: pd.DataFrame) -> tuple[pd.DataFrame, Any]:
-    """The offline features of the served rows (as of just before each event) and their batch scores."""
+    """The offline features of the served rows (as of :func:`online_moment` of each event) and their batch scores."""
     import numpy as np
     import pandas as pd
 
@@ -80,7 +97,7 @@ def offline_view(rt: Runtime, served: pd.DataFrame) -> tuple[pd.DataFrame, Any]:
 
     c = rt.contract
     keys = served[[c.row_key, c.entity]].copy()
-    keys[c.event_timestamp] = pd.to_datetime(served[c.event_timestamp], utc=True) - pd.Timedelta(microseconds=1)
+    keys[c.event_timestamp] = online_moment(served[c.event_timestamp])
     offline = historical_features(rt.store, rt.defs, keys, c)  # every row back once, in order
     frame = pd.concat([served[c.transaction_features].reset_index(drop=True),
                        offline[c.entity_features].reset_index(drop=True)], axis=1)
@@ -186,5 +203,7 @@ def check(report: dict[str, Any]) -> dict[str, Any]:
     if not report["passed"]:
         raise SkewError(f"training/serving skew on {report['day']}: " + "; ".join(report["reasons"])
                         + f". Report: {report['report_uri']}; compare the online store with the offline store "
-                          "(was the online store materialised from the same lake? was a feature changed in one path?)")
+                          "(was the online store materialised from the same lake, after the day before was "
+                          "ingested? does it hold each customer's closing row, its state after its last "
+                          "transaction? was a feature changed in one path?)")
     return {"day": report["day"], "passed": True, "mismatch_share": report["mismatch_share"]}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import date
 
+import pandas as pd
 import pytest
 
+from closedloop.aggregates import compute_entity_features, day_close
 from closedloop.generate import GeneratorConfig, make_bad
 from closedloop.ingest import read_marker
 
@@ -39,13 +41,22 @@ def test_a_good_day_is_curated_materialised_and_announced(world):
     assert read_marker(rt.lake, "transactions", day)["sha256"] == rt.lake.sha256(
         rt.lake.partition("landing", "transactions", day))
 
-    # the online store serves the customer's latest features (materialised for that day, never "now")
+    # the online store serves the customer's latest features (materialised for that day, never "now"): the
+    # closing row of the day, its state after the day's transactions, its last one included
     last = curated.sort_values(c.event_timestamp).iloc[-1]
     online = rt.store.get_online_features(features=rt.defs.service,
                                           entity_rows=[{c.entity: int(last[c.entity])}]).to_dict()
     feats = rt.lake.read_parquet(rt.lake.partition("curated", c.feature_view, day))
     expected = feats[feats[c.entity] == last[c.entity]].sort_values(c.event_timestamp).iloc[-1]
-    assert online["txn_count_7d"][0] == expected["txn_count_7d"]
+    assert expected[c.event_timestamp] == day_close(day)
+    for name in c.entity_features:
+        assert online[name][0] == pytest.approx(expected[name], nan_ok=True), name
+    both = pd.concat([rt.lake.read_parquet(rt.lake.partition("curated", "transactions", d))
+                      for d in (date(2026, 5, 1), day)])
+    mine = both[(both[c.entity] == last[c.entity]) & (both[c.event_timestamp] > day_close(day) - pd.Timedelta("1D"))]
+    assert online["txn_count_1d"][0] == len(mine) > 0  # the last transaction of the day is counted
+    assert online["seconds_since_last_txn"][0] == pytest.approx(
+        (day_close(day) - last[c.event_timestamp]).total_seconds())
 
     with create_session() as session:
         events = session.query(AssetEvent).filter(AssetEvent.source_dag_id == "ingest").all()
@@ -60,6 +71,29 @@ def test_rerunning_a_day_validates_nothing_again(world):
     assert read_marker(rt.lake, "transactions", date(2026, 5, 1)) == before
     xcom = dr.get_task_instance("validate_partitions").xcom_pull(task_ids="validate_partitions")
     assert {p["status"] for p in xcom["partitions"]} == {"already_curated"}
+
+
+def test_feature_rows_written_without_closing_rows_are_rewritten_without_validating_again(world):
+    """A lake curated before closing rows existed: rerunning a day rewrites its feature rows, nothing else."""
+    from closedloop.ingest import FEATURE_ROWS, marker_uri
+
+    rt, dag = world
+    c = rt.contract
+    day = date(2026, 5, 2)
+    feats_uri = rt.lake.partition("curated", c.feature_view, day)
+    marker = read_marker(rt.lake, "transactions", day)
+    tx = rt.lake.read_parquet(rt.lake.partition("curated", "transactions", day))
+    history = rt.lake.read_parquet(rt.lake.partition("curated", "transactions", date(2026, 5, 1)))
+    rt.lake.write_parquet(compute_entity_features(tx, c, history), feats_uri)  # what the older version wrote
+    rt.lake.write_json(marker_uri(rt.lake, "transactions", day), {k: v for k, v in marker.items()
+                                                                  if k != "feature_rows"})
+    dr = dag.test(run_conf={"day": day.isoformat()})
+    assert dr.state == "success", _states(dr)
+    again = read_marker(rt.lake, "transactions", day)
+    assert again["feature_rows"] == FEATURE_ROWS and again["validated_at"] == marker["validated_at"]
+    expected = compute_entity_features(tx, c, history, closing_rows=True)
+    pd.testing.assert_frame_equal(rt.lake.read_parquet(feats_uri), expected)
+    assert (expected[c.event_timestamp] == day_close(day)).sum() == tx[c.entity].nunique()
 
 
 def test_a_bad_day_is_quarantined_and_a_fixed_one_goes_through(world):

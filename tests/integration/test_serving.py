@@ -157,6 +157,74 @@ def test_online_scores_equal_the_batch_code_path(served):
     assert got == pytest.approx(expected.tolist(), abs=1e-6)
 
 
+def _state_after_last_transaction(rt, customers: list[int]) -> pd.DataFrame:
+    """Brute force: each customer's aggregates at the close of its last ingested day, over [T - window, T]
+    (its last transaction included), from the curated transactions; with T as ``at``."""
+    import numpy as np
+
+    from closedloop.aggregates import day_close
+
+    c = rt.contract
+    tx = rt.lake.read_parquet_many([rt.lake.partition("curated", "transactions", d)
+                                    for d in rt.lake.list_days("curated", "transactions")])
+    rows = []
+    for e in customers:
+        mine = tx[tx[c.entity] == e]
+        at = day_close(mine[c.event_timestamp].max().date())
+        row = {c.entity: e, "at": at}
+        for agg in c.aggregates:
+            past = mine[(mine[c.event_timestamp] <= at) & (mine[c.event_timestamp] >= at - agg.window)]
+            if agg.function == "count":
+                row[agg.name] = float(len(past))
+            elif agg.function == "time_since_last":
+                row[agg.name] = (at - past[c.event_timestamp].max()).total_seconds() if len(past) else np.nan
+            elif agg.function == "sum":
+                row[agg.name] = float(past[agg.column].sum())
+            else:
+                vals = past[agg.column]
+                row[agg.name] = float(getattr(vals, agg.function)()) if len(vals) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_online_features_hold_the_state_after_each_customers_last_transaction(world):
+    """After ingesting and materialising a window, a customer's online features are its aggregates over its
+    transactions up to the end of its last ingested day, the last transaction included (not one behind)."""
+    rt, live = world
+    c = rt.contract
+    customers = sorted(set(live[c.entity].astype(int)))[:40]
+    online = rt.store.get_online_features(features=rt.defs.service,
+                                          entity_rows=[{c.entity: e} for e in customers]).to_df()
+    expected = _state_after_last_transaction(rt, customers)
+    assert (expected["at"].dt.date == TRAIN.end - timedelta(days=1)).mean() > 0.5  # most active on the last day
+    assert (expected["txn_count_1d"] > 0).all()
+    for name in c.entity_features:
+        assert online[name].to_numpy(dtype=float) == pytest.approx(expected[name].to_numpy(dtype=float),
+                                                                   rel=1e-9, nan_ok=True), name
+
+
+def test_served_scores_equal_the_batch_path_for_a_transaction_at_that_moment(served):
+    """The batch path (Feast's point-in-time join at the transaction's time, then ``predict``) gives a new
+    transaction the features and the score the service gave it."""
+    from closedloop.features import historical_features
+    from closedloop.registry import load_booster
+    from closedloop.scoring import version_info
+    from closedloop.training import predict
+
+    rt, live, answers = served.rt, served.live, served.answers
+    c = rt.contract
+    head = live.head(50).reset_index(drop=True)
+    batch = historical_features(rt.store, rt.defs, head.drop(columns=[f for f in c.entity_features if f in head]), c)
+    online = rt.store.get_online_features(features=rt.defs.service,
+                                          entity_rows=[{c.entity: int(e)} for e in head[c.entity]]).to_df()
+    for name in c.entity_features:
+        assert batch[name].to_numpy(dtype=float) == pytest.approx(online[name].to_numpy(dtype=float),
+                                                                  rel=1e-12, nan_ok=True), name
+    expected = predict(load_booster(version_info(rt.client, rt.model_name, "1")["model_uri"]), batch, c)
+    got = [p["score"] for p in answers[0].json()["predictions"]]
+    assert got == pytest.approx(expected.tolist(), abs=1e-6)
+
+
 def test_probes_metrics_and_authentication(served):
     probes, metrics, unauth = served.probes, served.metrics, served.unauth
     assert probes["/health"].json() == {"status": "ok"}
@@ -386,3 +454,45 @@ def test_a_scheduled_skew_check_on_a_day_with_nothing_served_is_skipped(world, d
     dr = dagbag.get_dag("skew_check").test(logical_date=pendulum.datetime(2026, 1, 5, 6, 30, tz="UTC"))
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     assert states == {"measure_skew": "skipped", "check_skew": "skipped"}, states
+
+
+def test_skew_check_catches_an_online_store_one_transaction_behind(world):
+    """The online store holding, for some customers, the row of their last transaction (the state before it,
+    as before closing rows existed): their served rows differ from the offline store's closing rows."""
+    from closedloop import skew
+    from closedloop.serving import read_served
+
+    rt, live = world
+    c = rt.contract
+    corrupted = set(live.iloc[401:500][c.entity].astype(int))  # the other skew test's customers
+    victims = live[~live[c.entity].astype(int).isin(corrupted)].drop_duplicates(c.entity).head(40).copy()
+    victims[c.row_key] = victims[c.row_key].astype(str) + "-behind"
+    customers = victims[c.entity].astype(int).tolist()
+    view = rt.lake.read_parquet_many([rt.lake.partition("curated", c.feature_view, d)
+                                      for d in rt.lake.list_days("curated", c.feature_view)])
+    view = view[view[c.entity].isin(customers)]
+    stamp = view[c.event_timestamp]
+    is_close = stamp == stamp.dt.floor("D") + pd.Timedelta("1D") - pd.Timedelta("1us")
+    closing = view[is_close].sort_values(c.event_timestamp).groupby(c.entity).tail(1)
+    behind = view[~is_close].sort_values(c.event_timestamp).groupby(c.entity).tail(1)
+    assert len(behind) == len(closing) == len(customers)
+    rt.store.write_to_online_store(c.feature_view, df=behind[[c.entity, c.event_timestamp, *c.entity_features]])
+    try:
+        with Server(_app(rt, shadow_share=0.0)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+            r = http.post("/score", json={"transactions": _requests(rt, victims)}, headers=AUTH)
+            assert r.status_code == 200, r.text
+        logged = read_served(rt.lake, pd.Timestamp.now(tz="UTC").date())
+        sample = logged[logged[c.row_key].isin(set(victims[c.row_key]))].reset_index(drop=True)
+        assert len(sample) == len(victims)
+        offline, batch = skew.offline_view(rt, sample)
+        report = skew.compare(sample, offline, batch, c.entity_features, c.row_key, skew.SkewPolicy())
+    finally:  # the materialised closing rows back, for whatever runs next
+        rt.store.write_to_online_store(c.feature_view,
+                                       df=closing[[c.entity, c.event_timestamp, *c.entity_features]])
+    assert not report["passed"] and report["feature_mismatch_rows"] == len(sample)
+    assert report["features"]["seconds_since_last_txn"]["mismatches"] == len(sample)
+    assert report["features"]["txn_count_7d"]["mismatches"] > 0  # the last transaction is not counted
+    # the offline side is the closing row: the state after the last transaction
+    for name in c.entity_features:
+        assert offline[name].to_numpy(dtype=float) == pytest.approx(
+            closing.set_index(c.entity).loc[sample[c.entity], name].to_numpy(dtype=float), nan_ok=True), name

@@ -64,6 +64,16 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     assert frames["train"][c.event_timestamp].max() <= frames["validation"][c.event_timestamp].min()
     assert frames["validation"][c.event_timestamp].max() <= frames["holdout"][c.event_timestamp].min()
 
+    # the feature view also holds each customer's closing row of each active day (the online store's state
+    # after the day); the point-in-time join of a real transaction never picks one
+    view = rt.lake.read_parquet_many([rt.lake.partition("curated", c.feature_view, d)
+                                      for d in pd.date_range("2026-01-01", "2026-01-10").date])
+    closes = view[view[c.event_timestamp] == view[c.event_timestamp].dt.floor("D") + pd.Timedelta("1D")
+                  - pd.Timedelta("1us")]
+    assert len(closes) == len(curated.assign(d=curated[c.event_timestamp].dt.date)[[c.entity, "d"]]
+                              .drop_duplicates()) > 0
+    assert not view.duplicated([c.entity, c.event_timestamp]).any()
+
     # point in time: Feast's features equal the aggregates recomputed from all events before each row
     expected = compute_entity_features(curated, c)
     merged = full.merge(expected, on=[c.entity, c.event_timestamp], suffixes=("", "_expected"))

@@ -53,12 +53,13 @@ def test_registry_online_and_offline_stores_on_the_services(rt, prod_env, s3, bu
     fresh = feature_store(rt.settings)
     assert materialised_until(fresh, c.feature_view) is not None
 
-    # online: Redis holds one row per customer with the features as of the window's end
+    # online: Redis holds one row per customer, its closing row: the state after its last transaction
     keys = redis.Redis.from_url(redis_url).keys("*")
     assert keys, "nothing was materialised into Redis"
     curated = rt.lake.read_parquet_many([rt.lake.partition("curated", "transactions", d)
                                          for d in pd.date_range("2026-01-01", "2026-01-07").date])
-    expected = compute_entity_features(curated, c).sort_values(c.event_timestamp).groupby(c.entity).last()
+    expected = (compute_entity_features(curated, c, closing_rows=True).sort_values(c.event_timestamp)
+                .groupby(c.entity).tail(1).set_index(c.entity).sort_index())
     entities = expected.index[:5].tolist()
     online = fresh.get_online_features(features=rt.defs.service,
                                        entity_rows=[{c.entity: e} for e in entities]).to_df()
