@@ -1,0 +1,124 @@
+"""The "Model health" page inside the Airflow UI: an Airflow 3 plugin.
+
+A FastAPI app mounted by the API server under ``/closedloop`` serves the page (``/closedloop/``), its data
+(``/closedloop/api/health.json``) and the reports it links (``/closedloop/reports/...``, read from the
+lake, wherever it is); an external view puts "Model health" in the UI's navigation, shown in an iframe.
+
+Airflow does not protect plugin apps: every route here checks the caller's Airflow token itself, the
+``Authorization: Bearer`` header or else the UI's ``_token`` cookie (what the browser sends from the UI),
+with the auth manager's own validation (signature, expiry, revocation), then asks the auth manager
+whether that user may see the website. No token or a bad one: 401; a user without access: 403.
+
+Importing this module stays cheap (the scheduler and the dag-processor load plugins too): closedloop,
+MLflow and the auth manager are imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any
+
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+URL_PREFIX = "/closedloop"
+COOKIE = "_token"  # airflow.api_fastapi.auth.managers.base_auth_manager.COOKIE_NAME_JWT_TOKEN
+
+
+def _auth_manager() -> Any:
+    from airflow.api_fastapi.app import create_auth_manager, get_auth_manager
+
+    try:
+        return get_auth_manager()  # the API server's own, initialised at its start
+    except RuntimeError:
+        return create_auth_manager()  # outside the API server (tests, a bare app)
+
+
+def _token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()  # an explicit credential wins over the session cookie, as in Airflow
+    return request.cookies.get(COOKIE) or None
+
+
+async def airflow_user(request: Request) -> Any:
+    """The Airflow user of the request's token; 401 without a valid one, 403 without access to the UI."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
+    from jwt import InvalidTokenError
+
+    token = _token(request)
+    if not token:
+        raise HTTPException(401, "Not authenticated: log in to Airflow (the UI sets the _token cookie) or send "
+                                 "'Authorization: Bearer <token>' (POST /auth/token gives one)")
+    manager = _auth_manager()
+    try:
+        user = await manager.get_user_from_token(token)
+    except InvalidTokenError as exc:
+        raise HTTPException(401, f"Invalid or expired Airflow token ({type(exc).__name__}): log in again") from None
+    if not manager.is_authorized_view(access_view=AccessView.WEBSITE, user=user):
+        raise HTTPException(403, f"user {user.get_name()!r} may not view the Airflow UI")
+    return user
+
+
+def _runtime() -> Any:
+    from closedloop.runtime import Runtime
+
+    return Runtime.from_env()
+
+
+app = FastAPI(title="closedloop model health", dependencies=[Depends(airflow_user)], docs_url=None,
+              redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _error(request: Request, exc: StarletteHTTPException) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    if "text/html" in request.headers.get("accept", ""):
+        body = (f"<!doctype html><html><body><h1>{exc.status_code}</h1><p>{html.escape(str(exc.detail))}</p>"
+                "<p><a href='/' target='_top'>Airflow</a></p></body></html>")
+        return HTMLResponse(body, status_code=exc.status_code, headers=headers)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+@app.get("/", response_class=HTMLResponse)
+def page() -> HTMLResponse:
+    from closedloop import health
+
+    return HTMLResponse(health.render_page(health.gather(_runtime()), report_base="reports/"),
+                        headers={"Cache-Control": "no-store"})
+
+
+@app.get("/api/health.json")
+def health_json() -> JSONResponse:
+    from closedloop import health
+
+    return JSONResponse(health.gather(_runtime()), headers={"Cache-Control": "no-store"})
+
+
+@app.get("/reports/{path:path}")
+def report(path: str) -> Response:
+    from closedloop import health
+
+    try:
+        body, media = health.report_bytes(_runtime(), path)
+    except health.ReportNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    return Response(body, media_type=media, headers={"Cache-Control": "no-store"})
+
+
+class ModelHealthPlugin(AirflowPlugin):
+    name = "closedloop_model_health"
+    fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "closedloop model health"}]
+    external_views = [{
+        "name": "Model health",
+        "href": URL_PREFIX.lstrip("/") + "/",  # relative to the UI's base URL, as Airflow resolves it
+        "url_route": "model-health",           # shown at /plugin/model-health, in an iframe
+        "destination": "nav",
+        "category": "browse",
+    }]

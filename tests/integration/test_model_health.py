@@ -1,0 +1,195 @@
+"""The "Model health" page: its data from a real champion and a real drift report, the plugin's app behind
+Airflow's own token validation, and the plugin as Airflow's plugins manager loads it.
+
+The champion is trained and promoted through the package's stages on a small generated world (as the
+scoring and serving tests do); two days are scored and one window measured with the monitoring stage
+(Evidently report in the lake, figures in MLflow); no DAG run is needed. Tokens are minted in-process by
+the auth manager exactly as Airflow's ``/auth/token`` route does (``generate_jwt`` on the user).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from datetime import date, timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from closedloop import retraining as stages
+from closedloop.generate import GeneratorConfig
+from closedloop.runconf import Window
+
+pytestmark = pytest.mark.integration
+
+START = date(2026, 5, 1)
+TRAIN = Window(START + timedelta(days=2), START + timedelta(days=16))
+MONITORED = Window(TRAIN.end, TRAIN.end + timedelta(days=2))
+PREFIX = "/closedloop"
+
+
+@pytest.fixture(scope="module")
+def world(generated_home, airflow_db):
+    from closedloop.monitoring import measure_window
+    from closedloop.scoring import score_day
+
+    config = GeneratorConfig(start=START, days=(MONITORED.end - START).days + 1, customers=300,
+                             transactions_per_day=700, seed=23, fraud_rate=0.03)
+    with generated_home("health", config) as rt:
+        stages.validate(rt, TRAIN)
+        stages.materialise(rt, TRAIN)
+        ts = stages.build_training_set(rt, TRAIN)
+        trained = stages.train(rt, ts, {"dag_run_id": "fixture"})
+        registered = stages.register(rt, trained, TRAIN)
+        promoted = stages.promote_or_reject(rt, stages.evaluate_gate(rt, registered, ts))
+        for day in (MONITORED.start, MONITORED.start + timedelta(days=1)):
+            score_day(rt, day)
+        measured = measure_window(rt, MONITORED, dag_run_id="fixture")
+        # a skew report as closedloop.skew writes it (its format is that module's docstring)
+        skew_day = MONITORED.start
+        rt.lake.write_json(rt.lake.uri("reports", "skew", f"{skew_day.isoformat()}.json"), {
+            "day": skew_day.isoformat(), "served_rows": 40, "sampled": 40, "passed": False,
+            "reasons": ["12.50% of rows mismatch (more than 1.00%)"], "mismatch_share": 0.125,
+            "feature_mismatch_share": 0.125, "score_mismatch_share": 0.0, "score_max_abs_diff": 0.0,
+            "features": {}, "examples": [], "model_versions": [registered["version"]], "policy": {}})
+        yield SimpleNamespace(rt=rt, registered=registered, promoted=promoted, measured=measured)
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    """The plugin's app as the API server mounts it (its own ``init_plugins``), behind a TestClient."""
+    from airflow.api_fastapi.app import init_plugins
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    root = FastAPI()
+    init_plugins(root)
+    with TestClient(root) as c:
+        yield c
+
+
+def _token(username: str, role: str | None) -> str:
+    from airflow.api_fastapi.app import create_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    return create_auth_manager().generate_jwt(SimpleAuthManagerUser(username=username, role=role))
+
+
+def test_health_data_holds_champion_history_drift_and_skew(world):
+    from closedloop import health
+
+    rt = world.rt
+    data = health.gather(rt)
+    champ = data["champion"]
+    assert champ["version"] == world.registered["version"]
+    run_auc = rt.client.get_run(champ["run_id"]).data.metrics["holdout_roc_auc"]
+    assert champ["metrics"]["roc_auc"] == pytest.approx(run_auc, abs=1e-6)
+    assert data["history"] and data["history"][0]["to_version"] == champ["version"]
+    assert world.promoted["action"] == "promoted"
+    assert data["history"][0]["reason"] == world.promoted["reason"] and data["history"][0]["reason"]
+    latest = data["latest_drift"]
+    assert latest["window"] == MONITORED.to_dict()
+    assert latest["figures"]["drift_share"] == pytest.approx(world.measured["figures"]["drift_share"])
+    assert latest["html_path"] == f"drift/{MONITORED.start}_{MONITORED.end}/report.html"
+    # the series: one point for the window, from MLflow's monitoring run
+    assert [p["window"] for p in data["series"]] == [MONITORED.to_dict()]
+    assert data["series"][0]["drift_share"] == pytest.approx(world.measured["figures"]["drift_share"])
+    assert data["skew"]["day"] == MONITORED.start.isoformat() and data["skew"]["passed"] is False
+    json.dumps(data)  # JSON-safe as it is
+
+    body, media = health.report_bytes(rt, latest["html_path"])
+    assert media.startswith("text/html") and body == rt.lake.read_bytes(world.measured["report"]["html"])
+    for bad in ("../curated/transactions/2026-05-03.parquet", "drift/../../landing/x.json",
+                "drift/2026-05-20_2026-05-18/report.html", "drift/x_y/report.html", "skew/notaday.json",
+                "drift/2026-01-01_2026-01-03/report.html"):
+        with pytest.raises(health.ReportNotFound):
+            health.report_bytes(rt, bad)
+
+
+def test_svg_plots_have_axes_labels_and_one_point_per_window():
+    from closedloop import health
+
+    svg = health.line_chart("t", ["2026-01-02", "2026-01-03", "2026-01-04"], {"a": [0.1, None, 0.4]},
+                            x_label="window end", y_label="share", y_range=(0.0, 1.0), hlines={"limit": 0.3})
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    assert ">window end</text>" in svg and ">share</text>" in svg
+    assert svg.count("<circle") == 2          # the None is a gap, not a point
+    assert "<polyline" not in svg             # two isolated points make no line
+    empty = health.line_chart("t", [], {"a": []}, x_label="x", y_label="y")
+    assert "no monitored windows yet" in empty
+
+
+def test_anonymous_and_forged_requests_get_401(client):
+    import jwt
+
+    for path in ("/", "/api/health.json", "/reports/drift/2026-05-17_2026-05-19/report.html"):
+        r = client.get(PREFIX + path)
+        assert r.status_code == 401, (path, r.status_code, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+    html_401 = client.get(PREFIX + "/", headers={"Accept": "text/html"})
+    assert html_401.status_code == 401 and html_401.headers["content-type"].startswith("text/html")
+
+    forged = jwt.encode({"sub": "admin", "role": "admin", "aud": "apache-airflow", "exp": 4102444800},
+                        "not-the-secret-of-this-airflow", algorithm="HS512")
+    for headers, cookies in (({"Authorization": f"Bearer {forged}"}, None), ({}, {"_token": forged}),
+                             ({"Authorization": "Bearer garbage"}, None)):
+        client.cookies.clear()
+        r = client.get(PREFIX + "/api/health.json", headers=headers, cookies=cookies)
+        assert r.status_code == 401, (headers, cookies, r.text)
+        assert "champion" not in r.text
+    client.cookies.clear()
+    # a valid token of a user without a role: authenticated, not authorised
+    r = client.get(PREFIX + "/", headers={"Authorization": f"Bearer {_token('nobody', None)}"})
+    assert r.status_code == 403, r.text
+
+
+def test_a_logged_in_user_sees_the_page(client, world):
+    rt = world.rt
+    token = _token("admin", "admin")
+    # the browser's way: the UI's _token cookie, in the iframe's requests
+    r = client.get(PREFIX + "/", cookies={"_token": token})
+    client.cookies.clear()
+    assert r.status_code == 200, r.text
+    page = r.text
+    champ = world.registered["version"]
+    auc = rt.client.get_run(rt.client.get_model_version(rt.model_name, champ).run_id).data.metrics["holdout_roc_auc"]
+    assert re.search(rf"id='champion-version'>{champ}<", page)
+    assert f"{auc:.4f}" in page
+    assert html.escape(world.promoted["reason"]) in page  # the promotion history, with its reason
+    assert f"id='drift-share'>{world.measured['figures']['drift_share']:.4f}<" in page
+    assert page.count("<svg") == 2 and "share of drifted features" in page and ">ROC AUC</text>" in page
+    assert "failed" in page and "12.50% of rows mismatch" in page  # the skew report
+
+    # the API's way: a Bearer header; the JSON and the linked report
+    auth = {"Authorization": f"Bearer {token}"}
+    data = client.get(PREFIX + "/api/health.json", headers=auth).json()
+    assert data["champion"]["version"] == champ
+    link = data["latest_drift"]["html_path"]
+    assert f'href="reports/{link}"' in page
+    rep = client.get(f"{PREFIX}/reports/{link}", headers=auth)
+    assert rep.status_code == 200 and rep.content == rt.lake.read_bytes(world.measured["report"]["html"])
+    assert client.get(f"{PREFIX}/reports/../curated/x.parquet", headers=auth).status_code == 404
+    assert client.get(f"{PREFIX}/reports/drift/2026-01-01_2026-01-03/report.html", headers=auth).status_code == 404
+
+
+def test_airflow_loads_the_plugin(airflow_db):
+    import os
+    from pathlib import Path
+
+    from airflow import plugins_manager
+
+    assert Path(os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"]) == Path(__file__).resolve().parents[2] / "plugins"
+    plugins, errors = plugins_manager._get_plugins()
+    assert not {k: v for k, v in errors.items() if "model_health" in k}, errors
+    ours = [p for p in plugins if p.name == "closedloop_model_health"]
+    assert len(ours) == 1
+    apps, _ = plugins_manager.get_fastapi_plugins()
+    assert [a["url_prefix"] for a in apps if a["app"] is ours[0].fastapi_apps[0]["app"]] == [PREFIX]
+    views, _ = plugins_manager._get_ui_plugins()
+    view = next(v for v in views if v["name"] == "Model health")
+    assert view["href"] == "closedloop/" and view["url_route"] == "model-health" and view["destination"] == "nav"
+    # what the UI receives: the plugin through the public API's own response model
+    from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse
+
+    ExternalViewResponse.model_validate(view)
