@@ -9,20 +9,17 @@ Airflow does not protect plugin apps: every route here checks the caller's Airfl
 with the auth manager's own validation (signature, expiry, revocation), then asks the auth manager
 whether that user may see the website. No token or a bad one: 401; a user without access: 403.
 
-Importing this module stays cheap (the scheduler and the dag-processor load plugins too): closedloop,
-MLflow and the auth manager are imported inside the handlers.
+Importing this module stays cheap (the scheduler, the dag-processor and task processes load plugins too):
+the FastAPI app is built on its first request, and closedloop, MLflow and the auth manager are imported
+inside the handlers. (No ``from __future__ import annotations`` here: FastAPI reads the handlers'
+annotations, which name classes imported inside :func:`build_app`.)
 """
-
-from __future__ import annotations
 
 import html
 import logging
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,7 @@ def _auth_manager() -> Any:
         return create_auth_manager()  # outside the API server (tests, a bare app)
 
 
-def _token(request: Request) -> str | None:
+def _token(request: Any) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
@@ -47,9 +44,10 @@ def _token(request: Request) -> str | None:
     return request.cookies.get(COOKIE) or None
 
 
-async def airflow_user(request: Request) -> Any:
+async def airflow_user(request: Any) -> Any:
     """The Airflow user of the request's token; 401 without a valid one, 403 without access to the UI."""
     from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
+    from fastapi import HTTPException
     from jwt import InvalidTokenError
 
     token = _token(request)
@@ -72,44 +70,66 @@ def _runtime() -> Any:
     return Runtime.from_env()
 
 
-app = FastAPI(title="closedloop model health", dependencies=[Depends(airflow_user)], docs_url=None,
-              redoc_url=None, openapi_url=None)
+def build_app() -> Any:
+    """The FastAPI app: every route depends on :func:`airflow_user`."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    async def user(request: Request) -> Any:
+        return await airflow_user(request)
+
+    app = FastAPI(title="closedloop model health", dependencies=[Depends(user)], docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        if "text/html" in request.headers.get("accept", ""):
+            body = (f"<!doctype html><html><body><h1>{exc.status_code}</h1><p>{html.escape(str(exc.detail))}</p>"
+                    "<p><a href='/' target='_top'>Airflow</a></p></body></html>")
+            return HTMLResponse(body, status_code=exc.status_code, headers=headers)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        from closedloop import health
+
+        return HTMLResponse(health.render_page(health.gather(_runtime()), report_base="reports/"),
+                            headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/health.json")
+    def health_json() -> JSONResponse:
+        from closedloop import health
+
+        return JSONResponse(health.gather(_runtime()), headers={"Cache-Control": "no-store"})
+
+    @app.get("/reports/{path:path}")
+    def report(path: str) -> Response:
+        from closedloop import health
+
+        try:
+            body, media = health.report_bytes(_runtime(), path)
+        except health.ReportNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        return Response(body, media_type=media, headers={"Cache-Control": "no-store"})
+
+    return app
 
 
-@app.exception_handler(StarletteHTTPException)
-async def _error(request: Request, exc: StarletteHTTPException) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    if "text/html" in request.headers.get("accept", ""):
-        body = (f"<!doctype html><html><body><h1>{exc.status_code}</h1><p>{html.escape(str(exc.detail))}</p>"
-                "<p><a href='/' target='_top'>Airflow</a></p></body></html>")
-        return HTMLResponse(body, status_code=exc.status_code, headers=headers)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+class LazyApp:
+    """An ASGI app that builds :func:`build_app` on its first call (what the API server mounts)."""
+
+    def __init__(self) -> None:
+        self._app: Any = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self._app is None:
+            self._app = build_app()
+        await self._app(scope, receive, send)
 
 
-@app.get("/", response_class=HTMLResponse)
-def page() -> HTMLResponse:
-    from closedloop import health
-
-    return HTMLResponse(health.render_page(health.gather(_runtime()), report_base="reports/"),
-                        headers={"Cache-Control": "no-store"})
-
-
-@app.get("/api/health.json")
-def health_json() -> JSONResponse:
-    from closedloop import health
-
-    return JSONResponse(health.gather(_runtime()), headers={"Cache-Control": "no-store"})
-
-
-@app.get("/reports/{path:path}")
-def report(path: str) -> Response:
-    from closedloop import health
-
-    try:
-        body, media = health.report_bytes(_runtime(), path)
-    except health.ReportNotFound as exc:
-        raise HTTPException(404, str(exc)) from None
-    return Response(body, media_type=media, headers={"Cache-Control": "no-store"})
+app = LazyApp()
 
 
 class ModelHealthPlugin(AirflowPlugin):
@@ -117,7 +137,7 @@ class ModelHealthPlugin(AirflowPlugin):
     fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "closedloop model health"}]
     external_views = [{
         "name": "Model health",
-        "href": URL_PREFIX.lstrip("/") + "/",  # relative to the UI's base URL, as Airflow resolves it
+        "href": URL_PREFIX.lstrip("/") + "/",  # relative to the UI's base URL (its <base href>)
         "url_route": "model-health",           # shown at /plugin/model-health, in an iframe
         "destination": "nav",
         "category": "browse",

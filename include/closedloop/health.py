@@ -183,7 +183,9 @@ def _e(x: Any) -> str:
 
 def _fmt(x: Any, digits: int = 4) -> str:
     v = _number(x)
-    return "-" if v is None else f"{v:.{digits}f}"
+    if v is None:
+        return "-"
+    return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.{digits}f}"
 
 
 def line_chart(title: str, x_labels: list[str], lines: dict[str, list[float | None]], *, x_label: str,

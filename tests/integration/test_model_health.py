@@ -13,6 +13,7 @@ import html
 import json
 import re
 from datetime import date, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -175,7 +176,6 @@ def test_a_logged_in_user_sees_the_page(client, world):
 
 def test_airflow_loads_the_plugin(airflow_db):
     import os
-    from pathlib import Path
 
     from airflow import plugins_manager
 
@@ -193,3 +193,16 @@ def test_airflow_loads_the_plugin(airflow_db):
     from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse
 
     ExternalViewResponse.model_validate(view)
+
+
+def test_loading_the_plugin_stays_cheap():
+    """The scheduler, the dag-processor and task processes load plugins: no web or ML stack at import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
+            "print(sorted(m for m in ('fastapi', 'closedloop', 'mlflow', 'pandas', 'evidently') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[2] / "plugins"
+                                                          / "model_health.py")],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
