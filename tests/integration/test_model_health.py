@@ -58,7 +58,7 @@ def world(generated_home, airflow_db):
 
 
 @pytest.fixture(scope="module")
-def client(world):
+def client(airflow_db):
     """The plugin's app as the API server mounts it (its own ``init_plugins``), behind a TestClient."""
     from airflow.api_fastapi.app import init_plugins
     from fastapi import FastAPI
@@ -189,10 +189,13 @@ def test_airflow_loads_the_plugin(airflow_db):
     views, _ = plugins_manager._get_ui_plugins()
     view = next(v for v in views if v["name"] == "Model health")
     assert view["href"] == "closedloop/" and view["url_route"] == "model-health" and view["destination"] == "nav"
-    # what the UI receives: the plugin through the public API's own response model
-    from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse
+    # what the UI receives (GET /api/v2/plugins): the plugin through the public API's own response model
+    from airflow.api_fastapi.core_api.datamodels.plugins import PluginResponse
 
-    ExternalViewResponse.model_validate(view)
+    info = next(i for i in plugins_manager.get_plugin_info() if i["name"] == "closedloop_model_health")
+    listed = PluginResponse.model_validate(info)
+    assert [v.href for v in listed.external_views] == ["closedloop/"]
+    assert [a.url_prefix for a in listed.fastapi_apps] == [PREFIX]
 
 
 def test_loading_the_plugin_stays_cheap():
