@@ -70,6 +70,21 @@ def _runtime() -> Any:
     return Runtime.from_env()
 
 
+def _gather() -> dict[str, Any]:
+    """The page's data; 503 naming what failed when the registry or the lake cannot be read."""
+    from fastapi import HTTPException
+
+    from closedloop import health
+
+    try:
+        return health.gather(_runtime())
+    except Exception as exc:  # the page's boundary: any failure of MLflow or the lake
+        log.exception("model health: could not gather the page's data")
+        raise HTTPException(503, f"model health unavailable: {type(exc).__name__} while reading the MLflow registry "
+                                 "or the lake; check that both are reachable from the API server (details in the "
+                                 "API server's log)") from None
+
+
 def build_app() -> Any:
     """The FastAPI app: every route depends on :func:`airflow_user`."""
     from fastapi import Depends, FastAPI, HTTPException, Request
@@ -95,14 +110,12 @@ def build_app() -> Any:
     def page() -> HTMLResponse:
         from closedloop import health
 
-        return HTMLResponse(health.render_page(health.gather(_runtime()), report_base="reports/"),
+        return HTMLResponse(health.render_page(_gather(), report_base="reports/"),
                             headers={"Cache-Control": "no-store"})
 
     @app.get("/api/health.json")
     def health_json() -> JSONResponse:
-        from closedloop import health
-
-        return JSONResponse(health.gather(_runtime()), headers={"Cache-Control": "no-store"})
+        return JSONResponse(_gather(), headers={"Cache-Control": "no-store"})
 
     @app.get("/reports/{path:path}")
     def report(path: str) -> Response:

@@ -174,6 +174,14 @@ def test_a_logged_in_user_sees_the_page(client, world):
     assert client.get(f"{PREFIX}/reports/drift/2026-01-01_2026-01-03/report.html", headers=auth).status_code == 404
 
 
+def test_an_unreachable_registry_gives_503_not_a_traceback(client, home, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    auth = {"Authorization": f"Bearer {_token('admin', 'admin')}"}
+    r = client.get(PREFIX + "/api/health.json", headers=auth)
+    assert r.status_code == 503, r.text
+    assert "reachable from the API server" in r.json()["detail"] and "Traceback" not in r.text
+
+
 def test_airflow_loads_the_plugin(airflow_db):
     import os
 
