@@ -45,7 +45,8 @@ from closedloop.settings import REPO_ROOT  # noqa: E402
 CONTRACT_PATH = REPO_ROOT / "include" / "schemas" / "card_fraud.yaml"
 
 # -- RELIABILITY.md: what the tests that try to break the pipeline observed (tests/support/reliability.py)
-RELIABILITY_RECORDS: list = []
+# (the list lives in support.reliability: `import conftest` may find another conftest.py, e.g. tests/services')
+from support.reliability import RECORDS as RELIABILITY_RECORDS  # noqa: E402
 
 
 @pytest.fixture

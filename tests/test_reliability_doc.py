@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 
-import conftest
 import pytest
-from support.reliability import DOC, REPO, counts, parse, render, summary_line
+from support.reliability import DOC, RECORDS, REPO, counts, parse, render, summary_line
 
 pytestmark = pytest.mark.reliability
 
@@ -25,7 +24,7 @@ def _documented():
 
 def test_every_recorded_case_is_in_the_file(request):
     documented = set(_documented())
-    recorded = set(conftest.RELIABILITY_RECORDS)
+    recorded = set(RECORDS)
     missing = sorted(recorded - documented, key=str)
     assert not missing, f"RELIABILITY.md is stale: {len(missing)} case(s) recorded now are not in it, e.g. " \
                         f"{missing[:3]}. {FIX}"

@@ -43,6 +43,10 @@ class Record:
         return f"| {self.case} | {self.outcome} | {self.lost} | `{self.test}` |"
 
 
+# What this session's tests recorded (the ``reliability`` fixture of tests/conftest.py appends to it).
+RECORDS: list[Record] = []
+
+
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
