@@ -1,7 +1,8 @@
 """
 Keep the stores from growing without end, and say when a day's data did not arrive.
 
-Runs daily (07:30 UTC). Nothing a registered model version needs is ever deleted: the training sets and
+Runs daily (07:30 UTC); ages count back from the run's logical time, so a re-run deletes the same.
+Nothing a registered model version needs is ever deleted: the training sets and
 references of the versions holding `champion`, `previous` or `challenger`, and the curated partitions of
 the champion's training window, are read from the registry first and left alone. Ages are in the
 `housekeeping:` section of the configuration.
@@ -43,7 +44,8 @@ def housekeeping():
 
         ctx = get_current_context()
         rt = Runtime.from_env()
-        due = run_stage(check, rt.settings, rt.lake, dag_id="housekeeping", run_id=ctx["run_id"])
+        due = run_stage(check, rt.settings, rt.lake, ctx.get("data_interval_end"), dag_id="housekeeping",
+                        run_id=ctx["run_id"])
         for alert in due:
             send_alert(alert, ctx)
         return [a["details"]["day"] for a in due]
@@ -54,7 +56,7 @@ def housekeeping():
         from closedloop import housekeeping as hk
         from closedloop.runtime import Runtime
 
-        return run_stage(hk.run, Runtime.from_env(), airflow_db=False)
+        return run_stage(hk.run, Runtime.from_env(), get_current_context().get("data_interval_end"), airflow_db=False)
 
     @task
     def clean_airflow_db() -> dict:
@@ -62,7 +64,7 @@ def housekeeping():
         from closedloop import housekeeping as hk
         from closedloop.settings import Settings
 
-        return run_stage(hk.clean_airflow_tables, Settings.from_env())
+        return run_stage(hk.clean_airflow_tables, Settings.from_env(), get_current_context().get("data_interval_end"))
 
     check_arrivals() >> prune_lake_and_mlflow() >> clean_airflow_db()
 
