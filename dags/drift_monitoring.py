@@ -25,6 +25,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
+from closedloop.notifier import send_alert
 from closedloop.orchestration import (
     DEFAULT_ARGS,
     PREDICTIONS,
@@ -76,6 +77,7 @@ def drift_monitoring():
     def decide_retraining(measured: dict) -> dict | bool:
         """Apply the drift policy, the cooldown and de-duplication; skip what follows unless retraining."""
         from closedloop import monitoring
+        from closedloop.alerts import drift_alert
         from closedloop.runtime import Runtime
 
         ctx = get_current_context()
@@ -83,6 +85,7 @@ def drift_monitoring():
                              active_retrainings=active_runs("retraining"), monitoring_run_id=ctx["run_id"])
         logging.getLogger(__name__).info("decision: %s: %s", "retrain" if decision["retrain"] else "no retraining",
                                          decision["why"])
+        send_alert(drift_alert(decision), ctx)
         return decision if decision["retrain"] else False
 
     decide_retraining(measure_drift()) >> TriggerDagRunOperator(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from closedloop.notifier import ClosedloopNotifier, send_alert
 from closedloop.orchestration import (
     DEFAULT_ARGS,
     conf_of,
@@ -65,7 +66,7 @@ from closedloop.orchestration import (
     },
 )
 def retraining():
-    @task
+    @task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
     def validate_window() -> dict:
         """Validate every partition of the run's window; bad partitions are quarantined and fail the run."""
         from closedloop import retraining as stages
@@ -134,10 +135,13 @@ def retraining():
     def promote_or_reject(decision: dict) -> dict:
         """Move `champion` to the candidate (compare-and-set) or keep it as rejected with the reason."""
         from closedloop import retraining as stages
+        from closedloop.alerts import gate_alert
         from closedloop.runtime import Runtime
 
         ctx = get_current_context()
-        return run_stage(stages.promote_or_reject, Runtime.from_env(), decision, f"retraining:{ctx['run_id']}")
+        done = run_stage(stages.promote_or_reject, Runtime.from_env(), decision, f"retraining:{ctx['run_id']}")
+        send_alert(gate_alert(done), ctx)
+        return done
 
     validated = validate_window()
     materialised = materialise_features(validated)

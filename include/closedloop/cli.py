@@ -1,7 +1,8 @@
 """The ``closedloop`` command: what Airflow does not already do.
 
 ``generate`` writes a synthetic data set into the lake's landing zone, ``status`` shows the model's
-champion, candidates and promotion history; ``quarantine list|show|release`` inspects and releases the
+champion, candidates and promotion history, ``history`` the promotion history alone, ``promote`` makes a
+version champion by hand, ``report`` finds the drift reports; ``quarantine list|show|release`` inspects and releases the
 partitions validation rejected, ``rollback`` gives ``champion`` back to an earlier version;
 ``serve`` answers scoring requests online (:mod:`closedloop.serving`), ``airflow-config`` writes the
 embedded Airflow home and ``env`` prints the settings as shell exports
@@ -231,6 +232,97 @@ def rollback(
         return
     typer.echo(f"{result.model}: champion v{result.from_version} -> v{result.to_version} (rollback by "
                f"{result.actor}: {result.reason}); v{result.from_version} is now 'previous'")
+
+
+@app.command("history")
+def history_cmd(
+    limit: Annotated[int, typer.Option(min=1, help="How many moves, newest first.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """The promotion history: every move of `champion` (gate, rollback, manual), newest first."""
+    from closedloop.registry import history
+    from closedloop.runtime import Runtime
+
+    try:
+        rt = Runtime.from_env()
+        moves = history(rt.client, rt.model_name, limit=limit)
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(moves, indent=2, sort_keys=True, default=str))
+        return
+    if not moves:
+        typer.echo(f"model {rt.model_name}: no promotion yet (the retraining DAG's gate makes the first)")
+        return
+    for h in moves:
+        typer.echo(f"{h['at']}  {h['kind'] or '-':<9} v{h['from_version'] or '-'} -> v{h['to_version']}  "
+                   f"by {h['actor']}: {h['reason']}")
+
+
+@app.command("promote")
+def promote_cmd(
+    version: Annotated[str, typer.Argument(help="The version to make champion (e.g. 4 or v4).")],
+    reason: Annotated[str, typer.Option(help="Why this version should serve (recorded in the history).")],
+    force: Annotated[bool, typer.Option(help="Allow a version the promotion gate rejected.")] = False,
+    actor: ActorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make VERSION the champion by hand, through the same compare-and-set as the gate (kind `manual`)."""
+    from closedloop.rollback import promote_manually
+    from closedloop.runtime import Runtime
+
+    try:
+        rt = Runtime.from_env()
+        result = promote_manually(rt.client, rt.settings, rt.model_name, version, reason=reason, actor=actor,
+                                  force=force)
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+        return
+    before = f"v{result.from_version}" if result.from_version else "none"
+    typer.echo(f"{result.model}: champion {before} -> v{result.to_version} (manual promotion by {result.actor}: "
+               f"{result.reason})" + (f"; {before} is now 'previous'" if result.from_version else ""))
+
+
+@app.command()
+def report(
+    day: Annotated[str | None, typer.Option(help="A day inside the report's window (YYYY-MM-DD) or the window's "
+                                            "name <start>_<end> (default: the newest report).")] = None,
+    html: Annotated[bool, typer.Option("--html", help="Print the Evidently HTML report itself.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report's figures and decision (JSON).")
+                       ] = False,
+) -> None:
+    """Where the drift report is (the newest or --day's), or its contents with --html / --json."""
+    from closedloop.drift import find_report
+    from closedloop.runtime import Runtime
+
+    if html and as_json:
+        typer.secho("error: --html and --json exclude each other: pick one (or neither for the paths)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    try:
+        lake = Runtime.from_env().lake
+        found = find_report(lake, day)
+        if html:
+            typer.echo(lake.read_bytes(found["html"]).decode())
+            return
+        doc = lake.read_json(found["json"])
+    except FileNotFoundError as exc:
+        _fail(ClosedloopError(f"the drift report {found['window']} is incomplete ({exc}): run drift_monitoring "
+                              "for that window again"))
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps({**doc, **found}, indent=2, sort_keys=True, default=str))
+        return
+    decision = doc.get("decision", {})
+    verdict = ("no verdict" if not decision.get("judged") else "DRIFT" if decision.get("drift") else "no drift")
+    typer.echo(f"drift report {found['window']} (window {found['start']}..{found['end']}, end exclusive): {verdict}")
+    for r in decision.get("reasons", []):
+        typer.echo(f"  {r}")
+    typer.echo(f"html: {found['html']}")
+    typer.echo(f"json: {found['json']}")
 
 
 @app.command()

@@ -168,4 +168,5 @@ def fit_on_dask(lake: Lake, uri: str, contract: DataContract, config: dict[str, 
                       holdout_metrics=classification_metrics(hold_y, hold_scores, threshold),
                       reference_sample=sample.head(want).reset_index(drop=True),
                       reference_stats=reference_stats(train, contract),
-                      example=frames["holdout"].head(5, npartitions=-1))
+                      example=frames["holdout"].head(5, npartitions=-1),
+                      holdout_y=hold_y, holdout_scores=hold_scores)

@@ -538,3 +538,35 @@ def prune_reports(lake: Lake, keep: int) -> list[str]:
     if doomed:
         log.info("pruned %d drift report(s), kept %d", len(doomed), len(reports) - len(doomed))
     return doomed
+
+
+def find_report(lake: Lake, day: str | None = None) -> dict[str, Any]:
+    """The newest drift report, or the one of ``day`` (a day inside its window, or its ``<start>_<end>`` name).
+
+    Returns ``{"window": name, "start", "end", "folder", "html", "json"}`` (URIs). Raises ConfigError naming
+    the reports there are (and the way to make one) when none matches.
+    """
+    reports = list_reports(lake)
+    if not reports:
+        raise ConfigError(f"no drift report under {lake.uri(*REPORTS_DIR)}: the drift_monitoring DAG writes one "
+                          "per window it measures; run it first")
+    names = [u.rsplit("/", 1)[-1] for u in reports]
+    if day is None:
+        chosen = names[-1]
+    elif day in names:
+        chosen = day
+    else:
+        try:
+            wanted = date.fromisoformat(day)
+        except ValueError:
+            raise ConfigError(f"--day {day!r} is neither a day (YYYY-MM-DD) nor a report window "
+                              f"(<start>_<end>); windows: {', '.join(names)}") from None
+        inside = [n for n in names if (w := _parse_window(n)) is not None and w[0] <= wanted < w[1]]
+        if not inside:
+            raise ConfigError(f"no drift report covers {day}: windows are {', '.join(names)} (end exclusive); "
+                              "pick one of them or run drift_monitoring for that day")
+        chosen = inside[-1]
+    start, end = _parse_window(chosen)  # type: ignore[misc]
+    folder = lake.uri(*REPORTS_DIR, chosen)
+    return {"window": chosen, "start": start.isoformat(), "end": end.isoformat(), "folder": folder,
+            "html": f"{folder}/{REPORT_HTML}", "json": f"{folder}/{REPORT_JSON}"}

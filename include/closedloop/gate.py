@@ -457,8 +457,25 @@ def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract
                       champion_version=champ.version, scores=Scores(y, cand_scores, champ.scores),
                       champion_problem=champ.problem)
     record_decision(client, name, decision, cand_mv.run_id)
+    log_comparison(client, cand_mv.run_id, y, {f"candidate v{candidate_version}": cand_scores}
+                   | ({} if champ.scores is None else {f"champion v{champ.version}": champ.scores}),
+                   candidate_version)
     log.info("gate for %s v%s: %s (%s)", name, candidate_version, decision.outcome, decision.reason)
     return decision
+
+
+def log_comparison(client: MlflowClient, run_id: str, y: Any, curves: dict[str, Any], candidate_version: str
+                   ) -> None:
+    """``gate/comparison_v<N>.png``: the ROC curves the gate compared, logged next to its decision.
+
+    A plot is an aid, not the decision: a failure to draw or log it is logged and the gate goes on.
+    """
+    from closedloop.plots import comparison_plot, log_pngs
+
+    try:
+        log_pngs(client, run_id, {f"comparison_v{candidate_version}.png": comparison_plot(y, curves)}, "gate")
+    except Exception as exc:  # the decision is recorded already; the plot is optional
+        log.warning("gate comparison plot of v%s not logged: %s", candidate_version, _first_line(exc))
 
 
 def record_decision(client: MlflowClient, name: str, decision: Decision, run_id: str) -> None:

@@ -11,6 +11,9 @@ version lost to the champion of its day: going back to it is a decision someone 
 rollback right after a rollback is refused too, because ``previous`` then holds the very version that
 was rolled back from; name it to return to it on purpose.
 
+:func:`promote_manually` (``closedloop promote VERSION``) is the same move to a named version, recorded
+with ``kind="manual"``; both share the refusals of :func:`check_target`.
+
 The Airflow DAG ``rollback`` calls :func:`rollback_run`; its configuration is checked against
 :data:`closedloop.runconf.ROLLBACK_CONF_SCHEMA` before any work, and the recorded actor is the user who
 triggered the run. A retried task finds the rollback its own run already made and does not move twice.
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KIND = "rollback"
+MANUAL = "manual"
 AIRFLOW_ACTOR = "airflow"
 
 
@@ -111,14 +115,8 @@ def rollback(client: MlflowClient, settings: Settings, name: str, *, reason: str
                 "to return to it on purpose, or name another version")
     else:
         target = version
-        if target not in versions:
-            raise ConfigError(f"model {name} has no version {target!r}: versions are {_describe(versions)}")
-    if target == current:
-        raise ConfigError(f"model {name}: version {target} is already the champion; nothing to roll back")
-    status = versions[target]["status"]
-    if status == "rejected" and not force:
-        raise ConfigError(f"model {name}: version {target} was rejected by the promotion gate; a rollback to it "
-                          "needs --force (force: true in the DAG's form) and a reason that says why")
+    status = check_target(name, versions, target, current, force=force, action="a rollback",
+                          force_hint="--force (force: true in the DAG's form)")
 
     recorded = reason + (_request_marker(request) if request else "")
     if status == "rejected":
@@ -127,6 +125,47 @@ def rollback(client: MlflowClient, settings: Settings, name: str, *, reason: str
                    kind=KIND)
     log.warning("%s rolled back: champion v%s -> v%s by %s (%s)", name, current, target, actor, reason)
     return RollbackResult(name, "rolled_back", current, target, actor, recorded, move.at, status == "rejected")
+
+
+def check_target(name: str, versions: dict[str, dict[str, str | None]], target: str, current: str | None, *,
+                 force: bool, action: str, force_hint: str = "--force") -> str | None:
+    """Refuse a move of ``champion`` to ``target`` that is unknown, already champion, or rejected without force.
+
+    Returns the target's closedloop status. Shared by rollback and the manual promotion.
+    """
+    if target not in versions:
+        raise ConfigError(f"model {name} has no version {target!r}: versions are {_describe(versions)}")
+    if target == current:
+        raise ConfigError(f"model {name}: version {target} is already the champion; nothing to do")
+    status = versions[target]["status"]
+    if status == "rejected" and not force:
+        raise ConfigError(f"model {name}: version {target} was rejected by the promotion gate; {action} to it "
+                          f"needs {force_hint} and a reason that says why")
+    return status
+
+
+def promote_manually(client: MlflowClient, settings: Settings, name: str, version: str, *, reason: str,
+                     actor: str | None = None, force: bool = False) -> RollbackResult:
+    """Make ``version`` the champion by hand (``closedloop promote``), recorded with ``kind="manual"``.
+
+    The same refusals as a rollback to a named version (empty reason, unknown version, the current
+    champion, a rejected version without ``force``) and the same compare-and-set :func:`promote`.
+    """
+    reason = (reason or "").strip()
+    if not reason:
+        raise ConfigError("a manual promotion needs a reason (--reason): say why this version should serve")
+    actor = actor or getpass.getuser()
+    target = str(version).strip().removeprefix("v")
+    versions = _versions(client, name)
+    if not versions:
+        raise ConfigError(f"model {name} has no registered versions: train one with the retraining DAG first")
+    current = alias_version(client, name, CHAMPION)
+    status = check_target(name, versions, target, current, force=force, action="a manual promotion")
+    recorded = reason + (" [forced: the version was rejected by the gate]" if status == "rejected" else "")
+    move = promote(client, settings, name, target, expected_champion=current, reason=recorded, actor=actor,
+                   kind=MANUAL)
+    log.warning("%s promoted by hand: champion v%s -> v%s by %s (%s)", name, current, target, actor, reason)
+    return RollbackResult(name, "promoted", current or "", target, actor, recorded, move.at, status == "rejected")
 
 
 def _done_by(client: MlflowClient, name: str, request: str, current: str | None) -> RollbackResult | None:

@@ -39,6 +39,11 @@ Environment variables (all optional):
   ``file``, ``s3`` or ``gs``, or a URI handed to a task that climbs out of them is refused before any work.
 - ``CLOSEDLOOP_SERVE_TOKEN``: the bearer token of ``closedloop serve`` (``POST /score`` and ``GET /metrics``); empty
   (the laptop default): no token asked. Read by the scoring service only (docker-compose gives it to no other).
+- ``CLOSEDLOOP_ALERTS``: where alerts go besides ``$CLOSEDLOOP_HOME/alerts/alerts.jsonl`` (always written):
+  ``file`` (default: nowhere else), ``slack`` (the Slack provider's webhook notifier, on the Airflow connection
+  named by ``CLOSEDLOOP_SLACK_WEBHOOK``: a connection id, never the URL) or ``email`` (Airflow's SMTP provider,
+  to ``CLOSEDLOOP_ALERT_EMAIL``, comma-separated, over the connection ``CLOSEDLOOP_SMTP_CONN_ID``, default
+  ``smtp_default``). See :mod:`closedloop.alerts`.
 - ``CLOSEDLOOP_FAULT``: a test hook only, empty in production (see :mod:`closedloop.faults`).
 """
 
@@ -95,6 +100,27 @@ def check_uri(uri: str, roots: list[str] | tuple[str, ...], what: str) -> str:
             return norm
     raise ConfigError(f"{what}: {uri!r} lies outside the allowed roots ({', '.join(roots)}); set "
                       f"CLOSEDLOOP_ALLOWED_ROOTS to allow it")
+
+
+ALERT_CHANNELS = ("file", "slack", "email")
+
+
+def _alert_settings(env: dict[str, str]) -> tuple[str, str, tuple[str, ...]]:
+    """``CLOSEDLOOP_ALERTS`` and what its channel needs, checked (see the module doc)."""
+    channel = (env.get("CLOSEDLOOP_ALERTS") or "file").strip().lower()
+    if channel not in ALERT_CHANNELS:
+        raise ConfigError(f"CLOSEDLOOP_ALERTS={channel!r}: use one of {', '.join(ALERT_CHANNELS)}")
+    slack = (env.get("CLOSEDLOOP_SLACK_WEBHOOK") or "").strip()
+    if "://" in slack:
+        raise ConfigError("CLOSEDLOOP_SLACK_WEBHOOK holds a URL: give the id of an Airflow connection that holds the "
+                          "webhook (e.g. AIRFLOW_CONN_SLACK_ALERTS), so that the secret stays in Airflow's secrets")
+    if channel == "slack" and not slack:
+        raise ConfigError("CLOSEDLOOP_ALERTS=slack needs CLOSEDLOOP_SLACK_WEBHOOK: the id of an Airflow connection "
+                          "of type slackwebhook")
+    emails = tuple(e.strip() for e in (env.get("CLOSEDLOOP_ALERT_EMAIL") or "").split(",") if e.strip())
+    if channel == "email" and not emails:
+        raise ConfigError("CLOSEDLOOP_ALERTS=email needs CLOSEDLOOP_ALERT_EMAIL: the recipients, comma-separated")
+    return channel, slack, emails
 
 
 def _number(env: dict[str, str], name: str, default: float) -> float:
@@ -191,6 +217,10 @@ class Settings:
     training_pod_template: str = ""
     dask_scheduler: str = ""
     serve_token: str = field(default="", repr=False)
+    alerts: str = "file"
+    slack_conn_id: str = ""
+    alert_email: tuple[str, ...] = ()
+    smtp_conn_id: str = "smtp_default"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -226,6 +256,7 @@ class Settings:
         if dask_scheduler and "://" not in dask_scheduler:
             raise ConfigError(f"CLOSEDLOOP_DASK_SCHEDULER={dask_scheduler!r}: expected an address such as "
                               "tcp://dask-scheduler:8786, or empty for a local cluster")
+        alerts, slack_conn_id, alert_email = _alert_settings(env)
         registry = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
         if _is_database_url(registry):
             feast_sql_registry_url(registry)
@@ -252,6 +283,10 @@ class Settings:
             training_pod_template=(env.get("CLOSEDLOOP_TRAINING_POD_TEMPLATE") or "").strip(),
             dask_scheduler=dask_scheduler,
             serve_token=env.get("CLOSEDLOOP_SERVE_TOKEN", "").strip(),
+            alerts=alerts,
+            slack_conn_id=slack_conn_id,
+            alert_email=alert_email,
+            smtp_conn_id=(env.get("CLOSEDLOOP_SMTP_CONN_ID") or "smtp_default").strip(),
         )
 
     def check_uri(self, uri: str, what: str) -> str:

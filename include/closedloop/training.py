@@ -193,6 +193,8 @@ class Fitted:
     reference_sample: pd.DataFrame  # at most training.reference_sample_rows rows of the train split
     reference_stats: dict[str, Any]
     example: pd.DataFrame  # a few holdout rows, for the model's signature and input example
+    holdout_y: Any = None  # the holdout's labels and the model's scores on it, for the plots
+    holdout_scores: Any = None
 
 
 def fit_in_process(lake: Lake, uri: str, contract: DataContract, config: dict[str, Any], device: str) -> Fitted:
@@ -203,14 +205,15 @@ def fit_in_process(lake: Lake, uri: str, contract: DataContract, config: dict[st
     booster, threshold = fit(train, validation, contract, config, device)
     model = trimmed(booster)
     model.set_param({"device": "cpu"})  # served and evaluated anywhere
-    holdout_metrics = classification_metrics(holdout[contract.label].to_numpy(), predict(model, holdout, contract),
-                                             threshold)
+    hold_y, hold_scores = holdout[contract.label].to_numpy(), predict(model, holdout, contract)
+    holdout_metrics = classification_metrics(hold_y, hold_scores, threshold)
     val_metrics = classification_metrics(validation[contract.label].to_numpy(),
                                          predict(model, validation, contract), threshold)
     ref = train.sample(n=min(len(train), int(config.get("reference_sample_rows", 5000))), random_state=0)
     return Fitted(engine="local", model=model, best_iteration=int(booster.best_iteration), threshold=threshold,
                   validation_metrics=val_metrics, holdout_metrics=holdout_metrics, reference_sample=ref,
-                  reference_stats=reference_stats(train, contract), example=holdout.head(5))
+                  reference_stats=reference_stats(train, contract), example=holdout.head(5),
+                  holdout_y=hold_y, holdout_scores=hold_scores)
 
 
 def reference_stats(frame: pd.DataFrame, contract: DataContract) -> dict[str, Any]:
@@ -318,6 +321,8 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         )
         mlflow.set_tag(f"{TAG}model_uri", info.model_uri)
         run_id = run.info.run_id
+        if fitted.holdout_y is not None:
+            _log_plots(client, run_id, fitted, importance)
     log.info("trained on %s (%s engine) in run %s: holdout %s", device, fitted.engine, run_id,
              json.dumps(holdout_metrics))
     return TrainResult(run_id=run_id, model_uri=info.model_uri, lineage_key=key, device=device,
@@ -349,6 +354,17 @@ def mark_orphans(client: MlflowClient, experiment_id: str, dag_run_id: str) -> l
     if marked:
         log.warning("marked %d orphan training run(s) of %s: %s", len(marked), dag_run_id, ", ".join(marked))
     return marked
+
+
+def _log_plots(client: MlflowClient, run_id: str, fitted: Fitted, importance: dict[str, float]) -> None:
+    """ROC, precision-recall, confusion matrix and importance PNGs under the run's ``plots/`` (timed)."""
+    import time
+
+    from closedloop.plots import log_pngs, model_plots
+
+    began = time.perf_counter()
+    log_pngs(client, run_id, model_plots(fitted.holdout_y, fitted.holdout_scores, fitted.threshold, importance))
+    log.info("plots of run %s logged in %.2f s", run_id, time.perf_counter() - began)
 
 
 def _log_frame(frame: pd.DataFrame, artifact_file: str) -> None:

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from closedloop.aggregates import compute_entity_features, day_close
+from closedloop.alerts import read_alerts
 from closedloop.generate import GeneratorConfig, make_bad
 from closedloop.ingest import read_marker
 
@@ -110,6 +111,12 @@ def test_a_bad_day_is_quarantined_and_a_fixed_one_goes_through(world):
     report = rt.lake.read_json(rt.lake.partition("quarantine", "transactions", day, ".validation.json"))
     assert report["passed"] is False and uri in report["summary"]
     assert not rt.lake.exists(rt.lake.partition("curated", c.feature_view, day))
+    # the task's on_failure_callback (closedloop.notifier) wrote an alert that names the file and the rule
+    alerts = [a for a in read_alerts(rt.settings, "validation_failed") if a["run_id"] == dr.run_id]
+    assert len(alerts) == 1, alerts
+    alert = alerts[0]
+    assert (alert["dag_id"], alert["task_id"], alert["severity"]) == ("ingest", "validate_partitions", "error")
+    assert uri in alert["summary"] and "column" in alert["summary"], alert["summary"]
 
     # the supplier re-delivers a corrected file: it goes through
     rt.lake.write_parquet(good, uri)

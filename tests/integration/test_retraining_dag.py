@@ -15,6 +15,7 @@ from datetime import date
 import numpy as np
 import pytest
 
+from closedloop.alerts import read_alerts
 from closedloop.generate import GeneratorConfig, make_bad
 from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, load_booster
 
@@ -83,7 +84,12 @@ def test_1_first_window_promotes_version_1(world):
     for metric in ("holdout_roc_auc", "holdout_pr_auc", "holdout_log_loss", "holdout_recall_at_fpr"):
         assert metric in run.data.metrics
     artifacts = {a.path for a in rt.client.list_artifacts(mv.run_id)}
-    assert {"reference", "lineage.json", "feature_importance.json", "gate"} <= artifacts
+    assert {"reference", "lineage.json", "feature_importance.json", "gate", "plots"} <= artifacts
+    assert {a.path.rsplit("/", 1)[-1] for a in rt.client.list_artifacts(mv.run_id, "gate")} == {
+        "decision_v1.json", "comparison_v1.png"}  # no champion yet: the candidate's curve alone
+    # promote_or_reject raised a `promoted` alert through the notifier
+    [alert] = [a for a in read_alerts(rt.settings, "promoted") if a["run_id"] == dr.run_id]
+    assert alert["task_id"] == "promote_or_reject" and "card_fraud v1 is the champion" in alert["summary"]
     booster = load_booster(f"models:/{rt.model_name}@{CHAMPION}")
     assert booster.num_features() == len(rt.contract.model_features)
     assert history(rt.client, rt.model_name)[0]["to_version"] == "1"
@@ -102,6 +108,8 @@ def test_2_degraded_labels_are_rejected_and_the_champion_stays(world):
     assert mv.tags["closedloop.rejected_reason"]
     assert float(mv.tags["closedloop.gate.candidate_roc_auc"]) < float(mv.tags["closedloop.gate.champion_roc_auc"])
     assert len(history(rt.client, rt.model_name)) == 1
+    [alert] = [a for a in read_alerts(rt.settings, "rejected") if a["run_id"] == dr.run_id]
+    assert "v2 rejected, champion v1 kept" in alert["summary"]
 
 
 def test_3_a_better_candidate_is_promoted(world):

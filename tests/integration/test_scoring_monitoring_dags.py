@@ -109,6 +109,11 @@ def test_a_drifted_window_starts_retraining_with_the_right_configuration(world):
     assert conf["holdout_days"] == 1
     assert conf["reason"].startswith("drift")
     assert conf["trigger"]["report_uri"].endswith("report.html")
+    # decide_retraining raised a `drift_detected` alert naming the retraining run it starts
+    from closedloop.alerts import read_alerts
+
+    drifted = [a for a in read_alerts(world[0].settings, "drift_detected") if a["run_id"] == dr.run_id]
+    assert len(drifted) == 1 and run_id in drifted[0]["summary"], drifted
     # the configuration it starts retraining with is one retraining accepts
     from closedloop.runconf import resolve_window
 

@@ -129,6 +129,12 @@ def test_the_dask_engine_logs_a_normal_booster_with_metrics_close_to_the_local_e
     whole = classification_metrics(holdout[rt.contract.label].to_numpy(), predict(booster, holdout, rt.contract),
                                    dask["threshold"])
     assert whole == pytest.approx(dask["metrics"], rel=1e-6, abs=1e-9)
+    # both engines log the same plots (drawn from the holdout labels and scores each engine computed)
+    from closedloop.plots import MODEL_PLOTS
+
+    for engine, trained in world["trained"].items():
+        plots = {a.path.rsplit("/", 1)[-1] for a in rt.client.list_artifacts(trained["run_id"], "plots")}
+        assert plots == set(MODEL_PLOTS), (engine, plots)
 
 
 def test_the_gate_judges_a_dask_model_like_a_local_one(world):

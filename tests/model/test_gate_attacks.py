@@ -340,3 +340,63 @@ def test_a_champion_trained_on_another_schema_is_not_compared(world, reliability
     reliability.record("champion", "champion trained on another schema (schema hash and feature list differ)",
                        "not scored, named in the decision; a shuffled-label candidate rejected below the floor, a "
                        "good one promoted by compare-and-set")
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_artifacts(rt: Runtime, run_id: str, folder: str) -> dict[str, bytes]:
+    """The PNG files under ``folder`` of a run, read back from the artifact store and decoded."""
+    import matplotlib.image
+
+    found = {}
+    for f in rt.client.list_artifacts(run_id, folder):
+        if not f.path.endswith(".png"):
+            continue
+        local = rt.client.download_artifacts(run_id, f.path)
+        data = Path(local).read_bytes()
+        assert data.startswith(PNG_MAGIC), f.path
+        assert matplotlib.image.imread(local).shape[0] > 100, f.path  # a real picture, decoded
+        found[f.path.rsplit("/", 1)[-1]] = data
+    return found
+
+
+def test_training_and_the_gate_log_their_plots(world):
+    import time
+
+    from closedloop.features import read_training_split
+    from closedloop.plots import MODEL_PLOTS, model_plots
+    from closedloop.registry import load_booster
+    from closedloop.training import predict
+
+    good = world.models["good"]
+    plots = _png_artifacts(world.rt, good["run_id"], "plots")
+    assert sorted(plots) == sorted(MODEL_PLOTS)
+    assert len(set(plots.values())) == len(MODEL_PLOTS)  # four different pictures
+
+    # the plots cost well under a second per training (measured on the holdout this module trains on)
+    c = world.rt.contract
+    holdout = read_training_split(world.rt.lake, world.sets["clean"]["uri"], "holdout")
+    booster = load_booster(good["model_uri"])
+    began = time.perf_counter()
+    model_plots(holdout[c.label].to_numpy(), predict(booster, holdout, c), good["threshold"],
+                booster.get_score(importance_type="gain"))
+    took = time.perf_counter() - began
+    print(f"model plots: {took:.2f} s")
+    assert took < 3.0  # well under 1 s alone; generous for a loaded CI machine
+
+    rt = world.named("plots")
+    _first_champion(rt, world, "stump")
+    began = time.time()
+    registered = _register(rt, world.models["good"])
+    decision, _ = _gate(rt, registered, world)
+    run_id = rt.client.get_model_version(rt.model_name, registered["version"]).run_id
+    gate_files = _png_artifacts(rt, run_id, "gate")
+    name = f"comparison_v{registered['version']}.png"
+    assert name in gate_files
+    # the run is shared by the versions other tests registered from the same model: this gate wrote it now
+    from urllib.parse import urlparse
+
+    local = Path(urlparse(rt.client.get_run(run_id).info.artifact_uri).path) / "gate" / name
+    assert local.stat().st_mtime >= began - 1
+    assert decision["champion_version"] is not None

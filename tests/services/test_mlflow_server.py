@@ -54,6 +54,9 @@ def test_train_register_promote_and_load_through_the_server(mlflow_env, s3, buck
     keys = s3.keys(bucket, "mlflow/")
     assert any(k.endswith("MLmodel") for k in keys), keys
     assert any("/reference" in k for k in keys), keys
+    # the plots (training) and the gate's comparison went through the server to the bucket as well
+    assert any(k.endswith("/plots/roc_curve.png") for k in keys), keys
+    assert any(k.endswith("/gate/comparison_v1.png") for k in keys), keys
 
     # loaded back by its alias, the champion scores the holdout as it did when it was judged
     from closedloop.features import read_training_split
