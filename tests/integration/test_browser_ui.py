@@ -37,7 +37,6 @@ TRAIN = Window(START + timedelta(days=2), START + timedelta(days=16))
 DRIFT_START = TRAIN.end                                   # every day after the training window drifts
 SCORED = [DRIFT_START + timedelta(days=k) for k in range(3)]
 DAGS = ("batch_scoring", "drift_monitoring", "ingest", "retraining", "rollback", "skew_check")
-RETRAINING_TASKS = ("validate_window", "train_model", "evaluate_gate", "promote_or_reject")
 VIEWPORT = {"width": 1280, "height": 800}
 
 
@@ -53,11 +52,18 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def world(generated_home, airflow_db, dagbag):
-    """Runs in the session's Airflow database: one retraining (a champion), two drift_monitoring runs."""
+def chromium() -> str:
+    return _chromium()
+
+
+@pytest.fixture(scope="module")
+def world(chromium, generated_home, airflow_db, dagbag):
+    """Runs in the session's Airflow database: one retraining (a champion), two drift_monitoring runs.
+
+    (``chromium`` first: without a browser nothing is built.)
+    """
     from closedloop.scoring import score_day
 
-    _chromium()  # nothing to build when there is no browser to look at it
     config = GeneratorConfig(start=START, days=(SCORED[-1] - START).days + 1, customers=300,
                              transactions_per_day=700, seed=23, fraud_rate=0.03, covariate_drift=0.6,
                              concept_drift=1.0, new_categories=True, drift_start=DRIFT_START)
@@ -78,8 +84,8 @@ def world(generated_home, airflow_db, dagbag):
             measured = last.get_task_instance("measure_drift").xcom_pull(task_ids="measure_drift")
             triggered = _triggered_runs([dr.run_id for dr in monitoring])
             assert len(triggered) == 1, triggered
-            yield SimpleNamespace(rt=rt, retraining=retraining, monitoring=last, measured=measured,
-                                  triggered=triggered[0])
+            yield SimpleNamespace(rt=rt, retraining=retraining, retraining_tasks=sorted(_states(retraining)),
+                                  monitoring=last, measured=measured, triggered=triggered[0])
         finally:
             # the triggered run stays queued (no scheduler here): gone, so that no later test of the session
             # sees a retraining "queued or running"
@@ -124,20 +130,25 @@ def server(world):
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
+def shots(request, tmp_path_factory) -> Path:
+    """The screenshots' folder, reported on pytest's terminal (output capture does not hide it)."""
     folder = Path(os.environ.get("CLOSEDLOOP_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"\nscreenshots of the UI tour: {folder}")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nscreenshots of the UI tour: {folder}")
     return folder
 
 
 @pytest.fixture(scope="module")
-def browser(server):
+def browser(chromium, server):
     """One headless Chromium for the module (Debian's; Playwright downloads nothing)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--headless=new"])
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--headless=new"])
         context = b.new_context(viewport=VIEWPORT)
         context.set_default_timeout(30_000)
         try:
@@ -187,10 +198,11 @@ def test_3_a_retraining_run_s_graph_shows_its_tasks(browser, server, world, shot
     page.goto(_run_url(server, "retraining", world.retraining.run_id))
     page.get_by_role("button", name="Show Graph").first.click()
     nodes = page.locator(".react-flow__node")
-    for task_id in RETRAINING_TASKS:
+    assert len(world.retraining_tasks) == 7, world.retraining_tasks  # the run's own tasks, validate .. promote
+    for task_id in world.retraining_tasks:
         nodes.filter(has_text=task_id).first.wait_for()
     names = {t.strip() for t in nodes.all_inner_texts()}
-    assert {t for t in RETRAINING_TASKS if not any(n.startswith(t) for n in names)} == set(), names
+    assert {t for t in world.retraining_tasks if not any(n.startswith(t) for n in names)} == set(), names
     assert page.get_by_text("Success").first.is_visible()
     # the screenshot: the graph alone, as wide as the window allows
     page.get_by_role("button", name="Collapse Details Panel").click()
@@ -223,8 +235,11 @@ def test_5_the_model_health_page_shows_the_champion_and_the_drift(browser, serve
     page.get_by_role("menuitem", name="Model health").click()
     page.wait_for_url(lambda u: "/plugin/model-health" in u)
     frame = page.frame_locator("iframe")
-    champion = world.rt.client.get_model_version_by_alias(world.rt.model_name, "champion").version
-    assert frame.locator("#champion-version").inner_text().strip() == str(champion)
+    from closedloop.registry import CHAMPION, alias_version
+
+    champion = alias_version(world.rt.client, world.rt.model_name, CHAMPION)
+    assert champion == "1"  # promoted by the retraining run
+    assert frame.locator("#champion-version").inner_text().strip() == champion
     drift_share = world.measured["figures"]["drift_share"]
     assert frame.locator("#drift-share").inner_text().strip() == f"{drift_share:.4f}"
     assert frame.locator("svg").count() == 2  # the drift share and the champions' ROC AUC over time
