@@ -20,7 +20,7 @@ DEMO_DAYS ?= 45
 DEMO_WINDOW_START ?= 2026-03-01
 DEMO_WINDOW_END ?= 2026-03-29
 
-.PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean
+.PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean browser
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -73,7 +73,18 @@ airflow: airflow-home  ## Airflow's UI and scheduler on the embedded home (http:
 	@$(BIN)/closedloop airflow-config --show-login | tail -n 1
 	CLOSEDLOOP_SCHEDULES=manual $(BIN)/airflow standalone
 
-test: install  ## Set up and run the test suite
+browser:  ## Debian's chromium for the browser test of the UI (apt-get, as root; skipped when present)
+	@command -v chromium > /dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	  echo "installing Debian's chromium for tests/integration/test_browser_ui.py"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null \
+	    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null; } \
+	    || echo "chromium could not be installed: the browser test of the UI will skip (and fail under CI=true)"; \
+	else \
+	  echo "chromium is missing: run 'sudo apt-get install -y --no-install-recommends chromium' (the browser test of the UI skips without it, and fails under CI=true)"; \
+	fi
+
+test: install browser  ## Set up and run the test suite
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

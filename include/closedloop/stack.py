@@ -37,6 +37,7 @@ class AirflowStack:
     env: dict[str, str]
     port: int = 8080
     user: str = "admin"
+    components: tuple[str, ...] = COMPONENTS  # ("api-server",) serves the UI and the API on runs already made
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _token: str | None = None
 
@@ -52,7 +53,7 @@ class AirflowStack:
         env = {**os.environ, **self.env, "AIRFLOW_HOME": str(self.airflow_home),
                "AIRFLOW__API__PORT": str(self.port), "AIRFLOW__API__BASE_URL": self.url,
                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/"}
-        for name in COMPONENTS:
+        for name in self.components:
             out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the process's life
             cmd = [airflow, name] + (["--host", "127.0.0.1", "--port", str(self.port)] if name == "api-server" else [])
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
