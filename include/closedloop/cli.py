@@ -55,7 +55,7 @@ def generate(
     drift_start: Annotated[str | None, typer.Option(help="First drifted day, YYYY-MM-DD.")] = None,
     label_noise: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of labels flipped.")] = 0.0,
 ) -> None:
-    """Write a seeded card-fraud data set as daily Parquet partitions into the lake's landing zone."""
+    """Write a seeded data set with the data contract's columns as daily Parquet partitions into the landing zone."""
     from closedloop.generate import GeneratorConfig
     from closedloop.generate import generate as run
     from closedloop.runtime import Runtime
@@ -379,6 +379,8 @@ def env() -> None:
     s = Settings.from_env()
     values = {
         "CLOSEDLOOP_HOME": str(s.home), "CLOSEDLOOP_LAKE_URI": s.lake_uri, "AIRFLOW_HOME": str(airflow_home(s)),
+        # the configuration (and so the data set's schema): `feast -c feature_repo plan` derives its objects from it
+        "CLOSEDLOOP_CONFIG": str(s.config_path),
         "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, **s.feast_env(),
     }
     for k, v in values.items():
