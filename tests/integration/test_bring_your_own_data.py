@@ -97,6 +97,7 @@ def test_3_feast_holds_the_churn_definitions(churn):
     # the entity is the schema's entity key without its "_id"; its join key is the column itself
     assert [(e.name, e.join_key) for e in store.list_entities()] == [("account", "account_id")]
     assert views["account_usage"].entities == ["account"]
+    assert [s.name for s in store.list_feature_services()] == ["churn_model"]
 
 
 def test_4_a_label_partition_without_its_label_column_is_blocked(churn):
