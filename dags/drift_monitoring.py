@@ -25,6 +25,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
+from closedloop.links import drift_report_task
 from closedloop.notifier import send_alert
 from closedloop.orchestration import (
     DEFAULT_ARGS,
@@ -56,7 +57,7 @@ from closedloop.orchestration import (
     },
 )
 def drift_monitoring():
-    @task
+    @drift_report_task
     def measure_drift() -> dict:
         """Measure drift on the window and keep the report (lake and MLflow)."""
         from closedloop import monitoring

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from closedloop.links import validation_task
 from closedloop.notifier import ClosedloopNotifier
 from closedloop.orchestration import CURATED, DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
 
@@ -32,7 +33,7 @@ from closedloop.orchestration import CURATED, DEFAULT_ARGS, conf_of, documented,
     },
 )
 def ingest():
-    @task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
+    @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
     def validate_partitions() -> dict:
         """Validate and curate the day's transactions and labels; quarantine and fail on blocking problems."""
         from closedloop import ingest as stages

@@ -32,6 +32,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from closedloop.links import mlflow_run_task, model_version_task, validation_task
 from closedloop.notifier import ClosedloopNotifier, send_alert
 from closedloop.orchestration import (
     DEFAULT_ARGS,
@@ -66,7 +67,7 @@ from closedloop.orchestration import (
     },
 )
 def retraining():
-    @task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
+    @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
     def validate_window() -> dict:
         """Validate every partition of the run's window; bad partitions are quarantined and fail the run."""
         from closedloop import retraining as stages
@@ -96,7 +97,7 @@ def retraining():
         split = run_stage(split_override, conf_of(get_current_context()))
         return run_stage(stages.build_training_set, Runtime.from_env(), _window(validated), split)
 
-    @task(**training_task_args())
+    @mlflow_run_task(**training_task_args())
     def train_model(training_set: dict, validated: dict) -> dict:
         """Train XGBoost and log the run, its lineage and the model to MLflow."""
         from closedloop import retraining as stages
@@ -108,7 +109,7 @@ def retraining():
                    "validation": validated}
         return run_stage(stages.train, Runtime.from_env(), training_set, lineage)
 
-    @task(execution_timeout=timeout(minutes=10))
+    @model_version_task(execution_timeout=timeout(minutes=10))
     def register_model(trained: dict, validated: dict) -> dict:
         """Register the model version (a retry finds the version it already made)."""
         from closedloop import retraining as stages
@@ -131,7 +132,7 @@ def retraining():
 
         return run_stage(stages.evaluate_gate, Runtime.from_env(), registered, training_set)
 
-    @task(execution_timeout=timeout(minutes=10))
+    @model_version_task(execution_timeout=timeout(minutes=10))
     def promote_or_reject(decision: dict) -> dict:
         """Move `champion` to the candidate (compare-and-set) or keep it as rejected with the reason."""
         from closedloop import retraining as stages

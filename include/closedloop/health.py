@@ -7,7 +7,8 @@ window, completed by the lake's ``reports/drift/<start>_<end>/figures.json`` for
 the latest training/serving skew report (``reports/skew/<day>.json``, :mod:`closedloop.skew`).
 :func:`render_page` turns it into one self-contained HTML page with inline SVG plots (no JavaScript);
 :func:`report_bytes` reads one report from the lake for a path that names a known kind of report only,
-so the page can link reports even when the lake is ``s3://``.
+so the page can link reports even when the lake is ``s3://``; ``validation/<start>_<end>.json`` is assembled from
+the validation records of the window's partitions (:func:`validation_report`, what the validating tasks link).
 
 No Airflow here: the Airflow plugin (``plugins/model_health.py``) authenticates and calls these.
 """
@@ -15,6 +16,7 @@ No Airflow here: the Airflow plugin (``plugins/model_health.py``) authenticates 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import re
@@ -32,6 +34,8 @@ SERIES_LIMIT = 200
 # the only report paths the page serves: a drift window's HTML or figures, a day's skew report
 _DRIFT_FILE = re.compile(r"^drift/(\d{4}-\d{2}-\d{2})_(\d{4}-\d{2}-\d{2})/(report\.html|figures\.json)$")
 _SKEW_FILE = re.compile(r"^skew/(\d{4}-\d{2}-\d{2})\.json$")
+_VALIDATION_FILE = re.compile(r"^validation/(\d{4}-\d{2}-\d{2})_(\d{4}-\d{2}-\d{2})\.json$")
+VALIDATION_MAX_DAYS = 366  # a validation report spans at most a year of days
 
 
 class ReportNotFound(LookupError):
@@ -155,9 +159,13 @@ def report_bytes(rt: Runtime, path: str) -> tuple[bytes, str]:
 
     Any other path (another zone, ``..``, an unknown file) raises ReportNotFound, as does a missing report.
     """
-    m_drift, m_skew = _DRIFT_FILE.match(path), _SKEW_FILE.match(path)
+    m_drift, m_skew, m_val = _DRIFT_FILE.match(path), _SKEW_FILE.match(path), _VALIDATION_FILE.match(path)
     try:
-        if m_drift:
+        if m_val:
+            start, end = date.fromisoformat(m_val[1]), date.fromisoformat(m_val[2])
+            if not 0 < (end - start).days <= VALIDATION_MAX_DAYS:
+                raise ValueError(f"a window of 1 to {VALIDATION_MAX_DAYS} days")
+        elif m_drift:
             start, end = date.fromisoformat(m_drift[1]), date.fromisoformat(m_drift[2])
             if end <= start:
                 raise ValueError("empty window")
@@ -169,11 +177,41 @@ def report_bytes(rt: Runtime, path: str) -> tuple[bytes, str]:
             raise ValueError("not a report path")
     except ValueError as exc:
         raise ReportNotFound(f"reports/{path}: not a report this page serves ({exc}); it serves "
-                             "drift/<start>_<end>/report.html|figures.json and skew/<day>.json") from None
+                             "drift/<start>_<end>/report.html|figures.json, skew/<day>.json and "
+                             "validation/<start>_<end>.json") from None
+    if m_val:
+        report = validation_report(rt, start, end)
+        if not report["partitions"]:
+            raise ReportNotFound(f"reports/{path}: no partition of {start}..{end} was validated (curated or "
+                                 "quarantined)")
+        return json.dumps(report, indent=2, default=str).encode(), "application/json"
     uri = rt.lake.uri("reports", *path.split("/"))
     if not rt.lake.exists(uri):
         raise ReportNotFound(f"{uri}: no such report (pruned, or never written)")
     return rt.lake.read_bytes(uri), media
+
+
+def validation_report(rt: Runtime, start: date, end: date) -> dict[str, Any]:
+    """The validation records of the partitions of ``[start, end)``: a curated one's record (its Great
+    Expectations results, warnings, normalisations) or a quarantined one's report, per kind and day."""
+    from datetime import timedelta
+
+    from closedloop.ingest import marker_uri
+    from closedloop.lake import KINDS
+
+    partitions: list[dict[str, Any]] = []
+    day = start
+    while day < end:
+        for kind in KINDS:
+            for status, uri in (("curated", marker_uri(rt.lake, kind, day)),
+                                ("quarantined", rt.lake.partition("quarantine", kind, day,
+                                                                  suffix=".validation.json"))):
+                if rt.lake.exists(uri):
+                    partitions.append({"kind": kind, "day": day.isoformat(), "status": status, "record_uri": uri,
+                                       "record": rt.lake.read_json(uri)})
+                    break
+        day += timedelta(days=1)
+    return {"window": {"start": start.isoformat(), "end": end.isoformat()}, "partitions": partitions}
 
 
 # -- rendering ----------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Environment variables (all optional):
 - ``CLOSEDLOOP_LAKE_URI``: root URI of the data lake (default: ``file://$CLOSEDLOOP_HOME/lake``).
 - ``CLOSEDLOOP_CONFIG``: the versioned model and policy configuration (default: ``include/config/closedloop.yaml``).
 - ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``: default ``sqlite:///$CLOSEDLOOP_HOME/mlflow/mlflow.db``.
+- ``CLOSEDLOOP_MLFLOW_UI_URL``: the MLflow UI as a browser reaches it, for the extra links of the Airflow tasks
+  (default: the tracking URI when it is ``http(s)://``, without any user:password; else empty: no MLflow links).
 - ``CLOSEDLOOP_MLFLOW_ARTIFACTS``: artifact root for new experiments (default ``$CLOSEDLOOP_HOME/mlflow/artifacts``).
 - ``CLOSEDLOOP_S3_ENDPOINT_URL``: an S3-compatible endpoint (MinIO) for ``s3://`` URIs; empty: AWS itself.
 - ``CLOSEDLOOP_FEAST_REPO``: the Feast repository (default: ``<repo>/feature_repo``).
@@ -186,6 +188,24 @@ def feast_redis_connection(url: str) -> str:
     return ",".join(fields)
 
 
+def mlflow_ui_url(explicit: str | None, tracking_uri: str) -> str:
+    """The MLflow UI's base URL for links: ``explicit`` when set, else an ``http(s)`` tracking URI without any
+    ``user:password@``; empty when neither gives one (a ``sqlite:`` store has no UI to link)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = (explicit or "").strip()
+    if url:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"CLOSEDLOOP_MLFLOW_UI_URL={url!r}: expected an http(s):// URL such as "
+                              "http://localhost:5000, or empty")
+        return url.rstrip("/")
+    if not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    parts = urlsplit(tracking_uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
 def _is_database_url(value: str) -> bool:
     return value.partition("://")[0].split("+")[0] in {"postgresql", "postgres", "mysql", "sqlite"} and "://" in value
 
@@ -221,6 +241,7 @@ class Settings:
     slack_conn_id: str = ""
     alert_email: tuple[str, ...] = ()
     smtp_conn_id: str = "smtp_default"
+    mlflow_ui_url: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -267,6 +288,7 @@ class Settings:
             mlflow_tracking_uri=tracking,
             mlflow_registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
             mlflow_artifact_root=artifacts,
+            mlflow_ui_url=mlflow_ui_url(env.get("CLOSEDLOOP_MLFLOW_UI_URL"), tracking),
             feast_repo=Path(env.get("CLOSEDLOOP_FEAST_REPO") or REPO_ROOT / "feature_repo").resolve(),
             feast_registry=registry,
             device=device,

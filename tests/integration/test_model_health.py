@@ -101,6 +101,10 @@ def test_health_data_holds_champion_history_drift_and_skew(world):
 
     body, media = health.report_bytes(rt, latest["html_path"])
     assert media.startswith("text/html") and body == rt.lake.read_bytes(world.measured["report"]["html"])
+    # measure_drift's "Drift report" link, from the very dict it returns, is this report under the page's route
+    from closedloop.links import drift_report_url
+
+    assert drift_report_url("", world.measured) == f"{PREFIX}/reports/{latest['html_path']}"
     for bad in ("../curated/transactions/2026-05-03.parquet", "drift/../../landing/x.json",
                 "drift/2026-05-20_2026-05-18/report.html", "drift/x_y/report.html", "skew/notaday.json",
                 "drift/2026-01-01_2026-01-03/report.html"):

@@ -10,6 +10,7 @@ new.
 
 from __future__ import annotations
 
+import json
 from datetime import date
 
 import numpy as np
@@ -27,6 +28,7 @@ BETTER = {"window_start": "2026-01-08", "window_end": "2026-02-01"}
 BAD_DAY = date(2026, 2, 23)
 BAD = {"window_start": "2026-02-23", "window_end": "2026-02-25"}
 CANARY = "canary-secret-7f3e9c2a"
+MLFLOW_UI = "http://mlflow.test:5000"
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,7 @@ def world(generated_home, airflow_db, dagbag):
     with generated_home("retraining", config) as rt, pytest.MonkeyPatch.context() as mp:
         # a canary secret in the environment of every run: test_6 checks it never reaches MLflow
         mp.setenv("CLOSEDLOOP_CANARY_SECRET_TOKEN", CANARY)
+        mp.setenv("CLOSEDLOOP_MLFLOW_UI_URL", MLFLOW_UI)  # the tasks' extra links point there
         _degrade_labels(rt, date(2026, 1, 1), date(2026, 1, 8), share=0.05, seed=1)
         yield rt, dagbag.get_dag("retraining")
 
@@ -44,6 +47,19 @@ def _run(dag, conf):
     dr = dag.test(run_conf=conf)
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     return dr, states
+
+
+def _links(dag, dr) -> dict[tuple[str, str], str]:
+    """Every extra link of the run's tasks as the API server reads it: the serialized DAG's links, from XCom."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    served = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    out = {}
+    for ti in dr.get_task_instances():
+        task = served.get_task(ti.task_id)
+        for link in task.operator_extra_links:
+            out[(ti.task_id, link.name)] = link.get_link(task, ti_key=ti.key)
+    return out
 
 
 def _versions(rt):
@@ -93,6 +109,23 @@ def test_1_first_window_promotes_version_1(world):
     booster = load_booster(f"models:/{rt.model_name}@{CHAMPION}")
     assert booster.num_features() == len(rt.contract.model_features)
     assert history(rt.client, rt.model_name)[0]["to_version"] == "1"
+    # the tasks' extra links, as the UI gets them: the MLflow run and version, and the validation report
+    from urllib.parse import quote
+
+    from closedloop import health
+
+    links = _links(dag, dr)
+    version_url = f"{MLFLOW_UI}/#/models/{quote(rt.model_name, safe='')}/versions/1"
+    assert links[("train_model", "MLflow run")] == f"{MLFLOW_UI}/#/runs/{mv.run_id}"
+    assert links[("register_model", "MLflow model version")] == version_url
+    assert links[("promote_or_reject", "MLflow model version")] == version_url
+    validation = links[("validate_window", "Validation report")]
+    assert validation == "/closedloop/reports/validation/2026-01-01_2026-01-08.json"
+    body, _ = health.report_bytes(rt, validation.removeprefix("/closedloop/reports/"))
+    records = json.loads(body)["partitions"]
+    assert {(p["kind"], p["status"]) for p in records} == {("transactions", "curated"), ("labels", "curated")}
+    assert [p["day"] for p in records if p["kind"] == "transactions"] == [f"2026-01-0{d}" for d in range(1, 8)]
+    assert all(p["record"]["summary"] for p in records)
 
 
 def test_2_degraded_labels_are_rejected_and_the_champion_stays(world):
