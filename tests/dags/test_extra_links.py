@@ -129,7 +129,7 @@ def test_report_links_open_what_the_model_health_page_serves(runtime):
 
 
 def test_mlflow_ui_setting(tmp_path):
-    assert mlflow_ui_url(None, "http://user:secret@mlflow:5000/") == "http://mlflow:5000"
+    assert mlflow_ui_url(None, "http://user:pw123@mlflow:5000/") == "http://mlflow:5000"
     assert mlflow_ui_url("", "sqlite:////tmp/mlflow.db") == ""
     assert mlflow_ui_url("https://mlflow.example/", "http://mlflow:5000") == "https://mlflow.example"
     s = Settings.from_env({"CLOSEDLOOP_HOME": str(tmp_path), "CLOSEDLOOP_MLFLOW_UI_URL": "http://localhost:5000"})
