@@ -23,6 +23,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from closedloop.errors import NoDataError
+from closedloop.notifier import ClosedloopNotifier
 from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
 
 
@@ -59,7 +60,7 @@ def skew_check():
                 raise AirflowSkipException(f"nothing served on {day} (no scoring service running?)") from exc
             raise
 
-    @task
+    @task(on_failure_callback=ClosedloopNotifier("skew_detected", severity="error"))
     def check_skew(report: dict) -> dict:
         """Fail (an alert, no retry) when served features or scores differ beyond the `skew:` tolerances."""
         from closedloop import skew

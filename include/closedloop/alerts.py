@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("validation_failed", "drift_detected", "promoted", "rejected", "data_missing", "task_failed")
+KINDS = ("validation_failed", "drift_detected", "promoted", "rejected", "data_missing", "task_failed", "skew_detected")
 SEVERITIES = ("info", "warning", "error")
 ALERTS_FILE = "alerts.jsonl"
 

@@ -446,6 +446,10 @@ def test_skew_check_catches_a_corrupted_online_feature(world, dagbag):
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     assert states == {"measure_skew": "success", "check_skew": "failed"}, states
     assert dr.get_task_instance("check_skew").try_number == 1  # failed at once: an alert, not a retry
+    from closedloop.alerts import read_alerts
+
+    alerts = read_alerts(rt.settings, "skew_detected")
+    assert alerts and "amount_mean_30d" in alerts[-1]["summary"], alerts
 
 
 def test_a_scheduled_skew_check_on_a_day_with_nothing_served_is_skipped(world, dagbag):
