@@ -60,11 +60,9 @@ class ServingConfig:
     @classmethod
     def from_raw(cls, raw: dict[str, Any] | None) -> ServingConfig:
         from closedloop.errors import ConfigError
+        from closedloop.settings import section_keys
 
-        raw = dict(raw or {})
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"serving: unknown key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        raw = section_keys("serving", raw, cls)
         cfg = cls(**raw)
         if cfg.max_batch < 1 or cfg.poll_seconds <= 0 or cfg.log_flush_rows < 1 or cfg.log_flush_seconds <= 0:
             raise ConfigError("serving: max_batch and log_flush_rows must be >= 1, poll_seconds and "

@@ -125,6 +125,16 @@ def _alert_settings(env: dict[str, str]) -> tuple[str, str, tuple[str, ...]]:
     return channel, slack, emails
 
 
+def section_keys(section: str, raw: dict[str, Any] | None, known: Any) -> dict[str, Any]:
+    """``raw`` (a configuration section) as a dict; ConfigError naming any key the dataclass ``known`` lacks."""
+    raw = dict(raw or {})
+    fields = known.__dataclass_fields__
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    return raw
+
+
 def _number(env: dict[str, str], name: str, default: float) -> float:
     """A non-negative number from ``env[name]`` (``default`` when unset or empty)."""
     raw = env.get(name, "").strip()

@@ -59,10 +59,9 @@ class SkewPolicy:
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any] | None) -> SkewPolicy:
-        raw = dict(raw or {})
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"skew: unknown key(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        from closedloop.settings import section_keys
+
+        raw = section_keys("skew", raw, cls)
         p = cls(**{k: type(getattr(cls, k))(v) for k, v in raw.items()})
         if p.sample_rows < 1 or p.feature_tolerance < 0 or p.score_tolerance < 0 or not 0 <= p.max_mismatch_share <= 1:
             raise ConfigError(f"skew: {p}: sample_rows >= 1, tolerances >= 0, max_mismatch_share in [0, 1]")
