@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import HEADER, REPO, emit, machine, parse_size, size_name, world  # noqa: E402
+from common import HEADER, REPO, emit, machine, parse_size, size_name, world
 
 # in the order of the retraining DAG, then the DAG-level ones (end_to_end sums the floors of the others)
 STAGES = ("validation", "materialisation", "training_set", "training", "scoring", "drift", "orchestration",
