@@ -20,7 +20,8 @@ DEMO_DAYS ?= 45
 DEMO_WINDOW_START ?= 2026-03-01
 DEMO_WINDOW_END ?= 2026-03-29
 
-.PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean browser
+.PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean browser \
+  bench bench-quick
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -95,6 +96,17 @@ reliability: install  ## Run the tests that try to break closedloop and regenera
 lint: install  ## ruff
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check include dags tests feature_repo || true
+
+BENCH_SIZES ?= 100k,1m,10m
+BENCH_STAGES ?= validation,materialisation,training_set,training,scoring,drift,orchestration,end_to_end
+
+bench: install  ## Every stage against its floor at 100k, 1M and 10M rows (long: about an hour on 2 cores)
+	$(BIN)/python bench/run.py --sizes $(BENCH_SIZES) --stages $(BENCH_STAGES) --out bench/results/latest.jsonl
+	$(BIN)/python bench/report.py bench/results/latest.jsonl > bench/results/latest.md
+	@echo "tables: bench/results/latest.md (BENCHMARKS.md quotes them)"
+
+bench-quick: install  ## The benchmark suite on a tiny world, to check that it works (the test suite runs it too)
+	$(BIN)/python bench/run.py --quick --out $(CLOSEDLOOP_HOME)/bench-quick.jsonl
 
 clean:  ## Delete all local state ($CLOSEDLOOP_HOME): a clean start
 	rm -rf $(CLOSEDLOOP_HOME)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / ".bench"
+BENCH_DIR = Path(os.environ.get("CLOSEDLOOP_BENCH_DIR") or REPO / ".bench")  # worlds and Airflow homes
 CONFIG = REPO / "bench" / "config" / "closedloop.yaml"
 START = date(2026, 1, 5)  # a Monday
 DAYS = 28                 # the training window of the configuration (training.window_days)
