@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import size_name  # noqa: E402
-from run import DEFAULT_OUT, STAGES  # noqa: E402
+from common import size_name
+from run import DEFAULT_OUT, STAGES
 
 
 def _s(x: float | None) -> str:
@@ -39,7 +39,8 @@ def tables(lines: list[dict]) -> str:
     out.append(f"Machine: {'; '.join(machines)}.\n")
     for stage in sorted({k[0] for k in last}, key=lambda s: (order.get(s, 99), s)):
         out.append(f"### {stage}\n")
-        out.append("| case | rows | figure | floor | ratio | peak MiB | floor peak MiB | data MiB | peak / data | notes |")
+        out.append("| case | rows | figure | floor | ratio | peak MiB | floor peak MiB | data MiB | peak / data "
+                   "| notes |")
         out.append("|---|---|---|---|---|---|---|---|---|---|")
         rows = sorted((r for k, r in last.items() if k[0] == stage), key=lambda r: (r["case"], r["rows"]))
         for r in rows:
