@@ -6,9 +6,12 @@ message, which names the file and the rule) and is also called from inside tasks
 (:func:`send`). It always appends to ``$CLOSEDLOOP_HOME/alerts/alerts.jsonl`` (:mod:`closedloop.alerts`), then:
 
 - ``CLOSEDLOOP_ALERTS=slack``: the Slack provider's ``SlackWebhookNotifier`` on the connection
-  ``CLOSEDLOOP_SLACK_WEBHOOK`` (install ``apache-airflow-providers-slack``: it is not a dependency);
+  ``CLOSEDLOOP_SLACK_WEBHOOK`` (type ``slackwebhook``: the webhook token in its password, or the whole URL);
 - ``CLOSEDLOOP_ALERTS=email``: the SMTP provider's ``SmtpNotifier`` to ``CLOSEDLOOP_ALERT_EMAIL`` over
-  ``CLOSEDLOOP_SMTP_CONN_ID``.
+  ``CLOSEDLOOP_SMTP_CONN_ID`` (the sender is the connection's ``from_email`` extra).
+
+Both providers are dependencies of closedloop; tests/integration/test_alert_delivery.py delivers through
+them to a local webhook and a local SMTP server.
 
 A channel that fails is logged, never raised: the alert is in the file, and the task's own outcome stands.
 """
@@ -74,11 +77,8 @@ def _text(alert: dict[str, Any]) -> str:
 
 def _deliver(settings: Any, alert: dict[str, Any], context: Any) -> None:
     if settings.alerts == "slack":
-        try:
-            from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
-        except ImportError as exc:
-            raise RuntimeError("CLOSEDLOOP_ALERTS=slack needs the Slack provider: install "
-                               "apache-airflow-providers-slack in the Airflow image") from exc
+        from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
+
         SlackWebhookNotifier(slack_webhook_conn_id=settings.slack_conn_id, text=_text(alert)).notify(context)
     elif settings.alerts == "email":
         from airflow.providers.smtp.notifications.smtp import SmtpNotifier
