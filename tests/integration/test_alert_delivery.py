@@ -116,8 +116,13 @@ def _run(dag_id: str):
     bag = DagBag(collect_dags=False)
     bag.bag_dag(dag)
     sync_bag_to_db(bag, "dags-folder", None)
-    dr = dag.test()
-    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    try:
+        dr = dag.test()
+        states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    finally:  # no DAG of this test stays in the session's database (the UI and API tests list the DAGs)
+        from airflow.api.common.delete_dag import delete_dag
+
+        delete_dag(dag_id)
     assert states == {"validate": "failed", "promote": "success"}, states
     return dr
 
