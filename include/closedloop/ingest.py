@@ -69,7 +69,7 @@ def normalise(df: pd.DataFrame, contract: DataContract, kind: str) -> pd.DataFra
 
     from closedloop.validation import exact_duplicates
 
-    repeats = exact_duplicates(df)
+    repeats = exact_duplicates(df, contract.row_key)
     if repeats is not None and repeats.any():
         df = df.loc[~repeats.to_numpy()]
     cols = contract.landing_columns if kind == "transactions" else contract.label_columns
