@@ -1,5 +1,6 @@
 """The Airflow UI in a real browser: headless Chromium (Debian's ``chromium``, driven by Playwright) logs in
-through the login form and opens the DAG list, a retraining run's graph, an extra link and the Model health page.
+through the login form and opens the DAG list, a retraining run's graph, an extra link, the Model health page
+and the graph of all DAG dependencies (ingest -> scoring -> monitoring -> retraining).
 
 The world is small and made by real runs in the session's Airflow database: a generated data set whose
 last days drift; the ``retraining`` DAG run once with ``dag.test()`` (it promotes the first champion);
@@ -254,3 +255,44 @@ def test_5_the_model_health_page_shows_the_champion_and_the_drift(browser, serve
         for name in ("dags", "retraining-graph", "extra-link", "model-health", "model-health-drift"):
             shutil.copyfile(shots / f"{name}.png", DOCS_SHOTS / f"{name}.png")
             assert (DOCS_SHOTS / f"{name}.png").stat().st_size < 300_000, name
+
+
+def test_6_the_dependency_graph_shows_the_loop_from_ingest_to_retraining(browser, server, shots):
+    """drift_monitoring's graph with "All Dag Dependencies": the assets between the DAGs and the trigger."""
+    page = browser
+    page.goto(f"{server.url}/dags/drift_monitoring")
+    page.get_by_role("button", name="Show Graph (Press g)").click()
+    page.get_by_role("button", name="Options").click()
+    page.get_by_test_id("dependencies").get_by_role("combobox").click()
+    page.get_by_role("option", name="All Dag Dependencies").click()
+    page.keyboard.press("Escape")
+    nodes = page.locator(".react-flow__node")
+    chain = ["ingest", "closedloop_curated", "batch_scoring", "closedloop_predictions", "drift_monitoring",
+             "retraining"]
+    for name in chain:
+        nodes.filter(has_text=name).first.wait_for()
+    collapse = page.get_by_role("button", name="Collapse Details Panel")
+    if collapse.count():
+        collapse.click()
+    page.locator(".react-flow__controls-fitview").click()
+    page.wait_for_timeout(500)  # the fit is animated
+    # each node by the first line of its text (drift_monitoring's box holds its tasks below its name)
+    boxes: dict[str, dict] = {}
+    for node in nodes.all():
+        label = node.inner_text().strip().splitlines()[0].strip()
+        box = node.bounding_box()
+        if box and label not in boxes:
+            boxes[label] = box
+    assert set(chain) <= set(boxes), sorted(boxes)
+    # drawn left to right in the loop's order: each DAG feeds the next
+    xs = [boxes[name]["x"] for name in chain]
+    assert xs == sorted(xs), dict(zip(chain, xs, strict=True))
+    # trigger_retraining twice: the task inside drift_monitoring and the trigger dependency it draws to retraining
+    assert nodes.filter(has_text="trigger_retraining").count() >= 2
+    every = [b for b in (n.bounding_box() for n in nodes.all()) if b]
+    x0, y0 = max(min(b["x"] for b in every) - 20, 0), max(min(b["y"] for b in every) - 20, 0)
+    x1 = min(max(b["x"] + b["width"] for b in every) + 20, VIEWPORT["width"])
+    y1 = min(max(b["y"] + b["height"] for b in every) + 20, VIEWPORT["height"])
+    _shot(page, shots, "dag-dependencies", clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
+    if os.environ.get("CLOSEDLOOP_WRITE_SCREENSHOTS") == "1":  # the README's UI tour
+        shutil.copyfile(shots / "dag-dependencies.png", DOCS_SHOTS / "dag-dependencies.png")
