@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from closedloop.errors import NoDataError, PermanentError
@@ -42,12 +43,20 @@ def version_info(client: MlflowClient, name: str, version: str) -> dict[str, Any
             "artifact_uri": run.info.artifact_uri}
 
 
+@lru_cache(maxsize=4)
+def _booster(model_uri: str) -> Any:
+    """The booster logged at ``model_uri``, loaded once per process (a logged model never changes; the
+    champion's alias is still looked up for every day, so a promotion between days is seen)."""
+    from closedloop.registry import load_booster
+
+    return load_booster(model_uri)
+
+
 def score_day(rt: Runtime, day: date) -> dict[str, Any]:
     """Score the curated transactions of ``day`` (validating them first when needed) with the champion."""
     from closedloop.features import apply_definitions, historical_features
     from closedloop.ingest import ingest_partition
-    from closedloop.registry import load_booster
-    from closedloop.training import predict
+    from closedloop.training import predict_inplace
 
     c = rt.contract
     ingest_partition(rt.lake, c, "transactions", day)  # a no-op when the day is already curated
@@ -57,7 +66,7 @@ def score_day(rt: Runtime, day: date) -> dict[str, Any]:
     champ = champion(rt)
     apply_definitions(rt.store, rt.defs)
     frame = historical_features(rt.store, rt.defs, tx, c)
-    scores = predict(load_booster(champ["model_uri"]), frame, c)
+    scores = predict_inplace(_booster(champ["model_uri"]), frame, c)
     out = frame[[c.row_key, c.entity, c.event_timestamp, *c.model_features]].copy()
     out[SCORE] = scores.astype("float64")
     out[DECISION] = (out[SCORE] >= champ["threshold"]).astype("int64")
