@@ -38,17 +38,25 @@ def fresh_copy(w: World, stage: str, without: tuple[str, ...] = ()) -> Path:
     """A copy of ``w``'s home under ``.bench/<stage>/<world>/closedloop`` (any earlier copy removed first).
 
     ``without``: paths relative to the home left out of the copy (e.g. ``lake/curated``: landed, not yet validated).
+    The lake's Parquet files are hard-linked, not copied: the project writes every lake object atomically (a
+    temporary file renamed into place, ``closedloop.lake.Lake.write_bytes``), so a rewrite in the copy replaces
+    the link and never touches the world's file. The world's training sets are left out (a run rebuilds its own).
     """
     root = BENCH_DIR / stage / w.home.name
     if root.exists():
         shutil.rmtree(root)
     home = root / "closedloop"
-    skip = {str(w.home / p) for p in without}
+    skip = {str(w.home / p) for p in ("lake/training_sets", *without)}
+    lake = str(w.home / "lake") + os.sep
 
     def ignore(folder: str, names: list[str]) -> list[str]:
-        return [n for n in names if n in ("locks", "airflow") or str(Path(folder) / n) in skip]
+        top = Path(folder) == w.home
+        return [n for n in names if (top and n in ("locks", "airflow")) or str(Path(folder) / n) in skip]
 
-    shutil.copytree(w.home, home, ignore=ignore)
+    def link_or_copy(src: str, dst: str) -> object:
+        return os.link(src, dst) if src.startswith(lake) and src.endswith(".parquet") else shutil.copy2(src, dst)
+
+    shutil.copytree(w.home, home, ignore=ignore, copy_function=link_or_copy)
     _rewrite_paths(home / "mlflow" / "mlflow.db", str(w.home), str(home))
     return home
 
@@ -83,9 +91,10 @@ def airflow_env(home: Path, config: Path = CONFIG, **extra: str) -> dict[str, st
 
 def prepare_airflow(home: Path, env: dict[str, str], parallelism: int = 2) -> Path:
     """Write the embedded ``airflow.cfg`` into ``home/airflow`` and give it a migrated database."""
-    code = ("from closedloop.airflow_home import write_config; from closedloop.settings import Settings; "
-            f"write_config(Settings.from_env(), force=True, parallelism={parallelism})")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
+    from closedloop.airflow_home import write_config
+    from closedloop.settings import Settings
+
+    write_config(Settings.from_env(env), force=True, parallelism=parallelism)
     af_home = home / "airflow"
     shutil.copy(migrated_db(), af_home / "airflow.db")
     return af_home
