@@ -9,7 +9,7 @@ import pytest
 
 from closedloop import retraining as stages
 from closedloop.aggregates import compute_entity_features
-from closedloop.features import SPLITS, read_training_split
+from closedloop.features import SPLITS, historical_features, read_labelled_window, read_training_split
 from closedloop.generate import GeneratorConfig, generate
 from closedloop.runconf import Window
 
@@ -85,3 +85,10 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     # deterministic: building again gives the same set at the same place
     again = stages.build_training_set(rt, WINDOW)
     assert again["data_sha256"] == ts["data_sha256"] and again["uri"] == ts["uri"]
+
+    # a large window goes to Feast in chunks of (entity, time) pairs: the same features, row for row
+    grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
+    labelled, _, _ = read_labelled_window(rt.lake, c, WINDOW.start, WINDOW.end, grace)
+    whole = historical_features(rt.store, rt.defs, labelled, c)
+    assert len(labelled) > 2 * 97
+    pd.testing.assert_frame_equal(historical_features(rt.store, rt.defs, labelled, c, chunk_rows=97), whole)
