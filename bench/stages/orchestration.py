@@ -12,16 +12,16 @@ the window's predictions written beforehand by the project's scoring in this pro
 and stops once the triggered retraining's first task has started.
 
 The copy's configuration differs from the world's in the drift policy only (drift at any share, one window
-confirms, no cooldown, the window judged on its one scored day, a retraining on the world's days), so that
-the decision is always "retrain": the decision's outcome is not what is measured, the hand-off is.
+confirms, no cooldown, a window judged from 100 rows, a retraining on the world's days), so that the decision
+is always "retrain": the decision's outcome is not what is measured, the hand-off is.
 
 Figures, from the task instances' start and end dates in Airflow's database (the floor is 0 by
 definition, printed ``-``):
-- ``task end -> next task start``: for each task with upstreams, its start minus the last end of its
+- ``task end -> next start (median|max)``: for each task with upstreams, its start minus the last end of its
   upstream tasks, within the runs of ingest, drift_monitoring and (full sizes) retraining; median and max.
 - ``drift decision -> retraining start``: the end of ``decide_retraining`` to the start of the triggered
   retraining run's first task.
-- ``asset event -> next DAG's first task``: the end of the task that emits an Asset to the start of the
+- ``asset <DAG> -> <DAG>``: the end of the task that emits an Asset to the start of the
   first task of the DAG it schedules (ingest -> batch_scoring, batch_scoring -> drift_monitoring).
 In quick mode the hand-offs are drift_monitoring's only, and there are no Asset lines; full sizes wait for
 the retraining run to succeed and add its start-to-end time as a line of its own. Peak memory: the whole stack's
@@ -164,7 +164,7 @@ def _results(w: World, af_home: Path, retraining: dict[str, Any], peak: float, q
     decided = task("drift_monitoring", "decide_retraining")
     assets = [] if quick else [
         ("ingest -> batch_scoring", task("ingest", "materialise_features"), task("batch_scoring", "score_day")),
-        ("batch_scoring -> drift_monitoring", task("batch_scoring", "score_day"),
+        ("scoring -> drift_monitoring", task("batch_scoring", "score_day"),
          task("drift_monitoring", "measure_drift")),
     ]
     seconds = [s for _, s in pairs]
@@ -176,10 +176,10 @@ def _results(w: World, af_home: Path, retraining: dict[str, Any], peak: float, q
         return Result(STAGE, case, rows, figure, None, peak, None, None, notes=notes)
 
     out = [
-        line("task end -> next task start (median)", statistics.median(seconds),
+        line("task end -> next start (median)", statistics.median(seconds),
              f"median of {len(seconds)} hand-offs in the runs of {where}; floor 0; real scheduler, LocalExecutor, "
              f"parallelism 2, SQLite; peak = whole stack"),
-        line("task end -> next task start (max)", worst[1], f"max: {worst[0]}; floor 0"),
+        line("task end -> next start (max)", worst[1], f"max: {worst[0]}; floor 0"),
         line("drift decision -> retraining start", (first.start - decided.end).total_seconds(),
              f"decide_retraining end -> {first.task_id} start of {retrain_run}; floor 0"),
     ]
