@@ -149,9 +149,13 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
         out = pd.concat([out, closing], ignore_index=True)
 
     upper = _first_at_or_after(codes, tsu, group_end, q_codes, q_hi)
+    lowers: dict[int, np.ndarray] = {}  # aggregates over the same window share its bounds (one search per window)
     for agg in contract.aggregates:
-        lower = _first_at_or_after(codes, tsu, group_end, q_codes, q_ref - int(pd.Timedelta(agg.window).value))
-        lower = np.minimum(lower, upper)
+        window_ns = int(pd.Timedelta(agg.window).value)
+        if window_ns not in lowers:
+            lowers[window_ns] = np.minimum(_first_at_or_after(codes, tsu, group_end, q_codes, q_ref - window_ns),
+                                           upper)
+        lower = lowers[window_ns]
         count = (upper - lower).astype("float64")
         if agg.function == "count":
             values = count
