@@ -105,8 +105,8 @@ bench: install  ## Every stage against its floor at 100k, 1M and 10M rows (long:
 	$(BIN)/python bench/report.py bench/results/latest.jsonl > bench/results/latest.md
 	@echo "tables: bench/results/latest.md (BENCHMARKS.md quotes them)"
 
-bench-quick: install  ## The benchmark suite on a tiny world, to check that it works (the test suite runs it too)
-	$(BIN)/python bench/run.py --quick --out $(CLOSEDLOOP_HOME)/bench-quick.jsonl
+bench-quick: install  ## The benchmark suite on a tiny world, checked by tests/bench (CI runs it after make test)
+	$(BIN)/pytest -m bench tests/bench -p no:cacheprovider
 
 clean:  ## Delete all local state ($CLOSEDLOOP_HOME): a clean start
 	rm -rf $(CLOSEDLOOP_HOME)

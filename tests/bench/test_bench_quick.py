@@ -18,7 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.integration
+# not in `make test`'s run: `make bench-quick` (which .ci/run runs after `make test`) selects it with -m bench
+pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
 
 @pytest.fixture(scope="module")
