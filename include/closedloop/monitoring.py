@@ -99,7 +99,10 @@ def read_window(rt: Runtime, window: Window) -> tuple[pd.DataFrame, list[str]]:
         labels = labels.take(last).select([c.row_key, c.label])
         current = current.append_column("__row", pa.array(np.arange(current.num_rows)))
         joined = current.join(labels, keys=c.row_key, join_type="left outer", use_threads=True)
-        frame = joined.sort_by("__row").drop_columns(["__row"]).to_pandas()
+        del current, labels  # one copy of the window at a time
+        joined = joined.take(pc.sort_indices(joined["__row"])).drop_columns(["__row"])
+        frame = joined.to_pandas(self_destruct=True, split_blocks=True)
+        del joined
         return frame, [d.isoformat() for d in days]
     frame = current.to_pandas()
     frame[c.label] = pd.NA
