@@ -93,6 +93,17 @@ def measure(fn: Callable[[], Any], interval: float = 0.005) -> Measurement:
     return Measurement(seconds, (peak[0] - base) / MIB, result)
 
 
+def timed_into(parts: dict[str, Measurement], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` wrapped so that each call is measured into ``parts[name]`` (a part timed inside a stage's call)."""
+
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        m = measure(lambda: fn(*a, **kw))
+        parts[name] = m
+        return m.result
+
+    return wrapper
+
+
 def frame_mib(frame: Any) -> float:
     """In-memory size of a pandas frame (deep), in MiB."""
     return float(frame.memory_usage(deep=True).sum()) / MIB

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CONFIG, START, Measurement, Result, World, measure
+from common import CONFIG, START, Measurement, Result, World, measure, timed_into
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -174,20 +174,13 @@ def run(w: World, quick: bool) -> list[Result]:
         original = {"champion_reference": monitoring.champion_reference, "measure": drift.measure,
                     "save_report": drift.save_report}
 
-        def timed(name: str, fn: Any) -> Any:
-            def wrapper(*a: Any, **kw: Any) -> Any:
-                m = measure(lambda: fn(*a, **kw))
-                parts[name] = m
-                return m.result
-            return wrapper
-
         def bigger_reference(rt_: Any, champ: dict[str, Any]) -> Any:
             _, quality = original["champion_reference"](rt_, champ)
             return reference, quality
 
         monitoring.champion_reference = bigger_reference
-        drift.measure = timed("measure", drift.measure)
-        drift.save_report = timed("report", drift.save_report)
+        drift.measure = timed_into(parts, "measure", drift.measure)
+        drift.save_report = timed_into(parts, "report", drift.save_report)
         try:
             task = measure(lambda: monitoring.measure_window(rt, window, dag_run_id=f"bench-{os.getpid()}"))
         finally:

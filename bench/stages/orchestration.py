@@ -43,6 +43,8 @@ from typing import Any
 import airflow_env
 from common import CONFIG, Result, World
 
+from closedloop.demo import _has_dag  # the demo's own check that the DAGs are parsed
+
 STAGE = "orchestration"
 DAGS = ("ingest", "batch_scoring", "drift_monitoring", "retraining")
 # the drift policy of the copy: every judged window is drift, confirmed, out of any cooldown
@@ -195,14 +197,6 @@ def _results(w: World, af_home: Path, retraining: dict[str, Any], peak: float, q
 def _seconds(run: dict[str, Any]) -> float:
     start, end = airflow_env._when(run.get("start_date")), airflow_env._when(run.get("end_date"))
     return (end - start).total_seconds() if start and end else 0.0
-
-
-def _has_dag(stack: Any, dag_id: str) -> bool:
-    try:
-        stack.api("GET", f"/dags/{dag_id}")
-        return True
-    except Exception:
-        return False
 
 
 def _free_port() -> int:

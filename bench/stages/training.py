@@ -22,7 +22,7 @@ import os
 import shutil
 from typing import Any
 
-from common import Measurement, Result, World, frame_mib, measure
+from common import Measurement, Result, World, frame_mib, measure, timed_into
 
 STAGE = "training"
 
@@ -63,21 +63,14 @@ def run(w: World, quick: bool) -> list[Result]:
         boosters: list[Any] = []
         fit, log_plots, log_model = training.fit, training._log_plots, mlflow.xgboost.log_model
 
-        def timed(name: str, fn: Any) -> Any:
-            def wrapper(*a: Any, **kw: Any) -> Any:
-                m = measure(lambda: fn(*a, **kw))
-                parts[name] = m
-                return m.result
-            return wrapper
-
         def fit_kept(*a: Any, **kw: Any) -> Any:
             booster, threshold = fit(*a, **kw)
             boosters.append(booster)
             return booster, threshold
 
-        training.fit = timed("fit", fit_kept)
-        training._log_plots = timed("plots", log_plots)
-        mlflow.xgboost.log_model = timed("upload", log_model)
+        training.fit = timed_into(parts, "fit", fit_kept)
+        training._log_plots = timed_into(parts, "plots", log_plots)
+        mlflow.xgboost.log_model = timed_into(parts, "upload", log_model)
         try:
             task = measure(lambda: retraining.train(rt, ts, {"dag_run_id": f"bench-{os.getpid()}"}))
         finally:
