@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from datetime import date, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -58,21 +58,6 @@ class _Progress:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
-
-
-class _ReportingLake:
-    """The lake, with a progress step for every Parquet file written (what ``write_landing`` writes)."""
-
-    def __init__(self, lake: Any, progress: _Progress) -> None:
-        self._lake, self._progress = lake, progress
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._lake, name)
-
-    def write_parquet(self, df: Any, uri: str) -> str:
-        out = self._lake.write_parquet(df, uri)
-        self._progress.step(f"{uri.removeprefix(self._lake.root + '/')} written", f"{len(df)} rows")
-        return out
 
 
 @app.callback()
@@ -118,7 +103,9 @@ def generate(
                           + data.labels[c.label_timestamp].dt.floor("D").nunique())
         progress.say(f"simulated {len(data.transactions)} transactions of {customers} customers over {days} days "
                      f"({progress.elapsed():.1f} s); writing {progress.total} landing files")
-        uris = write_landing(data, _ReportingLake(rt.lake, progress), c)
+        root = rt.lake.root + "/"
+        uris = write_landing(data, rt.lake, c, on_written=lambda uri, rows: progress.step(
+            f"{uri.removeprefix(root)} written", f"{rows} rows"))
     except (ClosedloopError, ValueError) as exc:
         _fail(exc)
     last = first + timedelta(days=days - 1)

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 from closedloop.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
     import pandas as pd
 
@@ -490,20 +492,27 @@ def simulate(config: GeneratorConfig, contract: DataContract) -> GeneratedData:
 
 
 # -- landing -----------------------------------------------------------------------------------------
-def write_landing(data: GeneratedData, lake: Lake, contract: DataContract) -> list[str]:
+def write_landing(data: GeneratedData, lake: Lake, contract: DataContract,
+                  on_written: Callable[[str, int], None] | None = None) -> list[str]:
     """Write ``landing/transactions/<day>.parquet`` per event day (without the label columns) and
-    ``landing/labels/<day>.parquet`` per label-arrival day; return the URIs written."""
+    ``landing/labels/<day>.parquet`` per label-arrival day; return the URIs written.
+
+    ``on_written(uri, rows)`` is called after each file (the CLI's progress)."""
     uris: list[str] = []
+
+    def write(part: pd.DataFrame, uri: str) -> None:
+        uris.append(lake.write_parquet(part.reset_index(drop=True), uri))
+        if on_written is not None:
+            on_written(uri, len(part))
+
     tx = data.transactions[list(contract.landing_columns)]
     for key, part in tx.groupby(tx[contract.event_timestamp].dt.floor("D"), sort=True):
-        uris.append(lake.write_parquet(part.reset_index(drop=True),
-                                       lake.partition("landing", "transactions", key.date())))
+        write(part, lake.partition("landing", "transactions", key.date()))
     labels = data.labels[list(contract.label_columns)]
     stamp = labels[contract.label_timestamp]
     for key, part in labels.groupby(stamp.dt.floor("D"), sort=True):
-        part = part.sort_values([contract.label_timestamp, contract.row_key], kind="stable")
-        uris.append(lake.write_parquet(part.reset_index(drop=True),
-                                       lake.partition("landing", "labels", key.date())))
+        write(part.sort_values([contract.label_timestamp, contract.row_key], kind="stable"),
+              lake.partition("landing", "labels", key.date()))
     log.info("wrote %d landing partitions under %s", len(uris), lake.uri("landing"))
     return uris
 
