@@ -31,8 +31,12 @@ $(UV):
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet 'uv>=0.5'
 
+# --compile-bytecode: this machine (and CI) sets PYTHONDONTWRITEBYTECODE=1, so without .pyc files written
+# here every Airflow task process would compile Airflow, MLflow, Feast, GX and Evidently from source again
+# (import airflow.sdk 3.2 s -> 1.5 s, mlflow 3.7 s -> 1.4 s). The project's own sources too, for the same reason.
 $(BIN)/closedloop: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --python $(PYTHON) --compile-bytecode
+	$(BIN)/python -m compileall -q -j 0 include dags plugins > /dev/null
 	@touch $@
 
 install: $(BIN)/closedloop  ## Build .venv from the lock file (bootstraps uv when missing)
