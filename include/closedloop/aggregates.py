@@ -16,9 +16,10 @@ transaction at that moment. An entity whose last event of a day is at ``T`` itse
 (no two rows share entity and timestamp); with microsecond timestamps that needs an event in the day's
 very last microsecond.
 
-Vectorised: events sorted by (entity, time); for each query (an event, or a day's close) the bounds of
-its window are found with ``merge_asof`` (per entity), sums and counts come from cumulative sums, maxima
-and minima from a sparse table, so the cost grows as n log n, whatever the number of entities.
+Vectorised: events sorted by (entity, time) with one lexsort of integer codes; for each query (an event,
+or a day's close) the bounds of its window are found by a binary search on one packed (entity, time rank)
+key, sums and counts come from cumulative sums, maxima and minima from a sparse table, so the cost grows
+as n log n, whatever the number of entities.
 """
 
 from __future__ import annotations
@@ -47,23 +48,24 @@ def day_close(day: date) -> pd.Timestamp:
     return pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)
 
 
-def _first_at_or_after(codes: np.ndarray, tsu: np.ndarray, group_end: np.ndarray, q_codes: np.ndarray,
-                       q_ts: np.ndarray) -> np.ndarray:
-    """For each query, the first position (in the sorted arrays) of its entity with time >= ``q_ts``.
+def _first_at_or_after(codes: np.ndarray, tsu: np.ndarray, q_codes: np.ndarray,
+                       q_ts: list[np.ndarray]) -> list[np.ndarray]:
+    """For each query, the first position (in the arrays sorted by entity, then time) of its entity with time
+    ``>=`` its time; a query after every event of its entity gets the position after the entity's last event.
 
-    A query after every event of its entity gets the position after the entity's last event.
+    One answer per array of ``q_ts`` (the same entities ``q_codes`` each). Times are replaced by their rank
+    among all event and query times (one sort), so that ``(entity, rank)`` packs into one increasing int64
+    key and every query is one binary search: the first key ``>=`` the query's is the entity's first event
+    at or after that time, or the next entity's first event, which is the position after this one's last.
     """
     import numpy as np
-    import pandas as pd
 
-    right = pd.DataFrame({"e": codes, "t": tsu, "p": np.arange(len(codes))}).sort_values("t", kind="stable")
-    left = pd.DataFrame({"e": q_codes, "t": q_ts, "i": np.arange(len(q_codes))}).sort_values("t", kind="stable")
-    found = pd.merge_asof(left, right, on="t", by="e", direction="forward", allow_exact_matches=True)
-    out = np.empty(len(q_codes), dtype=np.int64)
-    pos = found["p"].to_numpy(dtype="float64")
-    q = found["i"].to_numpy()
-    out[q] = np.where(np.isnan(pos), group_end[q_codes[q]], np.nan_to_num(pos)).astype(np.int64)
-    return out
+    times = np.sort(np.concatenate([tsu, *q_ts]))  # a time's rank: its first position here (equal times, equal rank)
+    span = len(times) + 1
+    if len(codes) and (int(codes.max()) + 1) * span >= 2**63:  # pragma: no cover - beyond 10^9 events x entities
+        raise OverflowError(f"{int(codes.max()) + 1} entities x {span} times do not fit one int64 key")
+    keys = codes * span + np.searchsorted(times, tsu)
+    return [np.searchsorted(keys, q_codes * span + np.searchsorted(times, q), side="left") for q in q_ts]
 
 
 def _range_extreme(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, fn) -> np.ndarray:
@@ -118,12 +120,12 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
         parts.append(ctx)
     allev = pd.concat(parts, ignore_index=True)
     allev[ts] = pd.to_datetime(allev[ts], utc=True).astype("datetime64[ns, UTC]")
-    allev = allev.sort_values([ent, ts], kind="stable").reset_index(drop=True)
-
-    codes = pd.factorize(allev[ent])[0].astype(np.int64)  # increasing: the frame is sorted by entity
+    # sorted by entity, then time (stable): one lexsort of integer codes, not a sort of the columns themselves
+    codes = pd.factorize(allev[ent], sort=True)[0].astype(np.int64)  # in the order of the entity's values
     tsu = allev[ts].astype("int64").to_numpy()  # ns since the epoch
-    counts = np.bincount(codes) if len(codes) else np.zeros(0, dtype=np.int64)
-    group_end = np.cumsum(counts).astype(np.int64)
+    order = np.lexsort((tsu, codes))
+    allev = allev.take(order).reset_index(drop=True)
+    codes, tsu = codes[order], tsu[order]
     is_target = allev["_target"].to_numpy()
 
     # queries: every target event (window [t - w, t)), then each day's close (window [T - w, T])
@@ -148,14 +150,12 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
                                 ts: pd.to_datetime(c_ts, utc=True).astype("datetime64[ns, UTC]")})
         out = pd.concat([out, closing], ignore_index=True)
 
-    upper = _first_at_or_after(codes, tsu, group_end, q_codes, q_hi)
-    lowers: dict[int, np.ndarray] = {}  # aggregates over the same window share its bounds (one search per window)
+    # the bounds of every window: one search for the upper bound and one per distinct window length
+    windows = sorted({int(pd.Timedelta(agg.window).value) for agg in contract.aggregates})
+    upper, *found = _first_at_or_after(codes, tsu, q_codes, [q_hi, *(q_ref - w for w in windows)])
+    lowers = {w: np.minimum(lo, upper) for w, lo in zip(windows, found, strict=True)}
     for agg in contract.aggregates:
-        window_ns = int(pd.Timedelta(agg.window).value)
-        if window_ns not in lowers:
-            lowers[window_ns] = np.minimum(_first_at_or_after(codes, tsu, group_end, q_codes, q_ref - window_ns),
-                                           upper)
-        lower = lowers[window_ns]
+        lower = lowers[int(pd.Timedelta(agg.window).value)]
         count = (upper - lower).astype("float64")
         if agg.function == "count":
             values = count
@@ -184,4 +184,5 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
                     values = np.sqrt(np.clip(var, 0.0, None))
         out[agg.name] = np.asarray(values, dtype="float64")
     out = out.drop_duplicates([ent, ts])  # several events of an entity at one instant: one row
-    return out.sort_values([ent, ts], kind="stable").reset_index(drop=True)
+    o_codes = pd.factorize(out[ent], sort=True)[0]
+    return out.take(np.lexsort((out[ts].astype("int64").to_numpy(), o_codes))).reset_index(drop=True)

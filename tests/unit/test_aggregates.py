@@ -129,6 +129,20 @@ def test_day_by_day_with_history_equals_the_whole_period(events, contract):
     pd.testing.assert_frame_equal(by_day.reset_index(drop=True), whole, check_exact=False, rtol=1e-9)
 
 
+def test_string_keys_give_the_same_rows_sorted_by_the_key(events, contract):
+    """A contract may key its entity by strings: the same aggregates, rows sorted by the string, then time.
+
+    The names are chosen so that their order differs from the integer order and from first appearance.
+    """
+    ent, ts = contract.entity, contract.event_timestamp
+    name = {i: f"cust-{(7 * i) % 15:02d}" for i in events[ent].unique()}
+    as_ints = compute_entity_features(events, contract, closing_rows=True)
+    as_strings = compute_entity_features(events.assign(**{ent: events[ent].map(name)}), contract, closing_rows=True)
+    expected = as_ints.assign(**{ent: as_ints[ent].map(name)}).sort_values([ent, ts], kind="stable")
+    assert list(as_strings[ent]) == sorted(as_strings[ent])
+    pd.testing.assert_frame_equal(as_strings, expected.reset_index(drop=True))
+
+
 def test_an_event_at_the_close_keeps_its_own_row(events, contract):
     ent, ts = contract.entity, contract.event_timestamp
     late = events.iloc[:1].copy()
