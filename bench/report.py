@@ -1,10 +1,10 @@
 """Turn the suite's JSON lines into the Markdown tables of BENCHMARKS.md.
 
-    .venv/bin/python bench/report.py [bench/results/latest.jsonl]
+    .venv/bin/python bench/report.py [FILE ...]      # default: bench/results/latest.jsonl
 
 One table per stage, a row per (case, size): figure, floor, ratio, peak memory of the stage and of its
-floor, the in-memory size of the stage's data and peak/data. When a (stage, case, size) was measured more
-than once in the file, the last measurement is shown.
+floor, the in-memory size of the stage's data and peak/data. The files are read in the order given; when a
+(stage, case, size) was measured more than once, the last measurement is shown.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def tables(lines: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0]) if argv else DEFAULT_OUT
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    """The tables of one or more result files, read in order (a later line of a case replaces an earlier one)."""
+    paths = [Path(a) for a in argv] or [DEFAULT_OUT]
+    lines = [json.loads(x) for path in paths for x in path.read_text().splitlines() if x.strip()]
     print(tables(lines))
     return 0
 
