@@ -48,6 +48,15 @@ def day_close(day: date) -> pd.Timestamp:
     return pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)
 
 
+def _entity_time_order(entities: pd.Series, times_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stable order by entity value, then time (one lexsort of integer codes), and the entity codes."""
+    import numpy as np
+    import pandas as pd
+
+    codes = pd.factorize(entities, sort=True)[0].astype(np.int64)  # in the order of the entity's values
+    return np.lexsort((times_ns, codes)), codes
+
+
 def _first_at_or_after(codes: np.ndarray, tsu: np.ndarray, q_codes: np.ndarray,
                        q_ts: list[np.ndarray]) -> list[np.ndarray]:
     """For each query, the first position (in the arrays sorted by entity, then time) of its entity with time
@@ -120,10 +129,8 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
         parts.append(ctx)
     allev = pd.concat(parts, ignore_index=True)
     allev[ts] = pd.to_datetime(allev[ts], utc=True).astype("datetime64[ns, UTC]")
-    # sorted by entity, then time (stable): one lexsort of integer codes, not a sort of the columns themselves
-    codes = pd.factorize(allev[ent], sort=True)[0].astype(np.int64)  # in the order of the entity's values
     tsu = allev[ts].astype("int64").to_numpy()  # ns since the epoch
-    order = np.lexsort((tsu, codes))
+    order, codes = _entity_time_order(allev[ent], tsu)
     allev = allev.take(order).reset_index(drop=True)
     codes, tsu = codes[order], tsu[order]
     is_target = allev["_target"].to_numpy()
@@ -184,5 +191,5 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
                     values = np.sqrt(np.clip(var, 0.0, None))
         out[agg.name] = np.asarray(values, dtype="float64")
     out = out.drop_duplicates([ent, ts])  # several events of an entity at one instant: one row
-    o_codes = pd.factorize(out[ent], sort=True)[0]
-    return out.take(np.lexsort((out[ts].astype("int64").to_numpy(), o_codes))).reset_index(drop=True)
+    order, _ = _entity_time_order(out[ent], out[ts].astype("int64").to_numpy())
+    return out.take(order).reset_index(drop=True)

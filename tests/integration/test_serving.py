@@ -218,6 +218,9 @@ def test_materialising_in_batches_writes_what_one_write_does(world, tmp_path):
     c = rt.contract
     assert rt.store.config.materialization_config.online_write_batch_size  # the project's store writes in batches
     start, end = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 12, 31, tzinfo=UTC)
+    customers = sorted(rt.lake.read_parquet_many(
+        [rt.lake.partition("curated", c.feature_view, d) for d in rt.lake.list_days("curated", c.feature_view)]
+    )[c.entity].unique().tolist())
 
     def online(name: str, batch: int | None) -> pd.DataFrame:
         cfg = rt.store.config.model_copy(deep=True)
@@ -228,9 +231,6 @@ def test_materialising_in_batches_writes_what_one_write_does(world, tmp_path):
         store = FeatureStore(config=cfg)
         apply_definitions(store, rt.defs)  # the online table of this store
         store.materialize(start, end, feature_views=[rt.defs.view.name])
-        customers = sorted(rt.lake.read_parquet_many(
-            [rt.lake.partition("curated", c.feature_view, d) for d in rt.lake.list_days("curated", c.feature_view)]
-        )[c.entity].unique().tolist())
         return store.get_online_features(features=rt.defs.service,
                                          entity_rows=[{c.entity: int(e)} for e in customers]).to_df()
 
