@@ -35,11 +35,36 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "holdout")
 # rows per Parquet part of a training split (``training.part_rows`` of the configuration)
 DEFAULT_PART_ROWS = 500_000
-# (entity, time) pairs per call of Feast's point-in-time join. The DuckDB store joins each pair with every
-# feature row of its entity inside the TTL and keeps the latest, so its memory grows with the pairs of a call:
-# a million pairs in one call peaked at 4 GiB (1M-row benchmark), in chunks of 125k at 0.7 GiB, in the same
-# time (each call re-reads the feature files, a small part of the join's cost).
-PIT_CHUNK_ROWS = 125_000
+# How many (entity, time) pairs Feast's point-in-time join is asked for per call (``training.pit_join`` of
+# the configuration). Two costs pull apart: each call of the DuckDB store scans the feature view's whole
+# source first (a fixed cost that grows with the feature history: 0.5 s at 1M transactions, 5.5 s at 10M),
+# and its memory grows with the pairs of the call (each pair meets every feature row of its entity inside
+# the TTL): 125k, 250k and 1M pairs peaked at 1.1, 1.9 and 4.0 GiB above the start, in 16.8, 17.9 and
+# 18.1 s (1M-transaction benchmark). So the pairs are split over about ``calls`` calls, which keeps both the
+# scans and the memory per call proportional to the data, with at least ``min_rows`` pairs per call (the
+# memory of one call is small next to the data below that) and at most ``max_rows``.
+PIT_CALLS = 20
+PIT_MIN_ROWS = 125_000
+PIT_MAX_ROWS = 1_000_000
+
+
+def pit_chunk_rows(pairs: int, pit_join: dict[str, int] | None = None) -> int:
+    """Pairs per call of the point-in-time join for ``pairs`` (entity, time) pairs (see :data:`PIT_CALLS`).
+
+    ``pit_join`` is the configuration's ``training.pit_join``: ``calls``, ``min_rows``, ``max_rows``, each
+    optional.
+    """
+    given = dict(pit_join or {})
+    unknown = sorted(set(given) - {"calls", "min_rows", "max_rows"})
+    if unknown:
+        raise ValueError(f"training.pit_join: unknown key(s) {unknown}; expected calls, min_rows, max_rows")
+    calls = int(given.get("calls", PIT_CALLS))
+    min_rows = int(given.get("min_rows", PIT_MIN_ROWS))
+    max_rows = int(given.get("max_rows", PIT_MAX_ROWS))
+    if calls < 1 or min_rows < 1 or max_rows < min_rows:
+        raise ValueError(f"training.pit_join: need calls >= 1 and 1 <= min_rows <= max_rows, got calls={calls}, "
+                         f"min_rows={min_rows}, max_rows={max_rows}")
+    return min(max_rows, max(min_rows, -(-pairs // calls)))
 
 
 def to_utc(day: date) -> datetime:
@@ -257,16 +282,21 @@ class TrainingSet:
 
 
 def historical_features(store: FeatureStore, defs: FeastDefinitions, rows: pd.DataFrame,
-                        contract: DataContract, chunk_rows: int = PIT_CHUNK_ROWS) -> pd.DataFrame:
+                        contract: DataContract, chunk_rows: int | None = None,
+                        pit_join: dict[str, int] | None = None) -> pd.DataFrame:
     """``rows`` with the entity features as of each row's event time (point-in-time correct).
 
     Every input row comes back exactly once, in the input order. Feast is asked for at most ``chunk_rows``
-    (entity, time) pairs at a time (see :data:`PIT_CHUNK_ROWS`).
+    (entity, time) pairs at a time; by default :func:`pit_chunk_rows` of the distinct pairs, with the
+    ``calls``, ``min_rows`` and ``max_rows`` of ``pit_join``.
     """
     import pandas as pd
 
     ent, ts = contract.entity, contract.event_timestamp
     keys = rows[[ent, ts]].drop_duplicates().reset_index(drop=True)
+    if chunk_rows is None:
+        chunk_rows = pit_chunk_rows(len(keys), pit_join)
+    log.info("point-in-time join: %d (entity, time) pairs, %d per call", len(keys), chunk_rows)
     parts = [
         store.get_historical_features(entity_df=keys.iloc[i:i + chunk_rows].reset_index(drop=True),
                                       features=defs.service).to_df()[[ent, ts, *contract.entity_features]]
@@ -368,16 +398,18 @@ def frame_sha256(frame: pd.DataFrame) -> str:
 
 def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, contract: DataContract,
                        start: date, end: date, *, label_grace_days: int,
-                       split: dict[str, Any], part_rows: int = DEFAULT_PART_ROWS) -> TrainingSet:
+                       split: dict[str, Any], part_rows: int = DEFAULT_PART_ROWS,
+                       pit_join: dict[str, int] | None = None) -> TrainingSet:
     """Write the point-in-time-correct training set of ``[start, end)`` as Parquet partitioned by split.
 
     Each split is a folder of parts of at most ``part_rows`` rows each (``split=<name>/part-00000.parquet``,
     ...), in event-time order: one process reads them all (:func:`read_training_split`), a Dask cluster
     one part per task (:func:`training_split_parts`). Deterministic: the same curated data gives the same
-    rows, hash and location.
+    rows, hash and location. ``pit_join`` (``calls``, ``min_rows``, ``max_rows``) sizes the calls of the
+    point-in-time join (:func:`pit_chunk_rows`); the rows are the same whatever it says.
     """
     labelled, partitions, unlabelled = read_labelled_window(lake, contract, start, end, label_grace_days)
-    full = historical_features(store, defs, labelled, contract)
+    full = historical_features(store, defs, labelled, contract, pit_join=pit_join)
     if full[contract.row_key].duplicated().any():
         raise PermanentError("training set has duplicate transaction ids")
     columns = [contract.row_key, contract.entity, contract.event_timestamp, *contract.model_features, contract.label]

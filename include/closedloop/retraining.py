@@ -50,7 +50,8 @@ def build_training_set(rt: Runtime, window: Window, split: dict[str, int] | None
     ts = build(rt.store, rt.defs, rt.lake, rt.contract, window.start, window.end,
                label_grace_days=int(cfg.ingest.get("label_grace_days", 21)), split={**cfg.training["split"],
                                                                                     **(split or {})},
-               part_rows=int(cfg.training.get("part_rows", DEFAULT_PART_ROWS)))
+               part_rows=int(cfg.training.get("part_rows", DEFAULT_PART_ROWS)),
+               pit_join=cfg.training.get("pit_join"))
     return ts.to_dict()
 
 

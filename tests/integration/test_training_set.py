@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 
 import pandas as pd
@@ -9,7 +10,13 @@ import pytest
 
 from closedloop import retraining as stages
 from closedloop.aggregates import compute_entity_features
-from closedloop.features import SPLITS, historical_features, read_labelled_window, read_training_split
+from closedloop.features import (
+    SPLITS,
+    build_training_set,
+    historical_features,
+    read_labelled_window,
+    read_training_split,
+)
 from closedloop.generate import GeneratorConfig, generate
 from closedloop.runconf import Window
 
@@ -39,7 +46,7 @@ def landed(runtime):
     return runtime
 
 
-def test_training_set_keeps_every_labelled_row_with_point_in_time_features(landed):
+def test_training_set_keeps_every_labelled_row_with_point_in_time_features(landed, caplog):
     rt, c = landed, landed.contract
     stages.validate(rt, WINDOW)
     stages.materialise(rt, WINDOW)
@@ -92,3 +99,11 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     whole = historical_features(rt.store, rt.defs, labelled, c)
     assert len(labelled) > 2 * 97
     pd.testing.assert_frame_equal(historical_features(rt.store, rt.defs, labelled, c, chunk_rows=97), whole)
+
+    # the configuration's training.pit_join sizes those calls; the training set is the same
+    caplog.set_level(logging.INFO, logger="closedloop.features")
+    pairs = len(labelled[[c.entity, c.event_timestamp]].drop_duplicates())
+    small = build_training_set(rt.store, rt.defs, rt.lake, c, WINDOW.start, WINDOW.end, label_grace_days=grace,
+                               split=rt.settings.config.training["split"], pit_join={"calls": 7, "min_rows": 1})
+    assert small.data_sha256 == ts["data_sha256"] and small.uri == ts["uri"]
+    assert f"point-in-time join: {pairs} (entity, time) pairs, {-(-pairs // 7)} per call" in caplog.text
