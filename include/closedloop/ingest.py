@@ -240,15 +240,19 @@ def unknown_label_finding(lake: Lake, contract: DataContract, day: date, uri: st
         return None
     labels = lake.read_parquet(uri, columns=[contract.row_key])[contract.row_key]
     cache = {} if cache is None else cache
-    known: list[Any] = []
-    for d in lake.list_days("curated", "transactions"):
-        if first <= d <= day:
-            if d not in cache:
-                cache[d] = lake.read_parquet(lake.partition("curated", "transactions", d),
-                                             columns=[contract.row_key])[contract.row_key]
-            known.append(cache[d])
-    ids = pd.concat(known, ignore_index=True) if known else pd.Series([], dtype=object)
-    unknown = labels[~labels.isin(ids)]
+    # Each curated day's ids are kept as an Index, whose hash table is built once and reused by every
+    # label day of the window (concatenating the period's ids per label day rehashed them all: 4.5 s of
+    # the 1M-row window's 48 label days). Newest day first: most labels name recent transactions.
+    unknown = labels
+    for d in sorted((d for d in lake.list_days("curated", "transactions") if first <= d <= day), reverse=True):
+        if unknown.empty:
+            break
+        if d not in cache:
+            cache[d] = pd.Index(lake.read_parquet(lake.partition("curated", "transactions", d),
+                                                  columns=[contract.row_key])[contract.row_key])
+        ids = cache[d]
+        found = ids.get_indexer(unknown) >= 0 if ids.is_unique else unknown.isin(ids).to_numpy()
+        unknown = unknown[~found]
     if unknown.empty:
         return None
     return Finding(UNKNOWN_LABELS_RULE, contract.row_key, WARN,
