@@ -351,11 +351,32 @@ def read_labelled_window(lake: Lake, contract: DataContract, start: date, end: d
     if labels.empty:
         raise NoDataError(f"window {start}..{end}: no labels arrived in label partitions "
                           f"{start}..{end + timedelta(days=label_grace_days)}")
-    labels = labels.sort_values([contract.label_timestamp, contract.row_key]).drop_duplicates(
-        contract.row_key, keep="last")
-    labelled = tx.merge(labels[[contract.row_key, contract.label]], on=contract.row_key, how="inner",
-                        validate="one_to_one")
+    labelled = _attach_latest_labels(tx, labels, contract)
     return labelled, partitions, len(tx) - len(labelled)
+
+
+def _attach_latest_labels(tx: pd.DataFrame, labels: pd.DataFrame, contract: DataContract) -> pd.DataFrame:
+    """The transactions that have a label, in their order, with the label of latest ``label_timestamp``.
+
+    Labels of the same transaction at the same instant: the later in ``labels`` wins. Hash lookups on the
+    ids, never a sort or a merge on them: at 10M rows pandas' ``merge(validate="one_to_one")`` and the sort of
+    the labels by id took 105 of the window's 122 s. Duplicate transaction ids raise.
+    """
+    import pandas as pd
+
+    key = contract.row_key
+    ids = tx[key]
+    if not ids.is_unique:
+        dup = ids[ids.duplicated()].iloc[:5].tolist()
+        raise PermanentError(f"curated transactions of the window repeat {contract.row_key} values, e.g. {dup}: "
+                             "a transaction id must be unique across days")
+    if not labels[key].is_unique:  # corrections: keep each id's latest label (stable, so ties keep file order)
+        labels = labels.sort_values(contract.label_timestamp, kind="stable").drop_duplicates(key, keep="last")
+    where = pd.Index(labels[key]).get_indexer(ids)
+    found = where >= 0
+    labelled = tx[found].reset_index(drop=True)
+    labelled[contract.label] = labels[contract.label].iloc[where[found]].reset_index(drop=True)
+    return labelled
 
 
 def time_split(frame: pd.DataFrame, contract: DataContract, fractions: dict[str, Any]) -> dict[str, pd.DataFrame]:
