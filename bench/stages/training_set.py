@@ -53,10 +53,10 @@ def asof_join(rows: Any, feats: Any, contract: Any) -> Any:
     import pandas as pd
 
     ent, ts = contract.entity, contract.event_timestamp
-    feats = feats.astype({ts: rows[ts].dtype})
+    feats[ts] = feats[ts].astype(rows[ts].dtype)  # in place: one copy of the feature history at a time
+    feats = feats.sort_values(ts, kind="stable")
     left = rows.drop(columns=[c for c in contract.entity_features if c in rows]).sort_values(ts, kind="stable")
-    right = feats.sort_values(ts, kind="stable")
-    return pd.merge_asof(left, right, on=ts, by=ent, direction="backward", tolerance=contract.ttl,
+    return pd.merge_asof(left, feats, on=ts, by=ent, direction="backward", tolerance=contract.ttl,
                          allow_exact_matches=True)
 
 
@@ -75,8 +75,10 @@ def floor_task(rt: Any, start: Any, end: Any, grace: int, split: dict[str, Any],
     labels = pd.concat([pd.read_parquet(lake.local_path(lake.partition("curated", "labels", d)),
                                         columns=[c.row_key, c.label, c.label_timestamp]) for d in label_days],
                        ignore_index=True)
-    labels = labels.sort_values([c.label_timestamp, c.row_key]).drop_duplicates(c.row_key, keep="last")
-    labelled = tx.merge(labels[[c.row_key, c.label]], on=c.row_key, how="inner")
+    labels = labels.sort_values(c.label_timestamp, kind="stable").drop_duplicates(c.row_key, keep="last")
+    where = pd.Index(labels[c.row_key]).get_indexer(tx[c.row_key])  # a hash lookup, as the project's
+    labelled = tx[where >= 0].reset_index(drop=True)
+    labelled[c.label] = labels[c.label].to_numpy()[where[where >= 0]]
     full = asof_join(labelled, read_features(rt), c)
     full = full[[c.row_key, c.entity, c.event_timestamp, *c.model_features, c.label]]
     parts = time_split(full, c, split)
@@ -90,15 +92,17 @@ def floor_task(rt: Any, start: Any, end: Any, grace: int, split: dict[str, Any],
 
 
 def mismatches(project: Any, floor: Any, contract: Any) -> int:
-    """Rows whose entity features differ between the two joins (NaN equals NaN)."""
+    """Rows whose entity features differ between the two joins (NaN equals NaN), aligned on the row key."""
     import numpy as np
+    import pandas as pd
 
     key, feats = contract.row_key, contract.entity_features
-    a = project.set_index(key)[feats].sort_index()
-    b = floor.set_index(key)[feats].reindex(a.index)
-    x, y = a.to_numpy(dtype="float64"), b.to_numpy(dtype="float64")
+    where = pd.Index(floor[key]).get_indexer(project[key])
+    missing = int((where < 0).sum())
+    x = project[feats].to_numpy(dtype="float64")[where >= 0]
+    y = floor[feats].to_numpy(dtype="float64")[where[where >= 0]]
     same = np.isclose(x, y, rtol=1e-9, atol=1e-9) | (np.isnan(x) & np.isnan(y))
-    return int((~same.all(axis=1)).sum()) + abs(len(project) - len(floor))
+    return int((~same.all(axis=1)).sum()) + missing + abs(len(project) - len(floor))
 
 
 # -- the stage -------------------------------------------------------------------------------------
@@ -121,14 +125,21 @@ def run(w: World, quick: bool) -> list[Result]:
         data_mib = frame_mib(labelled)
 
         figure = measure(lambda: historical_features(rt.store, rt.defs, labelled, c))
+        # only what the comparison needs is kept while the floor runs (at 10M the stage held both whole results
+        # and the feature history at once, and passed 24 GiB)
+        project = figure.result[[c.row_key, *c.entity_features]]
+        figure.result = None
         floor = measure(lambda: asof_join(labelled, read_features(rt), c))
-        diff = mismatches(figure.result, floor.result, c)
+        diff = mismatches(project, floor.result, c)
+        del project
+        floor.result = None
         results.append(Result.of(
             STAGE, "point-in-time join", w.rows, figure, floor, data_mib, work_rows=len(labelled),
             notes=f"{len(labelled)} labelled rows x {len(c.entity_features)} features; Feast get_historical_features "
                   f"(DuckDB); floor: pyarrow read of the feature files + merge_asof (by entity, backward, TTL "
                   f"{c.ttl.days} d); rows differing: {diff}"))
         del figure, floor
+        labelled = None  # the task reads the window itself
 
         split, part_rows = cfg.training["split"], int(cfg.training.get("part_rows", DEFAULT_PART_ROWS))
         figure = measure(lambda: stages.build_training_set(rt, w.window))
