@@ -36,10 +36,12 @@ TWO_WORKERS = {"n_workers": 2, "threads_per_worker": 1, "processes": False}
 # xgboost.dask merges the histogram sketches of two workers (bins a little different from one process's), each
 # worker draws its own row subsample (subsample 0.9), and which worker gets which part may change between runs,
 # so the trees differ. Measured here: ROC AUC 0.0002 apart, log loss 4 % apart, PR AUC 0.05 apart; PR AUC is
-# the noisy one on a holdout of 19 positives (one positive ranked differently moves it by up to ~1/19). The
-# bounds leave room for that noise and stay far below what a broken engine gives (shuffled labels: ROC AUC
-# about 0.5, tests/model/test_gate_attacks.py).
-TOLERANCE = {"roc_auc": 0.01, "pr_auc": 0.15, "log_loss": 0.15}
+# the noisy one on a holdout of 19 positives (one positive ranked differently moves it by up to ~1/19). ROC AUC
+# moves too when the parts land on the other worker: one fresh-clone CI run (2026-12-01) had the engines
+# 0.012 apart (0.965 vs 0.953), so its bound is 0.03. The bounds leave room for that noise and stay far below
+# what a broken engine gives (shuffled labels: ROC AUC about 0.5, tests/model/test_gate_attacks.py); the
+# Dask model must also reach ROC AUC 0.85 on its own (below).
+TOLERANCE = {"roc_auc": 0.03, "pr_auc": 0.15, "log_loss": 0.15}
 
 
 @dataclass
