@@ -282,20 +282,18 @@ class TrainingSet:
 
 
 def historical_features(store: FeatureStore, defs: FeastDefinitions, rows: pd.DataFrame,
-                        contract: DataContract, chunk_rows: int | None = None,
-                        pit_join: dict[str, int] | None = None) -> pd.DataFrame:
+                        contract: DataContract, pit_join: dict[str, int] | None = None) -> pd.DataFrame:
     """``rows`` with the entity features as of each row's event time (point-in-time correct).
 
-    Every input row comes back exactly once, in the input order. Feast is asked for at most ``chunk_rows``
-    (entity, time) pairs at a time; by default :func:`pit_chunk_rows` of the distinct pairs, with the
-    ``calls``, ``min_rows`` and ``max_rows`` of ``pit_join``.
+    Every input row comes back exactly once, in the input order. Feast is asked for the distinct (entity,
+    time) pairs in chunks of :func:`pit_chunk_rows` pairs, sized by the ``calls``, ``min_rows`` and
+    ``max_rows`` of ``pit_join``.
     """
     import pandas as pd
 
     ent, ts = contract.entity, contract.event_timestamp
     keys = rows[[ent, ts]].drop_duplicates().reset_index(drop=True)
-    if chunk_rows is None:
-        chunk_rows = pit_chunk_rows(len(keys), pit_join)
+    chunk_rows = pit_chunk_rows(len(keys), pit_join)
     log.info("point-in-time join: %d (entity, time) pairs, %d per call", len(keys), chunk_rows)
     parts = [
         store.get_historical_features(entity_df=keys.iloc[i:i + chunk_rows].reset_index(drop=True),

@@ -98,7 +98,8 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     labelled, _, _ = read_labelled_window(rt.lake, c, WINDOW.start, WINDOW.end, grace)
     whole = historical_features(rt.store, rt.defs, labelled, c)
     assert len(labelled) > 2 * 97
-    pd.testing.assert_frame_equal(historical_features(rt.store, rt.defs, labelled, c, chunk_rows=97), whole)
+    pd.testing.assert_frame_equal(historical_features(
+        rt.store, rt.defs, labelled, c, pit_join={"calls": 10**9, "min_rows": 97, "max_rows": 97}), whole)
 
     # the configuration's training.pit_join sizes those calls; the training set is the same
     caplog.set_level(logging.INFO, logger="closedloop.features")
