@@ -104,7 +104,7 @@ lint: install  ## ruff
 BENCH_SIZES ?= 100k,1m,10m
 BENCH_STAGES ?= validation,materialisation,training_set,training,scoring,drift,orchestration,end_to_end
 
-bench: install  ## Every stage against its floor at 100k, 1M and 10M rows (long: about an hour on 2 cores)
+bench: install  ## Every stage against its floor at 100k, 1M and 10M rows (long: about two hours on 2 cores, most at 10M)
 	$(BIN)/python bench/run.py --sizes $(BENCH_SIZES) --stages $(BENCH_STAGES) --out bench/results/latest.jsonl
 	$(BIN)/python bench/report.py bench/results/latest.jsonl > bench/results/latest.md
 	@echo "tables: bench/results/latest.md (BENCHMARKS.md quotes them)"
