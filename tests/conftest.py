@@ -51,7 +51,7 @@ from support.reliability import RECORDS as RELIABILITY_RECORDS  # noqa: E402
 
 @pytest.fixture
 def reliability(request):
-    """``reliability.record(area, case, outcome, lost="nothing")``: call it after the case's assertions."""
+    """``reliability.record(area, case, outcome, lost="nothing", *, corrupted=...)``: after the assertions."""
     from support.reliability import Recorder
 
     return Recorder(request.node.nodeid, RELIABILITY_RECORDS)

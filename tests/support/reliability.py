@@ -2,7 +2,10 @@
 
 Tests that try to break the pipeline (bad input, faults, gate attacks, refused configuration, security)
 take the ``reliability`` fixture and call :meth:`Recorder.record` with what they observed, *after* their
-assertions passed: a record exists only for a case whose outcome was checked. ``make reliability`` runs
+assertions passed: a record exists only for a case whose outcome was checked. ``corrupted`` is what the case
+changed downstream compared with a control run without the bad delivery (other entities' feature rows to 1e-9
+relative, training-set rows, online-store rows: see :mod:`support.corruption`): "nothing" when it was measured
+and nothing differed, :data:`NOT_MEASURED` (the default) when the test has no control. ``make reliability`` runs
 them with ``CLOSEDLOOP_WRITE_RELIABILITY=1`` and this module renders the file; the staleness test
 (``tests/test_reliability_doc.py``) fails when the file no longer matches what the tests record.
 """
@@ -20,6 +23,7 @@ DOC = REPO / "RELIABILITY.md"
 AREAS = {
     "bad-input": "Bad input (validation function level)",
     "bad-input-dag": "Bad input through the real DAGs",
+    "integrity": "Data integrity: hostile deliveries measured against a control run",
     "quarantine": "Quarantine operations",
     "config": "Run configuration and paths refused before any work",
     "gate": "The promotion gate",
@@ -29,6 +33,7 @@ AREAS = {
     "security": "Security",
 }
 FAULT_AREAS = {"fault"}
+NOT_MEASURED = "not measured"
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,10 @@ class Record:
     outcome: str
     lost: str
     test: str  # file::function (no parameters)
+    corrupted: str = NOT_MEASURED  # what differs downstream from a control run without the bad delivery
 
     def row(self) -> str:
-        return f"| {self.case} | {self.outcome} | {self.lost} | `{self.test}` |"
+        return f"| {self.case} | {self.outcome} | {self.lost} | {self.corrupted} | `{self.test}` |"
 
 
 # What this session's tests recorded (the ``reliability`` fixture of tests/conftest.py appends to it).
@@ -58,16 +64,19 @@ class Recorder:
         self._test = nodeid.split("[", 1)[0]
         self._sink = sink
 
-    def record(self, area: str, case: str, outcome: str, lost: str = "nothing") -> None:
+    def record(self, area: str, case: str, outcome: str, lost: str = "nothing", *,
+               corrupted: str = NOT_MEASURED) -> None:
+        """One case; ``corrupted``: "nothing" or what differed from the control run (see the module docstring)."""
         if area not in AREAS:
             raise ValueError(f"unknown reliability area {area!r}: one of {list(AREAS)}")
-        self._sink.append(Record(area, _cell(case), _cell(outcome), _cell(lost), self._test))
+        self._sink.append(Record(area, _cell(case), _cell(outcome), _cell(lost), self._test, _cell(corrupted)))
 
 
 def counts(records: list[Record]) -> dict[str, int]:
     """The figures the README quotes."""
     wrong = [r for r in records if r.area in {"gate", "champion", "rollback"} and "WRONG PROMOTION" in r.outcome]
     lost = [r for r in records if r.lost != "nothing"]
+    measured = [r for r in records if r.corrupted != NOT_MEASURED]
     return {
         "cases": len(records),
         "bad_input_kinds": len({r.case for r in records if r.area == "bad-input"}),
@@ -75,13 +84,17 @@ def counts(records: list[Record]) -> dict[str, int]:
         "gate_cases": len([r for r in records if r.area in {"gate", "champion", "rollback"}]),
         "wrong_promotions": len(wrong),
         "cases_that_lost_something": len(lost),
+        "cases_measured_against_a_control": len(measured),
+        "cases_that_corrupted_something": len([r for r in measured if r.corrupted != "nothing"]),
     }
 
 
 def summary_line(c: dict[str, int]) -> str:
     return (f"{c['cases']} cases tried ({c['bad_input_kinds']} kinds of bad input), {c['faults']} faults injected, "
             f"{c['gate_cases']} gate and promotion cases, {c['wrong_promotions']} wrong promotions, "
-            f"{c['cases_that_lost_something']} cases that lost data or a model")
+            f"{c['cases_that_lost_something']} cases that lost data or a model, "
+            f"{c['cases_that_corrupted_something']} that corrupted data downstream "
+            f"({c['cases_measured_against_a_control']} measured against a control run)")
 
 
 def render(records: list[Record]) -> str:
@@ -97,19 +110,24 @@ def render(records: list[Record]) -> str:
         f"**{summary_line(c)}.**",
         "",
         "\"Lost\" is what the case cost: a partition, a model version, the champion, a promotion record.",
+        "\"Corrupted downstream\" is what differs from a control run without the bad delivery: other entities'",
+        "feature rows (to 1e-9 relative), training-set rows, online-store rows; \"not measured\" where the test",
+        "has no control run.",
         "",
     ]
     for area, heading in AREAS.items():
         rows = [r for r in records if r.area == area]
         if not rows:
             continue
-        out += [f"## {heading}", "", "| case | outcome | lost | test |", "|---|---|---|---|"]
+        out += [f"## {heading}", "", "| case | outcome | lost | corrupted downstream | test |",
+                "|---|---|---|---|---|"]
         out += [r.row() for r in rows]
         out.append("")
     return "\n".join(out)
 
 
-_ROW = re.compile(r"^\| (?P<case>.*?) \| (?P<outcome>.*?) \| (?P<lost>.*?) \| `(?P<test>[^`]+)` \|$")
+_ROW = re.compile(r"^\| (?P<case>.*?) \| (?P<outcome>.*?) \| (?P<lost>.*?) \|(?: (?P<corrupted>.*?) \|)? "
+                  r"`(?P<test>[^`]+)` \|$")
 
 
 def parse(text: str) -> list[Record]:
@@ -122,7 +140,8 @@ def parse(text: str) -> list[Record]:
             area = heading_area.get(line[3:].strip())
         m = _ROW.match(line)
         if m and area:
-            found.append(Record(area, m["case"], m["outcome"], m["lost"], m["test"]))
+            found.append(Record(area, m["case"], m["outcome"], m["lost"], m["test"],
+                                m["corrupted"] or NOT_MEASURED))
     return found
 
 
