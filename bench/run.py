@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HEADER, REPO, emit, machine, parse_size, size_name, world
 
 # in the order of the retraining DAG, then the DAG-level ones (end_to_end sums the floors of the others)
-STAGES = ("validation", "materialisation", "training_set", "training", "scoring", "drift", "orchestration",
-          "end_to_end")
+STAGES = ("validation", "aggregates", "materialisation", "training_set", "training", "scoring", "drift",
+          "orchestration", "end_to_end")
 # stages measured once, not per size
 ONCE = ("orchestration",)
 QUICK_ROWS = 5_000

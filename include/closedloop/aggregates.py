@@ -18,8 +18,18 @@ very last microsecond.
 
 Vectorised: events sorted by (entity, time) with one lexsort of integer codes; for each query (an event,
 or a day's close) the bounds of its window are found by a binary search on one packed (entity, time rank)
-key, sums and counts come from cumulative sums, maxima and minima from a sparse table, so the cost grows
+key; counts, sums, means and standard deviations come from a segment tree of (count, sum, squared
+deviations) merged with Chan's pairwise formula, maxima and minima from a sparse table, so the cost grows
 as n log n, whatever the number of entities.
+
+Exact whatever the other rows hold. A window is answered from the tree's nodes that lie inside it, never
+from a difference of running totals: no value outside a window (another entity's, or the same entity's
+before the window) enters its arithmetic. One extreme or non-finite value changes only the windows that
+contain it; every other window keeps the precision of a direct sum over its own values (a relative error
+of a few ulps times the log of its length), and a standard deviation is computed from deviations, never
+as ``E[x^2] - E[x]^2``. (The cumulative sums used before over all entities at once turned one customer's
+extreme amount into NaN sums for every customer after it.) NaN is a missing value: left out of counts,
+sums, means and deviations.
 """
 
 from __future__ import annotations
@@ -105,6 +115,131 @@ def _range_extreme(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, fn) -> np
     return out
 
 
+_QUERY_CHUNK = 1 << 20  # queries walked at once (bounds the memory of the node lists)
+
+
+def _merge_moments(na: np.ndarray, ta: np.ndarray, ma: np.ndarray, nb: np.ndarray, tb: np.ndarray,
+                   mb: np.ndarray) -> np.ndarray:
+    """The squared deviations from the mean of two disjoint parts together (Chan et al.'s pairwise formula).
+
+    ``n``: counts, ``t``: sums, ``m``: squared deviations of each part. An empty part leaves the other's
+    figure untouched; a non-finite value makes only the results it belongs to non-finite.
+    """
+    import numpy as np
+
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        delta = tb / nb - ta / na
+        m2 = ma + mb + delta * delta * (na * nb / (na + nb))
+    return np.where(na == 0, mb, np.where(nb == 0, ma, m2))
+
+
+class _Tree:
+    """A segment tree over the values ``x`` sorted by (entity, time) (NaN: missing): per node, the count of
+    values, their sum and (built on first use) their squared deviations from their mean.
+
+    Node ``i`` has children ``2i`` and ``2i + 1``; the leaves are ``[size, size + len(x))``; a node's sum is
+    the pairwise sum of its leaves.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        import numpy as np
+
+        self.size = size = 1 << max(0, (len(x) - 1).bit_length())
+        self.count, self.sum = np.zeros(2 * size), np.zeros(2 * size)
+        valid = ~np.isnan(x)
+        self.count[size:size + len(x)] = valid
+        self.sum[size:size + len(x)] = np.where(valid, x, 0.0)
+        self.has_missing = not valid.all()
+        self._m2: np.ndarray | None = None
+        for lo, hi in self._levels():
+            with np.errstate(invalid="ignore", over="ignore"):
+                self.count[lo:hi] = self.count[2 * lo:2 * hi:2] + self.count[2 * lo + 1:2 * hi:2]
+                self.sum[lo:hi] = self.sum[2 * lo:2 * hi:2] + self.sum[2 * lo + 1:2 * hi:2]
+
+    def _levels(self) -> list[tuple[int, int]]:
+        """The levels above the leaves, bottom up: the parents ``[lo, hi)`` of children ``[2 lo, 2 hi)``."""
+        out, hi = [], self.size
+        while hi > 1:
+            out.append((hi // 2, hi))
+            hi //= 2
+        return out
+
+    @property
+    def m2(self) -> np.ndarray:
+        if self._m2 is None:
+            import numpy as np
+
+            with np.errstate(invalid="ignore"):
+                m2 = self._m2 = self.sum * 0.0  # a leaf deviates by 0 from itself (NaN for an infinite leaf)
+            for lo, hi in self._levels():
+                a, b = slice(2 * lo, 2 * hi, 2), slice(2 * lo + 1, 2 * hi, 2)
+                m2[lo:hi] = _merge_moments(self.count[a], self.sum[a], m2[a], self.count[b], self.sum[b], m2[b])
+        return self._m2
+
+
+def _window_nodes(size: int, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(query, node) pairs: the nodes of a tree of ``size`` leaves that tile each range ``[lo, hi)`` exactly.
+
+    The classic bottom-up walk, vectorised over the queries; a query leaves the walk once its bounds meet,
+    so a window of ``k`` values has at most about ``2 log2 k`` nodes.
+    """
+    import numpy as np
+
+    left, right = lo.astype(np.int64) + size, hi.astype(np.int64) + size
+    act = np.flatnonzero(left < right)
+    left, right = left[act], right[act]
+    queries, nodes = [], []
+    while len(act):
+        take = (left & 1).astype(bool)
+        queries.append(act[take])
+        nodes.append(left[take])
+        left = left + take
+        take = (right & 1).astype(bool)
+        right = right - take
+        queries.append(act[take])
+        nodes.append(right[take])
+        left, right = left >> 1, right >> 1
+        keep = left < right
+        act, left, right = act[keep], left[keep], right[keep]
+    if not queries:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(queries), np.concatenate(nodes)
+
+
+def _window_moments(trees: dict[str, _Tree], wanted: dict[str, bool], lo: np.ndarray,
+                    hi: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Per column of ``wanted``: (count, sum, squared deviations or None) of its values in each ``[lo, hi)``.
+
+    Each window is the sum of the tree nodes that tile it (one walk per call, shared by the columns); the
+    squared deviations (``wanted[column]`` true) are ``sum(node m2 + node count * (node mean - mean)^2)``
+    over those nodes, with the window's own mean: no term can cancel another.
+    """
+    import numpy as np
+
+    n = len(lo)
+    out = {c: (np.zeros(n), np.zeros(n), np.zeros(n) if m2 else None) for c, m2 in wanted.items()}
+    size = next(iter(trees.values())).size
+    for start in range(0, n, _QUERY_CHUNK):
+        stop = min(n, start + _QUERY_CHUNK)
+        q, node = _window_nodes(size, lo[start:stop], hi[start:stop])
+        for column in wanted:
+            tree = trees[column]
+            count, total, m2 = out[column]
+            if tree.has_missing:
+                count[start:stop] = np.bincount(q, weights=tree.count[node], minlength=stop - start)
+            else:
+                count[start:stop] = hi[start:stop] - lo[start:stop]
+            with np.errstate(invalid="ignore", over="ignore"):
+                total[start:stop] = np.bincount(q, weights=tree.sum[node], minlength=stop - start)
+            if m2 is not None:
+                k = tree.count[node]
+                with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                    mean = total[start:stop] / count[start:stop]
+                    dev = np.where(k > 0, tree.sum[node] / k - mean[q], 0.0)
+                    m2[start:stop] = np.bincount(q, weights=tree.m2[node] + k * dev * dev, minlength=stop - start)
+    return out
+
+
 def compute_entity_features(events: pd.DataFrame, contract: DataContract,
                             history: pd.DataFrame | None = None, *, closing_rows: bool = False) -> pd.DataFrame:
     """Entity-feature rows for each distinct (entity, timestamp) of ``events`` (and the days' closes).
@@ -135,13 +270,15 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
     codes, tsu = codes[order], tsu[order]
     is_target = allev["_target"].to_numpy()
 
-    # queries: every target event (window [t - w, t)), then each day's close (window [T - w, T])
-    q_codes, q_ref, q_hi = codes[is_target], tsu[is_target], tsu[is_target]
-    out = allev.loc[is_target, [ent, ts]].reset_index(drop=True)
-    if closing_rows and is_target.any():
-        close = (tsu[is_target] // _DAY_NS + 1) * _DAY_NS - _US_NS
-        days = pd.DataFrame({"c": q_codes, "T": close, "e": allev.loc[is_target, ent].to_numpy()}).drop_duplicates(
-            ["c", "T"])
+    # queries: every distinct (entity, time) of the target events (window [t - w, t): several events of an
+    # entity at one instant share one row), then each day's close (window [T - w, T])
+    tpos = np.flatnonzero(is_target)
+    if len(tpos) > 1:  # sorted by (entity, time): repeats are adjacent
+        tpos = tpos[np.r_[True, (codes[tpos[1:]] != codes[tpos[:-1]]) | (tsu[tpos[1:]] != tsu[tpos[:-1]])]]
+    q_codes, q_ref, q_hi, q_pos = codes[tpos], tsu[tpos], tsu[tpos], tpos
+    if closing_rows and len(tpos):
+        close = (q_ref // _DAY_NS + 1) * _DAY_NS - _US_NS
+        days = pd.DataFrame({"c": q_codes, "T": close, "p": tpos}).drop_duplicates(["c", "T"])
         # an event at the close itself keeps its own row: no two rows share entity and timestamp
         clash = pd.MultiIndex.from_arrays([days["c"], days["T"]]).isin(
             pd.MultiIndex.from_arrays([q_codes, q_hi]))
@@ -149,18 +286,29 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
             log.warning("%d closing row(s) left out: the entity has an event at the day's last microsecond, whose "
                         "own row stays its latest", int(clash.sum()))
             days = days[~clash]
-        c_codes, c_ts = days["c"].to_numpy(), days["T"].to_numpy()
-        q_codes = np.r_[q_codes, c_codes]
+        c_ts = days["T"].to_numpy()
+        q_codes = np.r_[q_codes, days["c"].to_numpy()]
         q_ref = np.r_[q_ref, c_ts]
         q_hi = np.r_[q_hi, c_ts + 1]  # first event after T: the window includes T
-        closing = pd.DataFrame({ent: days["e"].to_numpy(),
-                                ts: pd.to_datetime(c_ts, utc=True).astype("datetime64[ns, UTC]")})
-        out = pd.concat([out, closing], ignore_index=True)
+        q_pos = np.r_[q_pos, days["p"].to_numpy()]
 
     # the bounds of every window: one search for the upper bound and one per distinct window length
     windows = sorted({int(pd.Timedelta(agg.window).value) for agg in contract.aggregates})
     upper, *found = _first_at_or_after(codes, tsu, q_codes, [q_hi, *(q_ref - w for w in windows)])
     lowers = {w: np.minimum(lo, upper) for w, lo in zip(windows, found, strict=True)}
+    # counts, sums and squared deviations of every (column, window) the sums, means and deviations need
+    summed = [a for a in contract.aggregates if a.function in ("sum", "mean", "std")]
+    trees = {c: _Tree(allev[c].astype("float64").to_numpy()) for c in sorted({a.column for a in summed})}
+    moments: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    for w in windows:
+        wanted: dict[str, bool] = {}
+        for a in summed:
+            if int(pd.Timedelta(a.window).value) == w:
+                wanted[a.column] = wanted.get(a.column, False) or a.function == "std"
+        if wanted:
+            found_w = _window_moments(trees, wanted, lowers[w], upper)
+            moments.update({(c, w): v for c, v in found_w.items()})
+    features: dict[str, np.ndarray] = {}
     for agg in contract.aggregates:
         lower = lowers[int(pd.Timedelta(agg.window).value)]
         count = (upper - lower).astype("float64")
@@ -177,19 +325,16 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
                                         upper, fn)
                 values[np.isinf(values)] = np.nan
             else:
-                valid = ~np.isnan(x)
-                cs = np.r_[0.0, np.cumsum(np.where(valid, x, 0.0))]
-                cs2 = np.r_[0.0, np.cumsum(np.where(valid, x * x, 0.0))]
-                cn = np.r_[0, np.cumsum(valid)]
-                s, s2, k = cs[upper] - cs[lower], cs2[upper] - cs2[lower], (cn[upper] - cn[lower]).astype(float)
-                if agg.function == "sum":
-                    values = s
-                elif agg.function == "mean":
-                    values = np.where(k > 0, s / np.maximum(k, 1), np.nan)
-                else:  # std, ddof=1 as pandas
-                    var = np.where(k > 1, (s2 - s * s / np.maximum(k, 1)) / np.maximum(k - 1, 1), np.nan)
-                    values = np.sqrt(np.clip(var, 0.0, None))
-        out[agg.name] = np.asarray(values, dtype="float64")
-    out = out.drop_duplicates([ent, ts])  # several events of an entity at one instant: one row
-    order, _ = _entity_time_order(out[ent], out[ts].astype("int64").to_numpy())
-    return out.take(order).reset_index(drop=True)
+                k, s, m2 = moments[(agg.column, int(pd.Timedelta(agg.window).value))]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    if agg.function == "sum":
+                        values = s
+                    elif agg.function == "mean":
+                        values = np.where(k > 0, s / np.maximum(k, 1), np.nan)
+                    else:  # std, ddof=1 as pandas
+                        values = np.where(k > 1, np.sqrt(np.clip(m2 / np.maximum(k - 1, 1), 0.0, None)), np.nan)
+        features[agg.name] = np.asarray(values, dtype="float64")
+    order = np.lexsort((q_ref, q_codes))  # entity codes follow the entities' values
+    out = pd.DataFrame({ent: allev[ent].take(q_pos[order]).reset_index(drop=True),
+                        ts: pd.to_datetime(q_ref[order], utc=True).astype("datetime64[ns, UTC]")})
+    return pd.concat([out, pd.DataFrame({k: v[order] for k, v in features.items()})], axis=1)
