@@ -236,7 +236,7 @@ def materialised_until(store: FeatureStore, view_name: str) -> datetime | None:
 
 
 def materialize_window(store: FeatureStore, defs: FeastDefinitions, start: date, end: date,
-                       overlap_days: int = 1) -> tuple[datetime, datetime]:
+                       overlap_days: int = 1, *, newest: date | None = None) -> tuple[datetime, datetime]:
     """Materialise ``[start - overlap, end)`` of the feature view into the online store; returns the interval.
 
     The interval is named by the caller (the run's window), never "now"; the overlap re-reads the
@@ -244,6 +244,10 @@ def materialize_window(store: FeatureStore, defs: FeastDefinitions, start: date,
     repaired by its retry. The online store keeps one row per entity and overwrites it whatever its
     time, so a window older than what was already materialised (a backfill, an old window retrained)
     is extended to the end of that: each entity keeps its newest features instead of going back in time.
+
+    ``newest``, the newest curated day of the feature view: the interval never ends after that day's end,
+    so the high-water mark Feast records (where the next materialisation starts from) never runs ahead
+    of the data; an interval that starts after it materialises nothing.
     """
     lo = to_utc(start - timedelta(days=overlap_days))
     hi = to_utc(end)
@@ -252,6 +256,13 @@ def materialize_window(store: FeatureStore, defs: FeastDefinitions, start: date,
         log.info("materialising %s..%s instead of ..%s: the online store already holds features up to %s",
                  lo, until, hi, until)
         hi = until
+    if newest is not None and hi > to_utc(newest + timedelta(days=1)):
+        log.info("materialising up to %s instead of %s: no curated feature rows after %s", to_utc(
+            newest + timedelta(days=1)), hi, newest)
+        hi = to_utc(newest + timedelta(days=1))
+    if hi <= lo:
+        log.warning("nothing to materialise: %s..%s starts after the newest curated features (%s)", lo, hi, newest)
+        return lo, lo
     store.materialize(lo, hi, feature_views=[defs.view.name])
     return lo, hi
 
@@ -268,6 +279,7 @@ class TrainingSet:
     data_sha256: str
     partitions: dict[str, str]  # partition URI -> content hash of its landed file
     unlabelled_rows: int
+    labels_before_event: int = 0  # labels left out: stamped before their transaction (see _attach_latest_labels)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -278,6 +290,7 @@ class TrainingSet:
             "data_sha256": self.data_sha256,
             "partitions": self.partitions,
             "unlabelled_rows": self.unlabelled_rows,
+            "labels_before_event": self.labels_before_event,
         }
 
 
@@ -353,6 +366,19 @@ def read_labelled_window(lake: Lake, contract: DataContract, start: date, end: d
     return labelled, partitions, len(tx) - len(labelled)
 
 
+def labels_before_event(tx: pd.DataFrame, labels: pd.DataFrame, contract: DataContract) -> Any:
+    """Mask of ``labels`` stamped strictly before the event of the transaction they name (one at the very
+    instant of the event is allowed); labels of unknown transactions are not flagged."""
+    import numpy as np
+    import pandas as pd
+
+    where = pd.Index(tx[contract.row_key]).get_indexer(labels[contract.row_key])
+    known = where >= 0
+    event = tx[contract.event_timestamp].to_numpy()[np.where(known, where, 0)]
+    label_ts = pd.to_datetime(labels[contract.label_timestamp], utc=True).to_numpy()
+    return known & (label_ts < event)
+
+
 def _attach_latest_labels(tx: pd.DataFrame, labels: pd.DataFrame, contract: DataContract) -> pd.DataFrame:
     """The transactions that have a label, in their order, with the label of latest ``label_timestamp``.
 
@@ -368,13 +394,28 @@ def _attach_latest_labels(tx: pd.DataFrame, labels: pd.DataFrame, contract: Data
         dup = ids[ids.duplicated()].iloc[:5].tolist()
         raise PermanentError(f"curated transactions of the window repeat {contract.row_key} values, e.g. {dup}: "
                              "a transaction id must be unique across days")
+    early = _early_labels(tx, labels, contract)
+    if early.any():
+        sample = labels.loc[early, key].iloc[:5].tolist()
+        log.warning("%d label(s) stamped before their transaction's event time left out of the training set "
+                    "(a clock or join error of the label feed; a later label of the same transaction still "
+                    "counts), e.g. %s", int(early.sum()), sample)
+        labels = labels[~early]
     if not labels[key].is_unique:  # corrections: keep each id's latest label (stable, so ties keep file order)
         labels = labels.sort_values(contract.label_timestamp, kind="stable").drop_duplicates(key, keep="last")
     where = pd.Index(labels[key]).get_indexer(ids)
     found = where >= 0
     labelled = tx[found].reset_index(drop=True)
     labelled[contract.label] = labels[contract.label].iloc[where[found]].reset_index(drop=True)
+    labelled.attrs["labels_before_event"] = int(early.sum())
     return labelled
+
+
+def _early_labels(tx: pd.DataFrame, labels: pd.DataFrame, contract: DataContract) -> Any:
+    """:func:`labels_before_event`, as a numpy mask aligned with ``labels``."""
+    import numpy as np
+
+    return np.asarray(labels_before_event(tx, labels, contract), dtype=bool)
 
 
 def time_split(frame: pd.DataFrame, contract: DataContract, fractions: dict[str, Any]) -> dict[str, pd.DataFrame]:
@@ -428,6 +469,7 @@ def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, 
     point-in-time join (:func:`pit_chunk_rows`); the rows are the same whatever it says.
     """
     labelled, partitions, unlabelled = read_labelled_window(lake, contract, start, end, label_grace_days)
+    early = int(labelled.attrs.get("labels_before_event", 0))
     full = historical_features(store, defs, labelled, contract, pit_join=pit_join)
     if full[contract.row_key].duplicated().any():
         raise PermanentError("training set has duplicate transaction ids")
@@ -450,7 +492,8 @@ def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, 
     log.info("training set %s: rows %s, positives %s, %d unlabelled transactions left out",
              base, rows, positives, unlabelled)
     return TrainingSet(uri=base, key=key, rows=rows, positives=positives, data_sha256=data_sha,
-                       partitions=dict(sorted(partitions.items())), unlabelled_rows=unlabelled)
+                       partitions=dict(sorted(partitions.items())), unlabelled_rows=unlabelled,
+                       labels_before_event=early)
 
 
 def write_training_split(lake: Lake, uri: str, split: str, frame: pd.DataFrame,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from closedloop.errors import DataValidationError, NoDataError
 from closedloop.lake import KINDS, Lake
@@ -137,23 +137,59 @@ def _upgrade_features(lake: Lake, contract: DataContract, kind: str, day: date, 
 
 
 def quarantine(lake: Lake, kind: str, day: date, report: dict[str, Any]) -> tuple[str, str]:
-    """Move a landed partition to quarantine with its report; returns (partition URI, report URI)."""
+    """Move a landed partition to quarantine with its report; returns (partition URI, report URI).
+
+    What is not a regular file (a folder of parts, a link, a socket) is moved as it is, never read.
+    """
     src = lake.partition("landing", kind, day)
     dst = lake.partition("quarantine", kind, day)
     report_uri = lake.partition("quarantine", kind, day, suffix=".validation.json")
     lake.write_json(report_uri, report)
-    if lake.exists(src):
+    entry = lake.entry_kind(src)
+    if entry == "file":
         lake.move(src, dst)
+    elif entry != "missing":
+        if lake.entry_kind(dst) != "missing":
+            lake.delete(dst, recursive=True)
+        lake.move_entry(src, dst)
     return dst, report_uri
+
+
+def _not_a_file(lake: Lake, uri: str, kind: str, day: date, entry: str) -> Any:
+    """The validation result of a landed entry that is not a regular file: unreadable, named, never opened."""
+    from closedloop.validation import BLOCK, READABLE_RULE, Finding, ValidationResult
+
+    name = uri.rsplit("/", 1)[-1]
+    what = {"directory": "a folder (e.g. Parquet parts written as a dataset)", "symlink": "a symbolic link"}.get(
+        entry, f"a {entry}")
+    return ValidationResult(uri=uri, kind=kind, day=day.isoformat(), rows=0, sha256="", findings=[Finding(
+        READABLE_RULE, None, BLOCK,
+        f"{name} in landing is {what}, not a regular Parquet file: it is not read. Deliver the day as one "
+        f"Parquet file (e.g. merge the parts with pyarrow.parquet.write_table) named {name}.", 0, [name])])
+
+
+def _reject(lake: Lake, kind: str, day: date, result: Any) -> NoReturn:
+    """Quarantine the landed partition with its validation report and raise DataValidationError."""
+    report = result.to_dict()
+    report["summary"] = result.summary()
+    report["validated_at"] = datetime.now(UTC).isoformat()
+    dst, report_uri = quarantine(lake, kind, day, report)
+    log.error("%s", report["summary"])
+    raise DataValidationError(report["summary"] + f"\nThe partition was moved to {dst}; report: {report_uri}",
+                              report_uri=report_uri, quarantine_uri=dst)
 
 
 def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
                      history_cache: dict[date, pd.DataFrame] | None = None, *, label_grace_days: int = 21,
-                     known_ids: dict[date, Any] | None = None) -> IngestOutcome:
+                     known_ids: dict[date, Any] | None = None, id_index: CuratedIds | None = None
+                     ) -> IngestOutcome:
     """Validate and curate (or quarantine) the landed ``kind`` partition of ``day``.
 
     Raises DataValidationError (after quarantining) on a blocking finding, and NoDataError when the
-    partition neither landed nor was curated before.
+    partition neither landed nor was curated before. What sits in landing under the partition's name but
+    is not a regular file (a folder, a link, a socket) is quarantined as unreadable, never opened. A
+    transactions partition whose ids were curated on another day is quarantined naming both days
+    (``id_index``: the index of curated ids, shared by the days of a window).
     """
     from closedloop.validation import validate_partition
 
@@ -161,7 +197,10 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     landing = lake.partition("landing", kind, day)
     marker = read_marker(lake, kind, day)
-    if not lake.exists(landing):
+    entry = lake.entry_kind(landing)
+    if entry not in ("file", "missing"):
+        return _reject(lake, kind, day, _not_a_file(lake, landing, kind, day, entry))
+    if entry == "missing":
         if marker is not None:
             _upgrade_features(lake, contract, kind, day, marker, history_cache)
             return IngestOutcome(kind, day.isoformat(), "already_curated", marker["uri"], marker["sha256"],
@@ -185,18 +224,21 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
         unknown = unknown_label_finding(lake, contract, day, landing, label_grace_days, known_ids)
         if unknown is not None:
             result.findings.append(unknown)
-    report = result.to_dict()
-    report["summary"] = result.summary()
-    report["validated_at"] = datetime.now(UTC).isoformat()
+    landed = lake.read_parquet(landing) if result.passed else None
+    if kind == "transactions" and landed is not None:
+        id_index = CuratedIds(lake, contract) if id_index is None else id_index
+        repeated = id_index.repeated_finding(landed[contract.row_key], day)
+        if repeated is not None:
+            result.findings.append(repeated)
     if not result.passed:
-        dst, report_uri = quarantine(lake, kind, day, report)
-        log.error("%s", report["summary"])
-        raise DataValidationError(report["summary"] + f"\nThe partition was moved to {dst}; report: {report_uri}",
-                                  report_uri=report_uri, quarantine_uri=dst)
+        _reject(lake, kind, day, result)
+    report = {**result.to_dict(), "summary": result.summary(), "validated_at": datetime.now(UTC).isoformat()}
 
-    frame = normalise(lake.read_parquet(landing), contract, kind)
+    frame = normalise(landed, contract, kind)
     curated = lake.partition("curated", kind, day)
     lake.write_parquet(frame, curated)
+    if kind == "transactions":
+        id_index.add(day, frame[contract.row_key])
     history_days: list[str] = []
     if kind == "transactions" and contract.aggregates:
         history_days = write_entity_features(lake, contract, day, frame, history_cache)
@@ -215,14 +257,145 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
     return IngestOutcome(kind, day.isoformat(), "curated", landing, sha, len(frame), warnings + normalised)
 
 
+REPEATED_IDS_RULE = "row_key_unique_across_days"
+ID_INDEX = "_index/transaction_ids"  # curated/_index/transaction_ids/<day>.parquet: fingerprints of its ids
+
+
+def _fingerprints(ids: Any) -> Any:
+    """64-bit hashes of ids (as strings): what the index holds; a hit is confirmed on the ids themselves."""
+    import numpy as np
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(ids, dtype=object).astype(str).astype(object))
+
+
+class CuratedIds:
+    """The ids of every curated transactions partition, as sorted 64-bit fingerprints with their day.
+
+    Each curated day keeps its fingerprints in ``curated/_index/transaction_ids/<day>.parquet`` (8 bytes an
+    id, written when the day is curated, built from the curated partition the first time it is missing), so
+    that a check reads 8 bytes per curated id once per process, not the ids. Looking up a new day's ids is
+    one binary search each in one sorted array (days curated since are searched apart until they
+    outgrow a quarter of it); a fingerprint found is confirmed against the ids of the day it names.
+    """
+
+    def __init__(self, lake: Lake, contract: DataContract) -> None:
+        self.lake, self.contract = lake, contract
+        self._loaded: set[date] = set()
+        self._base: tuple[Any, Any] | None = None  # (sorted fingerprints, their day ordinals)
+        self._recent: list[tuple[Any, int]] = []
+
+    def _index_uri(self, day: date) -> str:
+        return self.lake.partition("curated", ID_INDEX, day)
+
+    def _load(self) -> None:
+        import numpy as np
+        import pandas as pd
+
+        new = []
+        for d in self.lake.list_days("curated", "transactions"):
+            if d in self._loaded:
+                continue
+            uri = self._index_uri(d)
+            if self.lake.exists(uri):
+                fp = self.lake.read_parquet(uri)["fingerprint"].to_numpy(np.uint64)
+            else:  # curated before the index existed: build it once
+                ids = self.lake.read_parquet(self.lake.partition("curated", "transactions", d),
+                                             columns=[self.contract.row_key])[self.contract.row_key]
+                fp = np.sort(_fingerprints(ids))
+                self.lake.write_parquet(pd.DataFrame({"fingerprint": fp}), uri)
+            new.append((fp, d.toordinal()))
+            self._loaded.add(d)
+        if new:
+            self._recent += new
+            self._compact(force=self._base is None)
+
+    def _compact(self, force: bool = False) -> None:
+        import numpy as np
+
+        recent = sum(len(fp) for fp, _ in self._recent)
+        base = 0 if self._base is None else len(self._base[0])
+        if not self._recent or not (force or recent > base // 4):
+            return
+        parts = ([self._base] if self._base is not None else []) + [
+            (fp, np.full(len(fp), o, dtype=np.int64)) for fp, o in self._recent]
+        fps = np.concatenate([p[0] for p in parts])
+        days = np.concatenate([p[1] for p in parts])
+        order = np.argsort(fps, kind="stable")
+        self._base, self._recent = (fps[order], days[order]), []
+
+    def add(self, day: date, ids: Any) -> None:
+        """Record the ids of ``day`` just curated (and write its index file)."""
+        import numpy as np
+        import pandas as pd
+
+        fp = np.sort(_fingerprints(ids))
+        self.lake.write_parquet(pd.DataFrame({"fingerprint": fp}), self._index_uri(day))
+        if self._loaded:  # loaded already: keep it current; else the next check loads everything
+            self._loaded.add(day)
+            self._recent.append((fp, day.toordinal()))
+            self._compact()
+
+    def _candidates(self, fp: Any, day: date) -> dict[date, Any]:
+        """Day -> mask of ``fp`` whose fingerprint that day (another than ``day``) holds."""
+        import numpy as np
+
+        found: dict[date, Any] = {}
+        if self._base is not None and len(self._base[0]):
+            fps, days = self._base
+            pos = np.minimum(np.searchsorted(fps, fp), len(fps) - 1)
+            hit = fps[pos] == fp
+            # a fingerprint repeated in the base (an id of several days) is seen once here: its first day;
+            # the confirmation below reads that day's ids, and the finding names it
+            for o in np.unique(days[pos[hit]]):
+                if o != day.toordinal():
+                    found[date.fromordinal(int(o))] = hit & (days[pos] == o)
+        for rfp, o in self._recent:
+            if o != day.toordinal():
+                mask = np.isin(fp, rfp)
+                if mask.any():
+                    d = date.fromordinal(o)
+                    found[d] = found[d] | mask if d in found else mask
+        return found
+
+    def repeated_finding(self, ids: pd.Series, day: date) -> Any:
+        """A blocking finding when ids of ``day`` were curated on other days (naming the days and sample ids)."""
+        import pandas as pd
+
+        from closedloop.validation import BLOCK, Finding, _sample
+
+        self._load()
+        fp = _fingerprints(ids)
+        clashes: dict[str, list[Any]] = {}
+        total = pd.Series(False, index=range(len(ids)))
+        for d, mask in sorted(self._candidates(fp, day).items()):
+            cand = ids[mask]
+            curated = self.lake.read_parquet(self.lake.partition("curated", "transactions", d),
+                                             columns=[self.contract.row_key])[self.contract.row_key]
+            same = cand.isin(curated)
+            if same.any():
+                clashes[d.isoformat()] = _sample(cand[same.to_numpy()])
+                total |= pd.Series(ids.isin(cand[same.to_numpy()]).to_numpy())
+        if not clashes:
+            return None
+        days = "; ".join(f"{d} (e.g. {', '.join(map(str, sample[:3]))})" for d, sample in clashes.items())
+        return Finding(REPEATED_IDS_RULE, self.contract.row_key, BLOCK,
+                       f"{int(total.sum())} {self.contract.row_key} value(s) of {day} were curated already on "
+                       f"another day: {days}. A transaction belongs to one day: remove the repeats from this "
+                       f"delivery (or quarantine the other day's partition if it is the wrong one) and deliver "
+                       f"it again.", int(total.sum()), sorted({x for s in clashes.values() for x in s})[:10])
+
+
 UNKNOWN_LABELS_RULE = "labels_of_known_transactions"
 
 
 def unknown_label_finding(lake: Lake, contract: DataContract, day: date, uri: str, grace_days: int,
                           cache: dict[date, Any] | None = None) -> Any:
-    """A warning when labels of ``day`` name transactions that no curated partition of the grace period holds.
+    """A warning when labels of ``day`` name transactions that no transactions partition of the grace period holds.
 
-    Judged only when no transactions partition of the period is still waiting in landing (not curated yet).
+    Judged whatever else sits in landing: transactions of the period still waiting in landing (not curated
+    yet) count as known when their file can be read; anything else there (an unreadable file, a folder, a
+    link) is named in the message and proves nothing either way.
 
     Such labels cannot be joined to features (the training set leaves them out); a few are late labels of
     transactions that were quarantined, many are a label feed pointing at the wrong system.
@@ -234,16 +407,25 @@ def unknown_label_finding(lake: Lake, contract: DataContract, day: date, uri: st
     first = day - timedelta(days=grace_days)
     pending = [d for d in lake.list_days("landing", "transactions")
                if first <= d <= day and read_marker(lake, "transactions", d) is None]
-    if pending:  # transactions of the period are not all curated yet: an unknown id proves nothing
-        log.info("%s: labels not matched to transactions (transactions of %s not curated yet)", uri,
-                 ", ".join(d.isoformat() for d in pending[:3]))
-        return None
+    waiting: list[Any] = []
+    unreadable: list[str] = []
+    for d in pending:  # transactions of the period not curated yet: their ids count when they can be read
+        landed = lake.partition("landing", "transactions", d)
+        try:
+            if lake.entry_kind(landed) != "file":
+                raise OSError(f"a {lake.entry_kind(landed)}, not a file")
+            waiting.append(pd.Index(lake.read_parquet(landed, columns=[contract.row_key])[contract.row_key]))
+        except Exception as exc:  # judged by its own ingest; here it only cannot vouch for any label
+            log.info("%s: not read for the unknown-label check (%s)", landed, exc)
+            unreadable.append(d.isoformat())
     labels = lake.read_parquet(uri, columns=[contract.row_key])[contract.row_key]
     cache = {} if cache is None else cache
     # Each curated day's ids are kept as an Index, whose hash table is built once and reused by every
     # label day of the window (concatenating the period's ids per label day rehashed them all: 4.5 s of
     # the 1M-row window's 48 label days). Newest day first: most labels name recent transactions.
     unknown = labels
+    for ids in waiting:
+        unknown = unknown[~unknown.isin(ids).to_numpy()]
     for d in sorted((d for d in lake.list_days("curated", "transactions") if first <= d <= day), reverse=True):
         if unknown.empty:
             break
@@ -256,9 +438,24 @@ def unknown_label_finding(lake: Lake, contract: DataContract, day: date, uri: st
     if unknown.empty:
         return None
     return Finding(UNKNOWN_LABELS_RULE, contract.row_key, WARN,
-                   f"{len(unknown)} of {len(labels)} label(s) name transactions that no curated transactions "
-                   f"partition of [{first}, {day}] holds; they are kept but cannot be used for training.",
+                   f"{len(unknown)} of {len(labels)} label(s) name transactions that no curated (or landed, "
+                   f"readable) transactions partition of [{first}, {day}] holds; they are kept but cannot be used "
+                   f"for training." + (f" Unreadable transactions in landing, not judged: {', '.join(unreadable)}."
+                                       if unreadable else ""),
                    len(unknown), _sample(unknown))
+
+
+def refuse_after_newest(days: list[date], start: date, what: str) -> None:
+    """Raise NoDataError, before anything is written, when ``start`` is after the newest landed or curated day.
+
+    A window after the data would curate nothing of its own (only its lookback), materialise an empty
+    interval and move the online store's high-water mark to a date no data has reached.
+    """
+    newest = max(days, default=None)
+    if newest is None or start > newest:
+        raise NoDataError(f"{what} starts after the newest transactions landed or curated "
+                          f"({newest or 'none yet'}): nothing to do. Pick a window that holds landed days "
+                          f"(`closedloop status` lists them), or deliver the days first.")
 
 
 def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *, label_grace_days: int = 0,
@@ -270,6 +467,7 @@ def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *,
     """
     first = start - contract.lookback if with_lookback else start
     tx_days = sorted(set(lake.list_days("landing", "transactions")) | set(lake.list_days("curated", "transactions")))
+    refuse_after_newest(tx_days, start, f"window {start}..{end}")
     label_days = sorted(set(lake.list_days("landing", "labels")) | set(lake.list_days("curated", "labels")))
     plan = [("transactions", d) for d in tx_days if first <= d < end]
     plan += [("labels", d) for d in label_days if start <= d < end + timedelta(days=label_grace_days)]
@@ -277,11 +475,12 @@ def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *,
     errors: list[DataValidationError] = []
     cache: dict[date, pd.DataFrame] = {}
     known_ids: dict[date, Any] = {}
+    id_index = CuratedIds(lake, contract)
     label_lookback = label_grace_days or contract.lookback.days  # how far back a label's transaction may lie
     for kind, day in plan:
         try:
             outcomes.append(ingest_partition(lake, contract, kind, day, cache, label_grace_days=label_lookback,
-                                             known_ids=known_ids))
+                                             known_ids=known_ids, id_index=id_index))
         except DataValidationError as exc:
             errors.append(exc)
             outcomes.append(IngestOutcome(kind, day.isoformat(), "quarantined",
@@ -323,7 +522,8 @@ def materialise_day(rt: Runtime, day: str | date) -> dict[str, Any]:
     d = parse_day(day)
     apply_definitions(rt.store, rt.defs)
     overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
-    lo, hi = materialize_window(rt.store, rt.defs, d, d + timedelta(days=1), overlap)
+    newest = max(rt.lake.list_days("curated", rt.contract.feature_view), default=None)
+    lo, hi = materialize_window(rt.store, rt.defs, d, d + timedelta(days=1), overlap, newest=newest)
     return {"day": d.isoformat(), "feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat()}
 
 

@@ -8,6 +8,7 @@ Layout under the root (``file://$CLOSEDLOOP_HOME/lake`` by default, ``s3://bucke
     curated/<kind>/<YYYY-MM-DD>.parquet            validated partitions
     curated/<feature view>/<YYYY-MM-DD>.parquet    entity features: Feast's offline source
     curated/_validation/<kind>/<YYYY-MM-DD>.json   validation result of each curated partition
+    curated/_index/transaction_ids/<YYYY-MM-DD>.parquet   fingerprints of the day's curated ids (ingest's key check)
     training_sets/<window>/split=<split>/part-NNNNN.parquet  training sets: a folder of parts per split
     served/transactions/<YYYY-MM-DD>/part-*.parquet predictions answered online (closedloop serve), one file per batch
     served/shadow/<YYYY-MM-DD>/part-*.parquet      the challenger's shadow predictions, never answered
@@ -100,6 +101,30 @@ class Lake:
                 continue
         return sorted(days)
 
+    def entry_kind(self, uri: str) -> str:
+        """What sits at ``uri``: "file" (a regular file), "directory", "symlink", "socket", "fifo", "device",
+        "missing" or "other". Links are not followed: a link is reported as one, whatever it points to."""
+        import os
+        import stat
+
+        path = self._path(uri)
+        if self.is_local:
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                return "missing"
+            for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"),
+                               (stat.S_ISSOCK, "socket"), (stat.S_ISFIFO, "fifo"), (stat.S_ISBLK, "device"),
+                               (stat.S_ISCHR, "device")):
+                if test(mode):
+                    return name
+            return "other"
+        try:
+            info = self._fs.info(path)
+        except FileNotFoundError:
+            return "missing"
+        return {"file": "file", "directory": "directory"}.get(str(info.get("type")), "other")
+
     def sha256(self, uri: str) -> str:
         """Content hash of the object at ``uri``."""
         h = hashlib.sha256()
@@ -162,6 +187,17 @@ class Lake:
         """Move ``src`` to ``dst`` (copy then delete, so that a failure loses nothing)."""
         self.copy(src, dst)
         self._fs.rm(self._path(src))
+        return dst
+
+    def move_entry(self, src: str, dst: str) -> str:
+        """Move whatever sits at ``src`` (a folder, a link, a socket: not only a file) to ``dst`` as it is."""
+        import os
+
+        if self.is_local:
+            os.makedirs(os.path.dirname(self._path(dst)), exist_ok=True)
+            os.replace(self._path(src), self._path(dst))  # a link moves as a link, a folder whole
+        else:
+            self._fs.mv(self._path(src), self._path(dst), recursive=True)
         return dst
 
     def delete(self, uri: str, recursive: bool = False) -> None:

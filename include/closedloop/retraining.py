@@ -34,7 +34,8 @@ def materialise(rt: Runtime, window: Window) -> dict[str, Any]:
 
     apply_definitions(rt.store, rt.defs)
     overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
-    lo, hi = materialize_window(rt.store, rt.defs, window.start, window.end, overlap)
+    newest = max(rt.lake.list_days("curated", rt.contract.feature_view), default=None)  # the high-water mark's cap
+    lo, hi = materialize_window(rt.store, rt.defs, window.start, window.end, overlap, newest=newest)
     return {"feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat()}
 
 

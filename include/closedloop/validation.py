@@ -312,6 +312,24 @@ def _fits(value: Any, dtype: str) -> bool:
     return False
 
 
+def _outside_int64(s: pd.Series) -> pd.Series | None:
+    """The values of an integer-like column that int64 cannot hold (unsigned, float or Python ints)."""
+    import numpy as np
+    from pandas.api import types as pdt
+
+    lo, hi = -(2**63), 2**63 - 1
+    if pdt.is_unsigned_integer_dtype(s.dtype):
+        return s[s.to_numpy() > np.uint64(hi)]
+    if pdt.is_float_dtype(s.dtype):
+        v = s.to_numpy(dtype="float64", na_value=np.nan)
+        return s[(v < -(2.0**63)) | (v >= 2.0**63)]
+    if s.dtype == object:
+        non_null = s.dropna()
+        return non_null[[isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+                         and not lo <= int(x) <= hi for x in non_null]]
+    return None
+
+
 _WANTED = {"string": "strings", "category": "strings (category labels)", "int64": "integers",
            "float64": "numbers", "bool": "booleans"}
 
@@ -347,6 +365,10 @@ def _type_problem(s: pd.Series, dtype: str) -> tuple[str, int, list] | None:
         ok = pdt.is_integer_dtype(s.dtype) or (
             pdt.is_float_dtype(s.dtype) and bool(s.isna().any()) and bool((s.dropna() % 1 == 0).all())
         )
+        outside = _outside_int64(s) if ok or s.dtype == object else None
+        if outside is not None and len(outside):
+            return (f"holds {len(outside)} value(s) outside the int64 range [-2^63, 2^63 - 1] of the contract "
+                    f"(stored, they would wrap to other numbers)", len(outside), _sample(outside))
     elif dtype == "float64":
         ok = pdt.is_integer_dtype(s.dtype) or pdt.is_float_dtype(s.dtype)  # bool is neither
     elif dtype == "bool":

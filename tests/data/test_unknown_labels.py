@@ -46,8 +46,10 @@ def test_only_labels_without_a_transaction_in_the_period_are_counted_in_their_or
     assert unknown_label_finding(lake, contract, DAY, uri, GRACE, cache) is None
 
 
-def test_no_judgement_while_transactions_of_the_period_wait_in_landing(tmp_path, contract):
-    lake, uri = _lake(tmp_path, contract, {DAY: ["a"]}, ["a", "ghost"])
+def test_transactions_waiting_in_landing_count_as_known(tmp_path, contract):
+    """Judged whatever waits in landing: a readable day not curated yet vouches for its own ids only."""
+    lake, uri = _lake(tmp_path, contract, {DAY: ["a"]}, ["a", "b", "ghost"])
     lake.write_parquet(pd.DataFrame({contract.row_key: ["b"]}),
                        lake.partition("landing", "transactions", DAY - timedelta(days=1)))
-    assert unknown_label_finding(lake, contract, DAY, uri, GRACE) is None
+    finding = unknown_label_finding(lake, contract, DAY, uri, GRACE)
+    assert finding is not None and finding.unexpected_count == 1 and list(finding.sample) == ["ghost"]
