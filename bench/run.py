@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HEADER, REPO, emit, machine, parse_size, size_name, world
 
 # in the order of the retraining DAG, then the DAG-level ones (end_to_end sums the floors of the others)
-STAGES = ("validation", "aggregates", "materialisation", "training_set", "training", "scoring", "drift",
+STAGES = ("validation", "aggregates", "keys", "materialisation", "training_set", "training", "scoring", "drift",
           "orchestration", "end_to_end")
 # stages measured once, not per size
 ONCE = ("orchestration",)
