@@ -41,12 +41,22 @@ def events(rows: int, customers: int, days: int, lookback_days: int, seed: int =
             frame(int(per_day * lookback_days), start - pd.Timedelta(days=lookback_days), lookback_days))
 
 
+def _first_at_or_after(codes: Any, tsu: Any, q_codes: Any, q_ts: list) -> list:
+    """The window-bound search as it was before issue 16 (ranks of all times, then one packed key)."""
+    import numpy as np
+
+    times = np.sort(np.concatenate([tsu, *q_ts]))
+    span = len(times) + 1
+    keys = codes * span + np.searchsorted(times, tsu)
+    return [np.searchsorted(keys, q_codes * span + np.searchsorted(times, q), side="left") for q in q_ts]
+
+
 def cumulative_sums_floor(events: Any, contract: Any, history: Any) -> Any:
     """The method before issue 16 (one cumulative sum over every entity), with closing rows: the floor."""
     import numpy as np
     import pandas as pd
 
-    from closedloop.aggregates import _DAY_NS, _US_NS, _entity_time_order, _first_at_or_after, _range_extreme
+    from closedloop.aggregates import _DAY_NS, _US_NS, _entity_time_order, _range_extreme
 
     ent, ts = contract.entity, contract.event_timestamp
     needed = sorted({ent, ts, *(a.column for a in contract.aggregates if a.column)})

@@ -72,16 +72,27 @@ def _first_at_or_after(codes: np.ndarray, tsu: np.ndarray, q_codes: np.ndarray,
     """For each query, the first position (in the arrays sorted by entity, then time) of its entity with time
     ``>=`` its time; a query after every event of its entity gets the position after the entity's last event.
 
-    One answer per array of ``q_ts`` (the same entities ``q_codes`` each). Times are replaced by their rank
-    among all event and query times (one sort), so that ``(entity, rank)`` packs into one increasing int64
-    key and every query is one binary search: the first key ``>=`` the query's is the entity's first event
-    at or after that time, or the next entity's first event, which is the position after this one's last.
+    One answer per array of ``q_ts`` (the same entities ``q_codes`` each). ``(entity, time)`` packs into one
+    increasing int64 key, so every query is one binary search: the first key ``>=`` the query's is the
+    entity's first event at or after that time, or the next entity's first event, which is the position
+    after this one's last. Times count from the first event, in microseconds when every event time is a
+    whole microsecond (a query time rounded up: the same events are at or after it); when entities x times
+    do not fit an int64 that way, times are replaced by their rank among all event and query times.
     """
     import numpy as np
 
+    if not len(tsu):
+        return [np.zeros(len(q), dtype=np.int64) for q in q_ts]
+    unit = _US_NS if not (tsu % _US_NS).any() else 1
+    t0 = int(tsu.min())
+    span = (int(tsu.max()) - t0) // unit + 2  # offsets 0 .. span - 2 for events, span - 1: after them all
+    if (int(codes.max()) + 1) * span < 2**63:
+        keys = codes * span + (tsu - t0) // unit
+        return [np.searchsorted(keys, q_codes * span + np.clip(-((t0 - q) // unit), 0, span - 1), side="left")
+                for q in q_ts]
     times = np.sort(np.concatenate([tsu, *q_ts]))  # a time's rank: its first position here (equal times, equal rank)
     span = len(times) + 1
-    if len(codes) and (int(codes.max()) + 1) * span >= 2**63:  # pragma: no cover - beyond 10^9 events x entities
+    if (int(codes.max()) + 1) * span >= 2**63:  # pragma: no cover - beyond 10^9 events x entities
         raise OverflowError(f"{int(codes.max()) + 1} entities x {span} times do not fit one int64 key")
     keys = codes * span + np.searchsorted(times, tsu)
     return [np.searchsorted(keys, q_codes * span + np.searchsorted(times, q), side="left") for q in q_ts]

@@ -5,6 +5,9 @@ to 1e-9 relative to the window's magnitudes, whatever other entities, or the sam
 events, hold: extreme magnitudes (1e200 .. 1e308, and tiny ones), signed zeros, NaN where the contract lets it
 through (an optional column: a missing value), entities of very different sizes, several events at one instant.
 A window that does hold an extreme value may overflow; nothing else may notice it.
+
+Derandomised: the same examples every run (a suite that does not flake); raise ``max_examples`` and drop
+``derandomize`` locally to explore further.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def check_against_brute_force(events: pd.DataFrame, feats: pd.DataFrame, contrac
     return checked
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(deliveries())
 def test_every_window_without_an_extreme_value_matches_brute_force(exact_contract, df):
     events = _frame(df)
@@ -126,11 +129,11 @@ def test_every_window_without_an_extreme_value_matches_brute_force(exact_contrac
         check_against_brute_force(events, feats, exact_contract)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(deliveries(st.one_of(ordinary, st.just(math.nan))),
        st.lists(st.tuples(st.integers(0, 4 * 86_400 - 1), value), min_size=1, max_size=40))
 def test_another_entitys_rows_change_nothing(exact_contract, df, intruder):
-    """Entities without extreme values get the same feature rows (to 1e-12 relative) with or without another
+    """Entities without extreme values get the same feature rows (to 1e-9 relative) with or without another
     entity's events, extreme ones included (the control run of RELIABILITY.md's corruption measure)."""
     events = _frame(df)
     other = _frame(pd.DataFrame([(0, s, v) for s, v in intruder], columns=["customer_id", "s", "x"]))
@@ -138,7 +141,10 @@ def test_another_entitys_rows_change_nothing(exact_contract, df, intruder):
     together = compute_entity_features(pd.concat([other, events], ignore_index=True), exact_contract,
                                        closing_rows=True)
     together = together[together["customer_id"] != 0].reset_index(drop=True)
-    pd.testing.assert_frame_equal(alone, together, rtol=1e-12, atol=0.0)
+    # 1e-9 relative, or 1e-12 of the entities' total magnitude where a window's values cancel out (a sum of
+    # +-4e5 giving -114.8 is rounded differently when the rows around it move)
+    magnitude = float(np.nansum(np.abs(events["x"].to_numpy())))
+    pd.testing.assert_frame_equal(alone, together, rtol=1e-9, atol=1e-12 * magnitude)
 
 
 def test_the_case_of_the_issue(exact_contract, reliability):
