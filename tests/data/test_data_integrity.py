@@ -236,24 +236,32 @@ def test_labels_stamped_before_their_transaction_never_reach_a_training_set(temp
                        f"labels at the event's very instant kept)", corrupted=corrupted(**measure))
 
 
-def test_the_unknown_label_check_runs_whatever_else_sits_in_landing(template, contract, tmp_path):
+def test_the_unknown_label_check_runs_whatever_else_sits_in_landing(template, contract, tmp_path, reliability):
     from closedloop.ingest import UNKNOWN_LABELS_RULE, unknown_label_finding
 
     _, good = template
-    lake = _lake(template, tmp_path / "lake")
-    _folder_of_parts(lake, lake.partition("landing", "transactions", DAY), good["transactions"])
+    control, treated = _lake(template, tmp_path / "control"), _lake(template, tmp_path / "treated")
+    _folder_of_parts(treated, treated.partition("landing", "transactions", DAY), good["transactions"])
     labels = good["labels"].copy()
     labels.loc[labels.index[:5], contract.row_key] = [f"ghost-{i}" for i in range(5)]
-    uri = lake.partition("landing", "labels", DAY - timedelta(days=1))
-    lake.write_parquet(labels, uri)
-    finding = unknown_label_finding(lake, contract, DAY, uri, DAYS)
-    assert finding is not None and finding.rule == UNKNOWN_LABELS_RULE
-    assert f"not judged: {DAY}" in finding.message and "ghost-0" in finding.sample
+    for lake in (control, treated):
+        lake.write_parquet(labels, lake.partition("landing", "labels", DAY))
+        outcome = ingest_partition(lake, contract, "labels", DAY, label_grace_days=DAYS)
+        assert outcome.status == "curated"
+        assert any(w.startswith(UNKNOWN_LABELS_RULE) and "5 of" in w for w in outcome.warnings), outcome.warnings
+    assert any(f"not judged: {DAY}" in w for w in outcome.warnings)  # the treated lake's folder, named
+    measure = _compare(_state(control, contract), _state(treated, contract), contract)
+    assert corrupted(**measure) == "nothing"
     # a readable day waiting in landing vouches for its own ids
-    lake.delete(lake.partition("landing", "transactions", DAY), recursive=True)
-    lake.write_parquet(good["transactions"], lake.partition("landing", "transactions", DAY))
-    finding = unknown_label_finding(lake, contract, DAY, uri, DAYS)
+    uri = treated.partition("landing", "labels", DAY)
+    treated.delete(treated.partition("landing", "transactions", DAY), recursive=True)
+    treated.write_parquet(good["transactions"], treated.partition("landing", "transactions", DAY))
+    finding = unknown_label_finding(treated, contract, DAY, uri, DAYS)
     assert finding.unexpected_count == 5 and "not judged" not in finding.message
+    reliability.record("integrity", "labels delivered while a transactions day in landing is a folder of parts",
+                       f"warned: {UNKNOWN_LABELS_RULE} judged all the same (5 unknown ids named), the unreadable "
+                       f"day named as not judged; readable days waiting in landing count as known",
+                       corrupted=corrupted(**measure))
 
 
 def test_a_window_after_the_newest_data_is_refused_before_any_write(template, contract, tmp_path, reliability):
@@ -262,6 +270,8 @@ def test_a_window_after_the_newest_data_is_refused_before_any_write(template, co
     late = DAY + timedelta(days=10)
     with pytest.raises(NoDataError, match=r"starts after the newest transactions landed or curated"):
         ingest_window(lake, contract, late, late + timedelta(days=7), label_grace_days=3)
+    with pytest.raises(NoDataError, match=r"no transactions partition landed"):  # a daily ingest of a late day
+        ingest_partition(lake, contract, "transactions", late)
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "lake").rglob("*")) == before
     reliability.record("integrity", "a run window after the newest landed data",
                        "refused (NoDataError naming the newest day) before any lake write: the lake's files are "
