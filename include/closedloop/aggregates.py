@@ -138,6 +138,7 @@ def _merge_moments(na: np.ndarray, ta: np.ndarray, ma: np.ndarray, nb: np.ndarra
     """
     import numpy as np
 
+    na, nb = na.astype(np.float64), nb.astype(np.float64)  # counts may be integers: na * nb must not wrap
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         delta = tb / nb - ta / na
         m2 = ma + mb + delta * delta * (na * nb / (na + nb))
@@ -145,8 +146,8 @@ def _merge_moments(na: np.ndarray, ta: np.ndarray, ma: np.ndarray, nb: np.ndarra
 
 
 class _Tree:
-    """A segment tree over the values ``x`` sorted by (entity, time) (NaN: missing): per node, the count of
-    values, their sum and (built on first use) their squared deviations from their mean.
+    """A segment tree over the values ``x`` sorted by (entity, time) (NaN: missing): per node, the sum of its
+    values and (each built on first use) their count and their squared deviations from their mean.
 
     Node ``i`` has children ``2i`` and ``2i + 1``; the leaves are ``[size, size + len(x))``; a node's sum is
     the pairwise sum of its leaves.
@@ -156,16 +157,27 @@ class _Tree:
         import numpy as np
 
         self.size = size = 1 << max(0, (len(x) - 1).bit_length())
-        self.count, self.sum = np.zeros(2 * size), np.zeros(2 * size)
-        valid = ~np.isnan(x)
-        self.count[size:size + len(x)] = valid
-        self.sum[size:size + len(x)] = np.where(valid, x, 0.0)
-        self.has_missing = not valid.all()
+        self.sum = np.zeros(2 * size)
+        self._valid = ~np.isnan(x)
+        self.sum[size:size + len(x)] = np.where(self._valid, x, 0.0)
+        self.has_missing = not self._valid.all()
+        self._count: np.ndarray | None = None  # built on first use (int32: half the memory of floats)
         self._m2: np.ndarray | None = None
         for lo, hi in self._levels():
             with np.errstate(invalid="ignore", over="ignore"):
-                self.count[lo:hi] = self.count[2 * lo:2 * hi:2] + self.count[2 * lo + 1:2 * hi:2]
                 self.sum[lo:hi] = self.sum[2 * lo:2 * hi:2] + self.sum[2 * lo + 1:2 * hi:2]
+
+    @property
+    def count(self) -> np.ndarray:
+        """The number of (non-missing) values under each node."""
+        if self._count is None:
+            import numpy as np
+
+            count = self._count = np.zeros(2 * self.size, dtype=np.int32)
+            count[self.size:self.size + len(self._valid)] = self._valid
+            for lo, hi in self._levels():
+                count[lo:hi] = count[2 * lo:2 * hi:2] + count[2 * lo + 1:2 * hi:2]
+        return self._count
 
     def _levels(self) -> list[tuple[int, int]]:
         """The levels above the leaves, bottom up: the parents ``[lo, hi)`` of children ``[2 lo, 2 hi)``."""
@@ -319,7 +331,9 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
         if wanted:
             found_w = _window_moments(trees, wanted, lowers[w], upper)
             moments.update({(c, w): v for c, v in found_w.items()})
-    features: dict[str, np.ndarray] = {}
+    order = np.lexsort((q_ref, q_codes))  # the rows' order: entity codes follow the entities' values
+    out = {ent: allev[ent].take(q_pos[order]).reset_index(drop=True),
+           ts: pd.to_datetime(q_ref[order], utc=True).astype("datetime64[ns, UTC]")}
     for agg in contract.aggregates:
         lower = lowers[int(pd.Timedelta(agg.window).value)]
         count = (upper - lower).astype("float64")
@@ -344,8 +358,6 @@ def compute_entity_features(events: pd.DataFrame, contract: DataContract,
                         values = np.where(k > 0, s / np.maximum(k, 1), np.nan)
                     else:  # std, ddof=1 as pandas
                         values = np.where(k > 1, np.sqrt(np.clip(m2 / np.maximum(k - 1, 1), 0.0, None)), np.nan)
-        features[agg.name] = np.asarray(values, dtype="float64")
-    order = np.lexsort((q_ref, q_codes))  # entity codes follow the entities' values
-    out = pd.DataFrame({ent: allev[ent].take(q_pos[order]).reset_index(drop=True),
-                        ts: pd.to_datetime(q_ref[order], utc=True).astype("datetime64[ns, UTC]")})
-    return pd.concat([out, pd.DataFrame({k: v[order] for k, v in features.items()})], axis=1)
+        out[agg.name] = np.asarray(values, dtype="float64")[order]
+    del trees, moments
+    return pd.DataFrame(out)
