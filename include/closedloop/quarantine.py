@@ -112,8 +112,9 @@ def entry(lake: Lake, kind: str, day: date) -> dict[str, Any]:
     """What is known about the quarantined ``kind`` partition of ``day`` (report summary included)."""
     uri, rep_uri = partition_uri(lake, kind, day), report_uri(lake, kind, day)
     report = lake.read_json(rep_uri) if lake.exists(rep_uri) else {}
-    has_file = lake.exists(uri)
-    file_sha = lake.sha256(uri) if has_file else None
+    what = lake.entry_kind(uri)  # a folder, link or socket is quarantined as it was delivered: never read
+    has_file = what != "missing"
+    file_sha = lake.sha256(uri) if what == "file" else None
     from closedloop.ingest import read_marker
 
     marker = read_marker(lake, kind, day)
@@ -128,6 +129,7 @@ def entry(lake: Lake, kind: str, day: date) -> dict[str, Any]:
         "summary": report.get("summary"),
         # a later delivery of the same day went through: this quarantined copy is stale
         "superseded_by_curated": bool(marker and marker.get("sha256") != file_sha),
+        **({"entry": what} if what not in ("file", "missing") else {}),
     }
 
 
@@ -213,6 +215,10 @@ def release(lake: Lake, contract: DataContract, kind: str, day: str | date, *, r
                 return {**last, "status": "already_released"}
         raise NoDataError(_nothing_there(lake, kind, d))
 
+    q_what = lake.entry_kind(q_uri)
+    if q_what not in ("file", "missing") and data is None:
+        raise ConfigError(f"{q_uri} is a {q_what}, not a Parquet file: it cannot be released as it is; give the "
+                          f"corrected day as one Parquet file with --file")
     if data is None and lake.exists(q_uri):
         data = lake.read_bytes(q_uri)
     elif data is None:
@@ -229,7 +235,13 @@ def release(lake: Lake, contract: DataContract, kind: str, day: str | date, *, r
 
     old_report = lake.read_json(rep_uri) if lake.exists(rep_uri) else {}
     replaced_uri = None
-    if fixed_file is not None and lake.exists(q_uri):
+    if fixed_file is not None and q_what not in ("file", "missing"):  # keep the folder (link, ...) replaced
+        replaced_uri = lake.uri("quarantine", REPLACED, kind, f"{d.isoformat()}-{q_what}")
+        if lake.entry_kind(replaced_uri) != "missing":
+            lake.delete(replaced_uri, recursive=True)
+        lake.move_entry(q_uri, replaced_uri)
+        lake.write_bytes(q_uri, data)
+    elif fixed_file is not None and lake.exists(q_uri):
         old_sha = lake.sha256(q_uri)
         if old_sha != new_sha:  # keep what is replaced
             replaced_uri = lake.uri("quarantine", REPLACED, kind, f"{d.isoformat()}-{old_sha[:12]}.parquet")

@@ -21,8 +21,9 @@ import pandas as pd
 import pytest
 from support.corruption import corrupted, differences
 
+from closedloop import quarantine as q
 from closedloop import validation as v
-from closedloop.errors import DataValidationError, NoDataError, PermanentError
+from closedloop.errors import ConfigError, DataValidationError, NoDataError, PermanentError
 from closedloop.features import read_labelled_window
 from closedloop.generate import GeneratorConfig, generate
 from closedloop.ingest import REPEATED_IDS_RULE, CuratedIds, ingest_partition, ingest_window, read_marker
@@ -188,13 +189,22 @@ def test_what_is_not_a_regular_file_is_quarantined_as_unreadable(template, contr
     assert treated.entry_kind(treated.partition("quarantine", "transactions", DAY)) == entry  # moved as it was
     measure = _compare(_state(control, contract), _state(treated, contract), contract)
     assert corrupted(**measure) == "nothing"
-    # the next run finds the partition quarantined (no retry reads it again), the corrected file goes through
+    # the next run finds the partition quarantined (no retry reads it again)
     with pytest.raises(DataValidationError):
         ingest_partition(treated, contract, "transactions", DAY)
-    treated.write_parquet(good["transactions"], uri)
-    assert ingest_partition(treated, contract, "transactions", DAY).status == "curated"
+    # the quarantine commands show it without reading it, and release the corrected file in its place
+    listed = [e for e in q.list_quarantine(treated) if e["day"] == DAY.isoformat()]
+    assert len(listed) == 1 and listed[0]["entry"] == entry and listed[0]["blocking"]
+    with pytest.raises(ConfigError, match=f"is a {entry}, not a Parquet file"):
+        q.release(treated, contract, "transactions", DAY, reason="test")
+    fixed = tmp_path / "fixed.parquet"
+    good["transactions"].to_parquet(fixed, index=False)
+    assert q.release(treated, contract, "transactions", DAY, reason="one file now",
+                     fixed_file=fixed)["status"] == "released"
+    assert read_marker(treated, "transactions", DAY) is not None
     reliability.record("integrity", name, f"rejected: {v.READABLE_RULE} naming the entry, never opened nor "
-                                          f"retried; moved to quarantine as it was; the corrected file was curated",
+                                          f"retried; moved to quarantine as it was (listed by `closedloop "
+                                          f"quarantine list`); the corrected file was released and curated",
                        corrupted=corrupted(**measure))
 
 
