@@ -454,8 +454,9 @@ def refuse_after_newest(days: list[date], start: date, what: str) -> None:
     newest = max(days, default=None)
     if newest is None or start > newest:
         raise NoDataError(f"{what} starts after the newest transactions landed or curated "
-                          f"({newest or 'none yet'}): nothing to do. Pick a window that holds landed days "
-                          f"(`closedloop status` lists them), or deliver the days first.")
+                          f"({newest or 'none yet'}): nothing to do, and nothing was written. Pick a window that "
+                          f"holds landed days (the files of the lake's landing/transactions/ name them), or deliver "
+                          f"the days first.")
 
 
 def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *, label_grace_days: int = 0,
