@@ -51,7 +51,8 @@ def _user_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
+def _stop_group(proc: subprocess.Popen, grace: float = 5) -> None:
+    """Ctrl-C (SIGINT to the whole group, as a terminal sends it), then SIGTERM, then SIGKILL."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
