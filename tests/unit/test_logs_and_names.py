@@ -70,3 +70,17 @@ def test_a_new_category_warning_names_the_new_values():
     result = validate_frame(df, contract, "transactions", day)
     warning = next(f for f in result.warnings if f.rule == "expect_column_values_to_be_in_set")
     assert "new value(s) 'crypto_atm', 'pawn_shop' in 4 of 200 rows" in warning.message, warning.message
+
+
+def test_the_demo_s_last_line_names_its_own_port():
+    from types import SimpleNamespace
+
+    from closedloop.demo import _print_summary
+
+    summary = {"runs": [], "monitoring": [], "champion_before": "1", "champion_after": "2",
+               "status": {"history": []}, "seconds": 240.0}
+    for port, expected in ((8080, "`make airflow` (http://localhost:8080,"),
+                           (8093, "`make airflow AIRFLOW_PORT=8093` (http://localhost:8093,")):
+        lines: list[str] = []
+        _print_summary(summary, lines.append, SimpleNamespace(port=port))
+        assert expected in lines[-1], lines[-1]
