@@ -4,6 +4,9 @@ SHELL := /bin/bash
 
 PYTHON ?= python3.11
 CLOSEDLOOP_HOME ?= $(CURDIR)/.closedloop
+ifeq ($(strip $(CLOSEDLOOP_HOME)),)
+$(error CLOSEDLOOP_HOME is set but empty: unset it (the default is .closedloop in the checkout) or name a folder)
+endif
 export CLOSEDLOOP_HOME
 export AIRFLOW_HOME := $(CLOSEDLOOP_HOME)/airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
@@ -77,7 +80,7 @@ demo-retrain: install airflow-home generate retrain  ## Only the first step: gen
 	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CLOSEDLOOP_HOME)/mlflow/mlflow.db"
 
 airflow: install  ## Airflow's UI, scheduler and the rest on the embedded home (http://localhost:$AIRFLOW_PORT, 8080)
-	@$(BIN)/closedloop airflow-config --show-login | tail -n 1
+	@set -o pipefail; $(BIN)/closedloop airflow-config --show-login | tail -n 1
 	@echo "Airflow UI: http://localhost:$(AIRFLOW_PORT) (home $(AIRFLOW_HOME); Ctrl-C stops every component)"
 	CLOSEDLOOP_SCHEDULES=manual AIRFLOW__API__PORT=$(AIRFLOW_PORT) AIRFLOW__API__BASE_URL=http://localhost:$(AIRFLOW_PORT) \
 	  $(BIN)/airflow standalone

@@ -107,3 +107,18 @@ def test_an_empty_closedloop_home_is_refused(tmp_path, args):
     assert out.stderr.strip().startswith("error: CLOSEDLOOP_HOME is set but empty")
     after = set((REPO_ROOT / ".closedloop").glob("**/*")) if (REPO_ROOT / ".closedloop").exists() else None
     assert after == before  # nothing written into the checkout
+
+
+@pytest.mark.parametrize("value", ["", "file"])
+def test_make_airflow_refuses_a_bad_home_before_starting_anything(tmp_path, value):
+    home = tmp_path / "home.txt" if value == "file" else ""
+    if value == "file":
+        home.write_text("not a folder")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CLOSEDLOOP_"))}
+    env["CLOSEDLOOP_HOME"] = str(home)
+    out = subprocess.run(["make", "--no-print-directory", "airflow", "AIRFLOW_PORT=1"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    expected = "CLOSEDLOOP_HOME is set but empty" if value == "" else "is a file, not a folder"
+    assert expected in out.stderr, out.stderr
+    assert "standalone" not in out.stdout
