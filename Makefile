@@ -18,7 +18,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # `airflow standalone` starts its components as `airflow ...` from the PATH: the venv's, without activating it
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-# the port of `make airflow`'s UI and API (the tasks reach the API there too)
+# the port of `make airflow`'s UI and API (the tasks reach the API there too); not 8793/8794, where the
+# scheduler and the triggerer serve their logs
 AIRFLOW_PORT ?= 8080
 
 # The demo's data set: fixed dates, so that every run of the demo is the same.

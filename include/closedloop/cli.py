@@ -43,7 +43,7 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(code=1)
 
 
-def _settings(create: bool = False) -> Settings:
+def _settings() -> Settings:
     """The settings, or one line on stderr and exit 1 (an empty CLOSEDLOOP_HOME, a file as home...)."""
     from closedloop.settings import Settings
 
@@ -53,10 +53,10 @@ def _settings(create: bool = False) -> Settings:
         _fail(exc)
 
 
-def _read_runtime(reads: str) -> Runtime:
-    """The runtime of a command that only reads ``reads`` ("registry" or "lake").
+def _existing_runtime(reads: str) -> Runtime:
+    """The runtime of a command that reads (or changes) what is already in ``reads``: "registry" or "lake".
 
-    On a home that does not exist, when what it reads lives there, it says so and exits 1 creating nothing
+    On a home that does not exist, when that store lives there, it says so and exits 1 creating nothing
     (``Runtime.from_env`` would make an empty home and report an empty world).
     """
     from closedloop.runtime import Runtime
@@ -64,8 +64,9 @@ def _read_runtime(reads: str) -> Runtime:
     s = _settings()
     local = s.mlflow_tracking_uri.startswith("sqlite:") if reads == "registry" else s.lake_uri.startswith("file:")
     if local and not s.home.exists():
-        _fail(ClosedloopError(f"no closedloop home at {s.home} (CLOSEDLOOP_HOME): nothing to read there; point "
-                              "CLOSEDLOOP_HOME at an existing home, or make one (`make demo`, `closedloop generate`)"))
+        _fail(ClosedloopError(f"no closedloop home at {s.home} (CLOSEDLOOP_HOME): nothing to read or change there; "
+                              "point CLOSEDLOOP_HOME at an existing home, or make one (`make demo`, "
+                              "`closedloop generate`)"))
     try:
         return Runtime.from_env()
     except ClosedloopError as exc:
@@ -157,7 +158,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     from closedloop.registry import status as registry_status
 
     try:
-        rt = _read_runtime("registry")
+        rt = _existing_runtime("registry")
         report = registry_status(rt.client, rt.settings, rt.model_name)
     except ClosedloopError as exc:
         _fail(exc)
@@ -197,7 +198,7 @@ def quarantine_list(
     from closedloop.quarantine import list_quarantine
 
     try:
-        entries = list_quarantine(_read_runtime("lake").lake, include_released=include_released)
+        entries = list_quarantine(_existing_runtime("lake").lake, include_released=include_released)
     except ClosedloopError as exc:
         _fail(exc)
     if as_json:
@@ -232,7 +233,7 @@ def quarantine_show(
     from closedloop.quarantine import show
 
     try:
-        found = show(_read_runtime("lake").lake, kind, day)
+        found = show(_existing_runtime("lake").lake, kind, day)
     except ClosedloopError as exc:
         _fail(exc)
     if as_json:
@@ -259,7 +260,7 @@ def quarantine_release(
     from closedloop.quarantine import release
 
     try:
-        rt = _read_runtime("lake")
+        rt = _existing_runtime("lake")
         record = release(rt.lake, rt.contract, kind, day, reason=reason, actor=actor, fixed_file=file)
     except DataValidationError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
@@ -293,7 +294,7 @@ def rollback(
     from closedloop.rollback import rollback as run
 
     try:
-        rt = _read_runtime("registry")
+        rt = _existing_runtime("registry")
         result = run(rt.client, rt.settings, rt.model_name, reason=reason, version=to, actor=actor, force=force)
     except ClosedloopError as exc:
         _fail(exc)
@@ -313,7 +314,7 @@ def history_cmd(
     from closedloop.registry import history
 
     try:
-        rt = _read_runtime("registry")
+        rt = _existing_runtime("registry")
         moves = history(rt.client, rt.model_name, limit=limit)
     except ClosedloopError as exc:
         _fail(exc)
@@ -340,7 +341,7 @@ def promote_cmd(
     from closedloop.rollback import promote_manually
 
     try:
-        rt = _read_runtime("registry")
+        rt = _existing_runtime("registry")
         result = promote_manually(rt.client, rt.settings, rt.model_name, version, reason=reason, actor=actor,
                                   force=force)
     except ClosedloopError as exc:
@@ -369,7 +370,7 @@ def report(
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
     try:
-        lake = _read_runtime("lake").lake
+        lake = _existing_runtime("lake").lake
         found = find_report(lake, day)
         if html:
             typer.echo(lake.read_bytes(found["html"]).decode())
@@ -432,7 +433,7 @@ def airflow_config(
     JWT secret), then `airflow db migrate`. Idempotent; a configuration that is not closedloop's is rewritten."""
     from closedloop.airflow_home import ADMIN, ensure_password, prepare_home
 
-    settings = _settings(create=True)
+    settings = _settings()
     try:
         cfg, rewritten = prepare_home(settings, force=force, parallelism=parallelism)
     except (RuntimeError, OSError) as exc:
@@ -449,7 +450,7 @@ def env() -> None:
     """Print the resolved settings as shell exports (eval "$(closedloop env)")."""
     from closedloop.airflow_home import airflow_home, home_problem
 
-    s = _settings(create=True)
+    s = _settings()
     values = {
         "CLOSEDLOOP_HOME": str(s.home), "CLOSEDLOOP_LAKE_URI": s.lake_uri, "AIRFLOW_HOME": str(airflow_home(s)),
         # the configuration (and so the data set's schema): `feast -c feature_repo plan` derives its objects from it
