@@ -84,3 +84,17 @@ def test_the_demo_s_last_line_names_its_own_port():
         lines: list[str] = []
         _print_summary(summary, lines.append, SimpleNamespace(port=port))
         assert expected in lines[-1], lines[-1]
+
+
+def test_promotion_history_runs_say_what_moved(runtime, tmp_path):
+    from closedloop.registry import HISTORY_EXPERIMENT, promote
+
+    client, name = runtime.client, runtime.model_name
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source=str(tmp_path))
+    promote(client, runtime.settings, name, "1", expected_champion=None, reason="first", actor="test")
+    promote(client, runtime.settings, name, "2", expected_champion="1", reason="better", actor="test")
+    exp = client.get_experiment_by_name(HISTORY_EXPERIMENT)
+    names = sorted(r.info.run_name for r in client.search_runs([exp.experiment_id]))
+    assert names == [f"promotion {name} none -> v1", f"promotion {name} v1 -> v2"]
