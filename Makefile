@@ -4,6 +4,9 @@ SHELL := /bin/bash
 
 PYTHON ?= python3.11
 CLOSEDLOOP_HOME ?= $(CURDIR)/.closedloop
+ifeq ($(strip $(CLOSEDLOOP_HOME)),)
+$(error CLOSEDLOOP_HOME is set but empty: unset it (the default is .closedloop in the checkout) or name a folder)
+endif
 export CLOSEDLOOP_HOME
 export AIRFLOW_HOME := $(CLOSEDLOOP_HOME)/airflow
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
@@ -13,6 +16,11 @@ export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 UV ?= $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 VENV := .venv
 BIN := $(VENV)/bin
+# `airflow standalone` starts its components as `airflow ...` from the PATH: the venv's, without activating it
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+# the port of `make airflow`'s UI and API (the tasks reach the API there too); not 8793/8794, where the
+# scheduler and the triggerer serve their logs
+AIRFLOW_PORT ?= 8080
 
 # The demo's data set: fixed dates, so that every run of the demo is the same.
 DEMO_START ?= 2026-03-01
@@ -41,9 +49,8 @@ $(BIN)/closedloop: pyproject.toml uv.lock | $(UV)
 
 install: $(BIN)/closedloop  ## Build .venv from the lock file (bootstraps uv when missing)
 
-airflow-home: install  ## Write the embedded Airflow home and migrate its database
+airflow-home: install  ## Write the embedded Airflow home and migrate its database (closedloop airflow-config)
 	$(BIN)/closedloop airflow-config
-	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
 
 generate: install  ## Write the demo data set into the lake's landing zone
 	$(BIN)/closedloop generate --start $(DEMO_START) --days $(DEMO_DAYS)
@@ -73,10 +80,11 @@ demo-retrain: install airflow-home generate retrain  ## Only the first step: gen
 	@echo
 	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CLOSEDLOOP_HOME)/mlflow/mlflow.db"
 
-airflow: airflow-home  ## Airflow's UI and scheduler on the embedded home (http://localhost:8080)
-	@echo "Airflow UI: http://localhost:8080"
-	@$(BIN)/closedloop airflow-config --show-login | tail -n 1
-	CLOSEDLOOP_SCHEDULES=manual $(BIN)/airflow standalone
+airflow: install  ## Airflow's UI, scheduler and the rest on the embedded home (http://localhost:$AIRFLOW_PORT, 8080)
+	@set -o pipefail; $(BIN)/closedloop airflow-config --show-login | tail -n 1
+	@echo "Airflow UI: http://localhost:$(AIRFLOW_PORT) (home $(AIRFLOW_HOME); Ctrl-C stops every component)"
+	CLOSEDLOOP_SCHEDULES=manual AIRFLOW__API__PORT=$(AIRFLOW_PORT) AIRFLOW__API__BASE_URL=http://localhost:$(AIRFLOW_PORT) \
+	  $(BIN)/airflow standalone
 
 browser:  ## Debian's chromium for the browser test of the UI (apt-get, as root; skipped when present)
 	@command -v chromium > /dev/null && exit 0; \

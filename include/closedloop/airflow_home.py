@@ -7,14 +7,26 @@ Settings given as ``AIRFLOW__SECTION__KEY`` environment variables still win over
 The UI and the API need a login even on a laptop: Airflow's simple auth manager with one ``admin`` user
 (never ``simple_auth_manager_all_admins``), whose password is generated here at random into the passwords
 file (mode 0600, outside the repository) the first time; ``make airflow`` prints it.
+
+Every component signs and checks the tokens of the task API with one key: ``[api_auth] jwt_secret``, generated
+per home (64 URL-safe characters) into ``jwt_secret`` and written into ``airflow.cfg``, both mode 0600. Without
+it each component would make up its own key and every task would fail with "Signature verification failed".
+
+:func:`prepare_home` is what ``closedloop airflow-config`` does: the configuration, then ``airflow db migrate``
+(idempotent). A configuration whose ``dags_folder`` or ``plugins_folder`` is not the project's (Airflow writes
+its own default ``airflow.cfg`` when its CLI meets a home without one) or that lacks the shared JWT secret is
+rewritten, and the reason is returned so that the command can say so.
 """
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import secrets
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 from closedloop.settings import REPO_ROOT, Settings
@@ -45,6 +57,29 @@ def ensure_password(settings: Settings) -> str:
         json.dump({ADMIN: password}, fh)
     os.chmod(path, 0o600)
     return password
+
+
+def jwt_secret_file(settings: Settings) -> Path:
+    return airflow_home(settings) / "jwt_secret"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` readable and writable by its owner only (0600), whatever the umask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def ensure_jwt_secret(settings: Settings) -> str:
+    """The home's JWT signing key (at least 32 bytes), generated and kept (mode 0600) on the first call."""
+    path = jwt_secret_file(settings)
+    if path.exists() and len(path.read_text().strip()) >= 32:
+        return path.read_text().strip()
+    secret = secrets.token_urlsafe(48)
+    _write_private(path, secret + "\n")
+    return secret
 
 
 def render_config(settings: Settings, parallelism: int = 4) -> str:
@@ -86,16 +121,87 @@ port = 8080
 
 [webserver]
 expose_config = False
+
+[api_auth]
+jwt_secret = {ensure_jwt_secret(settings)}
 """
 
 
+def config_problem(settings: Settings) -> str | None:
+    """Why the home's ``airflow.cfg`` is not the one closedloop needs (``None`` when it is)."""
+    cfg = airflow_home(settings) / "airflow.cfg"
+    if not cfg.exists():
+        return f"{cfg} does not exist"
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        parser.read(cfg)
+    except configparser.Error as exc:
+        return f"{cfg} cannot be read ({exc.__class__.__name__})"
+    for key, wanted in (("dags_folder", REPO_ROOT / "dags"), ("plugins_folder", REPO_ROOT / "plugins")):
+        found = parser.get("core", key, fallback=None)
+        if found is None or Path(found).expanduser().resolve() != wanted:
+            return f"its {key} is {found or '(unset)'}, not the project's {wanted}"
+    if len(parser.get("api_auth", "jwt_secret", fallback="")) < 32:
+        return "it has no shared [api_auth] jwt_secret (every task would fail its signature check)"
+    return None
+
+
 def write_config(settings: Settings, *, force: bool = False, parallelism: int = 4) -> Path:
-    """Write ``airflow.cfg`` into the Airflow home (kept when it exists, unless ``force``)."""
+    """Write ``airflow.cfg`` into the Airflow home (mode 0600: it holds the JWT secret).
+
+    An existing file is kept unless ``force`` or :func:`config_problem` finds it wrong.
+    """
     home = airflow_home(settings)
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
     cfg = home / "airflow.cfg"
-    if force or not cfg.exists():
-        cfg.write_text(render_config(settings, parallelism))
+    if force or config_problem(settings) is not None:
+        _write_private(cfg, render_config(settings, parallelism))
     ensure_password(settings)
     return cfg
+
+
+def database_ready(settings: Settings) -> bool:
+    """Whether the embedded SQLite metadata database exists (``airflow db migrate`` has run)."""
+    db = airflow_home(settings) / "airflow.db"
+    return db.exists() and db.stat().st_size > 0
+
+
+def home_problem(settings: Settings) -> str | None:
+    """Why the Airflow home is not prepared for closedloop (``None`` when it is)."""
+    return config_problem(settings) or (None if database_ready(settings) else
+                                        f"its metadata database {airflow_home(settings) / 'airflow.db'} "
+                                        "is not migrated")
+
+
+def migrate(settings: Settings) -> None:
+    """``airflow db migrate`` on the home (idempotent); its output goes to ``db-migrate.log`` there.
+
+    Raises ``RuntimeError`` with the log's tail when the migration fails.
+    """
+    home = airflow_home(settings)
+    airflow = Path(sys.executable).parent / "airflow"
+    env = {**os.environ, "AIRFLOW_HOME": str(home)}
+    # the file's settings are the ones prepared here: a stray variable must not migrate another database
+    env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)
+    log = home / "db-migrate.log"
+    with log.open("wb") as out:
+        done = subprocess.run([str(airflow if airflow.exists() else "airflow"), "db", "migrate"], env=env,
+                              stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"airflow db migrate failed on {home} (exit {done.returncode}); {log}:\n{tail}")
+
+
+def prepare_home(settings: Settings, *, force: bool = False, parallelism: int = 4,
+                 migrate_db: bool = True) -> tuple[Path, str | None]:
+    """Write the configuration (see :func:`write_config`) and migrate the database.
+
+    Returns the ``airflow.cfg`` path and, when an existing file was rewritten because it was wrong, why.
+    """
+    cfg = airflow_home(settings) / "airflow.cfg"
+    problem = config_problem(settings) if cfg.exists() and not force else None
+    write_config(settings, force=force, parallelism=parallelism)
+    if migrate_db:
+        migrate(settings)
+    return cfg, problem

@@ -19,11 +19,15 @@ import json
 import logging
 import time
 from datetime import date, timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from closedloop.errors import ClosedloopError
+
+if TYPE_CHECKING:
+    from closedloop.runtime import Runtime
+    from closedloop.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 quarantine_app = typer.Typer(no_args_is_help=True,
@@ -34,9 +38,39 @@ ActorOption = Annotated[str | None, typer.Option(help="Who is acting, for the re
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+def _settings() -> Settings:
+    """The settings, or one line on stderr and exit 1 (an empty CLOSEDLOOP_HOME, a file as home...)."""
+    from closedloop.settings import Settings
+
+    try:
+        return Settings.from_env()
+    except ClosedloopError as exc:
+        _fail(exc)
+
+
+def _existing_runtime(reads: str) -> Runtime:
+    """The runtime of a command that reads (or changes) what is already in ``reads``: "registry" or "lake".
+
+    On a home that does not exist, when that store lives there, it says so and exits 1 creating nothing
+    (``Runtime.from_env`` would make an empty home and report an empty world).
+    """
+    from closedloop.runtime import Runtime
+
+    s = _settings()
+    local = s.mlflow_tracking_uri.startswith("sqlite:") if reads == "registry" else s.lake_uri.startswith("file:")
+    if local and not s.home.exists():
+        _fail(ClosedloopError(f"no closedloop home at {s.home} (CLOSEDLOOP_HOME): nothing to read or change there; "
+                              "point CLOSEDLOOP_HOME at an existing home, or make one (`make demo`, "
+                              "`closedloop generate`)"))
+    try:
+        return Runtime.from_env()
+    except ClosedloopError as exc:
+        _fail(exc)
 
 
 class _Progress:
@@ -122,10 +156,9 @@ def generate(
 def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Show the champion, the candidates with their metrics and decisions, and the promotion history."""
     from closedloop.registry import status as registry_status
-    from closedloop.runtime import Runtime
 
     try:
-        rt = Runtime.from_env()
+        rt = _existing_runtime("registry")
         report = registry_status(rt.client, rt.settings, rt.model_name)
     except ClosedloopError as exc:
         _fail(exc)
@@ -163,10 +196,9 @@ def quarantine_list(
 ) -> None:
     """Every quarantined partition: kind, day, file, rows and hash, when, and the blocking rules."""
     from closedloop.quarantine import list_quarantine
-    from closedloop.runtime import Runtime
 
     try:
-        entries = list_quarantine(Runtime.from_env().lake, include_released=include_released)
+        entries = list_quarantine(_existing_runtime("lake").lake, include_released=include_released)
     except ClosedloopError as exc:
         _fail(exc)
     if as_json:
@@ -199,10 +231,9 @@ def quarantine_show(
 ) -> None:
     """The validation report of a quarantined partition (its summary; the whole report with --json)."""
     from closedloop.quarantine import show
-    from closedloop.runtime import Runtime
 
     try:
-        found = show(Runtime.from_env().lake, kind, day)
+        found = show(_existing_runtime("lake").lake, kind, day)
     except ClosedloopError as exc:
         _fail(exc)
     if as_json:
@@ -227,10 +258,9 @@ def quarantine_release(
     """Validate a fixed partition again with the same rules; curate it if it passes, else keep it quarantined."""
     from closedloop.errors import DataValidationError
     from closedloop.quarantine import release
-    from closedloop.runtime import Runtime
 
     try:
-        rt = Runtime.from_env()
+        rt = _existing_runtime("lake")
         record = release(rt.lake, rt.contract, kind, day, reason=reason, actor=actor, fixed_file=file)
     except DataValidationError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
@@ -262,10 +292,9 @@ def rollback(
 ) -> None:
     """Give `champion` back to the previous champion (or --to VERSION), through the same compare-and-set."""
     from closedloop.rollback import rollback as run
-    from closedloop.runtime import Runtime
 
     try:
-        rt = Runtime.from_env()
+        rt = _existing_runtime("registry")
         result = run(rt.client, rt.settings, rt.model_name, reason=reason, version=to, actor=actor, force=force)
     except ClosedloopError as exc:
         _fail(exc)
@@ -283,10 +312,9 @@ def history_cmd(
 ) -> None:
     """The promotion history: every move of `champion` (gate, rollback, manual), newest first."""
     from closedloop.registry import history
-    from closedloop.runtime import Runtime
 
     try:
-        rt = Runtime.from_env()
+        rt = _existing_runtime("registry")
         moves = history(rt.client, rt.model_name, limit=limit)
     except ClosedloopError as exc:
         _fail(exc)
@@ -311,10 +339,9 @@ def promote_cmd(
 ) -> None:
     """Make VERSION the champion by hand, through the same compare-and-set as the gate (kind `manual`)."""
     from closedloop.rollback import promote_manually
-    from closedloop.runtime import Runtime
 
     try:
-        rt = Runtime.from_env()
+        rt = _existing_runtime("registry")
         result = promote_manually(rt.client, rt.settings, rt.model_name, version, reason=reason, actor=actor,
                                   force=force)
     except ClosedloopError as exc:
@@ -337,14 +364,13 @@ def report(
 ) -> None:
     """Where the drift report is (the newest or --day's), or its contents with --html / --json."""
     from closedloop.drift import find_report
-    from closedloop.runtime import Runtime
 
     if html and as_json:
         typer.secho("error: --html and --json exclude each other: pick one (or neither for the paths)",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
     try:
-        lake = Runtime.from_env().lake
+        lake = _existing_runtime("lake").lake
         found = find_report(lake, day)
         if html:
             typer.echo(lake.read_bytes(found["html"]).decode())
@@ -403,12 +429,18 @@ def airflow_config(
     parallelism: Annotated[int, typer.Option(min=1, max=64)] = 4,
     show_login: Annotated[bool, typer.Option(help="Print the admin user's generated password.")] = False,
 ) -> None:
-    """Write the embedded Airflow home's airflow.cfg (SQLite, LocalExecutor, the repo's DAGs, a login)."""
-    from closedloop.airflow_home import ADMIN, ensure_password, write_config
-    from closedloop.settings import Settings
+    """Prepare the embedded Airflow home: airflow.cfg (SQLite, LocalExecutor, the repo's DAGs, a login, a shared
+    JWT secret), then `airflow db migrate`. Idempotent; a configuration that is not closedloop's is rewritten."""
+    from closedloop.airflow_home import ADMIN, ensure_password, prepare_home
 
-    settings = Settings.from_env()
-    typer.echo(str(write_config(settings, force=force, parallelism=parallelism)))
+    settings = _settings()
+    try:
+        cfg, rewritten = prepare_home(settings, force=force, parallelism=parallelism)
+    except (RuntimeError, OSError) as exc:
+        _fail(exc)
+    if rewritten:
+        typer.secho(f"rewrote {cfg}: {rewritten}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(str(cfg))
     if show_login:
         typer.echo(f"Airflow login: user {ADMIN}, password {ensure_password(settings)}")
 
@@ -416,10 +448,9 @@ def airflow_config(
 @app.command()
 def env() -> None:
     """Print the resolved settings as shell exports (eval "$(closedloop env)")."""
-    from closedloop.airflow_home import airflow_home
-    from closedloop.settings import Settings
+    from closedloop.airflow_home import airflow_home, home_problem
 
-    s = Settings.from_env()
+    s = _settings()
     values = {
         "CLOSEDLOOP_HOME": str(s.home), "CLOSEDLOOP_LAKE_URI": s.lake_uri, "AIRFLOW_HOME": str(airflow_home(s)),
         # the configuration (and so the data set's schema): `feast -c feature_repo plan` derives its objects from it
@@ -428,6 +459,10 @@ def env() -> None:
     }
     for k, v in values.items():
         typer.echo(f"export {k}={json.dumps(v)}")
+    problem = home_problem(s)
+    if problem:  # stderr: stdout is eval'd
+        typer.secho(f"note: the Airflow home {airflow_home(s)} is not prepared ({problem}): run "
+                    "`closedloop airflow-config` before the airflow CLI", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()

@@ -173,4 +173,5 @@ def _print_summary(summary: dict[str, Any], say: Callable[[str], None], stack: A
     for h in summary["status"]["history"]:
         say(f"  {h['at']}  v{h['from_version'] or '-'} -> v{h['to_version']}  by {h['actor']}: {h['reason']}")
     say(f"== finished in {summary['seconds']:.0f} s ==")
-    say("Open the UI with `make airflow` (http://localhost:8080, user admin, password printed there).")
+    make = "make airflow" if stack.port == 8080 else f"make airflow AIRFLOW_PORT={stack.port}"
+    say(f"Open the UI with `{make}` (http://localhost:{stack.port}, user admin, password printed there).")

@@ -203,11 +203,24 @@ def airflow_db_clean_command(before: datetime, *, dry_run: bool = False) -> list
     return [*cmd, "--dry-run"] if dry_run else cmd
 
 
+def _cli_env() -> dict[str, str]:
+    """The environment of the ``airflow`` CLI run from a task.
+
+    Airflow's task supervisor blocks the metadata database in the task process by setting its connection to
+    ``airflow-db-not-allowed:///`` in the environment, which a child would inherit; without it the CLI reads
+    the connection from the rest of its configuration (``airflow.cfg``, ``..._CMD``, a secrets backend).
+    """
+    import os
+
+    return {k: v for k, v in os.environ.items()
+            if not (k.endswith("__SQL_ALCHEMY_CONN") and v.startswith("airflow-db-not-allowed"))}
+
+
 def clean_airflow_db(before: datetime, *, dry_run: bool = False, timeout_s: float = 1800) -> dict[str, Any]:
     """Run :func:`airflow_db_clean_command`; a failure raises TransientError with the end of its output."""
     cmd = airflow_db_clean_command(before, dry_run=dry_run)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, env=_cli_env())
     except subprocess.TimeoutExpired as exc:
         raise TransientError(f"airflow db clean did not finish in {timeout_s:.0f} s: the task is retried; "
                              "clean a smaller range by hand (airflow db clean --clean-before-timestamp ...)") from exc

@@ -240,7 +240,7 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
                 "why": f"drift, but within the {policy.cooldown_hours} h cooldown after {last_id}"}
     days = int(rt.settings.config.raw["monitoring"].get("retrain_window_days", 14))
     run_id = drift.trigger_run_id(window.start, window.end)
-    reason = "drift: " + "; ".join(decision["reasons"])
+    reason = trigger_reason(decision["reasons"])
     conf = {
         "window_start": (window.end - timedelta(days=days)).isoformat(),
         "window_end": window.end.isoformat(),
@@ -256,3 +256,9 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
     if runs:
         rt.client.set_tag(runs[0].info.run_id, f"{TAG}triggered_run_id", run_id)
     return {**base, "retrain": True, "why": reason, "run_id": run_id, "conf": conf}
+
+
+def trigger_reason(reasons: list[str]) -> str:
+    """The retraining's reason: the decision's reasons, "drift: " said once (the first reason says it already)."""
+    reason = "; ".join(reasons)
+    return reason if reason.startswith("drift") else "drift: " + reason

@@ -236,7 +236,8 @@ def _now() -> str:
 
 def _append_history(client: MlflowClient, settings: Settings, move: Promotion) -> None:
     exp_id = ensure_experiment(client, settings, HISTORY_EXPERIMENT)
-    run = client.create_run(exp_id, run_name=f"{move.model} v{move.previous} -> v{move.version}", tags={
+    before = f"v{move.previous}" if move.previous else "none"
+    run = client.create_run(exp_id, run_name=f"{move.kind} {move.model} {before} -> v{move.version}", tags={
         f"{TAG}model": move.model, f"{TAG}to_version": move.version, f"{TAG}from_version": move.previous or "",
         f"{TAG}reason": move.reason[:4000], f"{TAG}actor": move.actor, f"{TAG}kind": move.kind,
         f"{TAG}at": move.at,

@@ -60,7 +60,16 @@ def train(rt: Runtime, training_set: dict[str, Any], lineage: dict[str, Any]) ->
     """Train and log to MLflow (reusing the run of an identical earlier training)."""
     from closedloop.training import train_and_log
 
-    return train_and_log(rt.settings, rt.lake, rt.contract, training_set, lineage=lineage).to_dict()
+    return train_and_log(rt.settings, rt.lake, rt.contract, training_set, lineage=lineage,
+                         run_name=run_name(rt.model_name, str(lineage.get("window", "")))).to_dict()
+
+
+def run_name(model: str, window: str) -> str:
+    """What a training run is: ``train card_fraud 2026-03-01..03-29`` (the end's year left out when the same)."""
+    start, _, end = window.partition("..")
+    if end[:5] == start[:5] and len(end) == 10:
+        end = end[5:]
+    return f"train {model} {start}..{end}" if start and end else f"train {model}"
 
 
 def register(rt: Runtime, trained: dict[str, Any], window: Window, extra_tags: dict[str, str] | None = None

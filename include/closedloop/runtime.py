@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -17,6 +20,21 @@ if TYPE_CHECKING:
     from closedloop.features import FeastDefinitions
 
 
+def library_logs_at_their_level() -> None:
+    """Let MLflow's log records reach the root logger with their own level.
+
+    On import MLflow gives its ``mlflow`` logger a handler of its own on stderr and stops propagation; an Airflow
+    task records every stderr line at ERROR, so each MLflow INFO line showed as an error in the task log. With
+    ``MLFLOW_CONFIGURE_LOGGING=false`` (before the import) or the handler removed (after it) the records go
+    through the task's logging at their level: INFO stays INFO.
+    """
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if "mlflow" in sys.modules:
+        logger = logging.getLogger("mlflow")
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)]
+        logger.propagate = True
+
+
 @dataclass
 class Runtime:
     """Settings plus lazily built clients; pass one to the stage functions."""
@@ -28,6 +46,7 @@ class Runtime:
         from closedloop.secrets import mask_secrets
 
         mask_secrets()  # every task builds its Runtime first: its logs never show what closedloop reads
+        library_logs_at_their_level()
         rt = cls(Settings.from_env())
         rt.settings.ensure_dirs()
         return rt

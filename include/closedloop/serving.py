@@ -303,6 +303,32 @@ def request_model(contract: DataContract) -> tuple[type, type]:
     return transaction, ScoreRequest
 
 
+def contract_warnings(transaction: dict[str, Any], contract: DataContract) -> list[dict[str, Any]]:
+    """The request fields outside the contract's ranges (``block:`` and ``warn:``) or categories.
+
+    Batch validation would quarantine (block) or warn about such values; online the transaction is still scored
+    (an unknown category as missing, as in batch) and the answer names each field: ``{"field", "value",
+    "expected"}``.
+    """
+    out: list[dict[str, Any]] = []
+    for col in contract.columns:
+        value = transaction.get(col.name)
+        if col.role != "feature" or value is None:
+            continue
+        if col.dtype == "category":
+            if value not in col.categories:
+                out.append({"field": col.name, "value": value, "expected": f"one of {list(col.categories)}"})
+            continue
+        for rule, spec in (("block", col.block), ("warn", col.warn)):
+            lo, hi = spec.get("min"), spec.get("max")
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                out.append({"field": col.name, "value": value,
+                            "expected": f"in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}] "
+                                        f"({rule}: range)"})
+                break
+    return out
+
+
 def score_frame(model: LoadedModel, frame: pd.DataFrame, contract: DataContract) -> Any:
     """Scores of ``frame`` (request fields and entity features) by ``model``: the batch path's matrix and trees."""
     from closedloop.training import predict_inplace
@@ -363,9 +389,17 @@ class Scorer:
         logged[REQUEST_ID] = uuid.uuid4().hex
         self.served.append(logged.to_dict("records"))
         self._shadow(frame, logged, model)
+        predictions = [{c.row_key: i, "score": float(s), "decision": int(d)}
+                       for i, s, d in zip(ids, scores, decisions, strict=True)]
+        for prediction, transaction in zip(predictions, transactions, strict=True):
+            warnings = contract_warnings(transaction, c)
+            if warnings:  # scored all the same; the caller and /metrics are told which fields
+                prediction["warnings"] = warnings
+                if self.metrics is not None:
+                    for w in warnings:
+                        self.metrics.out_of_contract.labels(w["field"]).inc()
         return {"model": model.name, "model_version": model.version, "threshold": model.threshold,
-                "predictions": [{c.row_key: i, "score": float(s), "decision": int(d)}
-                                for i, s, d in zip(ids, scores, decisions, strict=True)]}
+                "predictions": predictions}
 
     def _shadow(self, frame: pd.DataFrame, logged: pd.DataFrame, champ: LoadedModel) -> None:
         """Score with the challenger on a share of requests; log only (failures never reach the caller)."""
@@ -409,6 +443,9 @@ class Metrics:
         self.unknown = Counter(f"{p}unknown_customers", "Transactions refused: no online features.",
                                registry=self.registry)
         self.shadow = Counter(f"{p}shadow_predictions", "Challenger predictions logged.", registry=self.registry)
+        self.out_of_contract = Counter(f"{p}out_of_contract", "Transactions scored with a field outside the "
+                                       "contract's block:/warn: range or categories, by field.", ["field"],
+                                       registry=self.registry)
         self.feature_names = features
 
     def observe_features(self, feats: pd.DataFrame) -> None:

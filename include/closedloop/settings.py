@@ -257,7 +257,14 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         """Read the settings from ``env`` (default: ``os.environ``)."""
         env = dict(os.environ if env is None else env)
-        home = Path(env.get("CLOSEDLOOP_HOME") or REPO_ROOT / ".closedloop").expanduser().resolve()
+        raw_home = env.get("CLOSEDLOOP_HOME")
+        if raw_home is not None and not raw_home.strip():
+            raise ConfigError("CLOSEDLOOP_HOME is set but empty: unset it (the default is <checkout>/.closedloop) "
+                              "or name a folder")
+        home = Path(raw_home or REPO_ROOT / ".closedloop").expanduser().resolve()
+        if home.exists() and not home.is_dir():
+            raise ConfigError(f"CLOSEDLOOP_HOME={home} is a file, not a folder: point it at a folder (a missing "
+                              "one is created)")
         tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
         device = env.get("CLOSEDLOOP_DEVICE", "auto").lower()
         if device not in {"auto", "cpu", "cuda"}:

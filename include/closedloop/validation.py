@@ -664,6 +664,11 @@ def _finding(res: Any, df: pd.DataFrame, contract: DataContract) -> Finding:
     if rule == "expect_column_values_to_be_unique":
         return Finding(rule, column, severity, f"{subject} has duplicated values in {share}: {what}.", count,
                        sample)
+    if rule == "expect_column_values_to_be_in_set" and column in df.columns:  # name every new value
+        known = set(kwargs.get("value_set") or [])
+        new = sorted({str(v) for v in df[column].dropna().unique() if v not in known})
+        return Finding(rule, column, severity, f"{subject} holds new value(s) {', '.join(map(repr, new[:20]))}"
+                       f"{' ...' if len(new) > 20 else ''} in {share}: {what}.", count, sample)
     return Finding(rule, column, severity, f"{subject} breaks the rule in {share}: {what}.", count, sample)
 
 

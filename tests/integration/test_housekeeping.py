@@ -127,6 +127,15 @@ def test_airflow_db_clean_runs_on_the_metadata_database(rt, airflow_db):
     assert out["dry_run"] is True and out["before"].startswith("2026-08-02")
 
 
+def test_airflow_db_clean_works_from_a_real_task_process(rt, airflow_db, monkeypatch):
+    """A task under Airflow's supervisor has the metadata connection replaced by a blocked URL in its
+    environment (dag.test() does not): the CLI must not inherit it (under `make airflow` it failed every try)."""
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__SQL_ALCHEMY_CONN"):
+        monkeypatch.setenv(key, "airflow-db-not-allowed:///")
+    out = hk.clean_airflow_tables(rt.settings, NOW, dry_run=True)
+    assert out["dry_run"] is True
+
+
 def test_housekeeping_dag_checks_arrivals_then_prunes_then_cleans(dagbag):
     dag = dagbag.get_dag("housekeeping")
     order = ["check_arrivals", "prune_lake_and_mlflow", "clean_airflow_db"]

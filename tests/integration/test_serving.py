@@ -536,3 +536,22 @@ def test_skew_check_catches_an_online_store_one_transaction_behind(world):
     for name in c.entity_features:
         assert offline[name].to_numpy(dtype=float) == pytest.approx(
             closing.set_index(c.entity).loc[sample[c.entity], name].to_numpy(dtype=float), nan_ok=True), name
+
+
+def test_out_of_contract_fields_are_scored_and_named_in_the_answer_and_metrics(served):
+    """An hour of 99, a negative amount and an unknown category: batch would block or warn; online scores them
+    all the same and says which fields were outside the contract, counted per field on /metrics."""
+    reqs, http = served.reqs, served.http
+    odd = {**reqs[5], "hour_of_day": 99, "amount": -12.5, "merchant_category": "crypto_atm"}
+    r = http.post("/score", json={"transactions": [reqs[4], odd]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    fine, flagged = r.json()["predictions"]
+    assert "warnings" not in fine and 0.0 <= flagged["score"] <= 1.0
+    assert {w["field"]: w["value"] for w in flagged["warnings"]} == {
+        "hour_of_day": 99, "amount": -12.5, "merchant_category": "crypto_atm"}
+    hour = next(w for w in flagged["warnings"] if w["field"] == "hour_of_day")
+    assert hour["expected"] == "in [0, 23] (block: range)"
+    text = http.get("/metrics", headers=AUTH).text
+    for field in ("hour_of_day", "amount", "merchant_category"):
+        assert f'closedloop_serve_out_of_contract_total{{field="{field}"}} 1.0' in text, field
+    assert 'out_of_contract_total{field="channel"}' not in text
