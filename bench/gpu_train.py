@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"xgboost {xgb.__version__}; {args.rows:,} rows ({n_train:,} train, {n_val:,} validation, "
           f"{y_train.mean():.2%} positives), 30 features; data made in {time.perf_counter() - t0:.1f} s; "
           f"train step: {step_name}", flush=True)
-    matrix_s = None
+    matrix_s = device_matrix_s = None
     if step_name == "closedloop.training.fit":  # the step's host work alone: both splits' model matrices
         from closedloop.training import model_matrix
 
@@ -204,6 +204,27 @@ def main(argv: list[str] | None = None) -> int:
                            and np.array_equal(x_new[1], x_val, equal_nan=True))
         del x_new
         print(f"model_matrix of both splits {matrix_s:.2f} s (equal to the old matrix: {same_matrix})", flush=True)
+        if args.device in ("both", "cuda"):
+            try:
+                import cupy
+            except ImportError:
+                cupy = None
+            if cupy is not None:
+                model_matrix(validation.head(1000), contract, device="cuda")  # CuPy's kernels' first start
+                cupy.cuda.runtime.deviceSynchronize()
+
+                def on_device() -> Any:
+                    both = (model_matrix(train, contract, device="cuda"), model_matrix(validation, contract,
+                                                                                      device="cuda"))
+                    cupy.cuda.runtime.deviceSynchronize()
+                    return both
+
+                device_matrix_s, x_dev = timed(on_device)
+                same_dev = bool(np.array_equal(cupy.asnumpy(x_dev[0]), x_train, equal_nan=True)
+                                and np.array_equal(cupy.asnumpy(x_dev[1]), x_val, equal_nan=True))
+                del x_dev
+                print(f"model_matrix on cuda of both splits {device_matrix_s:.2f} s (equal to the old matrix: "
+                      f"{same_dev})", flush=True)
 
     devices = ["cuda", "cpu"] if args.device == "both" else [args.device]
     seconds: dict[str, tuple[float, float]] = {}
@@ -265,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                       "bare_s": {k: round(v, 3) for k, v in bare.items()},
                       "old_step_s": None if old_s is None else round(old_s, 3),
                       "model_matrix_s": None if matrix_s is None else round(matrix_s, 3),
+                      "model_matrix_cuda_s": None if device_matrix_s is None else round(device_matrix_s, 3),
+                      "pandas": pd.__version__,
                       "trees": trees, "best_iteration": int(booster.best_iteration),
                       "threshold": threshold, "max_score_diff_to_dmatrix": diff,
                       "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

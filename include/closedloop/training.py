@@ -148,8 +148,9 @@ def model_matrix(frame: pd.DataFrame, contract: DataContract, *, dtype: Any = "f
     (non-numbers missing). Each column is copied once into the matrix, by blocks of rows.
 
     ``dtype`` float32 is what XGBoost computes on (a float64 matrix gives the same scores: XGBoost rounds
-    it to float32). ``device="cuda"`` returns a CuPy array on the current GPU (one copy to the device; the
-    ``gpu`` extra installs CuPy); without CuPy, a warning and the NumPy matrix.
+    it to float32). ``device="cuda"`` returns a CuPy array on the current GPU, assembled there: each column
+    is cast on the host and copied to the device once, the row-major matrix is made on the device (the
+    ``gpu`` extra installs CuPy; without it, a warning and the host matrix). The values are the same.
     """
     import numpy as np
 
@@ -158,6 +159,10 @@ def model_matrix(frame: pd.DataFrame, contract: DataContract, *, dtype: Any = "f
     columns = [category_codes(frame[name], categorical[name], dtype) if name in categorical
                else _numeric_values(frame[name]) for name in names]
     rows = len(frame)
+    threads = min(8, os.cpu_count() or 1) if rows >= _PARALLEL_ROWS else 1
+    cupy = _cupy() if device == "cuda" else None
+    if cupy is not None:
+        return _device_matrix(cupy, columns, rows, dtype, threads)
     x = np.empty((rows, len(names)), dtype=dtype)
 
     def fill(start: int, stop: int) -> None:
@@ -166,8 +171,7 @@ def model_matrix(frame: pd.DataFrame, contract: DataContract, *, dtype: Any = "f
             for j, values in enumerate(columns):
                 x[lo:hi, j] = values[lo:hi]
 
-    threads = min(8, os.cpu_count() or 1)
-    if rows >= _PARALLEL_ROWS and threads > 1:
+    if threads > 1:
         from concurrent.futures import ThreadPoolExecutor
 
         step = -(-rows // threads)
@@ -175,19 +179,45 @@ def model_matrix(frame: pd.DataFrame, contract: DataContract, *, dtype: Any = "f
             list(pool.map(lambda lo: fill(lo, min(lo + step, rows)), range(0, rows, step)))
     else:
         fill(0, rows)
-    return to_device(x, device)
+    return x
 
 
-def to_device(x: Any, device: str) -> Any:
-    """``x`` on ``device``: a CuPy array for ``cuda`` when CuPy is installed (else ``x``, with a warning)."""
-    if device != "cuda":
-        return x
+def _device_matrix(cupy: Any, columns: list[Any], rows: int, dtype: Any, threads: int) -> Any:
+    """The row-major matrix of ``columns`` on the GPU: each column cast on the host (threads) and copied to
+    the device once, as a row of the transposed matrix; the device transposes it (same values: a copy)."""
+    import numpy as np
+
+    transposed = cupy.empty((len(columns), rows), dtype=dtype)
+
+    def cast(values: Any) -> Any:
+        return np.ascontiguousarray(values, dtype=dtype)
+
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:  # casts run ahead while the copies go in order
+            for j, host in enumerate(pool.map(cast, columns)):
+                transposed[j].set(host)
+    else:
+        for j, values in enumerate(columns):
+            transposed[j].set(cast(values))
+    return cupy.ascontiguousarray(transposed.T)
+
+
+def _cupy() -> Any:
+    """CuPy, or None with a warning (once) when it is not installed."""
     try:
         import cupy
     except ImportError:
         _warn_once("CuPy is not installed (the gpu extra): the model matrix stays in host memory")
-        return x
-    return cupy.asarray(x)
+        return None
+    return cupy
+
+
+def to_device(x: Any, device: str) -> Any:
+    """``x`` on ``device``: a CuPy array for ``cuda`` when CuPy is installed (else ``x``)."""
+    cupy = _cupy() if device == "cuda" else None
+    return x if cupy is None else cupy.asarray(x)
 
 
 def _warn_once(message: str, _said: set[str] = set()) -> None:  # noqa: B006 (the set remembers what was said)

@@ -25,7 +25,7 @@ from closedloop.training import category_codes, feature_frame, fit, model_matrix
 
 CONFIG = {
     "params": {"objective": "binary:logistic", "eval_metric": ["aucpr", "logloss"], "tree_method": "hist",
-               "max_depth": 4, "learning_rate": 0.1, "subsample": 0.9, "seed": 7, "nthread": 2},
+               "max_depth": 4, "learning_rate": 0.1, "subsample": 0.9, "seed": 7, "nthread": 1},
     "num_boost_round": 60, "early_stopping_rounds": 20, "target_fpr": 0.01,
 }
 
@@ -166,3 +166,32 @@ def test_a_model_of_other_features_is_refused(models, splits, contract):
     booster.feature_names = [f"x{i}" for i in range(len(contract.model_features))]
     with pytest.raises(ValueError, match="feature_names mismatch"):
         predict_inplace(booster, splits["holdout"].head(3), contract)
+
+
+class _HostArray(np.ndarray):
+    """A NumPy array with CuPy's ``set`` (host -> device copy): the device assembly's logic, without a GPU."""
+
+    def set(self, host: np.ndarray) -> None:
+        self[...] = host
+
+
+class _HostCupy:
+    """The three CuPy calls ``_device_matrix`` makes, on host memory (this machine has no GPU; bench/gpu_train.py
+    checks the real device matrix against the host one on a GPU)."""
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, dtype=dtype).view(_HostArray)
+
+    @staticmethod
+    def ascontiguousarray(x):
+        return np.ascontiguousarray(x)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_device_assembly_gives_the_host_matrix(odd, contract, threads):
+    columns = [category_codes(odd[n], contract.categorical[n]) if n in contract.categorical
+               else training._numeric_values(odd[n]) for n in contract.model_features]
+    x = training._device_matrix(_HostCupy, columns, len(odd), "float32", threads)
+    assert x.flags.c_contiguous
+    np.testing.assert_array_equal(x, model_matrix(odd, contract))
