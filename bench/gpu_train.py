@@ -130,6 +130,15 @@ def host_matrix(frame: pd.DataFrame, contract: Any) -> np.ndarray:
     return feature_frame(frame, contract).to_numpy(np.float32)
 
 
+def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by ranks (ties averaged), without scikit-learn."""
+    from scipy.stats import rankdata
+
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    return float((rankdata(scores)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def timed(fn: Any) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
@@ -178,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("both", "cuda", "cpu"), default="both")
     p.add_argument("--cpu-threads", type=int, default=2, help="nthread of the CPU runs (default 2)")
     p.add_argument("--old", action="store_true", help="also time the train step before issue 23")
+    p.add_argument("--repeat", type=int, default=1, help="time the step and the bare paths this many times "
+                   "(interleaved) and report the medians (default 1)")
     p.add_argument("--json", help="append the figures to this JSON-lines file")
     args = p.parse_args(argv)
     if args.device in ("both", "cuda") and not xgb.build_info().get("USE_CUDA"):
@@ -242,25 +253,36 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     print(f"bare path {name} failed at the warm-up: {type(exc).__name__}: {exc}", flush=True)
             del warm
-        s_step, (booster, threshold) = timed(lambda config=config, device=device: step(train, validation, contract,
-                                                                                       config, device))
-        bare: dict[str, float] = {}
-        trees: dict[str, int] = {"step": booster.num_boosted_rounds()}
+        runs: dict[str, list[float]] = {}  # seconds of each repetition; the figures are their medians
+        trees: dict[str, int] = {}
         plain = None
-        for name, fn in bare_paths(device, params, x_train, y_train, x_val, y_val).items():
-            try:
-                bare[name], model = timed(fn)
-            except Exception as exc:  # one path failing (a library mismatch on the device) leaves the others
-                print(f"bare path {name} failed: {type(exc).__name__}: {exc}", flush=True)
-                continue
-            trees[name] = model.num_boosted_rounds()
-            if name == "dmatrix":
-                plain = model
+        paths = bare_paths(device, params, x_train, y_train, x_val, y_val)
+        for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every path
+            s, (booster, threshold) = timed(lambda config=config, device=device: step(train, validation, contract,
+                                                                                      config, device))
+            runs.setdefault("step", []).append(s)
+            trees["step"] = booster.num_boosted_rounds()
+            for name, fn in paths.items():
+                try:
+                    s, model = timed(fn)
+                except Exception as exc:  # one path failing (a library mismatch on the device) leaves the others
+                    print(f"bare path {name} failed: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                runs.setdefault(name, []).append(s)
+                trees[name] = model.num_boosted_rounds()
+                if name == "dmatrix":
+                    plain = model
+        all_runs = {k: list(v) for k, v in runs.items()}
+        s_step = float(np.median(runs.pop("step")))
+        bare = {name: float(np.median(v)) for name, v in runs.items()}
         dval = xgb.DMatrix(x_val)
         best = (0, booster.best_iteration + 1)
         diff = float(np.abs(booster.predict(dval, iteration_range=best, validate_features=False)
                             - plain.predict(dval, iteration_range=best)
                             ).max()) if plain is not None and plain.best_iteration == booster.best_iteration else None
+        auc = {"step": roc_auc(y_val, booster.predict(dval, iteration_range=best, validate_features=False))}
+        if plain is not None:
+            auc["dmatrix"] = roc_auc(y_val, plain.predict(dval, iteration_range=(0, plain.best_iteration + 1)))
         floor_name = min(bare, key=bare.get)
         floor = bare[floor_name]
         old_s = None
@@ -272,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         to_plain = s_step / bare.get("dmatrix", np.nan)
         print(f"{device:<5} train step {s_step:7.2f} s   floor {floor:7.2f} s ({floor_name})   ratio "
               f"{s_step / floor:5.2f}x   to plain DMatrix {to_plain:5.2f}x   {threads}", flush=True)
+        print("      " + "; ".join(f"{k} " + " ".join(f"{v:.2f}" for v in vs) + " s" for k, vs in all_runs.items()),
+              flush=True)
         print("      bare: " + ", ".join(f"{k} {v:.2f} s" for k, v in bare.items())
               + (f"; old step {old_s:.2f} s ({old_s / floor:.2f}x)" if old_s else ""), flush=True)
         print(f"      trees {trees} ({same}; best iteration {booster.best_iteration}); threshold {threshold:.6f}; "
               f"max |step - plain DMatrix| validation score "
-              f"{'n/a (other best iteration)' if diff is None else f'{diff:.2e}'}", flush=True)
+              f"{'n/a (other best iteration)' if diff is None else f'{diff:.2e}'}; validation ROC AUC "
+              + ", ".join(f"{k} {v:.6f}" for k, v in auc.items()), flush=True)
         seconds[device] = (s_step, floor)
         if args.json:
             record = {"rows": args.rows, "device": device, "threads": args.cpu_threads if device == "cpu" else None,
@@ -288,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                       "model_matrix_s": None if matrix_s is None else round(matrix_s, 3),
                       "model_matrix_cuda_s": None if device_matrix_s is None else round(device_matrix_s, 3),
                       "pandas": pd.__version__,
-                      "trees": trees, "best_iteration": int(booster.best_iteration),
+                      "repeat": args.repeat, "runs_s": {k: [round(v, 3) for v in vs] for k, vs in all_runs.items()},
+                      "validation_auc": auc, "trees": trees, "best_iteration": int(booster.best_iteration),
                       "threshold": threshold, "max_score_diff_to_dmatrix": diff,
                       "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             with open(args.json, "a") as f:

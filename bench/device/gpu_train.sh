@@ -38,7 +38,7 @@ for item in ${PLAN:-1000000:both 10000000:both}; do
   rows=${item%%:*} devices=${item##*:}
   echo "== $rows rows, device $devices (cpu: ${CPU_THREADS:-16} threads) ==" | tee -a "$log"
   timeout "${LIMIT:-400}" "$PY" bench/gpu_train.py --rows "$rows" --device "$devices" \
-    --cpu-threads "${CPU_THREADS:-16}" --old --json "$J" 2>&1 | tee -a "$log"
+    --cpu-threads "${CPU_THREADS:-16}" --repeat "${REPEAT:-1}" --old --json "$J" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then
     status=$rc
