@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                                       config, device))
             runs.setdefault("step", []).append(s)
             trees["step"] = booster.num_boosted_rounds()
+            if args.old and step_name == "closedloop.training.fit":  # the step before issue 23, in the same rounds
+                s, _ = timed(lambda config=config, device=device: fit_like_closedloop(train, validation, contract,
+                                                                                      config, device))
+                runs.setdefault("old", []).append(s)
             for name, fn in paths.items():
                 try:
                     s, model = timed(fn)
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     plain = model
         all_runs = {k: list(v) for k, v in runs.items()}
         s_step = float(np.median(runs.pop("step")))
+        old_s = float(np.median(runs.pop("old"))) if "old" in runs else None
         bare = {name: float(np.median(v)) for name, v in runs.items()}
         dval = xgb.DMatrix(x_val)
         best = (0, booster.best_iteration + 1)
@@ -285,10 +290,6 @@ def main(argv: list[str] | None = None) -> int:
             auc["dmatrix"] = roc_auc(y_val, plain.predict(dval, iteration_range=(0, plain.best_iteration + 1)))
         floor_name = min(bare, key=bare.get)
         floor = bare[floor_name]
-        old_s = None
-        if args.old and step_name == "closedloop.training.fit":
-            old_s, _ = timed(lambda config=config, device=device: fit_like_closedloop(train, validation, contract,
-                                                                                      config, device))
         same = "same" if len(set(trees.values())) == 1 else "DIFFERENT"
         threads = f"nthread {args.cpu_threads}" if device == "cpu" else "all cores for the host side"
         to_plain = s_step / bare.get("dmatrix", np.nan)
