@@ -246,19 +246,30 @@ def _ci(interval: Interval) -> str:
 
 
 def chance_interval(y: Any, scores: Any, policy: dict[str, Any]) -> Interval | None:
-    """The bootstrap interval of one model's own ROC AUC on the holdout (None when undefined: one class).
+    """An interval of one model's own ROC AUC on the holdout, for the chance checks (None: one class only).
 
-    Uses the gate's bootstrap confidence and seed, and 1000 resamples even when the gain's bootstrap is
-    off: the plausibility checks never rest on a point estimate alone.
+    The union of two intervals at the gate's confidence: the stratified bootstrap's (1000 resamples even
+    when the gain's bootstrap is off) and the point estimate plus or minus the ROC AUC's standard error
+    under no skill (Mann-Whitney: ``sqrt((P + N + 1) / (12 P N))``). With a handful of positives the
+    bootstrap keeps resampling the same few rows and its interval is far too narrow (one positive: a single
+    point); the null's standard error is not, so that a lucky ranking of three positives is no evidence.
     """
+    from statistics import NormalDist
+
     import numpy as np
+    from sklearn.metrics import roc_auc_score
 
     resamples, confidence, seed = bootstrap_settings(policy)
     y = np.asarray(y).astype(int)
-    if y.min(initial=0) == y.max(initial=0):
+    p, n = int((y == 1).sum()), int((y == 0).sum())
+    if p == 0 or n == 0:
         return None
-    return bootstrap_interval(y, scores, metric="roc_auc", resamples=resamples or 1000, confidence=confidence,
+    boot = bootstrap_interval(y, scores, metric="roc_auc", resamples=resamples or 1000, confidence=confidence,
                               seed=seed)
+    auc = float(roc_auc_score(y, np.clip(np.asarray(scores, dtype=float), _CLIP, 1 - _CLIP)))
+    half = NormalDist().inv_cdf((1 + confidence) / 2) * math.sqrt((p + n + 1) / (12 * p * n))
+    return Interval("roc_auc", "candidate", min(boot.lower, auc - half), max(boot.upper, auc + half),
+                    boot.resamples, confidence, seed)
 
 
 def plausibility(policy: dict[str, Any], scores: Scores | None, label_checks: list[ShareVerdict] | None = None
