@@ -366,12 +366,15 @@ def mark_orphans(client: MlflowClient, experiment_id: str, dag_run_id: str | Non
     for r in runs.values():
         if r.data.tags.get(f"{TAG}orphan") == "true":
             continue
-        left_by = r.data.tags.get(f"{TAG}dag_run_id", "a killed or failed try")
-        how = "an earlier try" if left_by == dag_run_id else f"the same lineage ({lineage}); {left_by}"
+        left_by = r.data.tags.get(f"{TAG}dag_run_id")
+        if left_by and left_by == dag_run_id:
+            why = f"left {r.info.status} by an earlier try of {dag_run_id}, which died or failed; a later try " \
+                  "trained again"
+        else:
+            why = (f"left {r.info.status} by a try of {left_by or 'another run'} (same lineage {lineage}), which "
+                   f"died or failed; found by {dag_run_id or 'a later training'} of the same lineage")
         client.set_tag(r.info.run_id, f"{TAG}orphan", "true")
-        client.set_tag(r.info.run_id, f"{TAG}orphan_reason",
-                       f"left {r.info.status} by {how}, which died or failed; a later try trained again"
-                       + (f" (found by {dag_run_id})" if dag_run_id and left_by != dag_run_id else ""))
+        client.set_tag(r.info.run_id, f"{TAG}orphan_reason", why)
         if r.info.status == "RUNNING":
             client.set_terminated(r.info.run_id, status="FAILED")
         marked.append(r.info.run_id)
