@@ -13,8 +13,9 @@ judged against it on the same holdout (the last 7 days, as ``holdout_days: 7`` w
 - worse, degraded labels: the champion's data with 20 % of its training labels flipped.
 
 Every candidate goes through :func:`closedloop.gate.decide` with the gate section of
-``include/config/closedloop.yaml`` (margin, guards, paired bootstrap), and once more with the bootstrap
-off (the point rule alone), to show what the interval buys. Usage::
+``include/config/closedloop.yaml`` (margin, guards, paired bootstrap) and the plausibility checks (each
+model's ROC AUC against chance, the holdout's label share against the contract's band), and once more with
+the bootstrap off (the point rule alone), to show what the interval buys. Usage::
 
     .venv/bin/python bench/gate_power.py [--quick] [--seeds N] [--per-day N] [--confidence C]
 
@@ -34,8 +35,9 @@ import numpy as np
 import pandas as pd
 
 from closedloop.aggregates import compute_entity_features
-from closedloop.gate import PROMOTE, Scores, bootstrap_interval, decide
+from closedloop.gate import LABELS_SUSPECT, PROMOTE, Scores, bootstrap_interval, decide
 from closedloop.generate import GeneratorConfig, simulate
+from closedloop.labels import judge_share
 from closedloop.metrics import classification_metrics
 from closedloop.schema import DataContract, load_contract
 from closedloop.settings import DEFAULT_CONFIG, Config
@@ -107,11 +109,13 @@ def judge(policy: dict[str, Any], holdout: pd.DataFrame, contract: DataContract,
     champ_m = classification_metrics(y, champ_scores, champion[1])
     cand_m = classification_metrics(y, cand_scores, candidate[1])
     scores = Scores(y, cand_scores, champ_scores)
-    gated = decide(cand_m, champ_m, policy, candidate_version="2", champion_version="1", scores=scores)
+    shares = [judge_share(int(y.sum()), len(y), contract.label_share, "the holdout's labels")]
+    gated = decide(cand_m, champ_m, policy, candidate_version="2", champion_version="1", scores=scores,
+                   label_checks=shares)
     point = decide(cand_m, champ_m, {**policy, "bootstrap": {"resamples": 0}}, candidate_version="2",
                    champion_version="1")
     return {"gated": gated.outcome == PROMOTE, "point": point.outcome == PROMOTE,
-            "insufficient": gated.outcome == "insufficient_evidence",
+            "insufficient": gated.outcome == "insufficient_evidence", "suspect": gated.outcome == LABELS_SUSPECT,
             "gain": cand_m[policy["primary_metric"]] - champ_m[policy["primary_metric"]],
             "lower": (gated.interval or {}).get("lower", float("nan")), "positives": int(y.sum())}
 
@@ -162,7 +166,9 @@ def main() -> None:
         gated = sum(r["gated"] for r in results)
         point = sum(r["point"] for r in results)
         insufficient = sum(r["insufficient"] for r in results)
-        extra = f" ({insufficient} insufficient evidence)" if insufficient else ""
+        suspect = sum(r["suspect"] for r in results)
+        extra = (f" ({insufficient} insufficient evidence)" if insufficient else "") + (
+            f" ({suspect} labels suspect)" if suspect else "")
         print(f"| {name} | {gated}/{n} ({gated / n:.0%}){extra} | {point}/{n} ({point / n:.0%}) "
               f"| {np.median([r['gain'] for r in results]):+.4f} | {np.nanmedian([r['lower'] for r in results]):+.4f} "
               f"| {int(np.median([r['positives'] for r in results]))} |")

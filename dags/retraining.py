@@ -18,7 +18,9 @@ Tasks, each a thin call into the `closedloop` package:
   dask` it trains on a Dask cluster (`CLOSEDLOOP_DASK_SCHEDULER`, or a local one) for sets beyond one
   machine's memory.
 - `register_model`: a model version with its lineage and drift reference (a re-run finds its own version).
-- `evaluate_gate`: candidate and champion scored on the same holdout; the decision goes to the version's tags.
+- `evaluate_gate`: the labels' plausibility first (share in the contract's band, no model below chance:
+  else "labels suspect", see docs/GATE.md), then candidate and champion scored on the same holdout; the
+  decision goes to the version's tags.
 - `promote_or_reject`: moves the `champion` alias (compare-and-set) or keeps the candidate as rejected.
 
 One run at a time (`max_active_runs=1`). Every task has an execution timeout and is retried with
@@ -64,6 +66,10 @@ from closedloop.orchestration import (
                               description="Hold out the window's last N days instead of the configured fractions."),
         "validation_days": Param(None, type=["null", "integer"], minimum=1, maximum=14, title="Validation days",
                                  description="With holdout days: validate on the N days before the holdout."),
+        "labels_override": Param(None, type=["null", "object"], title="Labels override",
+                                 description="Only when the relationship really inverted: {\"by\": who, \"why\": "
+                                             "why} lets the gate compare models it finds 'labels suspect' "
+                                             "(recorded on the version). See docs/GATE.md."),
     },
 )
 def retraining():
@@ -126,11 +132,13 @@ def retraining():
 
     @task
     def evaluate_gate(registered: dict, training_set: dict) -> dict:
-        """Score candidate and champion on the same holdout and decide."""
+        """Check the labels' plausibility, score candidate and champion on the same holdout and decide."""
         from closedloop import retraining as stages
+        from closedloop.runconf import labels_override
         from closedloop.runtime import Runtime
 
-        return run_stage(stages.evaluate_gate, Runtime.from_env(), registered, training_set)
+        override = run_stage(labels_override, conf_of(get_current_context()))
+        return run_stage(stages.evaluate_gate, Runtime.from_env(), registered, training_set, override)
 
     @model_version_task(execution_timeout=timeout(minutes=10))
     def promote_or_reject(decision: dict) -> dict:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("validation_failed", "drift_detected", "promoted", "rejected", "data_missing", "task_failed", "skew_detected")
+KINDS = ("validation_failed", "drift_detected", "promoted", "rejected", "data_missing", "task_failed", "skew_detected",
+         "labels_suspect")
 SEVERITIES = ("info", "warning", "error")
 ALERTS_FILE = "alerts.jsonl"
 
@@ -130,6 +131,10 @@ def gate_alert(action: dict[str, Any]) -> dict[str, Any] | None:
         return make_alert("promoted", f"{action['model']} v{action['version']} is the champion (was "
                           f"v{action.get('previous') or '-'}): {action.get('reason')}; `closedloop rollback` "
                           "undoes it", severity="info", details=action)
+    if action.get("action") == "rejected" and action.get("outcome") == "labels_suspect":
+        return make_alert("labels_suspect", f"{action['model']} v{action['version']} not promoted, the labels look "
+                          f"broken (champion v{action.get('champion') or '-'} kept): {action.get('reason')}",
+                          severity="error", details=action)
     if action.get("action") == "rejected":
         return make_alert("rejected", f"{action['model']} v{action['version']} rejected, champion "
                           f"v{action.get('champion') or '-'} kept: {action.get('reason')}", severity="info",

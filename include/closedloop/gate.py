@@ -8,6 +8,13 @@ run, and returns it for the promote task. See ``docs/GATE.md`` for the policy an
 The rule, in order:
 
 1. The primary metric must be defined on the holdout (both classes present), else "insufficient evidence".
+   Plausibility comes before any comparison (:func:`plausibility`): a holdout (or window) whose positive
+   share is surely outside the contract's ``label.expected_share.block``, or a champion or candidate whose
+   ROC AUC interval lies wholly below chance (0.5), is "labels suspect": nothing moves, an alert goes out,
+   the reasons go on the version (an operator's ``labels_override``, with who and why, skips these two
+   checks and is recorded). A candidate whose ROC AUC interval reaches chance, judged against no champion
+   or a champion that shows no skill on this holdout either, is "insufficient evidence": the holdout's
+   labels say nothing about the inputs.
 2. With no champion yet (the registry has never promoted one), the candidate becomes the champion.
 3. With an unusable champion (gone, unloadable, trained on another schema: :class:`ChampionCheck`)
    nothing can be compared: the candidate must clear the absolute ``floor`` on its own, point estimate
@@ -35,6 +42,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
 
+    from closedloop.labels import ShareVerdict
     from closedloop.lake import Lake
     from closedloop.schema import DataContract
     from closedloop.settings import Settings
@@ -42,6 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROMOTE, REJECT, INSUFFICIENT = "promote", "reject", "insufficient_evidence"
+LABELS_SUSPECT = "labels_suspect"
+CHANCE_AUC = 0.5  # a model's ROC AUC when its scores say nothing about the labels
 _EPS = 1e-9  # metric differences below this are rounding, not evidence
 _CLIP = 1e-7  # scores are clipped as classification_metrics clips them, so both see the same ties
 _CHUNK = 1 << 19  # resampling weights held at once (b x rows): small enough to stay in cache
@@ -194,7 +204,7 @@ class Decision:
     compared (gone, unloadable, other schema); ``interval`` is the bootstrap interval the rule used.
     """
 
-    outcome: str  # promote | reject | insufficient_evidence
+    outcome: str  # promote | reject | insufficient_evidence | labels_suspect
     reason: str
     candidate_version: str
     champion_version: str | None
@@ -202,13 +212,18 @@ class Decision:
     champion: dict[str, float] = field(default_factory=dict)
     interval: dict[str, Any] | None = None
     champion_problem: str | None = None
+    plausibility: dict[str, Any] | None = None  # what plausibility() found (suspicions, chance intervals)
+    override: dict[str, Any] | None = None  # the operator's labels_override ({by, why}) when one was given
 
     @property
     def promote(self) -> bool:
         return self.outcome == PROMOTE
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-safe: undefined (NaN, infinite) metrics become None, with the reason under ``undefined``."""
+        from closedloop.metrics import json_safe
+
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -230,9 +245,68 @@ def _ci(interval: Interval) -> str:
     return f"{interval.confidence:.0%} CI [{interval.lower:{sign}.4f}, {interval.upper:{sign}.4f}]"
 
 
+def chance_interval(y: Any, scores: Any, policy: dict[str, Any]) -> Interval | None:
+    """An interval of one model's own ROC AUC on the holdout, for the chance checks (None: one class only).
+
+    The union of two intervals at the gate's confidence: the stratified bootstrap's (1000 resamples even
+    when the gain's bootstrap is off) and the point estimate plus or minus the ROC AUC's standard error
+    under no skill (Mann-Whitney: ``sqrt((P + N + 1) / (12 P N))``). With a handful of positives the
+    bootstrap keeps resampling the same few rows and its interval is far too narrow (one positive: a single
+    point); the null's standard error is not, so that a lucky ranking of three positives is no evidence.
+    """
+    from statistics import NormalDist
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    resamples, confidence, seed = bootstrap_settings(policy)
+    y = np.asarray(y).astype(int)
+    p, n = int((y == 1).sum()), int((y == 0).sum())
+    if p == 0 or n == 0:
+        return None
+    boot = bootstrap_interval(y, scores, metric="roc_auc", resamples=resamples or 1000, confidence=confidence,
+                              seed=seed)
+    auc = float(roc_auc_score(y, np.clip(np.asarray(scores, dtype=float), _CLIP, 1 - _CLIP)))
+    half = NormalDist().inv_cdf((1 + confidence) / 2) * math.sqrt((p + n + 1) / (12 * p * n))
+    return Interval("roc_auc", "candidate", min(boot.lower, auc - half), max(boot.upper, auc + half),
+                    boot.resamples, confidence, seed)
+
+
+def plausibility(policy: dict[str, Any], scores: Scores | None, label_checks: list[ShareVerdict] | None = None
+                 ) -> dict[str, Any]:
+    """What the holdout says about its own labels, before any comparison of the two models.
+
+    ``suspect`` lists the reasons to distrust the labels (a share check at ``block`` level, a model whose
+    ROC AUC interval lies wholly below chance); ``no_skill`` says the candidate's interval reaches chance
+    and so does the champion's (or there is no champion to compare with); ``intervals`` holds each model's
+    ROC AUC interval. Without per-row scores only the share checks can be judged.
+    """
+    suspect = [v.message for v in (label_checks or []) if v.level == "block"]
+    intervals: dict[str, dict[str, Any] | None] = {}
+    no_skill = False
+    if scores is not None:
+        ci = {"candidate": chance_interval(scores.y, scores.candidate, policy)}
+        if scores.champion is not None:
+            ci["champion"] = chance_interval(scores.y, scores.champion, policy)
+        for who, interval in ci.items():
+            intervals[who] = interval.to_dict() if interval else None
+            if interval is not None and interval.upper < CHANCE_AUC:
+                suspect.append(f"the {who} scores below chance on the holdout: ROC AUC {_ci(interval)} lies wholly "
+                               f"under {CHANCE_AUC} (inverted or mismatched labels?)")
+        reaches = [v is None or v.lower <= CHANCE_AUC for v in ci.values()]
+        no_skill = all(reaches)
+    return {"suspect": suspect, "no_skill": no_skill, "intervals": intervals,
+            "label_share": [v.to_dict() for v in (label_checks or [])]}
+
+
+def override_note(override: dict[str, Any] | None) -> str:
+    return f"labels_override by {override.get('by')}: {override.get('why')}" if override else ""
+
+
 def decide(candidate: dict[str, float], champion: dict[str, float] | None, policy: dict[str, Any], *,
            candidate_version: str, champion_version: str | None, scores: Scores | None = None,
-           interval: Interval | None = None, champion_problem: str | None = None) -> Decision:
+           interval: Interval | None = None, champion_problem: str | None = None,
+           label_checks: list[ShareVerdict] | None = None, override: dict[str, Any] | None = None) -> Decision:
     """Apply the gate policy (the module docstring's rule) to the metrics of both models on one holdout.
 
     ``champion`` is None when there is no usable champion; ``champion_problem`` then says why (None:
@@ -247,10 +321,14 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
     higher = DIRECTIONS[primary]
     margin = float(policy.get("margin", 0.0))
     resamples, confidence, seed = bootstrap_settings(policy)
+    checks = plausibility(policy, scores, label_checks)
     args = {"candidate_version": candidate_version, "champion_version": champion_version,
-            "candidate": candidate, "champion": champion or {}, "champion_problem": champion_problem}
+            "candidate": candidate, "champion": champion or {}, "champion_problem": champion_problem,
+            "plausibility": checks, "override": dict(override) if override else None}
 
     def verdict(outcome: str, reason: str, ci: Interval | None = None) -> Decision:
+        if override and checks["suspect"]:
+            reason += f" [{override_note(override)}; overridden: {'; '.join(checks['suspect'])}]"
         return Decision(outcome, reason, interval=ci.to_dict() if ci else None, **args)
 
     def need_interval(of: str) -> Interval | None:
@@ -264,8 +342,17 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
                                   metric=primary, resamples=resamples, confidence=confidence, seed=seed)
 
     c = candidate.get(primary, math.nan)
-    if math.isnan(c):
+    if c is None or math.isnan(c):
         return verdict(INSUFFICIENT, f"{primary} undefined on the holdout (one class only): nothing moves")
+    if checks["suspect"] and not override:
+        return verdict(LABELS_SUSPECT, "labels suspect, nothing moves: " + "; ".join(checks["suspect"])
+                       + ". If the relationship really changed, re-run with labels_override {by, why} or use "
+                       "`closedloop promote --force`")
+    if checks["no_skill"] and not (champion is None and champion_problem):  # an unusable champion: the floor judges
+        who = "the candidate's" + ("" if champion is None else " and the champion's")
+        return verdict(INSUFFICIENT, f"{who} ROC AUC interval reaches chance ({CHANCE_AUC}) on this holdout: its "
+                       "labels show no relation to the inputs (too few positives, or unrelated labels); nothing "
+                       "moves")
 
     if champion is None and not champion_problem:
         return verdict(PROMOTE, "no champion yet: the first valid candidate becomes champion")
@@ -289,7 +376,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
         return verdict(INSUFFICIENT, f"holdout has {positives:.0f} positives, fewer than the "
                        f"{policy['min_holdout_positives']} needed to judge: champion kept")
     k = champion.get(primary, math.nan)
-    if math.isnan(k):
+    if k is None or math.isnan(k):
         return verdict(INSUFFICIENT, f"champion's {primary} undefined on the holdout: champion kept")
     gain = c - k if higher else k - c  # not -_loss(): a tie must read +0.0000, not -0.0000
     ci = need_interval("gain")
@@ -427,12 +514,32 @@ def inspect_champion(client: MlflowClient, name: str, contract: DataContract, ho
 
 
 # -- the task's function ---------------------------------------------------------------------------
+def label_checks(contract: DataContract, holdout_y: Any, training_set: dict[str, Any] | None = None
+                 ) -> list[ShareVerdict]:
+    """The window-level share checks: the holdout's labels, and the whole window's (all splits) when known."""
+    import numpy as np
+
+    from closedloop.labels import judge_share
+
+    y = np.asarray(holdout_y)
+    positive = max(contract.label_values)
+    checks = [judge_share(int((y == positive).sum()), len(y), contract.label_share, "the holdout's labels")]
+    if training_set and training_set.get("rows") and training_set.get("positives"):
+        checks.append(judge_share(sum(int(v) for v in training_set["positives"].values()),
+                                  sum(int(v) for v in training_set["rows"].values()), contract.label_share,
+                                  "the window's labels"))
+    return checks
+
+
 def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract: DataContract, *,
-                  name: str, candidate_version: str, training_set_uri: str) -> Decision:
+                  name: str, candidate_version: str, training_set_uri: str,
+                  training_set: dict[str, Any] | None = None, override: dict[str, Any] | None = None) -> Decision:
     """Score candidate and current champion on the candidate's holdout and record the decision.
 
     Never moves an alias: a champion problem is a decision (recorded, with the reason), not a crash,
-    and the promote task acts on it through the registry's compare-and-set.
+    and the promote task acts on it through the registry's compare-and-set. ``training_set`` (its
+    description) adds the whole window's label share to the plausibility checks; ``override`` is the
+    operator's ``labels_override`` ({by, why}).
     """
     from closedloop.features import read_training_split
     from closedloop.registry import CHAMPION, alias_version, load_booster
@@ -455,7 +562,8 @@ def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract
     champ_metrics = None if champ.scores is None else classification_metrics(y, champ.scores, champ.threshold)
     decision = decide(cand_metrics, champ_metrics, policy, candidate_version=candidate_version,
                       champion_version=champ.version, scores=Scores(y, cand_scores, champ.scores),
-                      champion_problem=champ.problem)
+                      champion_problem=champ.problem, label_checks=label_checks(contract, y, training_set),
+                      override=override)
     record_decision(client, name, decision, cand_mv.run_id)
     log_comparison(client, cand_mv.run_id, y, {f"candidate v{candidate_version}": cand_scores}
                    | ({} if champ.scores is None else {f"champion v{champ.version}": champ.scores}),
@@ -488,10 +596,19 @@ def record_decision(client: MlflowClient, name: str, decision: Decision, run_id:
         f"{TAG}compared_with": decision.champion_version or "none",
     }
     for m in ("roc_auc", "pr_auc", "log_loss"):
-        if m in decision.champion:
-            tags[f"{TAG}gate.champion_{m}"] = f"{decision.champion[m]:.6f}"
-        tags[f"{TAG}gate.candidate_{m}"] = f"{decision.candidate[m]:.6f}"
-    if decision.interval:
+        for who, values in (("champion", decision.champion), ("candidate", decision.candidate)):
+            value = values.get(m)
+            if isinstance(value, float | int) and math.isfinite(value):
+                tags[f"{TAG}gate.{who}_{m}"] = f"{value:.6f}"
+            elif m in values:
+                tags[f"{TAG}gate.{who}_{m}"] = "undefined"
+    checks = decision.plausibility or {}
+    if checks.get("suspect"):
+        tags[f"{TAG}gate.labels_suspect"] = "; ".join(checks["suspect"])[:4000]
+    if decision.override:
+        tags[f"{TAG}gate.override_by"] = str(decision.override.get("by"))[:250]
+        tags[f"{TAG}gate.override_why"] = str(decision.override.get("why"))[:4000]
+    if decision.interval and decision.interval.get("lower") is not None:
         ci = decision.interval
         tags.update({f"{TAG}gate.ci_metric": ci["metric"], f"{TAG}gate.ci_of": ci["of"],
                      f"{TAG}gate.ci_lower": f"{ci['lower']:.6f}", f"{TAG}gate.ci_upper": f"{ci['upper']:.6f}",

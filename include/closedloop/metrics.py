@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,3 +49,54 @@ def classification_metrics(y: np.ndarray, scores: np.ndarray, threshold: float) 
         "rows": float(len(y)),
         "positives": float(pos.sum()),
     }
+
+
+_UNDEFINED_WHY = {
+    "roc_auc": "one class only in the labels",
+    "pr_auc": "one class only in the labels",
+    "recall_at_fpr": "no positive labels",
+    "fpr_at_threshold": "no negative labels",
+    "precision_at_threshold": "no row scored at or above the decision threshold",
+}
+
+
+def explicit_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with every NaN or infinite value made None, and why under ``undefined`` (name -> reason).
+
+    What crosses a task boundary (XCom, JSON reports) must be JSON: a NaN is not, and "undefined" says
+    more than a number that is not one.
+    """
+    out: dict[str, Any] = {}
+    undefined: dict[str, str] = dict(metrics.get("undefined") or {})
+    for name, value in metrics.items():
+        if name == "undefined":
+            continue
+        if isinstance(value, float | int) and not isinstance(value, bool) and not math.isfinite(value):
+            out[name] = None
+            undefined.setdefault(name, _UNDEFINED_WHY.get(name, f"not a finite number ({value})"))
+        else:
+            out[name] = value
+    if undefined:
+        out["undefined"] = undefined
+    return out
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinite floats replaced by None and numpy scalars made Python ones, recursively.
+
+    Dicts that hold metrics (a ``roc_auc`` or ``log_loss`` key) go through :func:`explicit_metrics`, so that an
+    undefined metric carries its reason.
+    """
+    import numpy as np
+
+    if isinstance(value, dict):
+        if any(k in value for k in ("roc_auc", "log_loss")) and all(isinstance(k, str) for k in value):
+            value = explicit_metrics(value)
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

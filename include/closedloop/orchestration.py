@@ -65,11 +65,34 @@ def timeout(minutes: float) -> timedelta:
 
 
 def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call a package stage; a deterministic failure fails the task at once, anything else is retried."""
+    """Call a package stage; a deterministic failure fails the task at once, anything else is retried.
+
+    A result holding a NaN or infinite number fails the task at once too: it cannot cross XCom (JSON), and
+    a retry would compute the same value again (stages make undefined metrics None, with a reason).
+    """
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except PermanentError as exc:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+    bad = non_finite(result)
+    if bad:
+        name = getattr(fn, "__name__", str(fn))
+        raise AirflowFailException(f"{name} returned non-finite number(s) at {', '.join(bad[:5])}: "
+                                   "not JSON, so not a task result; the stage must report them as None with a reason")
+    return result
+
+
+def non_finite(value: Any, path: str = "result") -> list[str]:
+    """Where ``value`` (dicts, lists, numbers) holds a NaN or an infinite float: paths such as ``result['x']``."""
+    import math
+
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite(v, f"{path}[{k!r}]")]
+    if isinstance(value, list | tuple):
+        return [p for i, v in enumerate(value) for p in non_finite(v, f"{path}[{i}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [path]
+    return []
 
 
 def documented(module_doc: str | None) -> dict[str, str]:

@@ -100,12 +100,14 @@ def register(rt: Runtime, trained: dict[str, Any], window: Window, extra_tags: d
     return {"model": rt.model_name, "version": version, "created": created, "run_id": trained["run_id"]}
 
 
-def evaluate_gate(rt: Runtime, registered: dict[str, Any], training_set: dict[str, Any]) -> dict[str, Any]:
-    """The gate's decision for the registered candidate."""
+def evaluate_gate(rt: Runtime, registered: dict[str, Any], training_set: dict[str, Any],
+                  override: dict[str, str] | None = None) -> dict[str, Any]:
+    """The gate's decision for the registered candidate (``override``: the run's ``labels_override``)."""
     from closedloop.gate import evaluate_gate as gate
 
     decision = gate(rt.settings, rt.client, rt.lake, rt.contract, name=rt.model_name,
-                    candidate_version=registered["version"], training_set_uri=training_set["uri"])
+                    candidate_version=registered["version"], training_set_uri=training_set["uri"],
+                    training_set=training_set, override=override)
     return decision.to_dict()
 
 
@@ -120,4 +122,4 @@ def promote_or_reject(rt: Runtime, decision: dict[str, Any], actor: str = "retra
         return {"action": "promoted" if move.kind != "noop" else "already_champion", **move.to_dict()}
     reject(rt.client, rt.model_name, version, f"{decision['outcome']}: {decision['reason']}")
     return {"action": "rejected", "model": rt.model_name, "version": version, "reason": decision["reason"],
-            "champion": decision["champion_version"]}
+            "champion": decision["champion_version"], "outcome": decision["outcome"]}

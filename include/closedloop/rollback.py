@@ -62,7 +62,7 @@ class RollbackResult:
 def _versions(client: MlflowClient, name: str) -> dict[str, dict[str, str | None]]:
     """Every version of ``name`` with its closedloop status, by version number."""
     found = client.search_model_versions(f"name = '{name}'")
-    return {str(v.version): {"status": v.tags.get(f"{TAG}status")}
+    return {str(v.version): {"status": v.tags.get(f"{TAG}status"), "decision": v.tags.get(f"{TAG}decision")}
             for v in sorted(found, key=lambda v: int(v.version))}
 
 
@@ -161,9 +161,14 @@ def promote_manually(client: MlflowClient, settings: Settings, name: str, versio
         raise ConfigError(f"model {name} has no registered versions: train one with the retraining DAG first")
     current = alias_version(client, name, CHAMPION)
     status = check_target(name, versions, target, current, force=force, action="a manual promotion")
-    recorded = reason + (" [forced: the version was rejected by the gate]" if status == "rejected" else "")
+    suspect = versions[target].get("decision") == "labels_suspect"
+    recorded = reason + ((" [forced: the gate found the labels suspect]" if suspect else
+                          " [forced: the version was rejected by the gate]") if status == "rejected" else "")
     move = promote(client, settings, name, target, expected_champion=current, reason=recorded, actor=actor,
                    kind=MANUAL)
+    if status == "rejected":  # who overrode the gate, and why, on the version itself
+        client.set_model_version_tag(name, target, f"{TAG}forced_by", actor[:250])
+        client.set_model_version_tag(name, target, f"{TAG}forced_reason", reason[:4000])
     log.warning("%s promoted by hand: champion v%s -> v%s by %s (%s)", name, current, target, actor, reason)
     return RollbackResult(name, "promoted", current or "", target, actor, recorded, move.at, status == "rejected")
 

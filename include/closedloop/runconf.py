@@ -32,6 +32,15 @@ RETRAINING_CONF_SCHEMA: dict[str, Any] = {
             "description": "who started the run: a monitoring run, a person",
             "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
         },
+        "labels_override": {
+            "type": ["object", "null"],
+            "description": "the gate's 'labels suspect' checks (share out of band, a model below chance) are "
+                           "overridden: the relationship really changed; who decided it and why (recorded)",
+            "additionalProperties": False,
+            "required": ["by", "why"],
+            "properties": {"by": {"type": "string", "minLength": 1, "maxLength": 200},
+                           "why": {"type": "string", "minLength": 10, "maxLength": 2000}},
+        },
     },
 }
 
@@ -122,3 +131,10 @@ def split_override(conf: dict[str, Any] | None) -> dict[str, int]:
     if out and "holdout_days" not in out:
         raise ConfigError("retraining run configuration refused: validation_days needs holdout_days")
     return out
+
+
+def labels_override(conf: dict[str, Any] | None) -> dict[str, str] | None:
+    """The retraining run's ``labels_override`` ({by, why}), checked; None when not given."""
+    conf = validate_conf(conf, RETRAINING_CONF_SCHEMA)
+    override = conf.get("labels_override")
+    return {"by": override["by"].strip(), "why": override["why"].strip()} if override else None

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from closedloop.errors import ContractError
+from closedloop.labels import ShareBand, parse_share_band
 
 DTYPES = {"string", "int64", "float64", "category", "bool"}
 AGG_FUNCTIONS = {"count", "sum", "mean", "std", "max", "min", "time_since_last"}
@@ -81,6 +82,7 @@ class DataContract:
     checks: dict[str, Any]
     path: Path | None = None
     sha256: str = ""
+    label_share: ShareBand | None = None  # label.expected_share (closedloop.labels)
 
     # -- derived views -------------------------------------------------------------------------
     @property
@@ -226,4 +228,5 @@ def load_contract(path: str | Path) -> DataContract:
         checks=dict(raw.get("checks", {})),
         path=path.resolve(),
         sha256=hashlib.sha256(text).hexdigest(),
+        label_share=parse_share_band(label, dict(raw.get("checks") or {}), where),
     )

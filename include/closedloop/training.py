@@ -309,7 +309,10 @@ class TrainResult:
     reused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """JSON-safe (it crosses XCom): undefined metrics are None with their reason under ``undefined``."""
+        from closedloop.metrics import json_safe
+
+        return json_safe(dict(self.__dict__))
 
 
 def lineage_key(training_set: dict[str, Any], contract: DataContract, settings: Settings) -> str:
@@ -430,10 +433,10 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
     cfg = settings.config
     key = lineage_key(training_set, contract, settings)
     exp_id = ensure_experiment(client, settings, cfg.raw["model"]["experiment"])
-    if lineage.get("dag_run_id"):
-        mark_orphans(client, exp_id, str(lineage["dag_run_id"]))
-    found = client.search_runs([exp_id], filter_string=f"tags.`{TAG}lineage_key` = '{key}' and status = 'FINISHED'",
-                               max_results=1)
+    mark_orphans(client, exp_id, str(lineage["dag_run_id"]) if lineage.get("dag_run_id") else None, key)
+    found = [r for r in client.search_runs(
+        [exp_id], filter_string=f"tags.`{TAG}lineage_key` = '{key}' and status = 'FINISHED'", max_results=20)
+        if reusable(r)]
     if found:
         run = found[0]
         log.info("run %s already trained this lineage (%s): reusing it", run.info.run_id, key)
@@ -507,30 +510,55 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
                        threshold=threshold, metrics=holdout_metrics)
 
 
-def mark_orphans(client: MlflowClient, experiment_id: str, dag_run_id: str) -> list[str]:
-    """Mark the unfinished training runs left by earlier tries of DAG run ``dag_run_id``.
+def reusable(run: Any) -> bool:
+    """Whether a FINISHED training run may stand for a new training of its lineage.
+
+    Not when it was marked an orphan, has no logged model, or its holdout metrics were not all logged:
+    a retry must never hand on a run whose result was poisoned.
+    """
+    tags, metrics = run.data.tags, run.data.metrics
+    return (tags.get(f"{TAG}orphan") != "true" and bool(tags.get(f"{TAG}model_uri"))
+            and "decision_threshold" in run.data.params and "holdout_log_loss" in metrics)
+
+
+def mark_orphans(client: MlflowClient, experiment_id: str, dag_run_id: str | None,
+                 lineage: str | None = None) -> list[str]:
+    """Mark the unfinished training runs left by earlier tries of DAG run ``dag_run_id`` or of ``lineage``.
 
     Airflow never runs two tries of one task at once, so a training run of the same DAG run that is not
-    FINISHED when a try starts belongs to a try that died (SIGKILL, OOM, timeout) or failed: it gets
-    ``closedloop.orphan=true`` and, if still RUNNING, is terminated as FAILED, so nobody mistakes it for
-    a live or usable run (the reuse above only takes FINISHED runs). Matched on the DAG run, not the
-    lineage key, which a deployment between the tries changes. Returns the run ids marked.
+    FINISHED when a try starts belongs to a try that died (SIGKILL, OOM, timeout) or failed. Matched on the
+    DAG run (the lineage key changes with a deployment between the tries) and on the lineage key: a run
+    that a killed try of *another* DAG run left RUNNING on the same data, schema, configuration and code is
+    found by any later run of that lineage (the retraining DAG runs one run at a time). Each gets
+    ``closedloop.orphan=true`` and, if still RUNNING, is terminated as FAILED, so nobody mistakes it for a
+    live or usable run (the reuse above only takes FINISHED, unmarked runs). Returns the run ids marked.
     """
-    runs = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{TAG}dag_run_id` = '{dag_run_id}' and attributes.status != 'FINISHED'"), max_results=100)
+    filters = []
+    if dag_run_id:
+        filters.append(f"tags.`{TAG}dag_run_id` = '{dag_run_id}' and attributes.status != 'FINISHED'")
+    if lineage:
+        filters.append(f"tags.`{TAG}lineage_key` = '{lineage}' and attributes.status != 'FINISHED'")
+    runs = {r.info.run_id: r for f in filters
+            for r in client.search_runs([experiment_id], filter_string=f, max_results=100)}
     marked = []
-    for r in runs:
+    for r in runs.values():
         if r.data.tags.get(f"{TAG}orphan") == "true":
             continue
+        left_by = r.data.tags.get(f"{TAG}dag_run_id")
+        if left_by and left_by == dag_run_id:
+            why = f"left {r.info.status} by an earlier try of {dag_run_id}, which died or failed; a later try " \
+                  "trained again"
+        else:
+            why = (f"left {r.info.status} by a try of {left_by or 'another run'} (same lineage {lineage}), which "
+                   f"died or failed; found by {dag_run_id or 'a later training'} of the same lineage")
         client.set_tag(r.info.run_id, f"{TAG}orphan", "true")
-        client.set_tag(r.info.run_id, f"{TAG}orphan_reason",
-                       f"left {r.info.status} by an earlier try of {dag_run_id}, which died or failed; "
-                       "a later try trained again")
+        client.set_tag(r.info.run_id, f"{TAG}orphan_reason", why)
         if r.info.status == "RUNNING":
             client.set_terminated(r.info.run_id, status="FAILED")
         marked.append(r.info.run_id)
     if marked:
-        log.warning("marked %d orphan training run(s) of %s: %s", len(marked), dag_run_id, ", ".join(marked))
+        log.warning("marked %d orphan training run(s) of %s / lineage %s: %s", len(marked), dag_run_id, lineage,
+                    ", ".join(marked))
     return marked
 
 

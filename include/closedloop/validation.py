@@ -10,7 +10,8 @@ in ``meta["severity"]``:
 - ``warn`` (let the data through, tell the operator): the ``warn`` ranges of the columns, their
   ``warn.max_null_share``, category values outside the declared categories, a feature column holding one
   value only (from :data:`CONSTANT_MIN_ROWS` rows on), and for labels the positive share outside
-  ``checks.warn`` (only from :data:`POSITIVE_SHARE_MIN_ROWS` rows on).
+  ``label.expected_share.warn`` (only from :data:`POSITIVE_SHARE_MIN_ROWS` rows on); a positive share
+  surely outside ``label.expected_share.block`` blocks (``label_share_implausible``, :mod:`closedloop.labels`).
 
 Two lossless repairs are ``normalise`` findings (the data goes through, repaired, and the repair is recorded):
 timestamps with a time zone other than UTC are converted to UTC, and rows that repeat another row exactly (a
@@ -237,8 +238,7 @@ def build_suite(contract: DataContract, kind: str, day: date) -> gx.ExpectationS
         values = list(contract.label_values)
         add(gxe.ExpectColumnValuesToBeInSet, BLOCK, f"labels must be one of {values}",
             column=contract.label, value_set=values)
-        warn = contract.checks.get("warn") or {}
-        lo, hi = warn.get("min_positive_share"), warn.get("max_positive_share")
+        lo, hi = contract.label_share.warn if contract.label_share and contract.label_share.warn else (None, None)
         if (lo is not None or hi is not None) and set(values) <= {0, 1}:
             # For 0/1 labels the mean is the positive share.
             add(gxe.ExpectColumnMeanToBeBetween, WARN,
@@ -456,6 +456,8 @@ def validate_frame(
                                         f"column {name!r} holds {int(infinite.sum())} infinite value(s): values "
                                         f"must be finite numbers (or null where the column is nullable).",
                                         int(infinite.sum()), _sample(df.loc[infinite.to_numpy(), name])))
+    if kind == "labels" and contract.label in df.columns and contract.label not in unusable:
+        findings.extend(_label_share_findings(df[contract.label], contract))
     frame = _gx_frame(df, columns, unusable)
     present = set(frame.columns)
 
@@ -477,6 +479,18 @@ def validate_frame(
     order = {BLOCK: 0, WARN: 1, NORMALISE: 2}
     findings.sort(key=lambda f: order.get(f.severity, 2))
     return result
+
+
+def _label_share_findings(labels: pd.Series, contract: DataContract) -> list[Finding]:
+    """A blocking finding when the day's positive share is surely outside ``label.expected_share.block``."""
+    from closedloop.labels import BLOCK_RULE, judge_share
+
+    known = labels[labels.isin(list(contract.label_values))]
+    verdict = judge_share(int((known == max(contract.label_values)).sum()), len(known), contract.label_share,
+                          "this label day")
+    if verdict.level != "block":
+        return []
+    return [Finding(BLOCK_RULE, contract.label, BLOCK, verdict.message + ".", verdict.positives)]
 
 
 def exact_duplicates(df: pd.DataFrame, key: str | None = None) -> pd.Series | None:

@@ -28,6 +28,7 @@ AREAS = {
     "config": "Run configuration and paths refused before any work",
     "gate": "The promotion gate",
     "champion": "Champion problems and racing promotions",
+    "labels": "Label abuse (the gate's plausibility checks, label sanity from the contract)",
     "rollback": "Rollback",
     "fault": "Injected faults",
     "security": "Security",
@@ -74,14 +75,15 @@ class Recorder:
 
 def counts(records: list[Record]) -> dict[str, int]:
     """The figures the README quotes."""
-    wrong = [r for r in records if r.area in {"gate", "champion", "rollback"} and "WRONG PROMOTION" in r.outcome]
+    wrong = [r for r in records if r.area in {"gate", "champion", "rollback", "labels"}
+             and "WRONG PROMOTION" in r.outcome]
     lost = [r for r in records if r.lost != "nothing"]
     measured = [r for r in records if r.corrupted != NOT_MEASURED]
     return {
         "cases": len(records),
         "bad_input_kinds": len({r.case for r in records if r.area == "bad-input"}),
         "faults": len([r for r in records if r.area in FAULT_AREAS]),
-        "gate_cases": len([r for r in records if r.area in {"gate", "champion", "rollback"}]),
+        "gate_cases": len([r for r in records if r.area in {"gate", "champion", "rollback", "labels"}]),
         "wrong_promotions": len(wrong),
         "cases_that_lost_something": len(lost),
         "cases_measured_against_a_control": len(measured),
