@@ -6,7 +6,11 @@ data, and three ``retraining`` runs:
 1. two runs on overlapping windows are triggered at the same moment; the training task of whichever
    trains first SIGKILLs itself right after its MLflow run was created (the ``CLOSEDLOOP_FAULT`` test
    hook, once, see ``closedloop.faults``), so the scheduler has to retry it;
-2. the last of them is cleared and re-run whole.
+2. the last of them is cleared and re-run whole;
+3. a third run, on a new window, whose training task is killed with its supervising worker (nothing is
+   left to report, the ``kill_train_tree`` hook) on its last try: the scheduler's task-instance heartbeat
+   timeout, short here, ends the try and the DAG run fails; a new DAG run on the same window (same lineage)
+   marks the MLflow run the killed try left RUNNING.
 
 Retries wait a second (``CLOSEDLOOP_RETRY_DELAY_SECONDS``), every wait polls with a bounded timeout.
 What the lineage key hashes besides the data is frozen for the module (a copy of the configuration and
@@ -31,7 +35,13 @@ pytestmark = pytest.mark.integration
 START = date(2026, 7, 1)
 W1 = {"window_start": (START + timedelta(days=6)).isoformat(), "window_end": (START + timedelta(days=13)).isoformat()}
 W2 = {"window_start": (START + timedelta(days=7)).isoformat(), "window_end": (START + timedelta(days=14)).isoformat()}
+W3 = {"window_start": (START + timedelta(days=8)).isoformat(), "window_end": (START + timedelta(days=15)).isoformat()}
+KILLED = "faults_w3_killed"
 TIMEOUT = 900
+# [scheduler] task_instance_heartbeat_timeout (default 300 s) and its check interval (default 10 s); the
+# task's supervisor heartbeats every [workers] min_heartbeat_interval (5 s), so 20 s leaves healthy tasks
+# four heartbeats of slack on a loaded machine
+HEARTBEAT_TIMEOUT = 20
 
 
 def _free_port() -> int:
@@ -66,10 +76,13 @@ def world(tmp_path_factory):
                        capture_output=True, timeout=300, env=os.environ.copy())
         env = {"CLOSEDLOOP_HOME": str(rt.settings.home), "CLOSEDLOOP_SCHEDULES": "manual",
                "CLOSEDLOOP_CONFIG": str(rt.settings.config_path), "GIT_DIR": str(root / "no-git"),
-               "CLOSEDLOOP_RETRY_DELAY_SECONDS": "1", "CLOSEDLOOP_FAULT": f"kill_train_once:{marker}",
+               "CLOSEDLOOP_RETRY_DELAY_SECONDS": "1",
+               "CLOSEDLOOP_FAULT": f"kill_train_once:{marker},kill_train_tree:{KILLED}",
                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-               "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10"}
+               "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+               "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+               "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"}
         with AirflowStack(af_home, env, port=_free_port()) as stack:
             stack.wait(lambda: _has_dag(stack, "retraining"), 180, "the retraining DAG to be parsed")
             ids = [stack.trigger("retraining", {**W1, "reason": "fault test: first"}, run_id="faults_w1"),
@@ -192,6 +205,61 @@ def test_a_finished_run_cleared_and_rerun_whole_creates_nothing_new(world, relia
         "fault", "a finished retraining run cleared and re-run whole (real scheduler)",
         "the re-run succeeded reusing its training run and model version; no new version, no second promotion, "
         "champion unchanged")
+
+
+def _no_retry_left(stack, run_id: str, task_id: str) -> None:
+    """Make the first try of ``task_id`` in ``run_id`` its last: ``max_tries`` 0, as for a task declared with
+    ``retries=0``, written in this module's own Airflow database (the retries of the DAG come from the
+    environment at parse time, the same for every run; the first run of this module needs its retry)."""
+    import sqlite3
+
+    with sqlite3.connect(stack.airflow_home / "airflow.db", timeout=60) as db:
+        changed = db.execute("UPDATE task_instance SET max_tries = 0 WHERE dag_id = 'retraining' AND run_id = ? "
+                             "AND task_id = ? AND try_number <= 1 AND (state IS NULL OR state IN ('scheduled', "
+                             "'queued'))", (run_id, task_id)).rowcount
+    assert changed == 1, f"{task_id} of {run_id} had started already"
+
+
+def test_a_run_killed_on_its_last_try_ends_and_the_next_run_of_its_lineage_marks_the_orphan(world, reliability):
+    """A training try killed with its supervisor (SIGKILL, nothing left to report) and no retry left: the
+    scheduler's heartbeat timeout fails the try and the DAG run ends ``failed``, not ``running`` forever;
+    the MLflow run it left RUNNING is marked (orphan tag, FAILED) by a new DAG run on the same window."""
+    rt, stack, _, _ = world
+    stack.trigger("retraining", {**W3, "reason": "fault test: killed on its last try"}, run_id=KILLED)
+    stack.wait(lambda: "train_model" in stack.task_states("retraining", KILLED), 60, f"the task instances of {KILLED}")
+    _no_retry_left(stack, KILLED, "train_model")
+    run = stack.wait_run("retraining", KILLED, TIMEOUT)
+    assert run["state"] == "failed", run
+    tis = {t["task_id"]: t for t in
+           stack.api("GET", f"/dags/retraining/dagRuns/{KILLED}/taskInstances")["task_instances"]}
+    assert (tis["train_model"]["state"], tis["train_model"]["try_number"]) == ("failed", 1)
+    assert tis["register_model"]["state"] == "upstream_failed"
+    # ended by the scheduler's heartbeat timeout: the task's supervisor was dead, it reported nothing
+    events = stack.api("GET", "/eventLogs", params={"dag_id": "retraining", "run_id": KILLED,
+                                                    "event": "heartbeat timeout"})["event_logs"]
+    assert [e["task_id"] for e in events] == ["train_model"], events
+    left = _training_runs(rt, f"tags.`closedloop.dag_run_id` = '{KILLED}'")
+    assert [r.info.status for r in left] == ["RUNNING"]  # the killed try's run, not yet found
+    assert "closedloop.orphan" not in left[0].data.tags
+
+    later = stack.trigger("retraining", {**W3, "reason": "fault test: after the killed run"},
+                          run_id="faults_w3_later")
+    assert stack.wait_run("retraining", later, TIMEOUT)["state"] == "success"
+    orphan = rt.client.get_run(left[0].info.run_id)
+    assert orphan.info.status == "FAILED"
+    assert orphan.data.tags["closedloop.orphan"] == "true"
+    reason = orphan.data.tags["closedloop.orphan_reason"]
+    assert KILLED in reason and later in reason, reason
+    finished = _training_runs(rt, f"tags.`closedloop.dag_run_id` = '{later}' and attributes.status = 'FINISHED'")
+    assert len(finished) == 1
+    assert finished[0].data.tags["closedloop.lineage_key"] == orphan.data.tags["closedloop.lineage_key"]
+    assert "closedloop.orphan" not in finished[0].data.tags
+    reliability.record(
+        "fault", "training task killed with its supervising worker (SIGKILL) on its last try, then a new DAG run "
+                 "on the same window (real scheduler)",
+        f"the scheduler's heartbeat timeout ({HEARTBEAT_TIMEOUT} s here) failed the try and the DAG run ended "
+        "failed; the new run of the same lineage tagged the killed run closedloop.orphan=true, terminated it "
+        "FAILED, trained and succeeded")
 
 
 def test_the_api_refuses_requests_without_a_valid_login(world, reliability):
