@@ -647,16 +647,17 @@ def report_uri(lake: Lake, window_start: date, window_end: date) -> str:
 
 
 def save_report(snapshot: Any, figures: DriftFigures, decision: DriftDecision, lake: Lake,
-                window_start: date, window_end: date) -> dict[str, str]:
+                window_start: date, window_end: date, thresholds: dict[str, Any] | None = None) -> dict[str, str]:
     """Write ``reports/drift/<start>_<end>/report.html`` (the Evidently report) and ``figures.json``
-    (window, figures, decision); the same window always goes to the same place."""
+    (window, figures, decision, and the ``thresholds`` the decision used); the same window always goes to
+    the same place."""
     folder = report_uri(lake, window_start, window_end)
     with tempfile.TemporaryDirectory(prefix="closedloop-drift-") as tmp:
         path = Path(tmp) / REPORT_HTML
         snapshot.save_html(str(path))
         html = lake.write_bytes(f"{folder}/{REPORT_HTML}", path.read_bytes())
     doc = {"window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
-           "figures": figures.to_dict(), "decision": decision.to_dict()}
+           "figures": figures.to_dict(), "decision": decision.to_dict(), "thresholds": _clean(thresholds)}
     js = lake.write_json(f"{folder}/{REPORT_JSON}", doc)
     log.info("drift report of %s..%s written to %s", window_start, window_end, folder)
     return {"html": html, "json": js}
