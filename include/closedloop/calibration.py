@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 MODE_CALIBRATED = "calibrated"
 MODE_FIXED = "fixed"
 MIN_THRESHOLD = 1e-3
-# The aggregate's threshold is never below 1.0 ("the used features, importance-weighted, at their own
-# thresholds"): chunks compared with the rest of their own window underestimate how far later windows move
-# from it when features drift slowly together in time (the 30-day customer aggregates, a customer mix);
-# measured in tests/data/test_drift_calibration.py and docs/DRIFT.md.
-AGGREGATE_FLOOR = 1.0
 # sources of a feature's threshold
 SOURCE_CALIBRATED = "calibrated"
 SOURCE_FIXED = "fixed"        # the policy's fixed threshold (schema ``drift: {calibrate: false}``, or fixed mode)
@@ -104,6 +99,7 @@ class Calibration:
     weights: dict[str, float] = field(default_factory=dict)  # normalised importance of the decision's features
     reported_only: list[str] = field(default_factory=list)   # features the decision does not act on
     performance: dict[str, Any] | None = None               # the band of the estimated/realised metric
+    chunk_statistics: dict[str, list[float | None]] = field(default_factory=dict)  # column -> one per chunk
 
     def to_dict(self) -> dict[str, Any]:
         from closedloop.drift import _clean
@@ -142,14 +138,13 @@ def statistic(reference: pd.Series, current: pd.Series, kind: str, stattest: str
 
 def decision_settings(contract: DataContract, policy: DriftPolicy) -> dict[str, dict[str, Any]]:
     """Per model feature: ``exclude``, ``threshold`` (own, or None), ``calibrate`` from the schema's
-    ``drift:`` settings, with ``monitoring.key_features`` as own thresholds where the schema sets none."""
+    ``drift:`` settings. (``monitoring.key_features`` belong to the fixed rules: numbers chosen without the
+    data's own variability, they would fire on every quiet window of a feature that swings by nature.)"""
     out: dict[str, dict[str, Any]] = {}
     schema = getattr(contract, "drift_settings", {}) or {}
     for name in contract.model_features:
         s = dict(schema.get(name) or {})
         own = s.get("threshold")
-        if own is None and name in policy.key_features:
-            own = policy.key_features[name]
         out[name] = {"exclude": bool(s.get("exclude", False)), "threshold": own,
                      "calibrate": bool(s.get("calibrate", True))}
     return out
@@ -298,8 +293,6 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     partial = Calibration(mode=MODE_CALIBRATED, why="", features=features, weights=weights)
     aggregates = [aggregate({n: stats[n][i] for n in kinds}, partial) for i in range(len(starts))]
     agg = {**_band([a for a in aggregates if a is not None], k), "features": used}
-    if agg["threshold"] is not None and agg["threshold"] < AGGREGATE_FLOOR:
-        agg.update(threshold=AGGREGATE_FLOOR, floored=True)
     prediction = {"stattest": policy.numeric_stattest, **_band(stats[score_column], k),
                   "source": SOURCE_CALIBRATED} if with_score else None
     chunk_rows = int(np.median(rows))
@@ -308,7 +301,9 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
            f"threshold = mean + {k:g} std of the chunks' statistics")
     out = Calibration(mode=MODE_CALIBRATED, why=why, window_days=days_w, chunks=len(starts), chunk_rows=chunk_rows,
                       reference_rows=len(reference), std_multiplier=k, features=features, prediction=prediction,
-                      aggregate=agg, weights=weights, reported_only=reported_only)
+                      aggregate=agg, weights=weights, reported_only=reported_only,
+                      chunk_statistics={c: [None if v is None else round(v, 6) for v in vals]
+                                        for c, vals in stats.items()})
     log.info("drift thresholds %s in %.1f s; aggregate threshold %.3f over %d features", why,
              time.perf_counter() - started, agg["threshold"] or float("nan"), len(used))
     return out

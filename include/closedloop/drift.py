@@ -552,16 +552,15 @@ def _calibrated_rules(figures: DriftFigures, policy: DriftPolicy, cal: Calibrati
     top = sorted(((cal.weights[n] * (scores.get(n) or 0.0) / max(cal.threshold(n) or 1e-3, 1e-3), n)
                   for n in cal.weights), reverse=True)[:3]
     parts = ", ".join(f"{n} {c:.2f}" for c, n in top)
-    floor = " (its floor)" if agg.get("floored") else ""
     if value is None or agg.get("threshold") is None:
         reasons.append("input drift not judged: no feature is in the decision")
     elif value >= agg["threshold"]:
         fired.append(RULE_INPUTS)
         reasons.append(f"importance-weighted input drift {value:.3f} reaches its calibrated threshold "
-                       f"{agg['threshold']:.3f}{floor} (largest contributions: {parts})")
+                       f"{agg['threshold']:.3f} (largest contributions: {parts})")
     else:
         reasons.append(f"importance-weighted input drift {value:.3f} is below its calibrated threshold "
-                       f"{agg['threshold']:.3f}{floor} (largest contributions: {parts})")
+                       f"{agg['threshold']:.3f} (largest contributions: {parts})")
     own = {n: f["own_threshold"] for n, f in cal.features.items() if f.get("source") == SOURCE_OWN}
     _key_rules(figures, own, fired, reasons)
     _prediction_rule(figures, fired, reasons, what="its calibrated threshold ")
