@@ -114,6 +114,26 @@ class Calibration:
     def calibrated(self) -> bool:
         return self.mode == MODE_CALIBRATED
 
+    def for_rows(self, rows: int) -> Calibration:
+        """The thresholds for a window of ``rows`` rows: a distance's chunk-to-chunk spread (and its level under
+        no drift) shrinks as 1/sqrt(rows), so a window with fewer rows than the chunks gets its calibrated
+        thresholds scaled up by sqrt(chunk_rows / rows), never down; the ``why`` says so."""
+        import copy
+        import math
+
+        if not self.calibrated or rows <= 0 or not self.chunk_rows or rows >= self.chunk_rows:
+            return self
+        factor = math.sqrt(self.chunk_rows / rows)
+        out = copy.deepcopy(self)
+        for f in out.features.values():
+            if f.get("source") in (SOURCE_CALIBRATED, SOURCE_OWN) and f.get("threshold") is not None and \
+                    f.get("mean") is not None:
+                f["threshold"] = float(f["threshold"]) * factor
+        if out.prediction and out.prediction.get("threshold") is not None:
+            out.prediction["threshold"] = float(out.prediction["threshold"]) * factor
+        out.why += (f"; thresholds scaled by {factor:.2f} for a window of {rows} rows (chunks: {self.chunk_rows})")
+        return out
+
     def threshold(self, name: str) -> float | None:
         f = self.features.get(name)
         return None if f is None else f.get("threshold")

@@ -217,6 +217,7 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
     reference, ref_quality = champion_reference(rt, champ)
     cal = champion_calibration(rt, champ)
     current, days = read_window(rt, window)
+    cal = cal.for_rows(min(len(current), policy.sample_rows or len(current)))
     snapshot, figures = drift.measure(reference, current, rt.contract, policy, reference_quality=ref_quality,
                                       label_column=rt.contract.label, thresholds=used_thresholds(cal))
     figures.performance = drift.performance_figures(current, cal.performance, label_column=rt.contract.label)

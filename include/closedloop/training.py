@@ -357,8 +357,9 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         mlflow.log_dict({"training_set": training_set, **lineage, "tags": tags}, "lineage.json")
         mlflow.log_dict(fitted.reference_stats, "reference/stats.json")
         _log_frame(fitted.reference_sample, "reference/sample.parquet")
-        mlflow.log_dict(reference_thresholds(fitted, contract, cfg.raw["monitoring"], importance),
-                        "reference/thresholds.json")
+        if cfg.raw.get("monitoring"):  # without a monitoring policy there is nothing to calibrate
+            mlflow.log_dict(reference_thresholds(fitted, contract, cfg.raw["monitoring"], importance),
+                            "reference/thresholds.json")
         x_example = feature_frame(fitted.example, contract)
         signature = infer_signature(x_example, model.predict(xgb.DMatrix(x_example)))
         info = mlflow.xgboost.log_model(

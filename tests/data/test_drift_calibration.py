@@ -138,10 +138,11 @@ def verdicts(w: World, scenario: str) -> dict[str, list[Any]]:
         _, fixed = measure(w.reference, window, c, w.policy, reference_quality=w.reference_quality,
                            label_column=c.label, seed=i, report=False)
         out["fixed"].append(decide(fixed, w.policy))
+        calibration_w = w.calibration.for_rows(len(window))  # as monitoring does for a smaller window
         _, cal = measure(w.reference, window, c, w.policy, reference_quality=w.reference_quality,
-                         label_column=c.label, seed=i, report=False, thresholds=thresholds(w.calibration))
+                         label_column=c.label, seed=i, report=False, thresholds=thresholds(calibration_w))
         cal.performance = performance_figures(window, w.calibration.performance, label_column=c.label)
-        out["calibrated"].append(decide(cal, w.policy, w.calibration))
+        out["calibrated"].append(decide(cal, w.policy, calibration_w))
     return out
 
 
@@ -213,6 +214,12 @@ def test_fast_figures_equal_the_report() -> None:
 
 def test_thresholds_travel_as_json_and_the_decision_names_them() -> None:
     w = world(SEEDS[0])
+    # a window with a quarter of a chunk's rows gets thresholds twice as high (never lower ones)
+    small = w.calibration.for_rows(w.calibration.chunk_rows // 4)
+    name = next(n for n, f in w.calibration.features.items() if f["source"] == calibration.SOURCE_CALIBRATED)
+    assert small.threshold(name) == pytest.approx(2 * w.calibration.threshold(name), rel=0.01)
+    assert w.calibration.for_rows(10 * w.calibration.chunk_rows) is w.calibration
+    assert "scaled by 2.00" in small.why
     back = calibration.Calibration.from_dict(w.calibration.to_dict())
     assert back.to_dict() == w.calibration.to_dict()
     assert back.aggregate["threshold"] > 0 and abs(sum(back.weights.values()) - 1.0) < 1e-9

@@ -134,8 +134,11 @@ def test_the_reference_is_the_champions_own(world):
     reference, quality = champion_reference(rt, champ)
     run = rt.client.get_run(champ["run_id"])
     assert set(rt.contract.model_features) <= set(reference.columns)
-    assert len(reference) == min(int(rt.settings.config.training["reference_sample_rows"]),
-                                 int(run.data.params["rows_train"]))
+    # a sample of the whole training window (train, validation and holdout), with an out-of-sample score each
+    window_rows = sum(int(run.data.params[f"rows_{s}"]) for s in ("train", "validation", "holdout"))
+    assert len(reference) == min(int(rt.settings.config.training["reference_sample_rows"]), window_rows)
+    assert reference["score"].notna().all() and reference["score"].between(0, 1).all()
+    assert reference[rt.contract.event_timestamp].is_monotonic_increasing
     assert quality["roc_auc"] == run.data.metrics["holdout_roc_auc"]
     # the reference comes from the champion's training window, not from any later data
     window = rt.client.get_model_version(rt.model_name, champ["version"]).tags["closedloop.window"]
