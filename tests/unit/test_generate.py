@@ -462,3 +462,21 @@ def test_structure_zero_is_the_world_of_independent_days(contract, structured) -
     pre = off[off[contract.event_timestamp] < _utc(date(2024, 3, 1))]
     pd.testing.assert_frame_equal(again.iloc[:len(pre)], pre)
     assert len(structured[1.0]) != len(off)  # the day factor moves the volume
+
+
+def test_structure_draws_do_not_move_with_the_fraud_count(contract) -> None:
+    """Concept drift changes how many fraud rows there are (bursts spread over more time, some cut at the
+    period's end); the structure's draws are the legitimate rows' own, so the days before drift_start
+    stay the same."""
+    config = replace(STRUCTURED, seed=5)  # a seed where concept drift changes the row count (by one)
+    drift_start = config.start + timedelta(days=40)
+    drifted = simulate(replace(config, concept_drift=1.0, drift_start=drift_start), contract).transactions
+    base = simulate(config, contract).transactions
+    assert len(drifted) != len(base)
+    cut = _utc(drift_start)
+    # the columns the structure moves (the fraud rows' null masks and the label delays are drawn over all
+    # rows and do shift, as tests/data/test_drift_statistics.py notes: not the structure's doing)
+    same = [contract.row_key, contract.entity, contract.event_timestamp, contract.label, "amount",
+            "merchant_category", "channel", "hour_of_day"]
+    pd.testing.assert_frame_equal(drifted.loc[drifted[contract.event_timestamp] < cut, same].reset_index(drop=True),
+                                  base.loc[base[contract.event_timestamp] < cut, same].reset_index(drop=True))
