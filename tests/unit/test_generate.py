@@ -419,7 +419,7 @@ def _lag1(x: pd.Series) -> float:
 def test_the_day_factor_makes_days_alike_and_moves_several_inputs(contract, structured) -> None:
     """Measured (70 days, the weekly cycle removed): day-to-day correlation of the mean log-amount 0.66 with
     structure (0.21 without); its spread 0.22 (0.04); daily volume and online share move with it
-    (correlations 0.94 and -0.85); the daily volume's spread 0.18 against Poisson's 0.04."""
+    (correlations 0.94 and -0.84); the daily volume's spread 0.18 against Poisson's 0.04."""
     days_on, days_off = _daily(structured[1.0], contract), _daily(structured[0.0], contract)
     weekday = days_on.index.dayofweek
     # remove the weekly cycle to see the day factor
@@ -437,8 +437,8 @@ def test_the_day_factor_makes_days_alike_and_moves_several_inputs(contract, stru
 
 def test_weekly_and_daily_cycles(contract, structured) -> None:
     """Weekends: more leisure, larger amounts, later hours; nights: more online. Measured with structure
-    (without): leisure share +0.105 (+0.005), mean log-amount +0.26 (+0.01), share before 4 am +0.019
-    (-0.002), online share at 1-4 am +0.18 (-0.01)."""
+    (without): leisure share +0.108 (+0.005), mean log-amount +0.27 (+0.01), share before 4 am +0.019
+    (-0.002), online share at 1-4 am +0.21 (-0.01)."""
     on, off = structured[1.0], structured[0.0]
     for tx, expect in ((on, True), (off, False)):
         legit = tx[tx[contract.label] == 0]
