@@ -309,9 +309,15 @@ def _structure(rng: np.random.Generator, strength: float, z: np.ndarray, rows: d
     zd = z[day]
     weekday = rows["weekday"]
     hour = rows["hour"]
-    u_leisure, u_channel = rng.random((2, n))
-    leisure = rng.choice(len(_LEISURE_MIX), size=n, p=_probs(_LEISURE_MIX))
-    leisure_risk = _beta_mean(rng, np.asarray(_CATEGORY_RISK)[leisure], 14.0)
+    # draws for the legitimate rows only (how many there are does not depend on the fraud or drift knobs),
+    # each from its own child stream, so that fraud rows and drift knobs never shift them
+    legit_idx = np.flatnonzero(legit)
+    streams = rng.spawn(3)
+    u_leisure, u_channel, leisure = np.ones(n), np.ones(n), np.zeros(n, dtype=np.int64)
+    u_leisure[legit_idx], u_channel[legit_idx] = streams[0].random((2, len(legit_idx)))
+    leisure[legit_idx] = streams[1].choice(len(_LEISURE_MIX), size=len(legit_idx), p=_probs(_LEISURE_MIX))
+    leisure_risk = np.zeros(n)
+    leisure_risk[legit_idx] = _beta_mean(streams[2], np.asarray(_CATEGORY_RISK)[leisure[legit_idx]], 14.0)
     in_person = legit & (rows["channel"] != _ATM) & (rows["channel"] != _ONLINE)
     # the weekend's leisure: a share of in-person purchases go to restaurants, shops, entertainment, travel
     redraw = in_person & (u_leisure < strength * np.asarray(_WEEKEND_LEISURE)[weekday])

@@ -302,11 +302,14 @@ class ChunkPerformance:
     realised: float
 
 
-def chunk_bounds(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of the contiguous chunks of ``chunk_rows`` rows in ``n_rows`` time-ordered rows;
-    the remainder (fewer than ``chunk_rows`` rows) goes to the last chunk."""
+def chunk_bounds(n_rows: int, chunk_rows: int, stride_rows: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the chunks of ``chunk_rows`` rows in ``n_rows`` time-ordered rows: contiguous
+    and disjoint (the remainder, fewer than ``chunk_rows`` rows, goes to the last chunk) or, with
+    ``stride_rows`` < ``chunk_rows``, overlapping chunks starting every ``stride_rows`` rows."""
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows={chunk_rows}: must be positive")
+    if stride_rows is not None and 0 < stride_rows < chunk_rows:
+        return [(a, a + chunk_rows) for a in range(0, n_rows - chunk_rows + 1, stride_rows)]
     count = n_rows // chunk_rows
     bounds = [(i * chunk_rows, (i + 1) * chunk_rows) for i in range(count)]
     if bounds and bounds[-1][1] < n_rows:
@@ -315,9 +318,9 @@ def chunk_bounds(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
 
 
 def chunk_performance(scores: ArrayLike, labels: ArrayLike, probabilities: ArrayLike, chunk_rows: int,
-                      metric: str = "roc_auc") -> list[ChunkPerformance]:
+                      metric: str = "roc_auc", stride_rows: int | None = None) -> list[ChunkPerformance]:
     """Estimated (from ``probabilities``, rows ranked by ``scores``) and realised ``metric`` of every
-    contiguous chunk of ``chunk_rows`` rows of a time-ordered reference."""
+    chunk of ``chunk_rows`` rows of a time-ordered reference (:func:`chunk_bounds`)."""
     import numpy as np
 
     s, y = _arrays(scores, labels)
@@ -325,7 +328,7 @@ def chunk_performance(scores: ArrayLike, labels: ArrayLike, probabilities: Array
     if p.shape != s.shape:
         raise ValueError(f"probabilities {p.shape} and scores {s.shape} must have the same length")
     out = []
-    for a, b in chunk_bounds(len(s), chunk_rows):
+    for a, b in chunk_bounds(len(s), chunk_rows, stride_rows):
         out.append(ChunkPerformance(start=a, rows=b - a, positives=int(y[a:b].sum()), metric=metric,
                                     estimated=estimate(metric, p[a:b], s[a:b]),
                                     realised=realised(metric, s[a:b], y[a:b])))
@@ -346,10 +349,11 @@ class PerformanceReference:
     realised: Band | None
     chunk_rows: int
     reason: str = ""
+    layout: str = "disjoint"   # how the chunks were laid out: disjoint, or sliding (overlapping) when too few
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict that :meth:`from_dict` reads back."""
-        return {"metric": self.metric, "calibrator": self.calibrator.to_dict(),
+        return {"metric": self.metric, "calibrator": self.calibrator.to_dict(), "layout": self.layout,
                 "reference_estimated": _json_float(self.reference_estimated),
                 "reference_realised": _json_float(self.reference_realised),
                 "estimated": None if self.estimated is None else self.estimated.to_dict(),
@@ -364,7 +368,8 @@ class PerformanceReference:
                        reference_realised=_from_json_float(data.get("reference_realised")),
                        estimated=None if data.get("estimated") is None else Band.from_dict(data["estimated"]),
                        realised=None if data.get("realised") is None else Band.from_dict(data["realised"]),
-                       chunk_rows=int(data.get("chunk_rows", 0)), reason=str(data.get("reason", "")))
+                       chunk_rows=int(data.get("chunk_rows", 0)), reason=str(data.get("reason", "")),
+                       layout=str(data.get("layout", "disjoint")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"performance reference: cannot read it ({exc})") from exc
 
@@ -378,13 +383,15 @@ def _from_json_float(value: Any) -> float:
 
 
 def calibrate_reference(scores: ArrayLike, labels: ArrayLike, chunk_rows: int, *, metric: str = "roc_auc",
-                        width: float = DEFAULT_WIDTH, min_chunks: int = MIN_CHUNKS,
-                        folds: int = 5) -> PerformanceReference:
+                        width: float = DEFAULT_WIDTH, min_chunks: int = MIN_CHUNKS, folds: int = 5,
+                        stride_rows: int | None = None) -> PerformanceReference:
     """The performance reference of a model from its time-ordered reference rows: out-of-sample
     ``scores`` (cross-fitted over the training window) and their ``labels`` (0/1).
 
-    The calibrator is fitted on all rows. The bands come from contiguous chunks of ``chunk_rows`` rows
-    (a monitoring window's size), the estimates there using out-of-fold calibrated probabilities
+    The calibrator is fitted on all rows. The bands come from chunks of ``chunk_rows`` rows (a monitoring
+    window's size): disjoint ones when at least ``min_chunks`` fit, otherwise overlapping ones starting
+    every ``stride_rows`` rows (a day's rows, as monitoring slides its window by a day; ``layout`` says
+    which). The estimates there use out-of-fold calibrated probabilities
     (:func:`out_of_fold_probabilities`), so that the estimated band is not narrowed by calibrating on the
     chunk's own labels. Fewer than ``min_chunks`` chunks with both classes: no bands, ``reason`` says why."""
     import numpy as np
@@ -396,6 +403,11 @@ def calibrate_reference(scores: ArrayLike, labels: ArrayLike, chunk_rows: int, *
     ref_est = estimate(metric, calibrator.apply(s), s)
     ref_real = realised(metric, s, y)
     n_chunks = len(s) // chunk_rows if chunk_rows > 0 else 0
+    layout, stride = "disjoint", None
+    if chunk_rows > 0 and n_chunks < min_chunks and stride_rows is not None and 0 < stride_rows < chunk_rows:
+        sliding = len(chunk_bounds(len(s), chunk_rows, stride_rows))
+        if sliding >= min_chunks:
+            layout, stride, n_chunks = f"sliding by {stride_rows} rows", stride_rows, sliding
     if chunk_rows <= 0 or n_chunks < min_chunks:
         return PerformanceReference(metric=metric, calibrator=calibrator, reference_estimated=ref_est,
                                     reference_realised=ref_real, estimated=None, realised=None,
@@ -404,7 +416,7 @@ def calibrate_reference(scores: ArrayLike, labels: ArrayLike, chunk_rows: int, *
                                            f"{chunk_rows} rows, fewer than {min_chunks}: no calibrated band")
     probabilities = (out_of_fold_probabilities(s, y, folds) if calibrator.method == "isotonic"
                      else calibrator.apply(s))
-    chunks = chunk_performance(s, y, probabilities, chunk_rows, metric)
+    chunks = chunk_performance(s, y, probabilities, chunk_rows, metric, stride)
     est = [c.estimated for c in chunks]
     real = [c.realised for c in chunks]
     usable = int(np.isfinite(np.asarray(real, dtype=np.float64)).sum())
@@ -417,7 +429,8 @@ def calibrate_reference(scores: ArrayLike, labels: ArrayLike, chunk_rows: int, *
     return PerformanceReference(metric=metric, calibrator=calibrator, reference_estimated=ref_est,
                                 reference_realised=ref_real,
                                 estimated=band(est, width=width, chunk_rows=chunk_rows),
-                                realised=band(real, width=width, chunk_rows=chunk_rows), chunk_rows=chunk_rows)
+                                realised=band(real, width=width, chunk_rows=chunk_rows), chunk_rows=chunk_rows,
+                                layout=layout)
 
 
 @dataclass(frozen=True)

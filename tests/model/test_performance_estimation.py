@@ -106,8 +106,9 @@ def _errors(windows: list[performance.WindowPerformance]) -> np.ndarray:
 
 
 def test_the_reference_estimate_matches_its_realised_figure(world: World) -> None:
-    """Measured: reference ROC AUC estimated 0.951, realised 0.948; chunk bands 0.950 +/- 3 x 0.011
-    (estimated) and 0.948 +/- 3 x 0.024 (realised)."""
+    """Measured: reference ROC AUC estimated 0.933, realised 0.929; chunk bands 0.931 +/- 3 x 0.016
+    (estimated) and 0.931 +/- 3 x 0.039 (realised: the generator's day factor and weekly cycle move the
+    model's performance from chunk to chunk too)."""
     ref = world.reference
     assert abs(ref.reference_estimated - ref.reference_realised) < 0.01
     assert ref.estimated.std < ref.realised.std  # the estimate has no label noise to carry
@@ -115,8 +116,8 @@ def test_the_reference_estimate_matches_its_realised_figure(world: World) -> Non
 
 @pytest.mark.parametrize("scenario", ["none", "covariate"])
 def test_the_estimate_follows_realised_performance(world: World, scenario: str) -> None:
-    """No drift: estimate 0.938-0.958, realised 0.931-0.980, mean |error| 0.017, largest 0.030; covariate
-    drift 0.5: mean |error| 0.018, largest 0.036. No window left either band."""
+    """No drift: estimate 0.913-0.957, realised 0.894-0.961, mean |error| 0.020, largest 0.045, bias +0.001;
+    covariate drift 0.5: mean |error| 0.020, largest 0.046, bias +0.008. No window left either band."""
     windows = judged(world, scenario)
     errors = _errors(windows)
     noise = world.reference.realised.std  # the realised figure's own chunk-to-chunk spread
@@ -127,15 +128,20 @@ def test_the_estimate_follows_realised_performance(world: World, scenario: str) 
 
 
 def test_concept_drift_is_seen_by_the_realised_figure(world: World) -> None:
-    """concept_drift=1: realised ROC AUC 0.65-0.76 (every window under its band), the estimate 0.885-0.906:
-    CBPE sees the scores move (every window under the estimated band) but not how far the model fell."""
+    """concept_drift=1: realised ROC AUC 0.732-0.841, 6 of 10 windows under its band (lower edge 0.813: the
+    generator's structure makes the band wide); the estimate 0.811-0.891 sees the scores move (9 windows
+    under the estimated band) but overstates the model by 0.066 on average: only labels tell how far it
+    fell."""
     windows = judged(world, "concept")
-    assert sum(w.realised_drop for w in windows) >= 9
-    assert np.median(_errors(windows)) > 0.1
+    realised = np.array([w.realised for w in windows])
+    ref = world.reference.realised
+    assert sum(w.realised_drop for w in windows) >= 6
+    assert realised.mean() < ref.mean - 2 * ref.std
+    assert np.mean(_errors(windows)) > 0.03
 
 
 def test_label_noise_is_invisible_to_the_estimate(world: World) -> None:
-    """label_noise=0.02 (2 % of labels flipped, positives swamped): realised 0.58-0.70, every window under
+    """label_noise=0.02 (2 % of labels flipped, positives swamped): realised 0.608-0.701, every window under
     its band; the estimate is the no-drift one (the scores did not change), no estimated drop."""
     windows = judged(world, "label_noise")
     assert sum(w.realised_drop for w in windows) >= 9

@@ -419,7 +419,7 @@ def _lag1(x: pd.Series) -> float:
 def test_the_day_factor_makes_days_alike_and_moves_several_inputs(contract, structured) -> None:
     """Measured (70 days, the weekly cycle removed): day-to-day correlation of the mean log-amount 0.66 with
     structure (0.21 without); its spread 0.22 (0.04); daily volume and online share move with it
-    (correlations 0.94 and -0.85); the daily volume's spread 0.18 against Poisson's 0.04."""
+    (correlations 0.94 and -0.84); the daily volume's spread 0.18 against Poisson's 0.04."""
     days_on, days_off = _daily(structured[1.0], contract), _daily(structured[0.0], contract)
     weekday = days_on.index.dayofweek
     # remove the weekly cycle to see the day factor
@@ -437,8 +437,8 @@ def test_the_day_factor_makes_days_alike_and_moves_several_inputs(contract, stru
 
 def test_weekly_and_daily_cycles(contract, structured) -> None:
     """Weekends: more leisure, larger amounts, later hours; nights: more online. Measured with structure
-    (without): leisure share +0.105 (+0.005), mean log-amount +0.26 (+0.01), share before 4 am +0.019
-    (-0.002), online share at 1-4 am +0.18 (-0.01)."""
+    (without): leisure share +0.108 (+0.005), mean log-amount +0.27 (+0.01), share before 4 am +0.019
+    (-0.002), online share at 1-4 am +0.21 (-0.01)."""
     on, off = structured[1.0], structured[0.0]
     for tx, expect in ((on, True), (off, False)):
         legit = tx[tx[contract.label] == 0]
@@ -462,3 +462,21 @@ def test_structure_zero_is_the_world_of_independent_days(contract, structured) -
     pre = off[off[contract.event_timestamp] < _utc(date(2024, 3, 1))]
     pd.testing.assert_frame_equal(again.iloc[:len(pre)], pre)
     assert len(structured[1.0]) != len(off)  # the day factor moves the volume
+
+
+def test_structure_draws_do_not_move_with_the_fraud_count(contract) -> None:
+    """Concept drift changes how many fraud rows there are (bursts spread over more time, some cut at the
+    period's end); the structure's draws are the legitimate rows' own, so the days before drift_start
+    stay the same."""
+    config = replace(STRUCTURED, seed=5)  # a seed where concept drift changes the row count (by one)
+    drift_start = config.start + timedelta(days=40)
+    drifted = simulate(replace(config, concept_drift=1.0, drift_start=drift_start), contract).transactions
+    base = simulate(config, contract).transactions
+    assert len(drifted) != len(base)
+    cut = _utc(drift_start)
+    # the columns the structure moves (the fraud rows' null masks and the label delays are drawn over all
+    # rows and do shift, as tests/data/test_drift_statistics.py notes: not the structure's doing)
+    same = [contract.row_key, contract.entity, contract.event_timestamp, contract.label, "amount",
+            "merchant_category", "channel", "hour_of_day"]
+    pd.testing.assert_frame_equal(drifted.loc[drifted[contract.event_timestamp] < cut, same].reset_index(drop=True),
+                                  base.loc[base[contract.event_timestamp] < cut, same].reset_index(drop=True))

@@ -153,6 +153,19 @@ def test_band_is_mean_plus_minus_width_std_and_widens_for_small_windows():
 def test_chunk_bounds_are_contiguous_and_cover_every_row():
     assert chunk_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
     assert chunk_bounds(2, 3) == []
+    assert chunk_bounds(10, 4, stride_rows=2) == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    assert chunk_bounds(10, 4, stride_rows=4) == [(0, 4), (4, 10)]  # no overlap asked: disjoint
+
+
+def test_a_short_reference_slides_its_chunks_when_told_how():
+    """Fourteen days of a two-day window's rows make 7 disjoint chunks; sliding by a day's rows makes 13."""
+    scores, y = _world(14_000, 9)
+    ref = calibrate_reference(scores, y, chunk_rows=2000, stride_rows=1000)
+    assert ref.layout == "sliding by 1000 rows" and ref.reason == ""
+    assert ref.realised is not None and ref.realised.chunks == 13
+    assert PerformanceReference.from_dict(json.loads(json.dumps(ref.to_dict()))) == ref
+    assert calibrate_reference(scores, y, chunk_rows=2000).realised is None
+    assert calibrate_reference(scores[:10_000], y[:10_000], chunk_rows=2000, stride_rows=1000).realised is None
 
 
 def test_the_reference_bands_hold_windows_of_the_same_world():
