@@ -114,6 +114,8 @@ def generate(
                              ] = 0.0,
     drift_start: Annotated[str | None, typer.Option(help="First drifted day, YYYY-MM-DD.")] = None,
     label_noise: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of labels flipped.")] = 0.0,
+    structure: Annotated[float, typer.Option(min=0.0, max=3.0, help="Strength of the day factor and the weekly and "
+                                             "daily cycles (0: independent days).")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
     """Write a seeded data set with the data contract's columns as daily Parquet partitions into the landing zone."""
@@ -127,7 +129,7 @@ def generate(
             start=first, days=days, customers=customers, transactions_per_day=transactions_per_day, seed=seed,
             fraud_rate=fraud_rate, covariate_drift=covariate_drift, new_categories=new_categories,
             concept_drift=concept_drift, drift_start=date.fromisoformat(drift_start) if drift_start else None,
-            label_noise=label_noise,
+            label_noise=label_noise, structure=structure,
         )
         rt = Runtime.from_env()
         c = rt.contract

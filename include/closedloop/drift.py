@@ -37,6 +37,7 @@ from closedloop.errors import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from closedloop.calibration import Calibration
     from closedloop.lake import Lake
     from closedloop.schema import DataContract
 
@@ -52,6 +53,9 @@ RULE_SHARE = "drift_share"
 RULE_KEY = "key_feature"
 RULE_PREDICTION = "prediction"
 RULE_QUALITY = "quality"
+RULE_INPUTS = "input_drift"                  # calibrated: importance-weighted drift of the model's inputs
+RULE_ESTIMATED = "estimated_performance"     # calibrated: CBPE estimate below its band
+RULE_REALISED = "realised_performance"       # calibrated: realised metric below its band
 
 
 # -- the policy ----------------------------------------------------------------------------------------
@@ -162,6 +166,8 @@ class DriftFigures:
     drifted_features: list[str]
     prediction: dict[str, Any] | None = None  # {"stattest", "score", "threshold", "drifted"}
     quality: dict[str, Any] | None = None     # {"rows", "positives", "roc_auc", "pr_auc", "reference_roc_auc", "drop"}
+    # estimated (CBPE) and realised performance with their bands: see :func:`performance_figures`
+    performance: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -230,7 +236,8 @@ def _quality(current: pd.DataFrame, score_column: str, label_column: str,
 
 def measure(reference: pd.DataFrame, current: pd.DataFrame, contract: DataContract, policy: DriftPolicy, *,
             score_column: str = "score", reference_quality: dict[str, Any] | None = None,
-            label_column: str | None = None, seed: int = 0) -> tuple[Any, DriftFigures]:
+            label_column: str | None = None, seed: int = 0,
+            thresholds: dict[str, float] | None = None, report: bool = True) -> tuple[Any, DriftFigures]:
     """Measure drift of ``current`` against ``reference``; returns ``(evidently snapshot, figures)``.
 
     One Evidently ``ValueDrift`` per model feature, with the policy's fixed stattest and threshold for
@@ -240,6 +247,11 @@ def measure(reference: pd.DataFrame, current: pd.DataFrame, contract: DataContra
     sampled down to it first (deterministically, from ``seed``). Scores and drift flags are read from
     Evidently's results. With ``label_column`` in ``current`` (rows with a null label ignored), the
     quality of the score on the whole window and its drop below ``reference_quality["roc_auc"]``.
+    ``thresholds`` (column -> threshold, the score column included) replace the policy's fixed ones: the
+    calibrated thresholds of :mod:`closedloop.calibration`, so that Evidently's report and flags show them.
+    With ``report=False`` no report is built (the snapshot is None): each column's score is the same
+    Evidently stattest function called directly (:func:`closedloop.calibration.statistic`), about twenty
+    times faster; for loops over many windows (calibration, evaluation).
     """
     import time
 
@@ -263,6 +275,9 @@ def measure(reference: pd.DataFrame, current: pd.DataFrame, contract: DataContra
     cur = _prepared(_sample(current, policy.sample_rows, seed), columns)
 
     def test_of(name: str) -> tuple[str, float]:
+        method = policy.numeric_stattest if columns[name] == "numeric" else policy.categorical_stattest
+        if thresholds and thresholds.get(name) is not None:
+            return method, float(thresholds[name])
         if name == score_column and with_score:
             return policy.numeric_stattest, policy.prediction_threshold
         if columns[name] == "numeric":
@@ -285,13 +300,23 @@ def measure(reference: pd.DataFrame, current: pd.DataFrame, contract: DataContra
     tested = [c for c in columns if c not in untestable]
     definition = DataDefinition(numerical_columns=[c for c in tested if columns[c] == "numeric"],
                                 categorical_columns=[c for c in tested if columns[c] == "categorical"])
-    metrics = [ValueDrift(column=c, method=test_of(c)[0], threshold=test_of(c)[1]) for c in tested]
-    snapshot = Report(metrics, include_tests=True).run(
-        current_data=Dataset.from_pandas(cur[tested], data_definition=definition),
-        reference_data=Dataset.from_pandas(ref[tested], data_definition=definition),
-    )
+    if report:
+        metrics = [ValueDrift(column=c, method=test_of(c)[0], threshold=test_of(c)[1]) for c in tested]
+        snapshot = Report(metrics, include_tests=True).run(
+            current_data=Dataset.from_pandas(cur[tested], data_definition=definition),
+            reference_data=Dataset.from_pandas(ref[tested], data_definition=definition),
+        )
+        results = _value_drift_results(snapshot)
+    else:
+        from closedloop.calibration import statistic
 
-    results = _value_drift_results(snapshot)
+        snapshot = None
+        results = {}
+        for c in tested:
+            method, threshold = test_of(c)
+            score = statistic(ref[c], cur[c], columns[c], method)
+            results[c] = {"stattest": method, "score": score, "threshold": float(threshold),
+                          "drifted": score is not None and score >= threshold}
     per_column = {**results, **untestable}
     absent = set(columns) - set(per_column)
     if absent:
@@ -366,24 +391,44 @@ def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def decide(figures: DriftFigures, policy: DriftPolicy) -> DriftDecision:
-    """Apply ``policy`` to ``figures`` (pure).
+def performance_figures(current: pd.DataFrame, reference: dict[str, Any] | None, *, score_column: str = "score",
+                        label_column: str | None = None) -> dict[str, Any] | None:
+    """Estimated (CBPE on the calibrated scores of every row) and realised (labelled rows) performance of the
+    window, with the bands of ``reference`` (a :class:`closedloop.performance.PerformanceReference` as a dict)
+    widened to the window's row counts. None without a reference or a score column."""
+    import numpy as np
+    import pandas as pd
 
-    No verdict when the window (or the reference) has fewer than ``min_rows`` rows. Otherwise drift
-    when any rule fires: share of drifted features >= ``drift_share_threshold``; a key feature's score
-    >= its threshold; the score column drifted (Evidently's flag at ``prediction_threshold``); ROC AUC
-    more than ``quality_drop`` below the reference, only with at least ``min_labelled_positives``
-    labelled positives. The reasons say which rules fired and, for the others, why they did not.
-    """
-    if figures.current_rows < policy.min_rows:
-        return DriftDecision(judged=False, drift=False, reasons=[
-            f"not judged: the window has {figures.current_rows} rows, fewer than min_rows={policy.min_rows}"])
-    if figures.reference_rows < policy.min_rows:
-        return DriftDecision(judged=False, drift=False, reasons=[
-            f"not judged: the reference has {figures.reference_rows} rows, fewer than min_rows={policy.min_rows}"])
+    from closedloop import performance
 
-    fired: list[str] = []
-    reasons: list[str] = []
+    if reference is None or score_column not in current.columns:
+        return None
+    ref = performance.PerformanceReference.from_dict(reference)
+    scores = pd.to_numeric(current[score_column], errors="coerce").to_numpy(dtype=float)
+    scores = scores[np.isfinite(scores)]
+    out: dict[str, Any] = {"metric": ref.metric, "rows": len(scores), "estimated": None, "estimated_band": None,
+                           "reference_estimated": ref.reference_estimated, "reference_realised": ref.reference_realised,
+                           "realised": None, "realised_band": None, "labelled_rows": 0, "positives": 0,
+                           "calibrator": ref.calibrator.method, "band_reason": ref.reason}
+    if len(scores):
+        out["estimated"] = performance.estimate(ref.metric, ref.calibrator.apply(scores), scores)
+        if ref.estimated is not None:
+            out["estimated_band"] = ref.estimated.for_rows(len(scores)).to_dict()
+    if label_column is not None and label_column in current.columns:
+        labels = pd.to_numeric(current[label_column], errors="coerce")
+        s = pd.to_numeric(current[score_column], errors="coerce")
+        keep = (labels.notna() & s.notna()).to_numpy()
+        y = labels.to_numpy()[keep].astype(int)
+        out["labelled_rows"], out["positives"] = int(keep.sum()), int((y == 1).sum())
+        if len(np.unique(y)) == 2:
+            out["realised"] = performance.realised(ref.metric, s.to_numpy()[keep].astype(float), y)
+            if ref.realised is not None:
+                out["realised_band"] = ref.realised.for_rows(int(keep.sum())).to_dict()
+    return _clean(out)
+
+
+def _fixed_rules(figures: DriftFigures, policy: DriftPolicy, fired: list[str], reasons: list[str]) -> None:
+    """The policy's fixed rules: drift share, key features, score drift at a fixed threshold, quality drop."""
     n = len(figures.per_feature)
     k = len(figures.drifted_features)
     listed = ", ".join(figures.drifted_features) or "none"
@@ -394,35 +439,8 @@ def decide(figures: DriftFigures, policy: DriftPolicy) -> DriftDecision:
     else:
         reasons.append(f"drift share {figures.drift_share:.3f} ({k}/{n} features: {listed}) is below "
                        f"drift_share_threshold={policy.drift_share_threshold}")
-
-    for name, threshold in policy.key_features.items():
-        r = figures.per_feature.get(name)
-        if r is None:
-            reasons.append(f"key feature {name} was not measured")
-            continue
-        score = r.get("score")
-        if score is None:
-            if r.get("drifted"):
-                fired.append(f"{RULE_KEY}:{name}")
-                reasons.append(f"key feature {name} drifted: {r.get('note', 'no score')}")
-            else:
-                reasons.append(f"key feature {name} has no score: {r.get('note', 'not tested')}")
-        elif score >= threshold:
-            fired.append(f"{RULE_KEY}:{name}")
-            reasons.append(f"key feature {name}: {r.get('stattest')} {score:.3f} reaches its threshold {threshold}")
-        else:
-            reasons.append(f"key feature {name}: {r.get('stattest')} {score:.3f} is below its threshold {threshold}")
-
-    p = figures.prediction
-    if p is None:
-        reasons.append("prediction drift not measured: no score column on both sides")
-    elif p.get("drifted"):
-        fired.append(RULE_PREDICTION)
-        reasons.append(f"the score distribution drifted: {p.get('stattest')} {_f(p.get('score'))} reaches "
-                       f"{p.get('threshold')}")
-    else:
-        reasons.append(f"the score distribution is stable: {p.get('stattest')} {_f(p.get('score'))} is below "
-                       f"{p.get('threshold')}")
+    _key_rules(figures, policy.key_features, fired, reasons)
+    _prediction_rule(figures, fired, reasons)
 
     q = figures.quality
     if q is None:
@@ -441,6 +459,148 @@ def decide(figures: DriftFigures, policy: DriftPolicy) -> DriftDecision:
     else:
         reasons.append(f"ROC AUC {_f(q['roc_auc'])} on {q['rows']} labelled rows ({q['positives']} positives) is "
                        f"within quality_drop={policy.quality_drop} of the reference {_f(q['reference_roc_auc'])}")
+    _performance_rules(figures, policy, fired, reasons, act=False)
+
+
+def _key_rules(figures: DriftFigures, key_features: dict[str, float], fired: list[str], reasons: list[str]) -> None:
+    for name, threshold in key_features.items():
+        r = figures.per_feature.get(name)
+        if r is None:
+            reasons.append(f"key feature {name} was not measured")
+            continue
+        score = r.get("score")
+        if score is None:
+            if r.get("drifted"):
+                fired.append(f"{RULE_KEY}:{name}")
+                reasons.append(f"key feature {name} drifted: {r.get('note', 'no score')}")
+            else:
+                reasons.append(f"key feature {name} has no score: {r.get('note', 'not tested')}")
+        elif score >= threshold:
+            fired.append(f"{RULE_KEY}:{name}")
+            reasons.append(f"key feature {name}: {r.get('stattest')} {score:.3f} reaches its threshold {threshold}")
+        else:
+            reasons.append(f"key feature {name}: {r.get('stattest')} {score:.3f} is below its threshold {threshold}")
+
+
+def _prediction_rule(figures: DriftFigures, fired: list[str], reasons: list[str], what: str = "") -> None:
+    p = figures.prediction
+    if p is None:
+        reasons.append("prediction drift not measured: no score column on both sides")
+    elif p.get("drifted"):
+        fired.append(RULE_PREDICTION)
+        reasons.append(f"the score distribution drifted: {p.get('stattest')} {_f(p.get('score'))} reaches "
+                       f"{what}{_f(p.get('threshold'))}")
+    else:
+        reasons.append(f"the score distribution is stable: {p.get('stattest')} {_f(p.get('score'))} is below "
+                       f"{what}{_f(p.get('threshold'))}")
+
+
+def _performance_rules(figures: DriftFigures, policy: DriftPolicy, fired: list[str], reasons: list[str], *,
+                       act: bool) -> None:
+    """Estimated and realised performance against their bands; rules only when ``act`` (calibrated)."""
+    perf = figures.performance
+    if perf is None:
+        reasons.append("estimated performance not available: the champion has no score calibrator "
+                       "(trained before calibration, or by an engine that keeps no scored window)")
+        return
+    metric = {"roc_auc": "ROC AUC", "average_precision": "average precision"}.get(str(perf.get("metric")), "ROC AUC")
+    est, band = perf.get("estimated"), perf.get("estimated_band")
+    if est is None:
+        reasons.append(f"estimated {metric} not available: no scored rows")
+    elif band is None:
+        reasons.append(f"estimated {metric} {_f(est)} (CBPE; reference {_f(perf.get('reference_estimated'))}); "
+                       f"no band: {perf.get('band_reason') or 'not calibrated'}")
+    elif est < band["lower"] and act:
+        fired.append(RULE_ESTIMATED)
+        reasons.append(f"estimated {metric} {_f(est)} (CBPE) is below its calibrated band "
+                       f"[{_f(band['lower'])}, {_f(band['upper'])}]")
+    else:
+        where = "inside" if band["lower"] <= est <= band["upper"] else ("below" if est < band["lower"] else "above")
+        reasons.append(f"estimated {metric} {_f(est)} (CBPE) is {where} its band [{_f(band['lower'])}, "
+                       f"{_f(band['upper'])}]" + ("" if act or where != "below" else " (reported: fixed policy)"))
+    if not act:
+        return
+    real, rband = perf.get("realised"), perf.get("realised_band")
+    positives = int(perf.get("positives") or 0)
+    if real is None:
+        reasons.append(f"realised {metric} not measured: {perf.get('labelled_rows', 0)} labelled rows, "
+                       f"{positives} positives")
+    elif positives < policy.min_labelled_positives:
+        reasons.append(f"realised {metric} {_f(real)} not judged: {positives} labelled positives, fewer than "
+                       f"min_labelled_positives={policy.min_labelled_positives}")
+    elif rband is None:
+        reasons.append(f"realised {metric} {_f(real)}; no band: {perf.get('band_reason') or 'not calibrated'}")
+    elif real < rband["lower"]:
+        fired.append(RULE_REALISED)
+        reasons.append(f"realised {metric} {_f(real)} on {perf['labelled_rows']} labelled rows ({positives} "
+                       f"positives) is below its calibrated band [{_f(rband['lower'])}, {_f(rband['upper'])}]")
+    else:
+        reasons.append(f"realised {metric} {_f(real)} on {perf['labelled_rows']} labelled rows ({positives} "
+                       f"positives) is not below its band [{_f(rband['lower'])}, {_f(rband['upper'])}]")
+
+
+def _calibrated_rules(figures: DriftFigures, policy: DriftPolicy, cal: Calibration, fired: list[str],
+                      reasons: list[str]) -> None:
+    """The calibrated decision: importance-weighted input drift, own-threshold features, score drift and
+    performance, each against the threshold calibrated with the champion; other drift is reported."""
+    from closedloop.calibration import SOURCE_OWN, aggregate
+
+    scores = {n: r.get("score") for n, r in figures.per_feature.items()}
+    # a feature with no values left in the window (a broken feed) counts at its threshold in the aggregate
+    value = aggregate(scores, cal)
+    agg = cal.aggregate or {}
+    top = sorted(((cal.weights[n] * (scores.get(n) or 0.0) / max(cal.threshold(n) or 1e-3, 1e-3), n)
+                  for n in cal.weights), reverse=True)[:3]
+    parts = ", ".join(f"{n} {c:.2f}" for c, n in top)
+    if value is None or agg.get("threshold") is None:
+        reasons.append("input drift not judged: no feature is in the decision")
+    elif value >= agg["threshold"]:
+        fired.append(RULE_INPUTS)
+        reasons.append(f"importance-weighted input drift {value:.3f} reaches its calibrated threshold "
+                       f"{agg['threshold']:.3f} (largest contributions: {parts})")
+    else:
+        reasons.append(f"importance-weighted input drift {value:.3f} is below its calibrated threshold "
+                       f"{agg['threshold']:.3f} (largest contributions: {parts})")
+    own = {n: f["own_threshold"] for n, f in cal.features.items() if f.get("source") == SOURCE_OWN}
+    _key_rules(figures, own, fired, reasons)
+    _prediction_rule(figures, fired, reasons, what="its calibrated threshold ")
+    reported = [n for n in figures.drifted_features if n not in cal.weights and n not in own]
+    if reported:
+        reported_text = ", ".join(f"{n} {_f(figures.per_feature[n].get('score'))}" for n in reported)
+        reasons.append(f"reported, not acted on (the model barely uses them, or the schema excludes them): "
+                       f"{reported_text} past their calibrated thresholds")
+    _performance_rules(figures, policy, fired, reasons, act=True)
+
+
+def decide(figures: DriftFigures, policy: DriftPolicy, calibration: Calibration | None = None) -> DriftDecision:
+    """Apply ``policy`` to ``figures`` (pure), with the champion's ``calibration`` when it has one.
+
+    No verdict when the window (or the reference) has fewer than ``min_rows`` rows. Calibrated
+    (:mod:`closedloop.calibration`): drift when the importance-weighted input drift reaches its calibrated
+    threshold, a feature with its own threshold (schema ``drift.threshold``, ``monitoring.key_features``)
+    reaches it, the score distribution passes its calibrated threshold, the estimated (CBPE) performance
+    falls below its band, or the realised one does (with at least ``min_labelled_positives``); drift in
+    features the decision does not use is reported. Otherwise the policy's fixed rules: share of drifted
+    features >= ``drift_share_threshold``; a key feature's score >= its threshold; the score column drifted
+    at ``prediction_threshold``; ROC AUC more than ``quality_drop`` below the reference. The reasons say
+    which thresholds were used, which rules fired and, for the others, why they did not.
+    """
+    if figures.current_rows < policy.min_rows:
+        return DriftDecision(judged=False, drift=False, reasons=[
+            f"not judged: the window has {figures.current_rows} rows, fewer than min_rows={policy.min_rows}"])
+    if figures.reference_rows < policy.min_rows:
+        return DriftDecision(judged=False, drift=False, reasons=[
+            f"not judged: the reference has {figures.reference_rows} rows, fewer than min_rows={policy.min_rows}"])
+
+    fired: list[str] = []
+    reasons: list[str] = []
+    if calibration is not None and calibration.calibrated:
+        _calibrated_rules(figures, policy, calibration, fired, reasons)
+        reasons.append(f"thresholds calibrated with the champion: {calibration.why}")
+    else:
+        _fixed_rules(figures, policy, fired, reasons)
+        reasons.append("thresholds fixed (the policy's): " + (
+            calibration.why if calibration is not None else "the champion has no calibrated thresholds"))
 
     drift = bool(fired)
     reasons.insert(0, "drift: " + ", ".join(fired) if drift else "no drift: no rule fired")
@@ -486,16 +646,17 @@ def report_uri(lake: Lake, window_start: date, window_end: date) -> str:
 
 
 def save_report(snapshot: Any, figures: DriftFigures, decision: DriftDecision, lake: Lake,
-                window_start: date, window_end: date) -> dict[str, str]:
+                window_start: date, window_end: date, thresholds: dict[str, Any] | None = None) -> dict[str, str]:
     """Write ``reports/drift/<start>_<end>/report.html`` (the Evidently report) and ``figures.json``
-    (window, figures, decision); the same window always goes to the same place."""
+    (window, figures, decision, and the ``thresholds`` the decision used); the same window always goes to
+    the same place."""
     folder = report_uri(lake, window_start, window_end)
     with tempfile.TemporaryDirectory(prefix="closedloop-drift-") as tmp:
         path = Path(tmp) / REPORT_HTML
         snapshot.save_html(str(path))
         html = lake.write_bytes(f"{folder}/{REPORT_HTML}", path.read_bytes())
     doc = {"window": {"start": window_start.isoformat(), "end": window_end.isoformat()},
-           "figures": figures.to_dict(), "decision": decision.to_dict()}
+           "figures": figures.to_dict(), "decision": decision.to_dict(), "thresholds": _clean(thresholds)}
     js = lake.write_json(f"{folder}/{REPORT_JSON}", doc)
     log.info("drift report of %s..%s written to %s", window_start, window_end, folder)
     return {"html": html, "json": js}

@@ -16,6 +16,15 @@ Drift knobs (events at or after ``drift_start``): ``covariate_drift`` scales amo
 not know; ``concept_drift`` changes what fraud looks like (domestic, chip, daytime, usual amounts);
 ``label_noise`` flips a share of all labels.
 
+Structure (``structure``, 1 by default, 0 for independent days): the world the days share, as real daily
+data has it. A day-level exogenous factor (think weather, paydays, local events: an AR(1) series with unit
+variance and day-to-day persistence) moves the day's volume, the amounts and distances of legitimate
+transactions and the share bought online; the day of the week moves amounts, the merchant mix (leisure at
+weekends) and the hours (later at weekends); the hour of the day moves amounts and the share bought online
+(at night). ``structure`` scales all these effects; fraud keeps its own pattern. Two days are therefore no
+longer independent draws of one distribution: a two-day window differs from a four-week reference by more
+than sampling noise, as it does on real data.
+
 Every random component draws from its own stream of one :class:`numpy.random.SeedSequence`, so a knob
 changes only what it is about: the same seed with and without ``label_noise`` gives the same
 transactions, and the transactions before ``drift_start`` do not depend on the drift knobs.
@@ -82,7 +91,23 @@ _EPOCH = date(1970, 1, 1)
 BAD_KINDS = ("missing_column", "wrong_type", "null_key", "duplicate_key", "label_out_of_domain",
              "timestamp_outside_partition", "empty")
 
-_STREAMS = ("customers", "days", "fraud", "drift", "nulls", "noise", "labels")
+# -- structure: the day-level factor, the weekly and the daily cycles (scaled by ``structure``) ------------------
+_DAY_PERSISTENCE = 0.8      # AR(1) coefficient of the day factor (unit variance)
+_DAY_VOLUME = 0.20          # log-volume per unit of the day factor
+_DAY_AMOUNT = 0.22          # log-amount of legitimate transactions per unit of the day factor
+_DAY_DISTANCE = 0.25        # log-distance from home per unit of the day factor
+_DAY_ONLINE = 0.10          # share of in-person purchases moved online per unit below 0 (online ones back above)
+_WEEKDAY_AMOUNT = (-0.06, -0.08, -0.05, 0.0, 0.08, 0.20, 0.10)   # log-amount by weekday, Monday first
+_WEEKEND_LEISURE = (0.0, 0.0, 0.0, 0.02, 0.10, 0.28, 0.22)        # share of purchases redrawn from the leisure mix
+_LEISURE_MIX = (0.0, 0.0, 0.40, 0.25, 0.0, 0.10, 0.25, 0.0, 0.0)  # over the non-cash categories
+_WEEKEND_LATE = (0.0, 0.0, 0.0, 0.0, 0.15, 0.35, 0.25)            # share of transactions two hours later
+_HOUR_AMOUNT = (-0.25, -0.3, -0.3, -0.3, -0.3, -0.25, -0.15, -0.1, -0.05, 0.0, 0.0, 0.05,
+                0.1, 0.05, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.15, 0.1, 0.0, -0.1)  # log-amount by hour
+_HOUR_ONLINE = (0.25, 0.3, 0.3, 0.3, 0.3, 0.2, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0,
+                0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2)      # share moved online by hour
+
+# new streams go at the end: a SeedSequence child depends only on its index, so the others stay as they were
+_STREAMS = ("customers", "days", "fraud", "drift", "nulls", "noise", "labels", "structure")
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,7 @@ class GeneratorConfig:
     concept_drift: float = 0.0        # 0 = none; 1 = what fraud looks like changed completely
     drift_start: date | None = None   # default: no drift
     label_noise: float = 0.0          # share of labels flipped at random (degraded labels)
+    structure: float = 1.0            # strength of the day factor and the weekly/daily cycles (0: none)
 
     def __post_init__(self) -> None:
         if isinstance(self.start, datetime) or not isinstance(self.start, date):
@@ -114,6 +140,8 @@ class GeneratorConfig:
             raise ConfigError(f"generator concept_drift={self.concept_drift}: must be in [0, 1]")
         if not 0.0 <= self.label_noise <= 0.5:
             raise ConfigError(f"generator label_noise={self.label_noise}: must be in [0, 0.5]")
+        if not 0.0 <= self.structure <= 3.0:
+            raise ConfigError(f"generator structure={self.structure}: must be in [0, 3] (1 = realistic, 0 = none)")
         if self.drift_start is not None and (
             isinstance(self.drift_start, datetime) or not isinstance(self.drift_start, date)
         ):
@@ -242,17 +270,72 @@ def _drifted(rng: np.random.Generator, cust: np.ndarray, c: _Customers) -> dict[
             "distance": distance, "risk": risk}
 
 
-def _legit_day(rng: np.random.Generator, c: _Customers, weekday: int) -> dict[str, np.ndarray]:
-    """The legitimate transactions of one day (offsets in microseconds from midnight)."""
+def _legit_day(rng: np.random.Generator, c: _Customers, weekday: int, volume: float = 1.0) -> dict[str, np.ndarray]:
+    """The legitimate transactions of one day (offsets in microseconds from midnight); ``volume``
+    multiplies the day's expected count (the day factor)."""
     import numpy as np
 
-    counts = rng.poisson(c.activity * _WEEKDAY[weekday])
+    counts = rng.poisson(c.activity * _WEEKDAY[weekday] * volume)
     cust = np.repeat(np.arange(len(counts)), counts)
     hour = (rng.choice(24, size=len(cust), p=_probs(_HOURS)) + c.owl[cust]) % 24
     frac = rng.random(len(cust))
     fields = _usual(rng, cust, c)
     fields.update(cust=cust, hour=hour, frac=frac)
     return fields
+
+
+def day_factor(rng: np.random.Generator, days: int) -> np.ndarray:
+    """The day-level exogenous factor: a stationary AR(1) series of ``days`` values with unit variance and
+    persistence :data:`_DAY_PERSISTENCE` (the first ``k`` values do not depend on ``days``)."""
+    import numpy as np
+
+    shocks = rng.standard_normal(days)
+    z = np.empty(days)
+    z[0] = shocks[0]
+    keep = np.sqrt(1.0 - _DAY_PERSISTENCE**2)
+    for i in range(1, days):
+        z[i] = _DAY_PERSISTENCE * z[i - 1] + keep * shocks[i]
+    return z
+
+
+def _structure(rng: np.random.Generator, strength: float, z: np.ndarray, rows: dict[str, np.ndarray],
+               legit: np.ndarray, day: np.ndarray) -> None:
+    """Apply the day factor ``z`` (per day) and the weekly and daily cycles to the legitimate rows of
+    ``rows`` (in place): amounts, distances, the online share, the weekend's leisure mix. Every uniform
+    is drawn whatever ``strength``, so the stream stays aligned."""
+    import numpy as np
+
+    n = len(legit)
+    zd = z[day]
+    weekday = rows["weekday"]
+    hour = rows["hour"]
+    # draws for the legitimate rows only (how many there are does not depend on the fraud or drift knobs),
+    # each from its own child stream, so that fraud rows and drift knobs never shift them
+    legit_idx = np.flatnonzero(legit)
+    streams = rng.spawn(3)
+    u_leisure, u_channel, leisure = np.ones(n), np.ones(n), np.zeros(n, dtype=np.int64)
+    u_leisure[legit_idx], u_channel[legit_idx] = streams[0].random((2, len(legit_idx)))
+    leisure[legit_idx] = streams[1].choice(len(_LEISURE_MIX), size=len(legit_idx), p=_probs(_LEISURE_MIX))
+    leisure_risk = np.zeros(n)
+    leisure_risk[legit_idx] = _beta_mean(streams[2], np.asarray(_CATEGORY_RISK)[leisure[legit_idx]], 14.0)
+    in_person = legit & (rows["channel"] != _ATM) & (rows["channel"] != _ONLINE)
+    # the weekend's leisure: a share of in-person purchases go to restaurants, shops, entertainment, travel
+    redraw = in_person & (u_leisure < strength * np.asarray(_WEEKEND_LEISURE)[weekday])
+    mult = np.asarray(_CATEGORY_AMOUNT)
+    ratio = np.where(redraw, mult[leisure] / mult[rows["category"]], 1.0)
+    rows["category"] = np.where(redraw, leisure, rows["category"])
+    rows["risk"] = np.where(redraw, leisure_risk, rows["risk"])
+    # amounts: the day factor, the day of the week, the hour of the day
+    log_amount = _DAY_AMOUNT * zd + np.asarray(_WEEKDAY_AMOUNT)[weekday] + np.asarray(_HOUR_AMOUNT)[hour]
+    amount = rows["amount"] * ratio * np.exp(strength * log_amount)
+    amount = np.where(rows["channel"] == _ATM, np.maximum(20.0, np.round(amount / 20.0) * 20.0), amount)
+    rows["amount"] = np.where(legit, amount, rows["amount"])
+    rows["distance"] = np.where(legit, rows["distance"] * np.exp(strength * _DAY_DISTANCE * zd), rows["distance"])
+    # online: more on low days of the factor and at night; fewer on high days
+    to_online = in_person & (u_channel < strength * (_DAY_ONLINE * np.maximum(-zd, 0.0)
+                                                     + np.asarray(_HOUR_ONLINE)[hour]))
+    off_line = legit & (rows["channel"] == _ONLINE) & (u_channel < strength * _DAY_ONLINE * np.maximum(zd, 0.0))
+    rows["channel"] = np.where(to_online, _ONLINE, np.where(off_line, _CONTACTLESS, rows["channel"]))
 
 
 def _fraud_events(rng: np.random.Generator, config: GeneratorConfig, c: _Customers, n_legit: int,
@@ -384,15 +467,27 @@ def simulate(config: GeneratorConfig, contract: DataContract) -> GeneratedData:
     elif config.covariate_drift or config.new_categories or config.concept_drift:
         log.warning("drift knobs are set but drift_start is None: no drift is simulated")
 
+    # the day factor (its own stream) and the weekly cycle of the hours
+    factor_seq, late_seq, rows_seq = streams["structure"].spawn(3)
+    z = day_factor(np.random.default_rng(factor_seq), config.days)
+    strength = config.structure
+    first_weekday = config.start.weekday()
+
     # legitimate transactions, day by day (each day has its own random stream)
     parts = []
     for i, seq in enumerate(streams["days"].spawn(config.days)):
-        weekday = (config.start.toordinal() + i - 1) % 7  # date.weekday() of start + i
-        fields = _legit_day(np.random.default_rng(seq), customers, weekday)
+        weekday = (first_weekday + i) % 7
+        volume = float(np.exp(strength * _DAY_VOLUME * z[i] - 0.5 * (strength * _DAY_VOLUME) ** 2))
+        fields = _legit_day(np.random.default_rng(seq), customers, weekday, volume if strength else 1.0)
         fields["day"] = np.full(len(fields["cust"]), i, dtype=np.int64)
         parts.append(fields)
     legit = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     n_legit = len(legit["cust"])
+
+    # weekends: a share of the transactions two hours later (into the night)
+    legit_weekday = (first_weekday + legit["day"]) % 7
+    late = np.random.default_rng(late_seq).random(n_legit) < strength * np.asarray(_WEEKEND_LATE)[legit_weekday]
+    legit["hour"] = np.where(late, (legit["hour"] + 2) % 24, legit["hour"])
 
     drift_rng = np.random.default_rng(streams["drift"])
     post_legit = legit["day"] >= drift_day if drift_day is not None else np.zeros(n_legit, dtype=bool)
@@ -411,6 +506,10 @@ def simulate(config: GeneratorConfig, contract: DataContract) -> GeneratedData:
     ts = rows["ts"]
     ts = np.where(ts % _US_DAY == 0, ts + 1, ts)  # strictly inside the day
     n = len(ts)
+    row_day = (ts - start_us) // _US_DAY
+    rows["weekday"] = (first_weekday + row_day) % 7
+    rows["hour"] = (ts // _US_HOUR) % 24
+    _structure(np.random.default_rng(rows_seq), strength, z, rows, y == 0, row_day)
 
     # drift after drift_start (all uniforms are drawn whatever the knobs, to keep the streams aligned)
     post = ts >= start_us + drift_day * _US_DAY if drift_day is not None else np.zeros(n, dtype=bool)

@@ -4,6 +4,8 @@
 with its reasons (:mod:`closedloop.registry`), the latest drift figures and decision and the series of drift
 share and model quality per monitored window (the ``closedloop-monitoring`` MLflow experiment, one run per
 window, completed by the lake's ``reports/drift/<start>_<end>/figures.json`` for windows MLflow lacks), and
+the thresholds the latest decision used (calibrated with the champion or fixed, ``docs/DRIFT.md``) with each
+feature's statistic against its threshold, estimated (CBPE) vs realised ROC AUC per window with their bands, and
 the latest training/serving skew report (``reports/skew/<day>.json``, :mod:`closedloop.skew`).
 :func:`render_page` turns it into one self-contained HTML page with inline SVG plots (no JavaScript);
 :func:`report_bytes` reads one report from the lake for a path that names a known kind of report only,
@@ -94,6 +96,11 @@ def monitoring_series(rt: Runtime) -> list[dict[str, Any]]:
         points.append({"window": {"start": start, "end": end}, "drift_share": _number(m.get("drift_share")),
                        "roc_auc": _number(m.get("quality_roc_auc")),
                        "reference_roc_auc": _number(m.get("quality_reference_roc_auc")),
+                       "estimated": _number(m.get("estimated_roc_auc")),
+                       "estimated_lower": _number(m.get("estimated_roc_auc_lower")),
+                       "realised": _number(m.get("realised_roc_auc")),
+                       "realised_lower": _number(m.get("realised_roc_auc_lower")),
+                       "aggregate": _number(m.get("drift_aggregate")),
                        "drift": r.data.tags.get(f"{TAG}drift") == "true",
                        "champion_version": r.data.tags.get(f"{TAG}champion_version")})
     return points
@@ -105,9 +112,16 @@ def _series(reports: list[dict[str, Any]], mlflow_points: list[dict[str, Any]]) 
     for rep in reports:
         f, w = rep.get("figures") or {}, rep.get("window") or {}
         q = f.get("quality") or {}
+        perf = f.get("performance") or {}
+        agg = (rep.get("thresholds") or {}).get("aggregate") or {}
         by_window[_window_key(w.get("start", ""), w.get("end", ""))] = {
             "window": w, "drift_share": _number(f.get("drift_share")), "roc_auc": _number(q.get("roc_auc")),
             "reference_roc_auc": _number(q.get("reference_roc_auc")),
+            "estimated": _number(perf.get("estimated")),
+            "estimated_lower": _number((perf.get("estimated_band") or {}).get("lower")),
+            "realised": _number(perf.get("realised")),
+            "realised_lower": _number((perf.get("realised_band") or {}).get("lower")),
+            "aggregate": _number(agg.get("value")),
             "drift": bool((rep.get("decision") or {}).get("drift")), "champion_version": None}
     for p in mlflow_points:
         by_window[_window_key(p["window"]["start"], p["window"]["end"])] = p
@@ -146,7 +160,7 @@ def gather(rt: Runtime) -> dict[str, Any]:
         "drift_share_threshold": policy.drift_share_threshold,
         "latest_drift": None if latest is None else {
             "window": latest.get("window"), "figures": latest.get("figures"), "decision": latest.get("decision"),
-            "html_path": latest["html_path"], "json_path": latest["json_path"]},
+            "thresholds": latest.get("thresholds"), "html_path": latest["html_path"], "json_path": latest["json_path"]},
         "drift_reports": [{"window": r.get("window"), "drift": bool((r.get("decision") or {}).get("drift")),
                            "html_path": r["html_path"], "json_path": r["json_path"]} for r in reversed(reports)],
         "series": _series(reports, monitoring_series(rt)),
@@ -306,6 +320,13 @@ def plots(data: dict[str, Any]) -> dict[str, str]:
                                "ROC AUC (reference)": [p["reference_roc_auc"] for p in series]},
                               x_label="window end (exclusive)", y_label="ROC AUC",
                               hlines={"champion holdout": champ_auc} if champ_auc is not None else None),
+        "performance": line_chart("Estimated (CBPE, no labels) vs realised ROC AUC per window, with the lower "
+                                  "edges of their calibrated bands", xs,
+                                  {"estimated": [p.get("estimated") for p in series],
+                                   "realised (labels so far)": [p.get("realised") for p in series],
+                                   "estimated band, lower": [p.get("estimated_lower") for p in series],
+                                   "realised band, lower": [p.get("realised_lower") for p in series]},
+                                  x_label="window end (exclusive)", y_label="ROC AUC"),
     }
 
 
@@ -359,9 +380,32 @@ def render_page(data: dict[str, Any], *, report_base: str = "reports/") -> str:
         verdict = ("<span class='bad'>drift</span>" if d.get("drift") else
                    "<span class='ok'>no drift</span>" if d.get("judged") else "not judged")
         q = f.get("quality") or {}
+        t = latest.get("thresholds") or {}
+        weights = t.get("weights") or {}
+
+        def role(name: str) -> str:
+            if name in weights:
+                return f"in the decision (weight {weights[name]:.3f})"
+            return "reported only" if t.get("mode") == "calibrated" else "fixed rules"
+
         per = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v.get('stattest'))}</td><td>{_fmt(v.get('score'))}</td>"
-                      f"<td>{_fmt(v.get('threshold'))}</td><td>{'yes' if v.get('drifted') else 'no'}</td></tr>"
+                      f"<td>{_fmt(v.get('threshold'))}</td><td>{'yes' if v.get('drifted') else 'no'}</td>"
+                      f"<td>{_e(role(k))}</td></tr>"
                       for k, v in sorted((f.get("per_feature") or {}).items()))
+        perf = f.get("performance") or {}
+        eb, rb = perf.get("estimated_band") or {}, perf.get("realised_band") or {}
+        agg = t.get("aggregate") or {}
+        used = (f"<tr><th>thresholds used</th><td id='thresholds-mode'>{_e(t.get('mode', 'fixed'))}: "
+                f"{_e(t.get('why', 'the policy'))}</td></tr>"
+                f"<tr><th>importance-weighted input drift</th><td>{_fmt(agg.get('value'))} against "
+                f"{_fmt(agg.get('threshold'))}</td></tr>"
+                f"<tr><th>prediction drift (threshold)</th><td>{_fmt((f.get('prediction') or {}).get('threshold'))}"
+                "</td></tr>"
+                f"<tr><th>estimated ROC AUC (CBPE) / band</th><td id='estimated-performance'>"
+                f"{_fmt(perf.get('estimated'))} / [{_fmt(eb.get('lower'))}, {_fmt(eb.get('upper'))}]</td></tr>"
+                f"<tr><th>realised ROC AUC / band</th><td>{_fmt(perf.get('realised'))} on "
+                f"{_e(perf.get('labelled_rows'))} labelled rows / [{_fmt(rb.get('lower'))}, "
+                f"{_fmt(rb.get('upper'))}]</td></tr>")
         out.append(f"<p>Window {_e(w.get('start'))} .. {_e(w.get('end'))} (end exclusive): {verdict}. "
                    f"{link(latest['html_path'], 'Evidently report')} · {link(latest['json_path'], 'figures (JSON)')}"
                    "</p><table>"
@@ -372,12 +416,12 @@ def render_page(data: dict[str, Any], *, report_base: str = "reports/") -> str:
                    f"<tr><th>prediction drift score</th><td>{_fmt((f.get('prediction') or {}).get('score'))}</td></tr>"
                    f"<tr><th>ROC AUC (window / reference)</th><td>{_fmt(q.get('roc_auc'))} / "
                    f"{_fmt(q.get('reference_roc_auc'))}</td></tr>"
-                   f"<tr><th>decision</th><td>{_e('; '.join(d.get('reasons') or []))}</td></tr></table>"
-                   "<table><tr><th>feature</th><th>test</th><th>score</th><th>threshold</th><th>drifted</th></tr>"
-                   f"{per}</table>")
+                   f"{used}<tr><th>decision</th><td>{_e('; '.join(d.get('reasons') or []))}</td></tr></table>"
+                   "<table><tr><th>feature</th><th>test</th><th>statistic</th><th>threshold (its band's edge)</th>"
+                   f"<th>past it</th><th>role</th></tr>{per}</table>")
     out.append("<h2>Over time</h2>")
     svgs = plots(data)
-    out.append(f"<div>{svgs['drift_share']}</div><div>{svgs['quality']}</div>")
+    out.append(f"<div>{svgs['drift_share']}</div><div>{svgs['quality']}</div><div>{svgs['performance']}</div>")
     if data.get("drift_reports"):
         items = "".join(f"<li>{_e(r['window'].get('start'))} .. {_e(r['window'].get('end'))}"
                         f"{' (drift)' if r['drift'] else ''}: {link(r['html_path'], 'report')} · "

@@ -21,6 +21,8 @@ from closedloop.runconf import Window
 if TYPE_CHECKING:
     import pandas as pd
 
+    from closedloop.calibration import Calibration
+    from closedloop.drift import DriftPolicy
     from closedloop.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ def monitoring_window(end: date, days: int) -> Window:
 
 
 def champion_reference(rt: Runtime, champ: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, float]]:
-    """The champion's drift reference (a sample of its training set) and its holdout quality."""
+    """The champion's drift reference (a sample of its training window) and its holdout quality."""
     import mlflow
     import pandas as pd
 
@@ -46,6 +48,39 @@ def champion_reference(rt: Runtime, champ: dict[str, Any]) -> tuple[pd.DataFrame
     metrics = rt.client.get_run(champ["run_id"]).data.metrics
     return reference, {"roc_auc": metrics.get("holdout_roc_auc", float("nan")),
                        "pr_auc": metrics.get("holdout_pr_auc", float("nan"))}
+
+
+def champion_calibration(rt: Runtime, champ: dict[str, Any]) -> Calibration:
+    """The thresholds logged with the champion's version (``reference/thresholds.json``); the policy's fixed
+    ones, saying why, for a version trained before they existed."""
+    import json
+
+    import mlflow
+
+    from closedloop import calibration, drift
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=champ["run_id"],
+                                                       artifact_path="reference/thresholds.json", dst_path=tmp,
+                                                       tracking_uri=rt.settings.mlflow_tracking_uri)
+            return calibration.Calibration.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, mlflow.exceptions.MlflowException) as exc:
+        policy = drift.DriftPolicy.from_config(rt.settings.config.raw["monitoring"])
+        log.warning("champion v%s has no readable reference/thresholds.json (%s): fixed thresholds", champ["version"],
+                    exc)
+        return calibration.fixed(policy, rt.contract, f"champion v{champ['version']} was logged without calibrated "
+                                 "thresholds (reference/thresholds.json)", window_days=policy.window_days)
+
+
+def used_thresholds(cal: Calibration) -> dict[str, float]:
+    """Column -> threshold the decision uses (the score column included): what Evidently's report shows."""
+    from closedloop.scoring import SCORE
+
+    out = {n: float(f["threshold"]) for n, f in cal.features.items() if f.get("threshold") is not None}
+    if cal.prediction and cal.prediction.get("threshold") is not None:
+        out[SCORE] = float(cal.prediction["threshold"])
+    return out
 
 
 def _read_arrow(rt: Runtime, uris: list[str], columns: list[str] | None = None) -> Any:
@@ -60,8 +95,9 @@ def _read_arrow(rt: Runtime, uris: list[str], columns: list[str] | None = None) 
     return pa.concat_tables(tables, promote_options="default")
 
 
-def read_window(rt: Runtime, window: Window) -> tuple[pd.DataFrame, list[str]]:
-    """Predictions of the window's days, with labels that arrived before its end; and the days read.
+def read_window(rt: Runtime, window: Window, *, labels_until: date | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Predictions of the window's days, with labels that arrived before its end (or before ``labels_until``,
+    for re-judging a window later); and the days read.
 
     Read, filtered and joined in Arrow (one conversion to pandas at the end): for a million-row window
     this is faster than concatenating pandas frames and merging on the string row key. Only what
@@ -84,8 +120,9 @@ def read_window(rt: Runtime, window: Window) -> tuple[pd.DataFrame, list[str]]:
         raise NoDataError(f"no predictions for {window}: run batch_scoring for those days first")
     current = _read_arrow(rt, [rt.lake.partition("predictions", "transactions", d) for d in days],
                           columns=[c.row_key, *c.model_features, SCORE])
-    cutoff = datetime.combine(window.end, time(0), tzinfo=UTC)
-    label_days = [d for d in rt.lake.list_days("curated", "labels") if window.start <= d < window.end]
+    until = labels_until or window.end
+    cutoff = datetime.combine(until, time(0), tzinfo=UTC)
+    label_days = [d for d in rt.lake.list_days("curated", "labels") if window.start <= d < until]
     labels = None
     if label_days:
         labels = _read_arrow(rt, [rt.lake.partition("curated", "labels", d) for d in label_days],
@@ -127,40 +164,108 @@ def validation_notes(rt: Runtime, window: Window) -> dict[str, list[str]]:
     return notes
 
 
+def widened_window(rt: Runtime, window: Window, min_rows: int, max_days: int) -> tuple[Window, int]:
+    """``window``, its start moved back a day at a time (up to ``max_days`` days in all) until its scored days
+    hold at least ``min_rows`` rows; and their row count. Rows are counted from the partitions' metadata."""
+    import pyarrow.parquet as pq
+
+    from closedloop.lake import days_between
+
+    def rows(w: Window) -> int:
+        total = 0
+        for d in days_between(w.start, w.end):
+            uri = rt.lake.partition("predictions", "transactions", d)
+            if rt.lake.exists(uri):
+                with rt.lake.fs.open(rt.lake.local_path(uri), "rb") as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+        return total
+
+    n = rows(window)
+    while n < min_rows and (window.end - window.start).days < max_days:
+        window = Window(window.start - timedelta(days=1), window.end)
+        n = rows(window)
+    return window, n
+
+
+def _monitoring_run(rt: Runtime, exp_id: str, window_end: date) -> Any:
+    """The monitoring run that judged the window ending with ``window_end`` (one per end day), or None."""
+    runs = rt.client.search_runs([exp_id], filter_string=f"tags.`{TAG}window` LIKE '%..{window_end.isoformat()}'",
+                                 max_results=1)
+    return runs[0] if runs else None
+
+
 def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict[str, Any]:
-    """Measure drift on ``window``; keep the reports; log the figures to MLflow. Returns a summary."""
+    """Measure drift on ``window``; keep the reports; log the figures to MLflow. Returns a summary.
+
+    A window with fewer than ``min_rows`` scored rows is widened backwards (``monitoring.widen_max_days``
+    days at most) and the decision says so. A window is judged once for its end day: a re-run updates the
+    same MLflow run. The champion's calibrated thresholds (or the fixed ones, saying why) are what Evidently's
+    report shows and what the decision uses; earlier windows are re-judged on the labels that have arrived
+    since (:func:`rejudge_earlier`).
+    """
     import mlflow
 
     from closedloop import drift
     from closedloop.registry import ensure_experiment
     from closedloop.scoring import champion
 
-    policy = drift.DriftPolicy.from_config(rt.settings.config.raw["monitoring"])
+    raw = rt.settings.config.raw["monitoring"]
+    policy = drift.DriftPolicy.from_config(raw)
+    asked = window
+    window, _ = widened_window(rt, window, policy.min_rows, int(raw.get("widen_max_days", 7)))
     champ = champion(rt)
     reference, ref_quality = champion_reference(rt, champ)
+    cal = champion_calibration(rt, champ)
     current, days = read_window(rt, window)
+    cal = cal.for_rows(min(len(current), policy.sample_rows or len(current)))
     snapshot, figures = drift.measure(reference, current, rt.contract, policy, reference_quality=ref_quality,
-                                      label_column=rt.contract.label)
-    decision = drift.decide(figures, policy)
+                                      label_column=rt.contract.label, thresholds=used_thresholds(cal))
+    figures.performance = drift.performance_figures(current, cal.performance, label_column=rt.contract.label)
+    decision = drift.decide(figures, policy, cal)
+    if window != asked:
+        decision.reasons.append(f"window widened from {asked} to {window} ({len(current)} rows): fewer than "
+                                f"min_rows={policy.min_rows} in {(asked.end - asked.start).days} day(s)")
     notes = validation_notes(rt, window)
-    uris = drift.save_report(snapshot, figures, decision, rt.lake, window.start, window.end)
+    aggregate = None
+    if cal.calibrated:
+        from closedloop.calibration import aggregate as weighted
+
+        aggregate = weighted({n: r.get("score") for n, r in figures.per_feature.items()}, cal)
+    used = {"mode": cal.mode, "why": cal.why, "features": used_thresholds(cal),
+            "aggregate": None if cal.aggregate is None else {"value": aggregate, **cal.aggregate},
+            "weights": cal.weights, "reported_only": cal.reported_only,
+            "performance": None if cal.performance is None else {
+                k: cal.performance.get(k) for k in ("metric", "estimated", "realised", "reason", "chunk_rows")}}
+    uris = drift.save_report(snapshot, figures, decision, rt.lake, window.start, window.end, thresholds=used)
     pruned = drift.prune_reports(rt.lake, policy.keep_reports)
 
     exp_id = ensure_experiment(rt.client, rt.settings, EXPERIMENT)
-    existing = rt.client.search_runs([exp_id], filter_string=f"tags.`{TAG}window` = '{window}'", max_results=1)
-    tags = {f"{TAG}window": str(window), f"{TAG}champion_version": champ["version"],
+    existing = _monitoring_run(rt, exp_id, window.end)
+    tags = {f"{TAG}window": str(window), f"{TAG}window_end": window.end.isoformat(),
+            f"{TAG}champion_version": champ["version"],
             f"{TAG}report_html": uris["html"], f"{TAG}report_json": uris["json"],
             f"{TAG}drift": str(decision.drift).lower(), f"{TAG}judged": str(decision.judged).lower(),
+            f"{TAG}thresholds": cal.mode, f"{TAG}fired": ",".join(decision.fired),
             f"{TAG}reasons": "; ".join(decision.reasons)[:4000], f"{TAG}dag_run_id": dag_run_id}
     step = window.end.toordinal()
     metrics = {"drift_share": figures.drift_share, "current_rows": float(figures.current_rows),
                "validation_warnings": float(sum(len(v) for v in notes.values())),
-               **{f"drift_{k}": float(v["score"]) for k, v in figures.per_feature.items()}}
-    if figures.prediction:
+               **{f"drift_{k}": float(v["score"]) for k, v in figures.per_feature.items() if v["score"] is not None}}
+    if aggregate is not None:
+        metrics["drift_aggregate"] = float(aggregate)
+    if figures.prediction and figures.prediction.get("score") is not None:
         metrics["drift_score_prediction"] = float(figures.prediction["score"])
     if figures.quality:
         metrics.update({f"quality_{k}": float(v) for k, v in figures.quality.items() if isinstance(v, int | float)})
-    run_id = existing[0].info.run_id if existing else None
+    perf = figures.performance or {}
+    for key in ("estimated", "realised"):
+        if perf.get(key) is not None:
+            metrics[f"{key}_{perf['metric']}"] = float(perf[key])
+        band = perf.get(f"{key}_band")
+        if band:
+            metrics[f"{key}_{perf['metric']}_lower"] = float(band["lower"])
+            metrics[f"{key}_{perf['metric']}_upper"] = float(band["upper"])
+    run_id = existing.info.run_id if existing else None
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=f"drift {window}",
                           tags=tags) as run:
         mlflow.set_tags(tags)
@@ -171,20 +276,79 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
                 local.write_bytes(rt.lake.read_bytes(uri))
                 mlflow.log_artifact(str(local), artifact_path="drift")
         mlflow.log_dict(notes, "drift/validation_notes.json")
+    late = rejudge_earlier(rt, exp_id, window, champ, cal, policy)
     log.info("drift on %s: %s (%s)", window, decision.drift, "; ".join(decision.reasons))
     return {"window": window.to_dict(), "days": days, "champion_version": champ["version"],
             "figures": figures.to_dict(), "decision": decision.to_dict(), "report": uris,
-            "mlflow_run_id": run.info.run_id, "pruned_reports": len(pruned), "validation_notes": notes}
+            "mlflow_run_id": run.info.run_id, "pruned_reports": len(pruned), "validation_notes": notes,
+            "thresholds": {"mode": cal.mode, "why": cal.why}, "late_drops": late}
+
+
+def rejudge_earlier(rt: Runtime, exp_id: str, window: Window, champ: dict[str, Any], cal: Calibration,
+                    policy: DriftPolicy) -> list[dict[str, Any]]:
+    """Re-judge the champion's earlier windows on the labels that arrived until ``window.end``.
+
+    Windows judged by the same champion, ending before ``window`` and whose labels are not yet complete
+    (``ingest.label_grace_days`` after their end), at most ``monitoring.rejudge_max_windows`` of them: their
+    realised performance is measured again, logged to their MLflow run (step = this window's end) and, once
+    complete, tagged so. A realised figure below its calibrated band (with enough labelled positives) is a
+    late drop, returned once per window (tagged ``late_drop``) for :func:`decide_retraining`.
+    """
+    from closedloop import drift
+
+    if cal.performance is None:
+        return []
+    raw = rt.settings.config.raw
+    grace = int(raw.get("ingest", {}).get("label_grace_days", 21))
+    limit = int(raw["monitoring"].get("rejudge_max_windows", 10))
+    runs = rt.client.search_runs(
+        [exp_id], filter_string=f"tags.`{TAG}champion_version` = '{champ['version']}'",
+        order_by=[f"tags.`{TAG}window_end` DESC"], max_results=200)
+    late: list[dict[str, Any]] = []
+    done = 0
+    for r in runs:
+        t = r.data.tags
+        if (t.get(f"{TAG}labels_complete") == "true" or f"{TAG}window" not in t
+                or t.get(f"{TAG}window_end", "") >= window.end.isoformat()):
+            continue
+        if done >= limit:
+            break
+        start, _, end = t[f"{TAG}window"].partition("..")
+        earlier = Window(date.fromisoformat(start), date.fromisoformat(end))
+        try:
+            frame, _ = read_window(rt, earlier, labels_until=window.end)
+        except NoDataError:
+            continue
+        done += 1
+        perf = drift.performance_figures(frame, cal.performance, label_column=rt.contract.label) or {}
+        step = window.end.toordinal()
+        metric = perf.get("metric", "roc_auc")
+        if perf.get("realised") is not None:
+            rt.client.log_metric(r.info.run_id, f"realised_{metric}", float(perf["realised"]), step=step)
+        rt.client.log_metric(r.info.run_id, "labelled_rows", float(perf.get("labelled_rows", 0)), step=step)
+        complete = window.end >= earlier.end + timedelta(days=grace)
+        if complete:
+            rt.client.set_tag(r.info.run_id, f"{TAG}labels_complete", "true")
+        band = perf.get("realised_band")
+        positives = int(perf.get("positives") or 0)
+        if (band and perf.get("realised") is not None and positives >= policy.min_labelled_positives
+                and perf["realised"] < band["lower"] and t.get(f"{TAG}late_drop") != "true"):
+            rt.client.set_tag(r.info.run_id, f"{TAG}late_drop", "true")
+            late.append({"window": earlier.to_dict(), "realised": perf["realised"], "band": band,
+                         "positives": positives, "labelled_rows": perf.get("labelled_rows"),
+                         "why": f"realised {metric} {perf['realised']:.3f} of {earlier} on {perf.get('labelled_rows')} "
+                                f"labelled rows ({positives} positives), labels until {window.end}, is below its "
+                                f"calibrated band [{band['lower']:.3f}, {band['upper']:.3f}]"})
+    return late
 
 
 def _drift_of(rt: Runtime, window: Window) -> bool:
-    """Whether monitoring found drift on ``window`` (False when it was not measured)."""
+    """Whether monitoring found drift on the window ending with ``window.end`` (False when not measured)."""
     exp = rt.client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         return False
-    runs = rt.client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}window` = '{window}'",
-                                 max_results=1)
-    return bool(runs) and runs[0].data.tags.get(f"{TAG}drift") == "true"
+    run = _monitoring_run(rt, exp.experiment_id, window.end)
+    return run is not None and run.data.tags.get(f"{TAG}drift") == "true"
 
 
 def last_trigger(rt: Runtime) -> tuple[datetime | None, str | None]:
@@ -219,12 +383,14 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
     window = Window(date.fromisoformat(measured["window"]["start"]), date.fromisoformat(measured["window"]["end"]))
     decision = measured["decision"]
     base = {"window": window.to_dict(), "report": measured["report"]["html"]}
-    if not decision["judged"]:
+    late = measured.get("late_drops") or []
+    late_why = "; ".join(f"late realised drop: {d['why']}" for d in late)
+    if not late and not decision["judged"]:
         return {**base, "retrain": False, "why": "not judged: " + "; ".join(decision["reasons"])}
-    if not decision["drift"]:
+    if not late and not decision["drift"]:
         return {**base, "retrain": False, "why": "no drift: " + "; ".join(decision["reasons"])}
     confirm = int(rt.settings.config.raw["monitoring"].get("confirm_windows", 1))
-    if confirm > 1:
+    if confirm > 1 and not late:
         earlier = [_drift_of(rt, Window(window.start - timedelta(days=k), window.end - timedelta(days=k)))
                    for k in range(1, confirm)]
         if not all(earlier):
@@ -240,7 +406,8 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
                 "why": f"drift, but within the {policy.cooldown_hours} h cooldown after {last_id}"}
     days = int(rt.settings.config.raw["monitoring"].get("retrain_window_days", 14))
     run_id = drift.trigger_run_id(window.start, window.end)
-    reason = trigger_reason(decision["reasons"])
+    reason = (trigger_reason([late_why]) + "; this window: " + "; ".join(decision["reasons"]) if late
+              else trigger_reason(decision["reasons"]))
     conf = {
         "window_start": (window.end - timedelta(days=days)).isoformat(),
         "window_end": window.end.isoformat(),
@@ -251,10 +418,9 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
                     "drift_share": measured["figures"]["drift_share"]},
     }
     exp = rt.client.get_experiment_by_name(EXPERIMENT)
-    runs = rt.client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}window` = '{window}'",
-                                 max_results=1)
-    if runs:
-        rt.client.set_tag(runs[0].info.run_id, f"{TAG}triggered_run_id", run_id)
+    judged = _monitoring_run(rt, exp.experiment_id, window.end)
+    if judged is not None:
+        rt.client.set_tag(judged.info.run_id, f"{TAG}triggered_run_id", run_id)
     return {**base, "retrain": True, "why": reason, "run_id": run_id, "conf": conf}
 
 

@@ -46,6 +46,7 @@ class Column:
     block: dict[str, Any] = field(default_factory=dict)
     warn: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    drift: dict[str, Any] = field(default_factory=dict)  # see _drift_settings
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Aggregate:
     window: timedelta
     column: str | None = None
     description: str = ""
+    drift: dict[str, Any] = field(default_factory=dict)  # see _drift_settings
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,13 @@ class DataContract:
         raise KeyError(name)
 
     @property
+    def drift_settings(self) -> dict[str, dict[str, Any]]:
+        """Model features with a ``drift:`` setting in the schema: ``exclude``, ``threshold``, ``calibrate``."""
+        out = {c.name: c.drift for c in self.columns if c.role == "feature" and c.drift}
+        out.update({a.name: a.drift for a in self.aggregates if a.drift})
+        return out
+
+    @property
     def feature_refs(self) -> list[str]:
         """Feast feature references (``view:feature``) of the entity features."""
         return [f"{self.feature_view}:{a.name}" for a in self.aggregates]
@@ -133,6 +142,31 @@ def _require(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise ContractError(f"{where}: missing required key {key!r}")
     return d[key]
+
+
+def _drift_settings(raw: Any, where: str) -> dict[str, Any]:
+    """A feature's ``drift:`` mapping, checked: ``exclude`` (bool: measured and reported, never acted on),
+    ``threshold`` (number >= 0: the feature's own rule, drift when its statistic reaches it, instead of a
+    calibrated band), ``calibrate`` (bool, default true: false keeps the policy's fixed threshold)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ContractError(f"{where}: drift must be a mapping (exclude, threshold, calibrate)")
+    unknown = sorted(set(raw) - {"exclude", "threshold", "calibrate"})
+    if unknown:
+        raise ContractError(f"{where}: drift: unknown key(s) {unknown}; use exclude, threshold or calibrate")
+    out: dict[str, Any] = {}
+    for key in ("exclude", "calibrate"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise ContractError(f"{where}: drift.{key}={raw[key]!r}: expected true or false")
+            out[key] = raw[key]
+    if "threshold" in raw:
+        t = raw["threshold"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or t < 0:
+            raise ContractError(f"{where}: drift.threshold={t!r}: expected a number >= 0")
+        out["threshold"] = float(t)
+    return out
 
 
 def load_contract(path: str | Path) -> DataContract:
@@ -178,6 +212,7 @@ def load_contract(path: str | Path) -> DataContract:
                 block=dict(c.get("block", {})),
                 warn=dict(c.get("warn", {})),
                 description=str(c.get("description", "")),
+                drift=_drift_settings(c.get("drift"), f"{cw} ({name})"),
             )
         )
     ef = raw.get("entity_features") or {}
@@ -202,7 +237,7 @@ def load_contract(path: str | Path) -> DataContract:
             raise ContractError(f"{aw}: {exc}") from exc
         aggregates.append(
             Aggregate(name=name, function=fn, window=window, column=col,
-                      description=str(a.get("description", "")))
+                      description=str(a.get("description", "")), drift=_drift_settings(a.get("drift"), aw))
         )
     lookback = timedelta(days=int(ef.get("lookback_days", 30)))
     if aggregates and max(a.window for a in aggregates) > lookback:

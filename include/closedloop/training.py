@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -376,6 +377,9 @@ class Fitted:
     example: pd.DataFrame  # a few holdout rows, for the model's signature and input example
     holdout_y: Any = None  # the holdout's labels and the model's scores on it, for the plots
     holdout_scores: Any = None
+    # every row of the training window (time-ordered) with its out-of-sample score: what the drift thresholds
+    # and the performance band are calibrated on (None: the engine does not provide it; thresholds stay fixed)
+    reference_window: pd.DataFrame | None = None
 
 
 def fit_in_process(lake: Lake, uri: str, contract: DataContract, config: dict[str, Any], device: str) -> Fitted:
@@ -390,11 +394,53 @@ def fit_in_process(lake: Lake, uri: str, contract: DataContract, config: dict[st
     holdout_metrics = classification_metrics(hold_y, hold_scores, threshold)
     val_metrics = classification_metrics(validation[contract.label].to_numpy(),
                                          predict(model, validation, contract), threshold)
-    ref = train.sample(n=min(len(train), int(config.get("reference_sample_rows", 5000))), random_state=0)
+    window = reference_window(train, validation, holdout, contract, config, booster.best_iteration + 1, device)
+    want = min(len(window), int(config.get("reference_sample_rows", 5000)))
+    ref = window.sample(n=want, random_state=0).sort_index()
     return Fitted(engine="local", model=model, best_iteration=int(booster.best_iteration), threshold=threshold,
                   validation_metrics=val_metrics, holdout_metrics=holdout_metrics, reference_sample=ref,
                   reference_stats=reference_stats(train, contract), example=holdout.head(5),
-                  holdout_y=hold_y, holdout_scores=hold_scores)
+                  holdout_y=hold_y, holdout_scores=hold_scores, reference_window=window)
+
+
+CROSS_FIT_BLOCKS = 4
+CROSS_FIT_MAX_ROWS = 200_000  # training rows per cross-fitted model (sampled above it): a few seconds each
+
+
+def reference_window(train: pd.DataFrame, validation: pd.DataFrame, holdout: pd.DataFrame, contract: DataContract,
+                     config: dict[str, Any], rounds: int, device: str, *, blocks: int = CROSS_FIT_BLOCKS,
+                     score_column: str = "score") -> pd.DataFrame:
+    """The whole training window, time-ordered, with an out-of-sample score for every row.
+
+    Time-blocked cross-fitting: the window is cut into ``blocks`` contiguous blocks of time; each block is
+    scored by a model trained, with the champion's parameters and its number of rounds (no early stopping),
+    on the other blocks (sampled down to ``CROSS_FIT_MAX_ROWS`` rows). The scores are what the champion's
+    scores on unseen data look like: the reference of prediction drift and of the performance estimate.
+    """
+    import numpy as np
+    import pandas as pd
+    import xgboost as xgb
+
+    columns = [contract.event_timestamp, contract.label, *contract.model_features]
+    window = pd.concat([f[columns] for f in (train, validation, holdout)], ignore_index=True)
+    window = window.sort_values(contract.event_timestamp, kind="stable").reset_index(drop=True)
+    scores = np.full(len(window), np.nan)
+    params = {**config["params"], "device": device}
+    bounds = np.linspace(0, len(window), blocks + 1).astype(int)
+    x = feature_frame(window, contract)
+    y = window[contract.label].to_numpy()
+    rng = np.random.default_rng(0)
+    for a, b in itertools.pairwise(bounds):
+        rest = np.r_[0:a, b:len(window)]
+        if len(rest) > CROSS_FIT_MAX_ROWS:
+            rest = np.sort(rng.choice(rest, size=CROSS_FIT_MAX_ROWS, replace=False))
+        if b <= a or len(np.unique(y[rest])) < 2:
+            continue
+        model = xgb.train(params, xgb.DMatrix(x.iloc[rest], label=y[rest]), num_boost_round=int(rounds),
+                          verbose_eval=False)
+        scores[a:b] = model.predict(xgb.DMatrix(x.iloc[a:b]))
+    window[score_column] = scores
+    return window
 
 
 def reference_stats(frame: pd.DataFrame, contract: DataContract) -> dict[str, Any]:
@@ -492,6 +538,9 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         mlflow.log_dict({"training_set": training_set, **lineage, "tags": tags}, "lineage.json")
         mlflow.log_dict(fitted.reference_stats, "reference/stats.json")
         _log_frame(fitted.reference_sample, "reference/sample.parquet")
+        if cfg.raw.get("monitoring"):  # without a monitoring policy there is nothing to calibrate
+            mlflow.log_dict(reference_thresholds(fitted, contract, cfg.raw["monitoring"], importance),
+                            "reference/thresholds.json")
         x_example = feature_frame(fitted.example, contract)
         signature = infer_signature(x_example, model.predict(xgb.DMatrix(x_example)))
         info = mlflow.xgboost.log_model(
@@ -508,6 +557,21 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
              json.dumps(holdout_metrics))
     return TrainResult(run_id=run_id, model_uri=info.model_uri, lineage_key=key, device=device,
                        threshold=threshold, metrics=holdout_metrics)
+
+
+def reference_thresholds(fitted: Fitted, contract: DataContract, monitoring: dict[str, Any],
+                         importance: dict[str, float]) -> dict[str, Any]:
+    """The drift thresholds and performance band calibrated on the fitted window (fixed, saying why, when the
+    engine gave no window): logged next to the reference as ``reference/thresholds.json``."""
+    from closedloop import calibration
+    from closedloop.drift import DriftPolicy
+
+    policy = DriftPolicy.from_config(monitoring)
+    if fitted.reference_window is None:
+        return calibration.fixed(policy, contract, f"the {fitted.engine} engine keeps no scored training window: "
+                                 "no calibration", importance, policy.window_days).to_dict()
+    return calibration.reference_calibration(fitted.reference_window, fitted.reference_sample, contract, monitoring,
+                                             importance).to_dict()
 
 
 def reusable(run: Any) -> bool:

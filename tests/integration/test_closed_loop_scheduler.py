@@ -44,7 +44,8 @@ def test_drift_starts_a_retraining_that_promotes(tmp_path, monkeypatch):
 
     lines: list[str] = []
     # small data; a higher fraud rate so that a one-day holdout has enough positives for the gate to judge
-    plan = DemoPlan(warmup_days=7, history_days=10, normal_days=1, drift_days=2, customers=400,
+    # 12 history days: the first champion's window holds the 11 daily chunks its calibrated thresholds need
+    plan = DemoPlan(warmup_days=7, history_days=12, normal_days=1, drift_days=2, customers=400,
                     transactions_per_day=1200, fraud_rate=0.03)
     port = _free_port()
     summary = run_demo(rt, plan, port=port, say=lines.append, timeout=600)

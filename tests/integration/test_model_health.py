@@ -163,7 +163,12 @@ def test_a_logged_in_user_sees_the_page(client, world):
     assert f"{auc:.4f}" in page
     assert html.escape(world.promoted["reason"]) in page  # the promotion history, with its reason
     assert f"id='drift-share'>{world.measured['figures']['drift_share']:.4f}<" in page
-    assert page.count("<svg") == 2 and "share of drifted features" in page and ">ROC AUC</text>" in page
+    assert page.count("<svg") == 3 and "share of drifted features" in page and ">ROC AUC</text>" in page
+    # the thresholds the decision used, each feature against its band, estimated vs realised performance
+    assert "id='thresholds-mode'>calibrated: calibrated on " in page
+    estimated = world.measured["figures"]["performance"]["estimated"]
+    assert f"id='estimated-performance'>{estimated:.4f} / [" in page
+    assert "Estimated (CBPE, no labels) vs realised ROC AUC" in page and "in the decision (weight" in page
     assert "failed" in page and "12.50% of rows mismatch" in page  # the skew report
 
     # the API's way: a Bearer header; the JSON and the linked report

@@ -1,0 +1,355 @@
+"""Drift thresholds calibrated on the reference's own variability (the approach NannyML documents).
+
+A fixed threshold (a normed Wasserstein distance of 0.1, say) says nothing about how much a two-day
+window of *this* data moves when nothing has changed: inputs with daily, weekly or shared day-level
+swings exceed it on quiet days, others never come near it. Here the thresholds come from the
+champion's own training window, cut into chunks the size of a monitoring window:
+
+- the window's rows (time-ordered, with the model's out-of-sample scores) are cut into chunks of
+  ``window_days`` days: disjoint chunks when at least ``min_chunks`` fit, otherwise one chunk per
+  start day (as monitoring slides its window by one day); each chunk keeps the rows a monitoring
+  window would have (all of them, sampled down to the policy's ``sample_rows``);
+- each chunk is compared with the reference sample *without that chunk's days*, with the same
+  statistic monitoring reports: Evidently's own stattest function (``wasserstein`` normed by the
+  reference's standard deviation, ``jensenshannon`` over the union of categories) called directly on
+  the prepared columns, without building a report (checked equal to the report's figures by a test);
+- each column's threshold is ``mean + std_multiplier * std`` of its chunk statistics (never below the
+  largest one seen, nor below ``MIN_THRESHOLD``);
+- the decision statistic itself is calibrated the same way: the importance-weighted mean, over the
+  features the decision uses, of each feature's statistic divided by its own threshold
+  (:func:`aggregate`); its threshold is set on the chunks' aggregates, which controls the overall
+  false-alarm rate, not only each feature's.
+
+Too short a window (fewer than ``min_chunks`` chunks) gives a :class:`Calibration` of mode ``fixed``
+whose ``why`` says so; the decision then uses the policy's fixed thresholds and reports it.
+
+Pure functions: no MLflow, no lake. Training computes the calibration and logs it next to the
+reference (``reference/thresholds.json``); monitoring reads it back with the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from closedloop.drift import DriftPolicy
+    from closedloop.schema import DataContract
+
+log = logging.getLogger(__name__)
+
+MODE_CALIBRATED = "calibrated"
+MODE_FIXED = "fixed"
+MIN_THRESHOLD = 1e-3
+# sources of a feature's threshold
+SOURCE_CALIBRATED = "calibrated"
+SOURCE_FIXED = "fixed"        # the policy's fixed threshold (schema ``drift: {calibrate: false}``, or fixed mode)
+SOURCE_OWN = "own"            # the schema's ``drift: {threshold: x}`` (or a monitoring.key_features entry)
+SOURCE_EXCLUDED = "excluded"  # schema ``drift: {exclude: true}``: measured and reported, not used
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """``monitoring.calibration`` of the configuration."""
+
+    enabled: bool = True
+    min_chunks: int = 10
+    std_multiplier: float = 3.0
+    # features whose share of the model's importance (gain) is below this are reported, not acted on
+    min_importance: float = 0.02
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any] | None) -> CalibrationSettings:
+        from closedloop.errors import ConfigError
+
+        cfg = dict(cfg or {})
+        unknown = sorted(set(cfg) - {"enabled", "min_chunks", "std_multiplier", "min_importance"})
+        if unknown:
+            raise ConfigError(f"monitoring.calibration: unknown key(s) {unknown}")
+        out = cls(enabled=bool(cfg.get("enabled", True)), min_chunks=int(cfg.get("min_chunks", 10)),
+                  std_multiplier=float(cfg.get("std_multiplier", 3.0)),
+                  min_importance=float(cfg.get("min_importance", 0.02)))
+        if out.min_chunks < 2:
+            raise ConfigError(f"monitoring.calibration.min_chunks={out.min_chunks}: must be >= 2")
+        if out.std_multiplier < 0:
+            raise ConfigError(f"monitoring.calibration.std_multiplier={out.std_multiplier}: must be >= 0")
+        if not 0.0 <= out.min_importance < 1.0:
+            raise ConfigError(f"monitoring.calibration.min_importance={out.min_importance}: must be in [0, 1)")
+        return out
+
+
+@dataclass
+class Calibration:
+    """The thresholds a champion's drift decisions use, and where they come from (JSON-safe)."""
+
+    mode: str                       # calibrated | fixed
+    why: str                        # one sentence: how they were obtained, or why fixed
+    window_days: int = 0
+    chunks: int = 0
+    chunk_rows: int = 0             # median rows of a chunk (what a monitoring window holds)
+    reference_rows: int = 0
+    std_multiplier: float = 0.0
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prediction: dict[str, Any] | None = None
+    aggregate: dict[str, Any] | None = None
+    weights: dict[str, float] = field(default_factory=dict)  # normalised importance of the decision's features
+    reported_only: list[str] = field(default_factory=list)   # features the decision does not act on
+    performance: dict[str, Any] | None = None               # the band of the estimated/realised metric
+    chunk_statistics: dict[str, list[float | None]] = field(default_factory=dict)  # column -> one per chunk
+
+    def to_dict(self) -> dict[str, Any]:
+        from closedloop.drift import _clean
+
+        return _clean(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def calibrated(self) -> bool:
+        return self.mode == MODE_CALIBRATED
+
+    def for_rows(self, rows: int) -> Calibration:
+        """The thresholds for a window of ``rows`` rows: a distance's chunk-to-chunk spread (and its level under
+        no drift) shrinks as 1/sqrt(rows), so a window with fewer rows than the chunks gets its calibrated
+        thresholds scaled up by sqrt(chunk_rows / rows), never down; the ``why`` says so."""
+        import copy
+        import math
+
+        if not self.calibrated or rows <= 0 or not self.chunk_rows or rows >= self.chunk_rows:
+            return self
+        factor = math.sqrt(self.chunk_rows / rows)
+        out = copy.deepcopy(self)
+        for f in out.features.values():
+            if f.get("source") in (SOURCE_CALIBRATED, SOURCE_OWN) and f.get("threshold") is not None and \
+                    f.get("mean") is not None:
+                f["threshold"] = float(f["threshold"]) * factor
+        if out.prediction and out.prediction.get("threshold") is not None:
+            out.prediction["threshold"] = float(out.prediction["threshold"]) * factor
+        out.why += (f"; thresholds scaled by {factor:.2f} for a window of {rows} rows (chunks: {self.chunk_rows})")
+        return out
+
+    def threshold(self, name: str) -> float | None:
+        f = self.features.get(name)
+        return None if f is None else f.get("threshold")
+
+
+# -- the statistic, as Evidently computes it -------------------------------------------------------------
+def statistic(reference: pd.Series, current: pd.Series, kind: str, stattest: str) -> float | None:
+    """Evidently's drift score of one column: its registered stattest function on the values Evidently's
+    ``ValueDrift`` passes it (infinite and missing values dropped). None when a side has no value."""
+    import numpy as np
+    from evidently.legacy.calculations.stattests import get_stattest
+    from evidently.legacy.core import ColumnType
+
+    ref = reference.replace([-np.inf, np.inf], np.nan).dropna()
+    cur = current.replace([-np.inf, np.inf], np.nan).dropna()
+    if ref.empty or cur.empty:
+        return None
+    ctype = ColumnType.Numerical if kind == "numeric" else ColumnType.Categorical
+    test = get_stattest(ref, cur, ctype, stattest)
+    return float(test(ref, cur, ctype, None).drift_score)
+
+
+def decision_settings(contract: DataContract, policy: DriftPolicy) -> dict[str, dict[str, Any]]:
+    """Per model feature: ``exclude``, ``threshold`` (own, or None), ``calibrate`` from the schema's
+    ``drift:`` settings. (``monitoring.key_features`` belong to the fixed rules: numbers chosen without the
+    data's own variability, they would fire on every quiet window of a feature that swings by nature.)"""
+    out: dict[str, dict[str, Any]] = {}
+    schema = getattr(contract, "drift_settings", {}) or {}
+    for name in contract.model_features:
+        s = dict(schema.get(name) or {})
+        own = s.get("threshold")
+        out[name] = {"exclude": bool(s.get("exclude", False)), "threshold": own,
+                     "calibrate": bool(s.get("calibrate", True))}
+    return out
+
+
+def importance_weights(importance: dict[str, float], features: list[str]) -> dict[str, float]:
+    """Gain importance of ``features`` normalised to sum to one (unused features 0; uniform without any)."""
+    raw = {f: max(0.0, float(importance.get(f, 0.0) or 0.0)) for f in features}
+    total = sum(raw.values())
+    if total <= 0:
+        return {f: 1.0 / len(features) for f in features} if features else {}
+    return {f: v / total for f, v in raw.items()}
+
+
+def aggregate(scores: dict[str, float | None], calibration: Calibration) -> float | None:
+    """The decision statistic: sum over the decision's features of weight x (statistic / its threshold).
+
+    1.0 means "every used feature at its own threshold". A feature without a score counts as at its
+    threshold (1.0): a broken feed is not silence. None when no feature is in the decision."""
+    if not calibration.weights:
+        return None
+    total = 0.0
+    for name, w in calibration.weights.items():
+        thr = calibration.threshold(name) or MIN_THRESHOLD
+        s = scores.get(name)
+        total += w * (1.0 if s is None else float(s) / max(thr, MIN_THRESHOLD))
+    return total
+
+
+def _band(values: list[float], k: float) -> dict[str, Any]:
+    import numpy as np
+
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return {"threshold": None, "mean": None, "std": None, "max": None, "n": 0}
+    mean, std, top = float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, float(v.max())
+    return {"threshold": max(mean + k * std, top, MIN_THRESHOLD), "mean": mean, "std": std, "max": top,
+            "n": int(v.size)}
+
+
+def chunk_starts(days: list[Any], window_days: int, min_chunks: int) -> tuple[list[int], str]:
+    """Indices into ``days`` (sorted distinct days) where chunks start, and how they were laid out."""
+    n = len(days)
+    disjoint = list(range(0, n - window_days + 1, window_days))
+    if len(disjoint) >= min_chunks:
+        return disjoint, "disjoint"
+    return list(range(0, max(0, n - window_days + 1))), "sliding by one day"
+
+
+def fixed(policy: DriftPolicy, contract: DataContract, why: str, importance: dict[str, float] | None = None,
+          window_days: int = 0) -> Calibration:
+    """The policy's fixed thresholds, saying ``why`` they are used."""
+    from closedloop.drift import _kinds
+
+    kinds = _kinds(contract)
+    features = {}
+    for name, kind in kinds.items():
+        thr = policy.numeric_threshold if kind == "numeric" else policy.categorical_threshold
+        features[name] = {"stattest": policy.numeric_stattest if kind == "numeric" else policy.categorical_stattest,
+                          "threshold": thr, "source": SOURCE_FIXED}
+    return Calibration(mode=MODE_FIXED, why=why, window_days=window_days, features=features,
+                       prediction={"stattest": policy.numeric_stattest, "threshold": policy.prediction_threshold,
+                                   "source": SOURCE_FIXED},
+                       weights=importance_weights(importance or {}, list(kinds)))
+
+
+def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContract, policy: DriftPolicy,
+              importance: dict[str, float], *, settings: CalibrationSettings | None = None,
+              score_column: str = "score", seed: int = 0) -> Calibration:
+    """Thresholds for ``policy``'s statistics from ``window`` (every row of the training window, with an
+    event timestamp and, if present, the out-of-sample ``score_column``) against ``reference`` (the sample
+    of it that monitoring compares windows with; same columns). See the module docstring."""
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from closedloop.drift import _kinds, _prepared, _sample
+
+    settings = settings or CalibrationSettings()
+    started = time.perf_counter()
+    kinds = _kinds(contract)
+    per_feature = decision_settings(contract, policy)
+    days_w = window_days = policy.window_days
+    if not settings.enabled:
+        return fixed(policy, contract, "calibration disabled (monitoring.calibration.enabled: false)", importance,
+                     window_days)
+    ts = contract.event_timestamp
+    wday = pd.to_datetime(window[ts], utc=True).dt.floor("D")
+    rday = pd.to_datetime(reference[ts], utc=True).dt.floor("D")
+    days = sorted(wday.unique())
+    starts, layout = chunk_starts(days, days_w, settings.min_chunks)
+    if len(starts) < settings.min_chunks:
+        return fixed(policy, contract,
+                     f"the training window spans {len(days)} days: {len(starts)} chunks of {days_w} days, fewer than "
+                     f"min_chunks={settings.min_chunks} (train on at least {days_w + settings.min_chunks - 1} days "
+                     "for calibrated thresholds)", importance, window_days)
+    columns = dict(kinds)
+    with_score = score_column in window.columns and score_column in reference.columns
+    if with_score:
+        columns[score_column] = "numeric"
+
+    def method(kind: str) -> str:
+        return policy.numeric_stattest if kind == "numeric" else policy.categorical_stattest
+
+    wprep = _prepared(window, columns)
+    rprep = _prepared(reference, columns)
+    wday_v, rday_v = wday.to_numpy(), rday.to_numpy()
+    stats: dict[str, list[float | None]] = {c: [] for c in columns}
+    rows = []
+    for i, s in enumerate(starts):
+        chunk_days = days[s:s + days_w]
+        in_chunk = np.isin(wday_v, chunk_days)
+        cur = _sample(wprep[in_chunk], policy.sample_rows, seed + i)
+        ref = rprep[~np.isin(rday_v, chunk_days)]
+        rows.append(len(cur))
+        for c, kind in columns.items():
+            stats[c].append(statistic(ref[c], cur[c], kind, method(kind)))
+
+    k = settings.std_multiplier
+    features: dict[str, dict[str, Any]] = {}
+    for name, kind in kinds.items():
+        band = _band(stats[name], k)
+        ps = per_feature[name]
+        entry = {"stattest": method(kind), **band}
+        if ps["exclude"]:
+            entry["source"] = SOURCE_EXCLUDED
+        elif ps["threshold"] is not None:
+            entry.update(source=SOURCE_OWN, own_threshold=float(ps["threshold"]))
+            if not ps["calibrate"] or band["threshold"] is None:
+                entry["threshold"] = policy.numeric_threshold if kind == "numeric" else policy.categorical_threshold
+        elif not ps["calibrate"] or band["threshold"] is None:
+            entry.update(threshold=policy.numeric_threshold if kind == "numeric" else policy.categorical_threshold,
+                         source=SOURCE_FIXED, calibrated_threshold=band["threshold"])
+        else:
+            entry["source"] = SOURCE_CALIBRATED
+        features[name] = entry
+
+    # the decision's features: not excluded, used enough by the model (own-threshold ones too: their own rule
+    # adds to the aggregate, it does not replace it)
+    candidates = [n for n in kinds if features[n]["source"] != SOURCE_EXCLUDED]
+    shares = importance_weights(importance, list(kinds))
+    used = [n for n in candidates if shares.get(n, 0.0) >= settings.min_importance]
+    reported_only = [n for n in kinds if n not in used]
+    weights = importance_weights(importance, used)
+    partial = Calibration(mode=MODE_CALIBRATED, why="", features=features, weights=weights)
+    aggregates = [aggregate({n: stats[n][i] for n in kinds}, partial) for i in range(len(starts))]
+    agg = {**_band([a for a in aggregates if a is not None], k), "features": used}
+    prediction = {"stattest": policy.numeric_stattest, **_band(stats[score_column], k),
+                  "source": SOURCE_CALIBRATED} if with_score else None
+    chunk_rows = int(np.median(rows))
+    why = (f"calibrated on {len(starts)} chunks of {days_w} days ({layout}, median {chunk_rows} rows) of the "
+           f"{len(days)}-day training window, each against the {len(reference)}-row reference without its days; "
+           f"threshold = mean + {k:g} std of the chunks' statistics")
+    out = Calibration(mode=MODE_CALIBRATED, why=why, window_days=days_w, chunks=len(starts), chunk_rows=chunk_rows,
+                      reference_rows=len(reference), std_multiplier=k, features=features, prediction=prediction,
+                      aggregate=agg, weights=weights, reported_only=reported_only,
+                      chunk_statistics={c: [None if v is None else round(v, 6) for v in vals]
+                                        for c, vals in stats.items()})
+    log.info("drift thresholds %s in %.1f s; aggregate threshold %.3f over %d features", why,
+             time.perf_counter() - started, agg["threshold"] or float("nan"), len(used))
+    return out
+
+
+def reference_calibration(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContract,
+                          monitoring: dict[str, Any], importance: dict[str, float], *,
+                          score_column: str = "score") -> Calibration:
+    """:func:`calibrate` for the ``monitoring`` section of the configuration, with the performance band
+    (:func:`closedloop.performance.calibrate_reference` on the window's out-of-sample scores and labels,
+    chunks of a monitoring window's rows) in ``performance``."""
+    import numpy as np
+
+    from closedloop import performance
+    from closedloop.drift import DriftPolicy
+
+    policy = DriftPolicy.from_config(monitoring)
+    settings = CalibrationSettings.from_config(monitoring.get("calibration"))
+    out = calibrate(window, reference, contract, policy, importance, settings=settings, score_column=score_column)
+    if score_column in window.columns:
+        scored = window[window[score_column].notna()]
+        per_day = max(1, len(scored) // max(1, len(np.unique(scored[contract.event_timestamp].dt.floor("D")))))
+        rows = out.chunk_rows or per_day * policy.window_days
+        perf = performance.calibrate_reference(scored[score_column].to_numpy(), scored[contract.label].to_numpy(),
+                                               int(rows), min_chunks=settings.min_chunks,
+                                               width=settings.std_multiplier or performance.DEFAULT_WIDTH,
+                                               stride_rows=per_day)
+        out.performance = perf.to_dict()
+    return out
