@@ -20,7 +20,7 @@ a stable window is a false alarm.
 
 The statistics are Evidently's stattest functions called directly (``measure(report=False)``: the same
 figures as the HTML report, without building it). Writes the table (Markdown) to ``--out`` (default
-docs/flights-drift.md) and the per-window records next to it as JSON (``--records``). The fixed-champion
+docs/flights-drift.md) and, with ``--records``, every window and retraining as JSON. The fixed-champion
 replay takes about 10 minutes on two shared cores; each retraining of the closed loop about a minute
 (training, the gate's bootstrap and, when promoted, the cross-fitted reference), so a policy that alarms
 every other day needs hours for the year: ``--loop-last-day`` cuts the closed loop short (the table says
@@ -312,7 +312,8 @@ def markdown(results: dict[str, dict[str, Any]], command: str, elapsed: float) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "flights-drift.md")
-    parser.add_argument("--records", type=Path, default=None, help="JSON of every window (default: next to --out)")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="JSON of every window and retraining (for --previous; default: not written)")
     parser.add_argument("--last-day", type=date.fromisoformat, default=date(2014, 1, 1),
                         help="the last window's end (exclusive day)")
     parser.add_argument("--loop-last-day", type=date.fromisoformat, default=None,
@@ -347,9 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: results[name] for name in POLICIES if name in results}
     command = "python bench/flights_drift.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.write_text(markdown(results, command.strip(), time.perf_counter() - started))
-    records_path = args.records or args.out.with_suffix(".json")
-    records_path.write_text(json.dumps(results, indent=1, default=str))
-    log.info("wrote %s and %s", args.out, records_path)
+    if args.records is not None:
+        args.records.write_text(json.dumps(results, indent=1, default=str))
+    log.info("wrote %s%s", args.out, f" and {args.records}" if args.records else "")
 
 
 if __name__ == "__main__":
