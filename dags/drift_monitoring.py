@@ -5,13 +5,17 @@ Runs when `batch_scoring` announces new predictions (the `closedloop_predictions
 safety net, or for a given `day` (the last day of the window) in a triggered run's configuration.
 The window is the `monitoring.window_days` days ending with that day.
 
-- `measure_drift`: Evidently compares the window's features and scores (and its quality, for the
-  labels that have arrived) with the reference saved with the champion's model version, one fixed
-  statistical test per column; the HTML report and JSON figures go to `reports/drift/` in the lake
-  and to the `closedloop-monitoring` experiment in MLflow (one run per window).
-- `decide_retraining`: the policy (drift share, key features, prediction drift, quality drop, a
-  minimum window size), a cooldown, and no new retraining while one is queued or running. Without
-  drift the run stops here and what follows is skipped.
+- `measure_drift`: Evidently compares the window's features and scores with the reference saved with
+  the champion's model version (its training window, with out-of-sample scores), one statistical test
+  per column at the threshold calibrated with that version (fixed ones, said so, for a version without);
+  CBPE estimates its ROC AUC before labels arrive, the labels that have arrived give the realised one,
+  and earlier windows are re-judged on labels that arrived since. A low-traffic window is widened
+  backwards. The HTML report and JSON figures go to `reports/drift/` in the lake and to the
+  `closedloop-monitoring` experiment in MLflow (one run per window end). See docs/DRIFT.md.
+- `decide_retraining`: the policy (importance-weighted input drift, prediction drift, estimated and
+  realised performance against their calibrated bands, a late realised drop), a cooldown, and no new
+  retraining while one is queued or running. Without drift the run stops here and what follows is
+  skipped.
 - `trigger_retraining`: starts `retraining` with the window to train on, the reason and the report,
   under a run id made from the window, so the same window can never start two runs.
 """

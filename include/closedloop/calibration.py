@@ -345,10 +345,11 @@ def reference_calibration(window: pd.DataFrame, reference: pd.DataFrame, contrac
     out = calibrate(window, reference, contract, policy, importance, settings=settings, score_column=score_column)
     if score_column in window.columns:
         scored = window[window[score_column].notna()]
-        rows = out.chunk_rows or max(1, len(scored) // max(1, len(np.unique(scored[contract.event_timestamp]
-                                                                                .dt.floor("D")))) * policy.window_days)
+        per_day = max(1, len(scored) // max(1, len(np.unique(scored[contract.event_timestamp].dt.floor("D")))))
+        rows = out.chunk_rows or per_day * policy.window_days
         perf = performance.calibrate_reference(scored[score_column].to_numpy(), scored[contract.label].to_numpy(),
                                                int(rows), min_chunks=settings.min_chunks,
-                                               width=settings.std_multiplier or performance.DEFAULT_WIDTH)
+                                               width=settings.std_multiplier or performance.DEFAULT_WIDTH,
+                                               stride_rows=per_day)
         out.performance = perf.to_dict()
     return out

@@ -4,6 +4,8 @@
 with its reasons (:mod:`closedloop.registry`), the latest drift figures and decision and the series of drift
 share and model quality per monitored window (the ``closedloop-monitoring`` MLflow experiment, one run per
 window, completed by the lake's ``reports/drift/<start>_<end>/figures.json`` for windows MLflow lacks), and
+the thresholds the latest decision used (calibrated with the champion or fixed, ``docs/DRIFT.md``) with each
+feature's statistic against its threshold, estimated (CBPE) vs realised ROC AUC per window with their bands, and
 the latest training/serving skew report (``reports/skew/<day>.json``, :mod:`closedloop.skew`).
 :func:`render_page` turns it into one self-contained HTML page with inline SVG plots (no JavaScript);
 :func:`report_bytes` reads one report from the lake for a path that names a known kind of report only,
