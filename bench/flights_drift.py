@@ -179,6 +179,7 @@ def calibrated_policy(contract: DataContract, config: Config) -> Judge:
             importance = champ.booster.get_score(importance_type="gain")
             champ.calibration = (calibration.reference_calibration(champ.oos, ref, contract, raw, importance), ref)
         cal, ref = champ.calibration
+        cal = cal.for_rows(min(len(window), policy.sample_rows or len(window)))  # as monitoring.measure_window
         _, figures = measure(ref, window, contract, policy, reference_quality=champ.reference_quality,
                              label_column=contract.label, seed=seed, thresholds=used_thresholds(cal), report=False)
         figures.performance = performance_figures(window, cal.performance, label_column=contract.label)
