@@ -21,6 +21,12 @@ Measured with the repo policy (20 windows each): no drift 0/20 windows flagged; 
 concept_drift=1 quality rule 20/20; covariate_drift=0.15 (near the threshold) 2/20. With RECOMMENDED:
 0/20, 20/20, 20/20, 20/20, 1/20. One window takes about 1.1 s (Evidently's per-column rendering is most
 of it), so each scenario test takes about 20-25 s.
+
+These figures are those of the FIXED policy on independent days (``structure=0``, the generator before its
+day-of-week, hour and day-level cycles): they check the statistics engine and the fixed rules in the world they
+were designed for. On the structured generator (the default) the fixed rules alarm on most stable windows (18, 14
+and 12 of 20 on seeds 11-13, as real daily data does to them): that world is judged by the calibrated policy in
+``tests/data/test_drift_calibration.py``, which also asserts the fixed policy's false alarms there.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ CUSTOMERS = 400
 PER_DAY = 2500
 WARMUP_DAYS = 30
 REFERENCE_DAYS = 14
+# independent days: see the module docstring (the structured world is test_drift_calibration's)
+STRUCTURE = 0.0
 WINDOWS = 20
 REFERENCE_ROWS = 5000
 DRIFT_START = START + timedelta(days=WARMUP_DAYS + REFERENCE_DAYS)
@@ -90,7 +98,7 @@ def simulated(contract: DataContract, window_days: int, **knobs: Any) -> pd.Data
     """Transactions with their customer features and a ``day`` column (0 = START)."""
     days = WARMUP_DAYS + REFERENCE_DAYS + WINDOWS * window_days
     config = GeneratorConfig(start=START, days=days, customers=CUSTOMERS, transactions_per_day=PER_DAY, seed=SEED,
-                             drift_start=DRIFT_START if knobs else None, **knobs)
+                             drift_start=DRIFT_START if knobs else None, structure=STRUCTURE, **knobs)
     tx = simulate(config, contract).transactions
     features = compute_entity_features(tx, contract)
     frame = tx.merge(features, on=[contract.entity, contract.event_timestamp], how="left", validate="many_to_one")
