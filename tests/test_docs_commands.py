@@ -246,9 +246,8 @@ def test_the_block_runs_verbatim_in_a_fresh_home(block, tmp_path):
         assert not _port_open(url), f"{block}: {url} still answers after the teardown"
 
 
-@pytest.mark.parametrize("name", sorted(CHAINS))
-def test_the_chain_runs_verbatim_in_its_own_home(name, tmp_path):
-    chain = CHAINS[name]
+def _run_chain(chain: list[Block], tmp_path: Path) -> None:
+    """Each block of the chain verbatim, in order, each in its own shell, in the home its marker names."""
     home = Path(chain[0].marker.split()[3])
     unused = tmp_path / "home-the-blocks-must-not-use"
     with open(home.with_name(home.name + ".docs-check.lock"), "w") as lock:
@@ -265,6 +264,25 @@ def test_the_chain_runs_verbatim_in_its_own_home(name, tmp_path):
                 assert home.is_dir() and not unused.exists(), f"{block} did not write to its home {home}"
         finally:
             shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_the_chain_runs_verbatim_in_its_own_home(name, tmp_path):
+    _run_chain(CHAINS[name], tmp_path)
+
+
+def test_a_chain_fails_on_a_failing_block_or_one_that_leaves_its_home_and_clears_the_home(tmp_path):
+    home = tmp_path / "literal-home"
+    marker = f"chain t home {home}"
+    first = Block("T.md", 1, f'export CLOSEDLOOP_HOME={home}\nmkdir -p "$CLOSEDLOOP_HOME" && echo first', marker)
+    reads = Block("T.md", 5, f'test -d {home} && echo "the first block\'s home is there"', marker)
+    _run_chain([first, reads], tmp_path)
+    assert not home.exists()
+    with pytest.raises(AssertionError, match=r"T.md:9 failed \(exit 3\)"):
+        _run_chain([first, Block("T.md", 9, "echo then; exit 3", marker)], tmp_path)
+    assert not home.exists()
+    with pytest.raises(AssertionError, match="did not write to its home"):  # its home dropped: the default one
+        _run_chain([Block("T.md", 1, 'mkdir -p "$CLOSEDLOOP_HOME" && echo elsewhere', marker)], tmp_path)
 
 
 def test_the_readme_s_facts_match_the_product():
