@@ -9,6 +9,14 @@ carries one marker on the line just above it:
 - ``<!-- docs-check: server "<command>" health <url> [expect "<text>"] -->``: a block that starts a server: it
   runs verbatim, the server line in the background, a wait on the health URL right after it, and the whole
   process group is stopped at the end (nothing may be left on the port); its output must hold the expected text.
+- ``<!-- docs-check: chain <name> home <path> -->``: a block that writes to a literal home (the bring-your-own-data
+  guide's ``CLOSEDLOOP_HOME=/tmp/churn``): every block of the chain runs verbatim, in document order, each in its
+  own shell as a user types them one after the other (the later ones use what the earlier ones left there), in
+  one test. The home is removed before and after, and the test holds an exclusive lock (``fcntl.flock`` on
+  ``<path>.docs-check.lock`` next to it) for the whole chain, so two runs of the check on one machine wait for
+  each other instead of mixing their homes. The shells get a ``CLOSEDLOOP_HOME`` that must stay unused: a block
+  that stops setting its own home fails, instead of writing elsewhere. All of a chain's blocks name the same
+  home.
 - ``<!-- docs-check: skip (reason) -->``: cannot run here at all (Docker).
 
 Whatever the marker, every ``closedloop`` and ``airflow`` command of every block that is not skipped is parsed by
@@ -18,9 +26,11 @@ the real command line (typer's and Airflow's parsers, nothing executed): a renam
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,7 +91,8 @@ BLOCKS = blocks()
 def test_every_shell_block_runs_or_says_which_test_covers_it():
     assert len(BLOCKS) >= 10, [str(b) for b in BLOCKS]
     for b in BLOCKS:
-        assert b.kind in {"run", "covered-by", "server", "skip"}, f"{b}: unknown docs-check marker {b.marker!r}"
+        assert b.kind in {"run", "covered-by", "server", "chain", "skip"}, \
+            f"{b}: unknown docs-check marker {b.marker!r}"
         if b.kind == "covered-by":
             target = b.marker.split()[1]
             path, _, test = target.partition("::")
@@ -92,6 +103,10 @@ def test_every_shell_block_runs_or_says_which_test_covers_it():
             assert re.fullmatch(r"skip \(.+\)", b.marker), f"{b}: a skip says why, in parentheses"
         if b.kind == "server":
             assert re.fullmatch(r'server "[^"]+" health https?://\S+( expect "[^"]+")?', b.marker), b.marker
+        if b.kind == "chain":
+            assert re.fullmatch(r"chain [\w-]+ home /\S+", b.marker), f"{b}: chain <name> home <absolute path>"
+    for name, chain in CHAINS.items():
+        assert len({b.marker for b in chain}) == 1, f"chain {name}: its blocks name different homes"
 
 
 def _commands(block: Block) -> list[tuple[str, list[str]]]:
@@ -169,6 +184,12 @@ def test_every_cli_command_in_the_docs_parses():
     assert checked >= 12, checked
 
 
+CHAINS: dict[str, list[Block]] = {}
+for _b in BLOCKS:
+    if _b.kind == "chain":
+        CHAINS.setdefault(_b.marker.split()[1], []).append(_b)
+
+
 def _user_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CLOSEDLOOP_", "MLFLOW_"))}
     venv = str(REPO / ".venv" / "bin")
@@ -223,6 +244,45 @@ def test_the_block_runs_verbatim_in_a_fresh_home(block, tmp_path):
     assert expected is None or expected.group(1) in out, f"{block}: {expected.group(1)!r} not in its output:\n{out}"
     if url is not None:
         assert not _port_open(url), f"{block}: {url} still answers after the teardown"
+
+
+def _run_chain(chain: list[Block], tmp_path: Path) -> None:
+    """Each block of the chain verbatim, in order, each in its own shell, in the home its marker names."""
+    home = Path(chain[0].marker.split()[3])
+    unused = tmp_path / "home-the-blocks-must-not-use"
+    with open(home.with_name(home.name + ".docs-check.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run of this check on the machine: wait for it
+        shutil.rmtree(home, ignore_errors=True)
+        try:
+            for block in chain:
+                script = "set -euo pipefail\n" + block.body + "\n"
+                proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=_user_env(unused), capture_output=True,
+                                      text=True, timeout=600)
+                failed = f"{block} failed (exit {proc.returncode}):\n{script}\nstdout:\n{proc.stdout}\n"
+                assert proc.returncode == 0, f"{failed}stderr:\n{proc.stderr}"
+                assert proc.stdout.strip(), f"{block} printed nothing"
+                assert home.is_dir() and not unused.exists(), f"{block} did not write to its home {home}"
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_the_chain_runs_verbatim_in_its_own_home(name, tmp_path):
+    _run_chain(CHAINS[name], tmp_path)
+
+
+def test_a_chain_fails_on_a_failing_block_or_one_that_leaves_its_home_and_clears_the_home(tmp_path):
+    home = tmp_path / "literal-home"
+    marker = f"chain t home {home}"
+    first = Block("T.md", 1, f'export CLOSEDLOOP_HOME={home}\nmkdir -p "$CLOSEDLOOP_HOME" && echo first', marker)
+    reads = Block("T.md", 5, f'test -d {home} && echo "the first block\'s home is there"', marker)
+    _run_chain([first, reads], tmp_path)
+    assert not home.exists()
+    with pytest.raises(AssertionError, match=r"T.md:9 failed \(exit 3\)"):
+        _run_chain([first, Block("T.md", 9, "echo then; exit 3", marker)], tmp_path)
+    assert not home.exists()
+    with pytest.raises(AssertionError, match="did not write to its home"):  # its home dropped: the default one
+        _run_chain([Block("T.md", 1, 'mkdir -p "$CLOSEDLOOP_HOME" && echo elsewhere', marker)], tmp_path)
 
 
 def test_the_readme_s_facts_match_the_product():
