@@ -34,12 +34,13 @@ MLFLOW_UI = "http://mlflow.test:5000"
 @pytest.fixture(scope="module")
 def world(generated_home, airflow_db, dagbag):
     """A fresh closedloop home with 58 days of generated data, and the retraining DAG."""
-    config = GeneratorConfig(start=date(2026, 1, 1), days=58, customers=400, transactions_per_day=1000, seed=3)
+    config = GeneratorConfig(start=date(2026, 1, 1), days=58, customers=400, transactions_per_day=1000, seed=3,
+                             fraud_rate=0.03)
     with generated_home("retraining", config) as rt, pytest.MonkeyPatch.context() as mp:
         # a canary secret in the environment of every run: test_6 checks it never reaches MLflow
         mp.setenv("CLOSEDLOOP_CANARY_SECRET_TOKEN", CANARY)
         mp.setenv("CLOSEDLOOP_MLFLOW_UI_URL", MLFLOW_UI)  # the tasks' extra links point there
-        _degrade_labels(rt, date(2026, 1, 1), date(2026, 1, 8), share=0.05, seed=1)
+        _degrade_labels(rt, date(2026, 1, 1), date(2026, 1, 8), share=0.01, seed=1)
         yield rt, dagbag.get_dag("retraining")
 
 

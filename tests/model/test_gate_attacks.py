@@ -94,7 +94,7 @@ def world(tmp_path_factory) -> World:
         rt = Runtime.from_env()
         c = rt.contract
         tx = simulate(GeneratorConfig(start=WINDOW.start, days=28, customers=600, transactions_per_day=1500,
-                                      seed=5), c).transactions
+                                      seed=5, structure=0.0), c).transactions
         frame = tx.merge(compute_entity_features(tx, c), on=[c.entity, c.event_timestamp], how="left")
         clean = time_split(frame, c, {"train": 0.7, "validation": 0.15, "holdout": 0.15})
         rng = np.random.default_rng(0)

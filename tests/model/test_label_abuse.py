@@ -82,7 +82,7 @@ def world(tmp_path_factory) -> World:
         rt = Runtime.from_env()
         c = rt.contract
         tx = simulate(GeneratorConfig(start=WINDOW.start, days=21, customers=500, transactions_per_day=1200,
-                                      seed=8), c).transactions
+                                      seed=8, structure=0.0), c).transactions
         frame = tx.merge(compute_entity_features(tx, c), on=[c.entity, c.event_timestamp], how="left")
         clean = time_split(frame, c, {"train": 0.7, "validation": 0.15, "holdout": 0.15})
         rng = np.random.default_rng(1)
