@@ -138,3 +138,31 @@ def test_the_dashboard_is_valid_json_with_every_panel_on_the_provisioned_datasou
             "closedloop_serve_model_version"} <= used
     provider = yaml.safe_load((GRAFANA_DIR / "provisioning" / "dashboards" / "closedloop.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+# -- in the compose stack -----------------------------------------------------------------------------
+def test_compose_runs_prometheus_with_the_serve_token_as_a_file_and_grafana_with_the_dashboard():
+    from closedloop.settings import REPO_ROOT
+
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    # the token: compose's secret from the same variable closedloop-serve checks, mounted where the
+    # configuration reads it, given to Prometheus alone and never in its environment
+    assert compose["secrets"] == {"serve_token": {"environment": "CLOSEDLOOP_SERVE_TOKEN"}}
+    assert [n for n, s in services.items() if "serve_token" in s.get("secrets", [])] == ["prometheus"]
+    assert "environment" not in prometheus
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    assert config["scrape_configs"][0]["authorization"]["credentials_file"] == "/run/secrets/serve_token"
+    assert config["scrape_configs"][0]["static_configs"] == [{"targets": ["closedloop-serve:8000"]}]
+    assert services["closedloop-serve"]["command"][-2:] == ["--port", "8000"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    # Grafana: its admin from .env, the provisioning and the dashboards from the repository, read-only
+    env = grafana["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert {"./deploy/grafana/provisioning:/etc/grafana/provisioning:ro",
+            "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro"} <= set(grafana["volumes"])
+    assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == "/var/lib/grafana/dashboards/" + DASHBOARD.name
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
