@@ -28,7 +28,7 @@ DEMO_DAYS ?= 45
 DEMO_WINDOW_START ?= 2026-03-01
 DEMO_WINDOW_END ?= 2026-03-29
 
-.PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean browser \
+.PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean browser prometheus \
   bench bench-quick
 
 help:  ## List the targets
@@ -97,7 +97,18 @@ browser:  ## Debian's chromium for the browser test of the UI (apt-get, as root;
 	  echo "chromium is missing: run 'sudo apt-get install -y --no-install-recommends chromium' (the browser test of the UI skips without it, and fails under CI=true)"; \
 	fi
 
-test: install browser  ## Set up and run the test suite
+prometheus:  ## Debian's prometheus (with promtool) for the rule and scrape tests (apt-get, as root; skipped when present)
+	@command -v promtool > /dev/null && command -v prometheus > /dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	  echo "installing Debian's prometheus for tests/deploy/test_prometheus.py and the scrape test"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus > /dev/null \
+	    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus > /dev/null; } \
+	    || echo "prometheus could not be installed: the promtool and scrape tests will skip (and fail under CI=true)"; \
+	else \
+	  echo "prometheus is missing: run 'sudo apt-get install -y --no-install-recommends prometheus' (the promtool and scrape tests skip without it, and fail under CI=true)"; \
+	fi
+
+test: install browser prometheus  ## Set up and run the test suite
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

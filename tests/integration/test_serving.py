@@ -563,3 +563,53 @@ def _out_of_contract_case(reqs, http) -> None:
     for field in ("hour_of_day", "amount", "merchant_category"):
         assert f'closedloop_serve_out_of_contract_total{{field="{field}"}} 1.0' in text, field
     assert 'out_of_contract_total{field="channel"}' not in text
+
+
+def test_a_real_prometheus_scrapes_every_metric_the_rules_and_dashboard_use(world, tmp_path):
+    """Debian's prometheus, on a loopback port with its own storage, scrapes a server of this module's world
+    with deploy/prometheus/prometheus.yml (bearer token from a file) and loads rules.yml: every name in
+    ``SCRAPED`` is in its database, so every name the rules and the dashboard use is (tests/deploy/
+    test_prometheus.py checks them against ``SCRAPED``), and each rule's expression evaluates on real data."""
+    import subprocess
+
+    from support.promql import SCRAPED, binary, config_for, dashboard_expressions, rule_expressions
+
+    rt, live = world
+    prometheus = binary("prometheus")
+    reqs = _requests(rt, live)
+    token = tmp_path / "serve_token"
+    token.write_text(TOKEN + "\n")
+    with Server(_app(rt, shadow_share=0.0)) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        odd = {**reqs[20], "hour_of_day": 99}  # an out-of-contract field: its counter gets a series
+        assert http.post("/score", json={"transactions": [*reqs[:20], odd]}, headers=AUTH).status_code == 200
+        config = config_for(tmp_path, f"127.0.0.1:{srv.port}", token, interval="1s")
+        port = _free_port()
+        proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=10)
+            names: set[str] = set()
+            deadline = time.monotonic() + 30
+            while not names >= SCRAPED:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, f"not scraped: {sorted(SCRAPED - names)}"
+                time.sleep(0.5)
+                try:
+                    names = set(api.get("/label/__name__/values").json()["data"])
+                except httpx.TransportError:
+                    continue
+            targets = api.get("/targets").json()["data"]["activeTargets"]
+            assert [(t["labels"]["job"], t["health"]) for t in targets] == [("closedloop-serve", "up")]
+            groups = api.get("/rules").json()["data"]["groups"]
+            rules = {r["name"]: r for g in groups for r in g["rules"]}
+            assert set(rules) == set(rule_expressions())
+            assert all(r["health"] != "err" for r in rules.values()), rules
+            for where, expr in {**rule_expressions(), **dashboard_expressions()}.items():
+                answer = api.get("/query", params={"query": expr.replace("$__rate_interval", "1m")}).json()
+                assert answer["status"] == "success", (where, answer)
+            version = api.get("/query", params={"query": 'closedloop_serve_model_version{alias="champion"}'}).json()
+            assert [r["value"][1] for r in version["data"]["result"]] == ["1"]  # the champion, seen by Prometheus
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
