@@ -1,13 +1,19 @@
 """The "Model health" page inside the Airflow UI: an Airflow 3 plugin.
 
 A FastAPI app mounted by the API server under ``/closedloop`` serves the page (``/closedloop/``), its data
-(``/closedloop/api/health.json``) and the reports it links (``/closedloop/reports/...``, read from the
-lake, wherever it is); an external view puts "Model health" in the UI's navigation, shown in an iframe.
+(``/closedloop/api/health.json``), the reports it links (``/closedloop/reports/...``, read from the
+lake, wherever it is) and the loop's metrics for Prometheus (``/closedloop/metrics``, :mod:`closedloop.exporter`:
+the same data in Prometheus's text format); an external view puts "Model health" in the UI's navigation, shown
+in an iframe.
 
 Airflow does not protect plugin apps: every route here checks the caller's Airflow token itself, the
 ``Authorization: Bearer`` header or else the UI's ``_token`` cookie (what the browser sends from the UI),
 with the auth manager's own validation (signature, expiry, revocation), then asks the auth manager
 whether that user may see the website. No token or a bad one: 401; a user without access: 403.
+``/closedloop/metrics`` also takes a scrape token as its bearer token, the Airflow option ``[closedloop]
+metrics_token`` (``AIRFLOW__CLOSEDLOOP__METRICS_TOKEN``; compose sets it on the API server alone): Prometheus
+cannot renew Airflow's tokens, which expire (``[api_auth] jwt_expiration_time``). It opens no other route;
+unset, the route takes Airflow tokens only.
 
 Importing this module stays cheap (the scheduler, the dag-processor and task processes load plugins too):
 the FastAPI app is built on its first request, and closedloop, MLflow and the auth manager are imported
@@ -85,17 +91,39 @@ def _gather() -> dict[str, Any]:
                                  "API server's log)") from None
 
 
+def metrics_token() -> str:
+    """The scrape token of ``/closedloop/metrics`` (Airflow's ``[closedloop] metrics_token``); empty: none."""
+    from airflow.configuration import conf
+
+    return (conf.get("closedloop", "metrics_token", fallback="") or "").strip()
+
+
+async def scraper(request: Any) -> Any:
+    """Prometheus with the scrape token (compared in constant time), else an Airflow user as
+    :func:`airflow_user` demands."""
+    import hmac
+
+    expected = metrics_token()
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if expected and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode()):
+        return "prometheus"
+    return await airflow_user(request)
+
+
 def build_app() -> Any:
-    """The FastAPI app: every route depends on :func:`airflow_user`."""
-    from fastapi import Depends, FastAPI, HTTPException, Request
+    """The FastAPI app: every route depends on :func:`airflow_user`, ``/metrics`` on :func:`scraper`."""
+    from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     async def user(request: Request) -> Any:
         return await airflow_user(request)
 
-    app = FastAPI(title="closedloop model health", dependencies=[Depends(user)], docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    async def prometheus(request: Request) -> Any:
+        return await scraper(request)
+
+    app = FastAPI(title="closedloop model health", docs_url=None, redoc_url=None, openapi_url=None)
+    pages = APIRouter(dependencies=[Depends(user)])
 
     @app.exception_handler(StarletteHTTPException)
     async def error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -106,18 +134,18 @@ def build_app() -> Any:
             return HTMLResponse(body, status_code=exc.status_code, headers=headers)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
-    @app.get("/", response_class=HTMLResponse)
+    @pages.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
         from closedloop import health
 
         return HTMLResponse(health.render_page(_gather(), report_base="reports/"),
                             headers={"Cache-Control": "no-store"})
 
-    @app.get("/api/health.json")
+    @pages.get("/api/health.json")
     def health_json() -> JSONResponse:
         return JSONResponse(_gather(), headers={"Cache-Control": "no-store"})
 
-    @app.get("/reports/{path:path}")
+    @pages.get("/reports/{path:path}")
     def report(path: str) -> Response:
         from closedloop import health
 
@@ -127,6 +155,19 @@ def build_app() -> Any:
             raise HTTPException(404, str(exc)) from None
         return Response(body, media_type=media, headers={"Cache-Control": "no-store"})
 
+    @app.get("/metrics", dependencies=[Depends(prometheus)])
+    def metrics() -> Response:
+        from closedloop import exporter
+
+        try:
+            body = exporter.exposition(_runtime())
+        except Exception as exc:  # the exporter's boundary: Prometheus records the failed scrape (up == 0)
+            log.exception("model health: could not gather the loop's metrics")
+            raise HTTPException(503, f"loop metrics unavailable: {type(exc).__name__} while reading the MLflow "
+                                     "registry or the lake (details in the API server's log)") from None
+        return Response(body, media_type=exporter.CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+    app.include_router(pages)
     return app
 
 

@@ -441,3 +441,102 @@ def render_page(data: dict[str, Any], *, report_base: str = "reports/") -> str:
                    f"{link(skew['json_path'], 'report (JSON)')}</p>")
     out.append("</body></html>")
     return "".join(out)
+
+
+# -- the loop's state for Prometheus (closedloop.exporter) --------------------------------------------------
+def _day_start(day: str | None) -> float | None:
+    """The UTC midnight that starts ``day`` (ISO date) as a Unix timestamp, or None."""
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.fromisoformat(str(day)).replace(tzinfo=UTC).timestamp() if day else None
+    except ValueError:
+        return None
+
+
+def _written_at(entry: dict[str, Any]) -> float | None:
+    """When a listed lake object was last written (Unix seconds), where the filesystem says."""
+    from datetime import datetime
+
+    stamp = entry.get("mtime") or entry.get("LastModified") or entry.get("updated")
+    if isinstance(stamp, int | float):
+        return float(stamp)
+    if isinstance(stamp, datetime):
+        return stamp.timestamp()
+    if isinstance(stamp, str):
+        try:
+            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _partitions(rt: Runtime, *parts: str, suffix: str) -> tuple[list[date], float | None]:
+    """The days of the ``<day><suffix>`` files under ``parts`` (sorted) and the latest time one was written:
+    one listing, no file read."""
+    base = rt.lake.uri(*parts)
+    if not rt.lake.exists(base):
+        return [], None
+    days, written = [], []
+    for entry in rt.lake.fs.ls(rt.lake.local_path(base), detail=True):
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") != "file" or not name.endswith(suffix):
+            continue
+        try:
+            days.append(date.fromisoformat(name[: -len(suffix)]))
+        except ValueError:
+            continue  # not a partition of ours
+        if (at := _written_at(entry)) is not None:
+            written.append(at)
+    return sorted(days), max(written, default=None)
+
+
+def loop_state(rt: Runtime, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The loop's state as the Prometheus exporter (:mod:`closedloop.exporter`) exposes it, JSON-safe.
+
+    Built on :func:`gather` (``data``, gathered here when not given), so the exporter and the page show the
+    same figures: the champion's version, the latest drift window's share, threshold and decision, the latest
+    estimated and realised ROC AUC with their bands' lower edges (from :func:`gather`'s series: MLflow's
+    monitoring runs, else the lake's reports; realised performance lags by the labels' delay, so its window
+    may be older than the estimate's). From the lake, by listing only: per kind, the newest curated day and
+    when the last validation marker was written (an ingest run that curated a partition), the last
+    quarantine report's time and the count of quarantined partitions (:func:`closedloop.quarantine.
+    quarantined_days`). The canary and the rollout are placeholders until progressive delivery exists
+    (issue 24): no canary version (0) and a traffic share of 0.
+    """
+    from closedloop.lake import KINDS
+    from closedloop.quarantine import REPORT_SUFFIX, quarantined_days
+
+    data = gather(rt) if data is None else data
+    champion = data.get("champion") or {}
+    latest = data.get("latest_drift") or {}
+    decision = latest.get("decision") or {}
+    figures = latest.get("figures") or {}
+
+    def newest(field: str) -> dict[str, Any] | None:
+        point = next((p for p in reversed(data.get("series") or []) if p.get(field) is not None), None)
+        if point is None:
+            return None
+        return {"roc_auc": point[field], "band_lower": point.get(f"{field}_lower"),
+                "window_end": _day_start((point.get("window") or {}).get("end"))}
+
+    ingest = {}
+    for kind in KINDS:
+        curated, curated_at = _partitions(rt, "curated", "_validation", kind, suffix=".json")
+        _, quarantined_at = _partitions(rt, "quarantine", kind, suffix=REPORT_SUFFIX)
+        ingest[kind] = {"newest_day": _day_start(curated[-1].isoformat()) if curated else None,
+                        "last_curated_at": curated_at,
+                        "last_run_at": max((t for t in (curated_at, quarantined_at) if t is not None), default=None),
+                        "quarantined": len(quarantined_days(rt.lake, kind))}
+    return {
+        "model": data["model"],
+        "versions": {"champion": int(champion["version"]) if champion.get("version") else 0, "canary": 0},
+        "canary_share": 0.0,
+        "drift": None if not latest else {
+            "share": _number(figures.get("drift_share")), "share_threshold": _number(data.get("drift_share_threshold")),
+            "decision": "retrain" if decision.get("drift") else "no_drift" if decision.get("judged") else "not_judged",
+            "window_end": _day_start((latest.get("window") or {}).get("end"))},
+        "performance": {kind: p for kind, field in (("estimated", "estimated"), ("realised", "realised"))
+                        if (p := newest(field)) is not None},
+        "ingest": ingest,
+    }

@@ -207,6 +207,7 @@ ONLY_IN = {  # the secrets that must not spread beyond the services that need th
     "AIRFLOW_ADMIN_PASSWORD": {"airflow-init"},
     "MLFLOW_DB_PASSWORD": {"postgres", "mlflow"},
     "CLOSEDLOOP_SERVE_TOKEN": {"closedloop-serve"},
+    "CLOSEDLOOP_METRICS_TOKEN": {"airflow-apiserver"},
     "GRAFANA_ADMIN_PASSWORD": {"grafana"},
 }
 

@@ -2,8 +2,9 @@
 PromQL expression reads, and the expressions of closedloop's alert rules and Grafana dashboard.
 
 ``SCRAPED`` is the list of metric names that tests/integration/test_serving.py proves a real Prometheus holds
-after scraping a real ``closedloop serve``; the static tests (tests/deploy/test_prometheus.py) check every
-name the rules and the dashboard use against it.
+after scraping a real ``closedloop serve``, ``LOOP_SCRAPED`` those tests/integration/test_model_health.py proves
+it holds after scraping the Airflow plugin's exporter of the loop's state; the static tests
+(tests/deploy/test_prometheus.py) check every name the rules and the dashboard use against both.
 """
 
 from __future__ import annotations
@@ -39,6 +40,25 @@ SCRAPED = frozenset({
     "closedloop_serve_shadow_predictions_total",
     "closedloop_serve_out_of_contract_total",
 })
+
+# What the Airflow plugin's /closedloop/metrics exposes (include/closedloop/exporter.py, METRICS): the loop's
+# state. tests/integration/test_model_health.py proves a real Prometheus holds each after scraping the real
+# exporter on a real world.
+LOOP_SCRAPED = frozenset({
+    "closedloop_model_version",
+    "closedloop_rollout_canary_share",
+    "closedloop_drift_share",
+    "closedloop_drift_share_threshold",
+    "closedloop_drift_decision",
+    "closedloop_drift_window_end_timestamp_seconds",
+    "closedloop_performance_roc_auc",
+    "closedloop_performance_roc_auc_band_lower",
+    "closedloop_performance_window_end_timestamp_seconds",
+    "closedloop_ingest_newest_day_timestamp_seconds",
+    "closedloop_ingest_last_run_timestamp_seconds",
+    "closedloop_quarantined_partitions",
+})
+SERVE_JOB, LOOP_JOB = "closedloop-serve", "closedloop-loop"
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
              "bool", "inf", "nan"}
@@ -91,14 +111,24 @@ def binary(name: str) -> str:
     return path
 
 
-def config_for(tmp_path: Path, target: str, token_file: Path, interval: str = "15s") -> Path:
-    """deploy/prometheus/prometheus.yml pointed at ``target`` with the token in ``token_file``; rules.yml
-    beside it."""
+def config_for(tmp_path: Path, target: str | None, token_file: Path | None, interval: str = "15s", *,
+               loop: tuple[str, Path] | None = None) -> Path:
+    """deploy/prometheus/prometheus.yml with its serve job pointed at ``target`` (token in ``token_file``) and
+    its loop job at ``loop`` (target, token file); a job given no target is left out. rules.yml beside it."""
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"].update(scrape_interval=interval, evaluation_interval=interval)
-    (job,) = config["scrape_configs"]
-    job["authorization"]["credentials_file"] = str(token_file)
-    job["static_configs"] = [{"targets": [target]}]
+    where = {SERVE_JOB: (target, token_file) if target else None, LOOP_JOB: loop}
+    jobs = []
+    for job in config["scrape_configs"]:
+        if where[job["job_name"]] is None:
+            continue
+        job_target, job_token = where[job["job_name"]]
+        job["authorization"]["credentials_file"] = str(job_token)
+        job["static_configs"] = [{"targets": [job_target]}]
+        job.pop("scrape_interval", None)  # the test's interval (and timeout) for every job
+        job.pop("scrape_timeout", None)
+        jobs.append(job)
+    config["scrape_configs"] = jobs
     shutil.copy(PROMETHEUS_DIR / "rules.yml", tmp_path / "rules.yml")
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
