@@ -226,3 +226,155 @@ def test_loading_the_plugin_stays_cheap():
                                                           / "model_health.py")],
                          capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+# -- the loop's metrics: the exporter on this world, scraped by a real Prometheus -------------------------------
+class _Uvicorn:
+    """An ASGI app under uvicorn in a thread of this process, on a free loopback port."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+        from support.services import free_port
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        from support.services import wait_for
+
+        self.thread.start()
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), 60, "uvicorn")
+        assert self.thread.is_alive()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def test_a_real_prometheus_scrapes_the_loop_metrics_of_a_real_world(world, client, tmp_path, monkeypatch):
+    """The plugin's /closedloop/metrics on this module's world (its champion, its measured window and a
+    partition really quarantined by ingest), served by uvicorn as the API server mounts it, scraped by Debian's
+    prometheus with deploy/prometheus/prometheus.yml's loop job (scrape token from a file) and rules.yml: every
+    name of ``LOOP_SCRAPED`` is in its database (tests/deploy/test_prometheus.py checks every name the rules
+    and the dashboard use against it and ``SCRAPED``), the values are the Model health page's, each rule and
+    panel expression evaluates, and the loop's alerts are pending exactly where this world says they should be."""
+    import subprocess
+    import time
+
+    import httpx
+    from airflow.api_fastapi.app import init_plugins
+    from fastapi import FastAPI
+    from support.promql import LOOP_JOB, LOOP_SCRAPED, binary, config_for, dashboard_expressions, rule_expressions
+    from support.services import free_port
+
+    from closedloop import health
+    from closedloop.errors import DataValidationError
+    from closedloop.generate import make_bad
+    from closedloop.ingest import ingest_partition
+
+    prometheus = binary("prometheus")
+    rt = world.rt
+    # a partition refused by ingest for real: the world's last generated day, its keys nulled
+    bad_day = MONITORED.end
+    landing = rt.lake.partition("landing", "transactions", bad_day)
+    rt.lake.write_parquet(make_bad(rt.lake.read_parquet(landing), "null_key", rt.contract, seed=1), landing)
+    with pytest.raises(DataValidationError):
+        ingest_partition(rt.lake, rt.contract, "transactions", bad_day)
+    state = health.loop_state(rt)
+    assert state["ingest"]["transactions"]["quarantined"] == 1
+    assert state["versions"] == {"champion": int(world.registered["version"]), "canary": 0}
+    assert state["drift"]["share"] == pytest.approx(world.measured["figures"]["drift_share"])
+    decision = world.measured["decision"]
+    assert state["drift"]["decision"] == ("retrain" if decision["drift"] else
+                                          "no_drift" if decision["judged"] else "not_judged")
+    estimated = state["performance"]["estimated"]
+    assert estimated["roc_auc"] == pytest.approx(world.measured["figures"]["performance"]["estimated"])
+    curated = rt.lake.list_days("curated", "transactions")
+    assert state["ingest"]["transactions"]["newest_day"] == health._day_start(curated[-1].isoformat())
+
+    scrape_token = "a-scrape-token-for-this-test"
+    monkeypatch.setenv("AIRFLOW__CLOSEDLOOP__METRICS_TOKEN", scrape_token)
+    # the route: no token, a wrong one -> 401; the scrape token or an Airflow user's -> the exposition
+    assert client.get(PREFIX + "/metrics").status_code == 401
+    assert client.get(PREFIX + "/metrics", headers={"Authorization": "Bearer not-it"}).status_code == 401
+    as_user = client.get(PREFIX + "/metrics", headers={"Authorization": f"Bearer {_token('admin', 'admin')}"})
+    assert as_user.status_code == 200 and as_user.headers["content-type"].startswith("text/plain")
+    # the scrape token opens the metrics only, not the page
+    assert client.get(PREFIX + "/api/health.json", headers={"Authorization": f"Bearer {scrape_token}"}
+                      ).status_code == 401
+
+    token_file = tmp_path / "metrics_token"
+    token_file.write_text(scrape_token + "\n")
+    root = FastAPI()
+    init_plugins(root)  # the plugin's apps, mounted as the API server mounts them
+    with _Uvicorn(root) as srv:
+        config = config_for(tmp_path, None, None, interval="3s", loop=(f"127.0.0.1:{srv.port}", token_file))
+        port = free_port()
+        proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=10)
+
+            def query(expr: str) -> list[dict]:
+                answer = api.get("/query", params={"query": expr}).json()
+                assert answer["status"] == "success", (expr, answer)
+                return answer["data"]["result"]
+
+            names: set[str] = set()
+            deadline = time.monotonic() + 60
+            while not names >= LOOP_SCRAPED:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, f"not scraped: {sorted(LOOP_SCRAPED - names)}"
+                time.sleep(0.5)
+                try:
+                    names = set(api.get("/label/__name__/values").json()["data"])
+                except httpx.TransportError:
+                    continue
+            targets = api.get("/targets").json()["data"]["activeTargets"]
+            assert [(t["labels"]["job"], t["health"]) for t in targets] == [(LOOP_JOB, "up")]
+            # the values, as Prometheus holds them, are the page's
+            model = {"model": rt.model_name}
+            assert [(r["metric"], r["value"][1]) for r in query('closedloop_model_version{arm="champion"}')] == [
+                ({"__name__": "closedloop_model_version", "arm": "champion", "instance": f"127.0.0.1:{srv.port}",
+                  "job": LOOP_JOB, **model}, str(state["versions"]["champion"]))]
+            assert [r["value"][1] for r in query('closedloop_quarantined_partitions{kind="transactions"}')] == ["1"]
+            assert [r["metric"]["decision"] for r in query("closedloop_drift_decision == 1")] == \
+                [state["drift"]["decision"]]
+            assert float(query("closedloop_drift_share")[0]["value"][1]) == pytest.approx(state["drift"]["share"])
+            assert float(query('closedloop_performance_roc_auc{kind="estimated"}')[0]["value"][1]) == \
+                pytest.approx(estimated["roc_auc"])
+            # every rule loads and every rule and panel expression evaluates on these series
+            groups = api.get("/rules").json()["data"]["groups"]
+            rules = {r["name"]: r for g in groups for r in g["rules"]}
+            assert set(rules) == set(rule_expressions())
+            for expr in {**rule_expressions(), **dashboard_expressions()}.values():
+                query(expr.replace("$__rate_interval", "1m"))
+            # the loop's alerts, pending (their `for:` has not elapsed) exactly where this world calls for them:
+            # its newest curated day is months before the clock (data not arrived), while its lake was written
+            # minutes ago (ingest not stalled); drift and performance as measured
+            expected = {"ClosedloopDataNotArrived"}
+            if state["drift"]["decision"] == "retrain":
+                expected.add("ClosedloopDriftDecided")
+            if any(p["band_lower"] is not None and p["roc_auc"] < p["band_lower"]
+                   for p in state["performance"].values()):
+                expected.add("ClosedloopPerformanceBelowBand")
+            deadline = time.monotonic() + 30
+            while True:
+                alerts = api.get("/alerts").json()["data"]["alerts"]
+                active = {a["labels"]["alertname"] for a in alerts if a["labels"]["alertname"] in LOOP_ALERTS}
+                if active == expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert active == expected, alerts
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+LOOP_ALERTS = {"ClosedloopLoopMetricsDown", "ClosedloopDataNotArrived", "ClosedloopIngestStalled",
+               "ClosedloopDriftDecided", "ClosedloopPerformanceBelowBand"}
