@@ -29,7 +29,7 @@ DEMO_WINDOW_START ?= 2026-03-01
 DEMO_WINDOW_END ?= 2026-03-29
 
 .PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean browser prometheus \
-  bench bench-quick
+  bench bench-quick dashboard-screenshot
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -107,6 +107,9 @@ prometheus:  ## Debian's prometheus (with promtool) for the rule and scrape test
 	else \
 	  echo "prometheus is missing: run 'sudo apt-get install -y --no-install-recommends prometheus' (the promtool and scrape tests skip without it, and fail under CI=true)"; \
 	fi
+
+dashboard-screenshot: install prometheus  ## docs/screenshots/dashboard-loop.png: the loop's panels from a real Prometheus scrape (3-5 min)
+	$(BIN)/python deploy/dashboard_screenshot.py --out docs/screenshots/dashboard-loop.png
 
 test: install browser prometheus  ## Set up and run the test suite
 	$(BIN)/ruff check .
