@@ -9,8 +9,9 @@ machine and in a temporary closedloop home:
    under uvicorn, and Debian's ``prometheus`` (``make prometheus``) scraping it every 2 s with
    ``deploy/prometheus/prometheus.yml``'s loop job and evaluating ``rules.yml``;
 3. the loop, advanced while Prometheus watches: each 2-day window is ingested, scored and measured (Evidently,
-   CBPE) as the DAGs would; a drift decision retrains and, if the gate agrees, promotes a new champion; one
-   delivery is refused by validation and quarantined;
+   CBPE) as the DAGs would; a drift decision retrains and, if the gate agrees, promotes a new champion;
+   yesterday's delivery is refused by validation and quarantined (labels due after today are withheld: they
+   have not arrived);
 4. every loop panel of ``deploy/grafana/dashboards/closedloop-serve.json``: its own PromQL, asked of that
    Prometheus with ``/api/v1/query_range`` and drawn with matplotlib in the dashboard's layout, with the alerts
    Prometheus holds at the end.
@@ -142,10 +143,10 @@ def _run_loop(rt, start: date, days: int, drift_day: date, say) -> None:
 
     retrain(Window(start + timedelta(days=2), start + timedelta(days=16)))
     pause()
-    end = start + timedelta(days=days - 1)  # the last generated day is left for the refused delivery
-    day, step = start + timedelta(days=16), 0
-    while day + timedelta(days=2) <= end:
-        window = Window(day, day + timedelta(days=2))
+    end = start + timedelta(days=days - 1)  # yesterday: its delivery is refused (below)
+    day = start + timedelta(days=16)
+    while day < end:
+        window = Window(day, min(day + timedelta(days=2), end))
         stages.validate(rt, window)
         for d in (window.start, window.start + timedelta(days=1)):
             score_day(rt, d)
@@ -157,15 +158,13 @@ def _run_loop(rt, start: date, days: int, drift_day: date, say) -> None:
         if decision["drift"] and window.start >= drift_day:
             retrain(Window(window.end - timedelta(days=14), window.end))
             pause()
-        step += 1
-        if step == 3:  # a delivery refused by validation: keys nulled, quarantined by ingest
-            landing = rt.lake.partition("landing", "transactions", end)
-            rt.lake.write_parquet(make_bad(rt.lake.read_parquet(landing), "null_key", rt.contract, seed=1), landing)
-            with contextlib.suppress(DataValidationError):
-                ingest_partition(rt.lake, rt.contract, "transactions", end)
-            say(f"transactions of {end} quarantined")
-            pause()
         day = window.end
+    # yesterday's delivery, refused by validation (keys nulled) and quarantined by ingest
+    landing = rt.lake.partition("landing", "transactions", end)
+    rt.lake.write_parquet(make_bad(rt.lake.read_parquet(landing), "null_key", rt.contract, seed=1), landing)
+    with contextlib.suppress(DataValidationError):
+        ingest_partition(rt.lake, rt.contract, "transactions", end)
+    say(f"transactions of {end} quarantined")
     pause(4 * SCRAPE)
 
 
@@ -181,7 +180,7 @@ def _render(api, t0: float, t1: float, out: Path) -> None:
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels) - top
     alerts = api.get("/alerts").json()["data"]["alerts"]
     fig = plt.figure(figsize=(18, 2.2 + rows * 0.42))
-    grid = fig.add_gridspec(rows + 3, 24, hspace=3.2, wspace=1.6)
+    grid = fig.add_gridspec(rows + 3, 24, hspace=5, wspace=1.6)
     fig.suptitle(f"{dashboard['title']}: the loop's panels, from a real Prometheus scrape "
                  f"({datetime.fromtimestamp(t0, UTC):%Y-%m-%d %H:%M}-{datetime.fromtimestamp(t1, UTC):%H:%M} UTC)",
                  fontsize=13, fontweight="bold")
@@ -253,8 +252,13 @@ def main() -> None:
     drift_day = start + timedelta(days=args.drift_day)
     rt = Runtime.from_env()
     generate(GeneratorConfig(start=start, days=args.days, customers=300, transactions_per_day=700, seed=23,
-                             fraud_rate=0.03, covariate_drift=0.8, concept_drift=0.6, drift_start=drift_day),
+                             fraud_rate=0.03, covariate_drift=1.5, concept_drift=1.0, new_categories=True,
+                             drift_start=drift_day),
              rt.lake, rt.contract)
+    today = datetime.now(UTC).date()
+    for day in rt.lake.list_days("landing", "labels"):  # labels of the last days arrive after today: not yet
+        if day >= today:
+            rt.lake.delete(rt.lake.partition("landing", "labels", day))
     (work / "token").write_text(token + "\n")
     try:
         with _uvicorn(_plugin_app()) as port, _prometheus(work, f"127.0.0.1:{port}", work / "token") as api:

@@ -294,7 +294,17 @@ def test_a_real_prometheus_scrapes_the_loop_metrics_of_a_real_world(world, clien
     estimated = state["performance"]["estimated"]
     assert estimated["roc_auc"] == pytest.approx(world.measured["figures"]["performance"]["estimated"])
     curated = rt.lake.list_days("curated", "transactions")
+    assert bad_day not in curated and curated[-1] < bad_day
     assert state["ingest"]["transactions"]["newest_day"] == health._day_start(curated[-1].isoformat())
+    # the last ingest run: the lake's own times, the newest of the validation markers and the quarantine report
+    import os
+
+    from closedloop.ingest import marker_uri
+    from closedloop.quarantine import report_uri
+
+    markers = [os.path.getmtime(rt.lake.local_path(marker_uri(rt.lake, "transactions", d))) for d in curated]
+    refused = os.path.getmtime(rt.lake.local_path(report_uri(rt.lake, "transactions", bad_day)))
+    assert state["ingest"]["transactions"]["last_run_at"] == pytest.approx(max(*markers, refused))
 
     scrape_token = "a-scrape-token-for-this-test"
     monkeypatch.setenv("AIRFLOW__CLOSEDLOOP__METRICS_TOKEN", scrape_token)
