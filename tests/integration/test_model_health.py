@@ -189,6 +189,9 @@ def test_an_unreachable_registry_gives_503_not_a_traceback(client, home, monkeyp
     r = client.get(PREFIX + "/api/health.json", headers=auth)
     assert r.status_code == 503, r.text
     assert "reachable from the API server" in r.json()["detail"] and "Traceback" not in r.text
+    # the loop's metrics too: a 503 Prometheus records as a failed scrape (up == 0, ClosedloopLoopMetricsDown)
+    r = client.get(PREFIX + "/metrics", headers=auth)
+    assert r.status_code == 503 and "loop metrics unavailable" in r.json()["detail"], r.text
 
 
 def test_airflow_loads_the_plugin(airflow_db):
