@@ -17,7 +17,7 @@ Every candidate goes through :func:`closedloop.gate.decide` with the gate sectio
 model's ROC AUC against chance, the holdout's label share against the contract's band), and once more with
 the bootstrap off (the point rule alone), to show what the interval buys. Usage::
 
-    .venv/bin/python bench/gate_power.py [--quick] [--seeds N] [--per-day N] [--confidence C]
+    .venv/bin/python bench/gate_power.py [--quick] [--seeds N] [--per-day N] [--confidence C] [--structure S]
 
 Prints a Markdown table (docs/GATE.md quotes it) and the bootstrap's time.
 """
@@ -57,9 +57,11 @@ SCENARIOS = {
 }
 
 
-def world(contract: DataContract, seed: int, drifted: bool, customers: int, per_day: int) -> pd.DataFrame:
+def world(contract: DataContract, seed: int, drifted: bool, customers: int, per_day: int,
+          structure: float = 1.0) -> pd.DataFrame:
     """One generated data set with the customer features joined, as a training set holds them."""
     config = GeneratorConfig(start=START, days=DAYS, customers=customers, transactions_per_day=per_day, seed=seed,
+                             structure=structure,
                              concept_drift=1.0 if drifted else 0.0,
                              drift_start=START + timedelta(days=DRIFT_DAY) if drifted else None)
     tx = simulate(config, contract).transactions
@@ -127,6 +129,9 @@ def main() -> None:
     parser.add_argument("--per-day", type=int, default=1000,
                         help="transactions a day (default 1000: about 70 positives in the holdout)")
     parser.add_argument("--confidence", type=float, help="override gate.bootstrap.confidence")
+    parser.add_argument("--structure", type=float, default=GeneratorConfig.structure,
+                        help="the generator's day-level structure (default: the generator's own, 1; 0: independent "
+                             "days, as the figures before 2026-12-04's structured generator)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*only positive or negative samples")  # a 2-day validation share
     n_seeds = args.seeds or (10 if args.quick else 50)
@@ -143,8 +148,8 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in SCENARIOS}
     holdout_rows = []
     for seed in range(n_seeds):
-        frames = {"stable": world(contract, seed, False, customers, per_day),
-                  "drifted": world(contract, seed, True, customers, per_day)}
+        frames = {"stable": world(contract, seed, False, customers, per_day, args.structure),
+                  "drifted": world(contract, seed, True, customers, per_day, args.structure)}
         models = candidates(frames["stable"], frames["drifted"], contract, training, seed)
         for name, (kind, model) in SCENARIOS.items():
             holdout = days(frames[kind], contract, *HOLDOUT)
@@ -155,7 +160,8 @@ def main() -> None:
     boot = policy.get("bootstrap", {})
     print(f"gate: {policy['primary_metric']}, margin {policy['margin']}, guards {policy.get('guards')}, "
           f"bootstrap {boot}, min_holdout_positives {policy.get('min_holdout_positives')}")
-    print(f"{n_seeds} seeds, {customers} customers, {per_day} transactions/day, {DAYS} days; champion on days "
+    print(f"{n_seeds} seeds, {customers} customers, {per_day} transactions/day, {DAYS} days, generator structure "
+          f"{args.structure:g}; champion on days "
           f"{CHAMPION_WINDOW[0]}-{CHAMPION_WINDOW[1]}, holdout days {HOLDOUT[0]}-{HOLDOUT[1]} "
           f"({int(np.median(holdout_rows))} rows, median)\n")
     print("| candidate | promoted by the gate | promoted by the point rule alone | median gain (ROC AUC) "

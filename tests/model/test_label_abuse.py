@@ -10,7 +10,6 @@ real DAG (windows with no positives, a handful, unrelated labels) are in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -21,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from support.training_sets import write_training_set
 
 from closedloop import retraining
 from closedloop.aggregates import compute_entity_features
 from closedloop.alerts import gate_alert
-from closedloop.features import SPLITS, frame_sha256, time_split
+from closedloop.features import SPLITS, time_split
 from closedloop.generate import GeneratorConfig, simulate
 from closedloop.registry import CHAMPION, alias_version, history, promote
 from closedloop.rollback import promote_manually
@@ -56,19 +56,6 @@ class World:
 
     def named(self, name: str) -> Named:
         return Named(self.rt.settings, name=name)
-
-
-def _write_set(rt: Runtime, key: str, parts: dict[str, pd.DataFrame]) -> dict[str, Any]:
-    """Write a training set as build_training_set does (Feast is not what is tested here)."""
-    c = rt.contract
-    cols = [c.row_key, c.entity, c.event_timestamp, *c.model_features, c.label]
-    uri = rt.lake.uri("training_sets", key)
-    for name in SPLITS:
-        rt.lake.write_parquet(parts[name][cols], f"{uri}/split={name}/part-0.parquet")
-    digest = hashlib.sha256("".join(frame_sha256(parts[s][cols]) for s in SPLITS).encode()).hexdigest()
-    return {"uri": uri, "key": key, "rows": {s: len(parts[s]) for s in SPLITS},
-            "positives": {s: int(parts[s][c.label].sum()) for s in SPLITS}, "data_sha256": digest,
-            "partitions": {}, "unlabelled_rows": 0}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +93,7 @@ def world(tmp_path_factory) -> World:
             "tiny": {**clean, "holdout": pd.concat([hold.iloc[positives[:1]],
                                                     hold[hold[c.label] == 0].head(39)])},
         }
-        sets = {k: _write_set(rt, k, p) for k, p in parts.items()}
+        sets = {k: write_training_set(rt, k, p) for k, p in parts.items()}
 
         def train(ts: str) -> dict[str, Any]:
             return train_and_log(rt.settings, rt.lake, c, sets[ts], lineage={"reason": "label abuse"}).to_dict()
