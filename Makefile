@@ -86,27 +86,24 @@ airflow: install  ## Airflow's UI, scheduler and the rest on the embedded home (
 	CLOSEDLOOP_SCHEDULES=manual AIRFLOW__API__PORT=$(AIRFLOW_PORT) AIRFLOW__API__BASE_URL=http://localhost:$(AIRFLOW_PORT) \
 	  $(BIN)/airflow standalone
 
+# $(call debian_package,PACKAGE,COMMANDS IT PROVIDES,WHAT NEEDS IT): apt-get it as root when a command is missing
+define debian_package
+@missing=; for c in $(2); do command -v $$c > /dev/null || missing=1; done; [ -z "$$missing" ] && exit 0; \
+if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+  echo "installing Debian's $(1) for $(3)"; \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) > /dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) > /dev/null; } \
+    || echo "$(1) could not be installed: without it $(3) skip, or fail under CI=true"; \
+else \
+  echo "$(1) is missing: run 'sudo apt-get install -y --no-install-recommends $(1)' (without it $(3) skip, or fail under CI=true)"; \
+fi
+endef
+
 browser:  ## Debian's chromium for the browser test of the UI (apt-get, as root; skipped when present)
-	@command -v chromium > /dev/null && exit 0; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
-	  echo "installing Debian's chromium for tests/integration/test_browser_ui.py"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null \
-	    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium > /dev/null; } \
-	    || echo "chromium could not be installed: the browser test of the UI will skip (and fail under CI=true)"; \
-	else \
-	  echo "chromium is missing: run 'sudo apt-get install -y --no-install-recommends chromium' (the browser test of the UI skips without it, and fails under CI=true)"; \
-	fi
+	$(call debian_package,chromium,chromium,tests/integration/test_browser_ui.py)
 
 prometheus:  ## Debian's prometheus (with promtool) for the rule and scrape tests (apt-get, as root; skipped when present)
-	@command -v promtool > /dev/null && command -v prometheus > /dev/null && exit 0; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
-	  echo "installing Debian's prometheus for tests/deploy/test_prometheus.py and the scrape test"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus > /dev/null \
-	    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus > /dev/null; } \
-	    || echo "prometheus could not be installed: the promtool and scrape tests will skip (and fail under CI=true)"; \
-	else \
-	  echo "prometheus is missing: run 'sudo apt-get install -y --no-install-recommends prometheus' (the promtool and scrape tests skip without it, and fail under CI=true)"; \
-	fi
+	$(call debian_package,prometheus,promtool prometheus,tests/deploy/test_prometheus.py and the scrape test)
 
 dashboard-screenshot: install prometheus  ## docs/screenshots/dashboard-loop.png: the loop's panels from a real Prometheus scrape (3-5 min)
 	$(BIN)/python deploy/dashboard_screenshot.py --out docs/screenshots/dashboard-loop.png
