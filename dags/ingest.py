@@ -45,11 +45,12 @@ def ingest():
 
     @task(outlets=[CURATED])
     def materialise_features(ingested: dict) -> dict:
-        """Materialise the day (with the configured overlap) into the online store; announce the day."""
+        """Materialise the day and every day whose features it recomputed (with the overlap); announce the day."""
         from closedloop import ingest as stages
         from closedloop.runtime import Runtime
 
-        result = run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"])
+        result = run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"],
+                           ingested.get("features_changed"))
         get_current_context()["outlet_events"][CURATED].extra = {"day": ingested["day"]}
         return result
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("validation_failed", "drift_detected", "promoted", "rejected", "data_missing", "task_failed", "skew_detected",
-         "labels_suspect")
+         "labels_suspect", "data_redelivered")
 SEVERITIES = ("info", "warning", "error")
 ALERTS_FILE = "alerts.jsonl"
 
