@@ -8,8 +8,11 @@ release can never let through what a delivery could not. A release that passes i
 ``quarantine/_released/<kind>/<day>.json`` (who, why, when, the old report, the old and new hashes)
 and the quarantine files are removed; one that fails leaves the partition quarantined with the new
 report. A quarantined file replaced by ``--file`` is kept under ``quarantine/_replaced/<kind>/``
-(nothing is thrown away). Releasing is safe to repeat: a released partition is reported as such, and
-an interrupted release (curated, not yet recorded) is finished by the next attempt.
+(nothing is thrown away). A release is a late delivery like any other, through the same ingest: the days
+after it whose lookback holds it get their feature rows recomputed (``recomputed`` in the record), and an
+ingest run of the day materialises them (materialisation of an older day extends to what the online store
+holds). Releasing is safe to repeat: a released partition is reported as such, and an interrupted release
+(curated, not yet recorded) is finished by the next attempt.
 """
 
 from __future__ import annotations
@@ -262,7 +265,8 @@ def release(lake: Lake, contract: DataContract, kind: str, day: str | date, *, r
         "actor": actor, "reason": reason.strip(), "file": str(fixed_file) if fixed_file is not None else None,
         "old_sha256": old_report.get("sha256"), "new_sha256": new_sha, "old_report": old_report,
         "rows": outcome.rows, "warnings": outcome.warnings, "curated_uri": lake.partition("curated", kind, d),
-        "replaced_uri": replaced_uri,
+        "replaced_uri": replaced_uri, "version": outcome.version, "curated_first": outcome.curated_first,
+        "recomputed": outcome.recomputed,
     }
     record_uri = release_record_uri(lake, kind, d)
     earlier = lake.read_json(record_uri)["releases"] if lake.exists(record_uri) else []

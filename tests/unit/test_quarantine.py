@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import date
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -184,3 +185,37 @@ def test_requests_that_cannot_be_carried_out_are_refused_with_what_exists(quaran
                        "date, no or an empty reason, a missing file, a new delivery waiting in landing",
                        "refused with a non-zero exit naming the kinds or the quarantined days and the way out; "
                        "nothing changed")
+
+
+def test_a_release_recomputes_the_later_days_like_a_late_delivery(runtime, tmp_path, reliability):
+    """The release path is a late delivery: the day after it, curated without it, is recomputed as in order."""
+    from support.corruption import corrupted, differences
+
+    from closedloop.aggregates import compute_entity_features
+
+    rt, c = runtime, runtime.contract
+    generate(GeneratorConfig(start=date(2026, 5, 1), days=3, customers=30, transactions_per_day=80, seed=6),
+             rt.lake, c)
+    landing = rt.lake.partition("landing", "transactions", DAY)
+    good = rt.lake.read_parquet(landing)
+    good.to_parquet(tmp_path / "fixed.parquet", index=False)
+    rt.lake.write_parquet(make_bad(good, "null_key", c, seed=1), landing)
+    for d in (1, 2, 3):
+        try:
+            ingest_partition(rt.lake, c, "transactions", date(2026, 5, d))
+        except DataValidationError:
+            assert d == 2
+    result = cli("quarantine", "release", "transactions", DAY.isoformat(), "--reason", "keys restored",
+                 "--file", str(tmp_path / "fixed.parquet"))
+    assert result.exit_code == 0, result.output
+    assert "recomputed: 2026-05-03" in result.output
+    assert _released(rt)["releases"][-1]["recomputed"] == ["2026-05-03"]
+    tx = {d: rt.lake.read_parquet(rt.lake.partition("curated", "transactions", date(2026, 5, d))) for d in (1, 2, 3)}
+    expected = compute_entity_features(tx[3], c, pd.concat([tx[1], tx[2]]), closing_rows=True)
+    rows = differences(expected, rt.lake.read_parquet(rt.lake.partition("curated", c.feature_view,
+                                                                        date(2026, 5, 3))),
+                       [c.entity, c.event_timestamp])
+    assert rows[0] == 0, rows
+    reliability.record("quarantine", "a quarantined day released after the day that follows it was curated",
+                       f"the release recomputed 2026-05-03's rows of the released day's customers; {rows[1]} rows "
+                       "compared with in-order computation", corrupted=corrupted(feature_rows=rows))
