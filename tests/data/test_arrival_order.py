@@ -234,3 +234,35 @@ def test_lookback_days_landed_but_not_curated_are_curated_first(contract, tmp_pa
     comparisons = _compare(control, _state(lake, contract), contract)
     assert all(n == 0 for n, _, _ in comparisons.values()), comparisons
     shutil.rmtree(tmp_path / "generated")
+
+
+def test_a_redelivery_is_alerted_and_the_lineage_hash_still_finds_what_was_read(runtime):
+    """``ingest_day`` (the DAG's task) on a re-delivered day: a ``data_redelivered`` alert with the change, the
+    later day in ``features_changed``; a training window read before names the first delivery's hash, whose
+    curated copy is still there; the same delivery again is not a new version and raises no alert."""
+    from closedloop.alerts import read_alerts
+    from closedloop.features import read_labelled_window
+    from closedloop.ingest import ingest_day
+
+    rt, c = runtime, runtime.contract
+    first_day = date(2026, 4, 1)
+    generate(GeneratorConfig(start=first_day, days=2, customers=30, transactions_per_day=80, seed=12), rt.lake, c)
+    for d in (first_day, first_day + timedelta(days=1)):
+        ingest_day(rt, d)
+    landing = rt.lake.partition("landing", "transactions", first_day)
+    _, read_before, _ = read_labelled_window(rt.lake, c, first_day, first_day + timedelta(days=2), 5)
+    curated_before = rt.lake.read_parquet(rt.lake.partition("curated", "transactions", first_day))
+    rt.lake.write_parquet(rt.lake.read_parquet(landing).iloc[10:], landing)
+
+    out = ingest_day(rt, first_day)
+    assert out["features_changed"] == [first_day.isoformat(), (first_day + timedelta(days=1)).isoformat()]
+    alerts = read_alerts(rt.settings, "data_redelivered")
+    assert len(alerts) == 1 and "10 removed" in alerts[0]["summary"], alerts
+    _, read_after, _ = read_labelled_window(rt.lake, c, first_day, first_day + timedelta(days=2), 5)
+    assert read_after[landing] != read_before[landing]
+    kept = rt.lake.read_parquet(version_of(rt.lake, "transactions", first_day, read_before[landing]))
+    pd.testing.assert_frame_equal(kept, curated_before)
+
+    again = ingest_day(rt, first_day)
+    assert again["partitions"][0]["status"] == "already_curated" and len(read_alerts(rt.settings,
+                                                                                     "data_redelivered")) == 1
