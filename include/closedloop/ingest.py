@@ -283,16 +283,26 @@ def recompute_dependents(lake: Lake, contract: DataContract, day: date, entities
             mine_of[d] = frame[frame[ent].isin(keys)]
         return mine_of[d]
 
+    if not later:
+        return []
+    # one computation for every later day: its events are the targets, the other curated days of the period
+    # (before the first later day, within its lookback; days between without a marker) the history. A window
+    # of a target event never reaches before its own day's lookback, so each row is what a computation of its
+    # day alone gives (the same values, summed in another grouping of the tree: equal to a few ulps)
+    targets = pd.concat([events_of(d) for d in later], ignore_index=True)
+    context = [x for x in curated_days if later[0] - contract.lookback <= x < later[-1] and x not in later]
+    history = pd.concat([events_of(x) for x in context], ignore_index=True) if context else None
+    new_all = compute_entity_features(targets, contract, history, closing_rows=True) if len(targets) else None
+    new_day = None if new_all is None else new_all[ts].dt.tz_convert("UTC").dt.date.to_numpy()
     done = []
     for d in later:
         mine = events_of(d)
         lookback = [x for x in curated_days if d - contract.lookback <= x < d]
-        history = pd.concat([events_of(x) for x in lookback], ignore_index=True) if lookback else None
         feats_uri = lake.partition("curated", contract.feature_view, d)
         old = lake.read_parquet(feats_uri)
         kept = old[~old[ent].isin(keys)]
         if len(mine):
-            new = compute_entity_features(mine, contract, history, closing_rows=True)
+            new = new_all[new_day == d]
             feats = pd.concat([kept, new], ignore_index=True).sort_values([ent, ts], kind="stable")
         else:
             feats = kept
