@@ -37,11 +37,16 @@ def ingest():
     def validate_partitions() -> dict:
         """Validate and curate the day's transactions and labels; quarantine and fail on blocking problems."""
         from closedloop import ingest as stages
+        from closedloop.alerts import redelivery_alert
+        from closedloop.notifier import send_alert
         from closedloop.runtime import Runtime
 
         ctx = get_current_context()
         day = run_stage(stages.resolve_day, conf_of(ctx), ctx.get("data_interval_start"))
-        return run_stage(stages.ingest_day, Runtime.from_env(), day)
+        result = run_stage(stages.ingest_day, Runtime.from_env(), day)
+        for partition in result["partitions"]:  # a re-delivery that changed a curated day
+            send_alert(redelivery_alert(partition), ctx)
+        return result
 
     @task(outlets=[CURATED])
     def materialise_features(ingested: dict) -> dict:

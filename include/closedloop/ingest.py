@@ -718,24 +718,13 @@ def ingest_day(rt: Runtime, day: date) -> dict[str, Any]:
     """Validate and curate the transactions and (when they landed) the labels of ``day``.
 
     ``features_changed``: the days whose feature rows this run wrote (the day, lookback days curated first,
-    later days recomputed), which :func:`materialise_day` materialises. A re-delivery that differed from its
-    curated copy raises a ``data_redelivered`` alert with its change.
+    later days recomputed), which :func:`materialise_day` materialises. A partition re-delivered with another
+    content has its ``change`` (the task raises :func:`closedloop.alerts.redelivery_alert` for it).
     """
-    from closedloop.alerts import make_alert, write_alert
-
     grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
     outcomes = [ingest_partition(rt.lake, rt.contract, "transactions", day)]
     if rt.lake.exists(rt.lake.partition("landing", "labels", day)) or read_marker(rt.lake, "labels", day):
         outcomes.append(ingest_partition(rt.lake, rt.contract, "labels", day, label_grace_days=grace))
-    for o in outcomes:
-        if o.change is not None:
-            c = o.change
-            write_alert(rt.settings, make_alert(
-                "data_redelivered", f"{o.kind} {o.day} was delivered again and differs from its curated copy "
-                f"({c['added']} row(s) added, {c['removed']} removed, {c['changed']} changed): it is curated as "
-                f"version {o.version}, the previous one is kept; later days' features were recomputed "
-                f"({', '.join(o.recomputed) or 'none'}). Check with the producer that the change was intended.",
-                severity="warning", details=o.to_dict()))
     changed = sorted({day.isoformat(), *(d for o in outcomes for d in (*o.curated_first, *o.recomputed))})
     return {"day": day.isoformat(), "partitions": [o.to_dict() for o in outcomes], "features_changed": changed}
 

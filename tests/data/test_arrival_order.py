@@ -237,10 +237,10 @@ def test_lookback_days_landed_but_not_curated_are_curated_first(contract, tmp_pa
 
 
 def test_a_redelivery_is_alerted_and_the_lineage_hash_still_finds_what_was_read(runtime):
-    """``ingest_day`` (the DAG's task) on a re-delivered day: a ``data_redelivered`` alert with the change, the
+    """``ingest_day`` (the DAG's task) on a re-delivered day: its ``data_redelivered`` alert with the change, the
     later day in ``features_changed``; a training window read before names the first delivery's hash, whose
     curated copy is still there; the same delivery again is not a new version and raises no alert."""
-    from closedloop.alerts import read_alerts
+    from closedloop.alerts import redelivery_alert
     from closedloop.features import read_labelled_window
     from closedloop.ingest import ingest_day
 
@@ -256,13 +256,14 @@ def test_a_redelivery_is_alerted_and_the_lineage_hash_still_finds_what_was_read(
 
     out = ingest_day(rt, first_day)
     assert out["features_changed"] == [first_day.isoformat(), (first_day + timedelta(days=1)).isoformat()]
-    alerts = read_alerts(rt.settings, "data_redelivered")
+    alerts = [a for a in map(redelivery_alert, out["partitions"]) if a is not None]
     assert len(alerts) == 1 and "10 removed" in alerts[0]["summary"], alerts
+    assert alerts[0]["details"]["recomputed"] == [(first_day + timedelta(days=1)).isoformat()]
     _, read_after, _ = read_labelled_window(rt.lake, c, first_day, first_day + timedelta(days=2), 5)
     assert read_after[landing] != read_before[landing]
     kept = rt.lake.read_parquet(version_of(rt.lake, "transactions", first_day, read_before[landing]))
     pd.testing.assert_frame_equal(kept, curated_before)
 
     again = ingest_day(rt, first_day)
-    assert again["partitions"][0]["status"] == "already_curated" and len(read_alerts(rt.settings,
-                                                                                     "data_redelivered")) == 1
+    assert again["partitions"][0]["status"] == "already_curated"
+    assert [redelivery_alert(p) for p in again["partitions"]] == [None] * len(again["partitions"])

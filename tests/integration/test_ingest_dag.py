@@ -254,3 +254,20 @@ def test_a_late_day_is_curated_recomputed_and_materialised_by_one_run(late_world
         f"one run curated it, recomputed its {len(entities)} customers' rows of the 3 later days and materialised "
         f"them; {rows[1]} later feature rows compared with in-order computation, {online[1]} online rows with "
         "each customer's newest", corrupted=corrupted(feature_rows=rows, online_store=online))
+
+    # the day after it re-delivered with 15 rows missing: one run versions it, alerts, recomputes and serves
+    redelivered = later[0]
+    r_uri = lake.partition("landing", "transactions", redelivered)
+    removed = lake.read_parquet(r_uri).iloc[:15]
+    lake.write_parquet(lake.read_parquet(r_uri).iloc[15:], r_uri)
+    dr = dag.test(run_conf={"day": redelivered.isoformat()})
+    assert dr.state == "success", _states(dr)
+    alerts = [a for a in read_alerts(rt.settings, "data_redelivered") if a["run_id"] == dr.run_id]
+    assert len(alerts) == 1 and "15 removed" in alerts[0]["summary"], alerts
+    assert alerts[0]["details"]["recomputed"] == [d.isoformat() for d in later[1:]]
+    assert read_marker(lake, "transactions", redelivered)["version"] == 2
+    touched = sorted(removed[c.entity].unique())
+    feats = pd.concat([lake.read_parquet(lake.partition("curated", c.feature_view, d)) for d in [late, *later]])
+    newest = feats.sort_values(keys).groupby(c.entity).tail(1)
+    newest = newest[newest[c.entity].isin(touched)][[c.entity, *c.entity_features]]
+    assert differences(newest, _online(rt, touched), [c.entity])[0] == 0
