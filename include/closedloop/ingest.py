@@ -443,9 +443,9 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
     history_days: list[str] = []
     recomputed: list[str] = []
     if features:
-        history_days = write_entity_features(lake, contract, day, frame, history_cache)
-        recomputed = recompute_dependents(lake, contract, day, _touched_entities(previous, frame, contract),
-                                          history_cache)
+        cache = {} if history_cache is None else history_cache  # the lookback read once for both
+        history_days = write_entity_features(lake, contract, day, frame, cache)
+        recomputed = recompute_dependents(lake, contract, day, _touched_entities(previous, frame, contract), cache)
     warnings = [f"{f.rule}({f.column}): {f.message}" for f in result.warnings] + lookback_warnings
     for w in warnings:
         log.warning("%s: %s", landing, w)
