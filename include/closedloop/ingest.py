@@ -7,6 +7,12 @@ entity-feature rows (one per event, the state before it, and one closing row per
 day, the state after the day: see :mod:`closedloop.aggregates`); a marker with the validation result is
 written last and makes the step idempotent: a partition whose landed content is unchanged is not
 validated again (its feature rows are rewritten only when an older version wrote them without closing rows).
+
+Arrival order does not matter: the lookback days of a transactions day that wait in landing are curated
+first, and a day curated after later ones (late, released, re-delivered) recomputes its customers' rows of
+the later days its lookback reaches (:func:`recompute_dependents`). A re-delivery whose content differs from
+the curated copy is a new version; the previous curated copy is kept under ``curated/_versions/``
+(:func:`version_uri`, :func:`version_of`) and the marker's ``versions`` records each change.
 """
 
 from __future__ import annotations
