@@ -230,13 +230,29 @@ def list_versions(lake: Lake) -> list[tuple[str, date, str, str]]:
 
 
 # -- arrival order: curate the lookback first, recompute the days after a late or changed one --------------
+def _landed_stat(lake: Lake, uri: str) -> str:
+    """Size and modification time of a landed file: unchanged, its content need not be hashed again."""
+    try:
+        info = lake.fs.info(lake.local_path(uri))
+    except (FileNotFoundError, OSError):
+        return ""
+    return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('updated')}"
+
+
 def _waiting(lake: Lake, kind: str, day: date) -> bool:
-    """Whether the landed ``kind`` partition of ``day`` is not curated as it is (never, or another delivery)."""
+    """Whether the landed ``kind`` partition of ``day`` is not curated as it is (never, or another delivery).
+
+    A file whose size and time are those the marker recorded is the one curated (no hash needed); otherwise
+    its hash decides."""
     landing = lake.partition("landing", kind, day)
     marker = read_marker(lake, kind, day)
     if lake.entry_kind(landing) != "file":
         return marker is None and lake.entry_kind(landing) != "missing"
-    return marker is None or marker.get("sha256") != lake.sha256(landing)
+    if marker is None:
+        return True
+    if marker.get("landed_stat") and marker["landed_stat"] == _landed_stat(lake, landing):
+        return False
+    return marker.get("sha256") != lake.sha256(landing)
 
 
 def _curate_lookback(lake: Lake, contract: DataContract, day: date, history_cache: dict[date, pd.DataFrame] | None,
@@ -401,6 +417,7 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
                                       report_uri=report_uri, quarantine_uri=lake.partition("quarantine", kind, day))
         raise NoDataError(f"{landing}: no {kind} partition landed for {day} (and none curated)")
 
+    landed_stat = _landed_stat(lake, landing)  # before the hash: a file replaced meanwhile is hashed again later
     sha = lake.sha256(landing)
     if marker is not None and marker.get("sha256") == sha:
         log.info("%s: unchanged since validated (%s), not validated again", landing, sha[:12])
@@ -463,7 +480,7 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
         "normalisations": normalised,
         "curated_uri": curated, "history_days": history_days,
         **({"feature_rows": FEATURE_ROWS} if features else {}),
-        "version": len(versions) + 1, "versions": versions,
+        "version": len(versions) + 1, "versions": versions, "landed_stat": landed_stat,
         **({"curated_first": curated_first, "recomputed_days": recomputed} if features else {}),
     })
     return IngestOutcome(kind, day.isoformat(), "curated", landing, sha, len(frame), warnings + normalised,
