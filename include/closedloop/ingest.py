@@ -425,6 +425,14 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
         return IngestOutcome(kind, day.isoformat(), "already_curated", landing, sha, marker["rows"],
                              marker.get("warnings", []))
 
+    features = kind == "transactions" and bool(contract.aggregates)
+    if kind == "transactions" and id_index is None:
+        id_index = CuratedIds(lake, contract)
+    curated_first: list[str] = []
+    lookback_warnings: list[str] = []
+    if features:  # never on a partial history: the lookback's landed days are curated first (before this day's
+        # checks, so that the id check sees their ids)
+        curated_first, lookback_warnings = _curate_lookback(lake, contract, day, history_cache, id_index)
     result = validate_partition(lake, landing, contract, kind, day)
     if kind == "labels" and result.passed:
         unknown = unknown_label_finding(lake, contract, day, landing, label_grace_days, known_ids)
@@ -432,7 +440,6 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
             result.findings.append(unknown)
     landed = lake.read_parquet(landing) if result.passed else None
     if kind == "transactions" and landed is not None:
-        id_index = CuratedIds(lake, contract) if id_index is None else id_index
         repeated = id_index.repeated_finding(landed[contract.row_key], day)
         if repeated is not None:
             result.findings.append(repeated)
@@ -442,11 +449,6 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
 
     frame = normalise(landed, contract, kind)
     curated = lake.partition("curated", kind, day)
-    features = kind == "transactions" and bool(contract.aggregates)
-    curated_first: list[str] = []
-    lookback_warnings: list[str] = []
-    if features:  # never on a partial history: the lookback's landed days are curated first
-        curated_first, lookback_warnings = _curate_lookback(lake, contract, day, history_cache, id_index)
     previous, versions, change = None, [], None
     if marker is not None and lake.exists(curated):  # a re-delivery that differs: the curated copy is a version
         kept_uri = _archive(lake, kind, day, marker)

@@ -267,3 +267,23 @@ def test_a_redelivery_is_alerted_and_the_lineage_hash_still_finds_what_was_read(
     again = ingest_day(rt, first_day)
     assert again["partitions"][0]["status"] == "already_curated"
     assert [redelivery_alert(p) for p in again["partitions"]] == [None] * len(again["partitions"])
+
+
+def test_an_id_repeated_in_a_lookback_day_curated_first_is_still_caught(contract, tmp_path):
+    """The lookback is curated before the day's own checks: an id of a waiting lookback day repeated in the day
+    quarantines the day, as in day order."""
+    from closedloop.errors import DataValidationError
+    from closedloop.ingest import REPEATED_IDS_RULE
+
+    lake = Lake(f"file://{tmp_path / 'lake'}")
+    generate(GeneratorConfig(start=START, days=3, customers=30, transactions_per_day=80, seed=4), lake, contract)
+    last = START + timedelta(days=2)
+    uri = lake.partition("landing", "transactions", last)
+    first = lake.read_parquet(lake.partition("landing", "transactions", START))
+    frame = lake.read_parquet(uri)
+    frame.loc[frame.index[0], contract.row_key] = first[contract.row_key].iloc[0]
+    lake.write_parquet(frame, uri)
+    with pytest.raises(DataValidationError, match=REPEATED_IDS_RULE):
+        ingest_partition(lake, contract, "transactions", last)
+    assert [read_marker(lake, "transactions", START + timedelta(days=i)) is not None for i in range(3)] == [
+        True, True, False]
