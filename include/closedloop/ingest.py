@@ -173,7 +173,21 @@ def version_of(lake: Lake, kind: str, day: date, sha: str) -> str:
 
 
 def row_changes(old: pd.DataFrame, new: pd.DataFrame, key: str, sample: int = 5) -> dict[str, Any]:
-    """Rows added, removed and changed (same ``key``, another value in a shared column) from ``old`` to ``new``."""
+    """Rows added, removed and changed (same ``key``, another value in a shared column) from ``old`` to ``new``.
+
+    Keys repeated on either side (not a curated partition's case: validation refuses them) are compared as
+    whole rows: what is in one only counts as added or removed."""
+    import pandas as pd
+
+    if not (old[key].is_unique and new[key].is_unique):
+        cols = [c for c in new.columns if c in old.columns]
+        h_old = pd.util.hash_pandas_object(old[cols], index=False)
+        h_new = pd.util.hash_pandas_object(new[cols], index=False)
+        added_rows, removed_rows = new[~h_new.isin(h_old).to_numpy()], old[~h_old.isin(h_new).to_numpy()]
+        return {"rows_before": len(old), "rows_after": len(new), "added": len(added_rows),
+                "removed": len(removed_rows), "changed": 0,
+                "sample_added": [str(k) for k in added_rows[key].iloc[:sample]],
+                "sample_removed": [str(k) for k in removed_rows[key].iloc[:sample]], "sample_changed": []}
     a, b = old.set_index(key), new.set_index(key)
     added, removed = b.index.difference(a.index), a.index.difference(b.index)
     common = b.index.intersection(a.index)

@@ -173,6 +173,8 @@ def test_row_changes_counts_added_removed_and_changed_rows():
     change = row_changes(old, new, "k")
     assert (change["added"], change["removed"], change["changed"]) == (1, 1, 1)
     assert (change["sample_added"], change["sample_removed"], change["sample_changed"]) == (["d"], ["a"], ["c"])
+    repeated = row_changes(pd.concat([old, old.iloc[:1]]), new, "k")  # repeated keys: whole rows compared
+    assert (repeated["added"], repeated["removed"], repeated["changed"]) == (2, 3, 0)
 
 
 def test_recomputing_no_entity_changes_nothing(contract, tmp_path):
