@@ -37,19 +37,25 @@ def ingest():
     def validate_partitions() -> dict:
         """Validate and curate the day's transactions and labels; quarantine and fail on blocking problems."""
         from closedloop import ingest as stages
+        from closedloop.alerts import redelivery_alert
+        from closedloop.notifier import send_alert
         from closedloop.runtime import Runtime
 
         ctx = get_current_context()
         day = run_stage(stages.resolve_day, conf_of(ctx), ctx.get("data_interval_start"))
-        return run_stage(stages.ingest_day, Runtime.from_env(), day)
+        result = run_stage(stages.ingest_day, Runtime.from_env(), day)
+        for partition in result["partitions"]:  # a re-delivery that changed a curated day
+            send_alert(redelivery_alert(partition), ctx)
+        return result
 
     @task(outlets=[CURATED])
     def materialise_features(ingested: dict) -> dict:
-        """Materialise the day (with the configured overlap) into the online store; announce the day."""
+        """Materialise the day and every day whose features it recomputed (with the overlap); announce the day."""
         from closedloop import ingest as stages
         from closedloop.runtime import Runtime
 
-        result = run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"])
+        result = run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"],
+                           ingested.get("features_changed"))
         get_current_context()["outlet_events"][CURATED].extra = {"day": ingested["day"]}
         return result
 

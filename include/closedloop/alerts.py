@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("validation_failed", "drift_detected", "promoted", "rejected", "data_missing", "task_failed", "skew_detected",
-         "labels_suspect")
+         "labels_suspect", "data_redelivered")
 SEVERITIES = ("info", "warning", "error")
 ALERTS_FILE = "alerts.jsonl"
 
@@ -140,3 +140,19 @@ def gate_alert(action: dict[str, Any]) -> dict[str, Any] | None:
                           f"v{action.get('champion') or '-'} kept: {action.get('reason')}", severity="info",
                           details=action)
     return None
+
+
+def redelivery_alert(partition: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``data_redelivered`` alert of an ingest outcome (:class:`closedloop.ingest.IngestOutcome` as a dict)
+    whose partition was delivered again with another content; None for any other outcome."""
+    c = partition.get("change")
+    if not c:
+        return None
+    return make_alert(
+        "data_redelivered", f"{partition['kind']} {partition['day']} was delivered again and differs from its curated "
+        f"copy ({c['added']} row(s) added, {c['removed']} removed, {c['changed']} changed): curated as version "
+        f"{partition['version']}, the previous one kept under curated/_versions/; later days' features recomputed: "
+        f"{', '.join(partition.get('recomputed') or []) or 'none'}. Check with the producer that the change was "
+        "intended.", severity="warning",
+        details={k: partition.get(k) for k in ("kind", "day", "uri", "sha256", "rows", "version", "change",
+                                                "recomputed")})

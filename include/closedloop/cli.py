@@ -280,6 +280,8 @@ def quarantine_release(
                f"sha256 {record['new_sha256'][:12]}); recorded under quarantine/_released/")
     for w in record["warnings"]:
         typer.echo(f"  warning: {w}")
+    if record.get("recomputed"):
+        typer.echo(f"  feature rows of the later days recomputed: {', '.join(record['recomputed'])}")
     typer.echo(f'next: trigger the ingest DAG with {{"day": "{day}"}} to materialise it (it is not validated again)')
 
 

@@ -8,7 +8,9 @@ allows (by the day in the name of each partition or folder, not by file times) a
 :func:`is_protected` says is referenced; :func:`apply` deletes the plan. Drift reports are pruned by
 :func:`closedloop.drift.prune_reports` (``monitoring.keep_reports``), runs of the ``closedloop-monitoring``
 experiment by :func:`prune_monitoring_runs`, and Airflow's tables by :func:`clean_airflow_db`
-(``airflow db clean``). Curated partitions, the quarantine and landing zones are never pruned here.
+(``airflow db clean``). Curated partitions, the quarantine and landing zones are never pruned here; the
+superseded deliveries a re-delivery kept (``curated/_versions/``, :func:`closedloop.ingest.version_uri`) are,
+``keep_versions_days`` after they were superseded, unless their day lies in the champion's training window.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 PROTECTED_ALIASES = ("champion", "previous", "challenger")
 SERVED_KINDS = ("transactions", "shadow")
 DEFAULTS = {"keep_served_days": 90, "keep_predictions_days": 90, "keep_training_sets_days": 180,
-            "keep_monitoring_runs_days": 90, "keep_airflow_days": 30}
+            "keep_monitoring_runs_days": 90, "keep_airflow_days": 30, "keep_versions_days": 365}
 
 
 def policy(settings: Settings) -> dict[str, int]:
@@ -136,7 +138,8 @@ def plan(lake: Lake, today: date, rules: dict[str, int], keep: Protected) -> dic
     their window (``<start>_<end>_<hash>``). Anything :func:`is_protected` is left out; entries whose
     name carries no day are never touched.
     """
-    doomed: dict[str, list[str]] = {"served": [], "predictions": [], "training_sets": [], "kept_protected": []}
+    doomed: dict[str, list[str]] = {"served": [], "predictions": [], "training_sets": [], "versions": [],
+                                    "kept_protected": []}
 
     def consider(zone: str, uri: str, day: date | None, keep_days: int) -> None:
         if day is None or day >= today - timedelta(days=keep_days):
@@ -153,7 +156,23 @@ def plan(lake: Lake, today: date, rules: dict[str, int], keep: Protected) -> dic
         parts = name.split("_")
         consider("training_sets", uri, _day_of(parts[1]) if len(parts) >= 2 else None,
                  rules["keep_training_sets_days"])
+    for _kind, uri, superseded in superseded_versions(lake):
+        consider("versions", uri, superseded, rules["keep_versions_days"])
     return {k: sorted(v) for k, v in doomed.items()}
+
+
+def superseded_versions(lake: Lake) -> list[tuple[str, str, date | None]]:
+    """``(kind, URI, day superseded)`` of every kept delivery version; the day comes from the partition's
+    marker (its ``versions`` history), else the partition's own day (a version the marker no longer lists)."""
+    from closedloop.ingest import list_versions, read_marker
+
+    out = []
+    for kind, day, sha, uri in list_versions(lake):
+        marker = read_marker(lake, kind, day) or {}
+        when = next((v.get("superseded_at") for v in marker.get("versions", [])
+                     if str(v.get("sha256", "")).startswith(sha)), None)
+        out.append((kind, uri, _day_of(when) if when else day))
+    return out
 
 
 def apply(lake: Lake, doomed: dict[str, list[str]], keep: Protected) -> int:
@@ -167,6 +186,8 @@ def apply(lake: Lake, doomed: dict[str, list[str]], keep: Protected) -> int:
                 log.warning("housekeeping: %s is referenced by a model version now: kept", uri)
                 continue
             lake.delete(uri, recursive=True)
+            if zone == "versions":  # the version's marker goes with it
+                lake.delete(uri.removesuffix(".parquet") + ".json")
             n += 1
     return n
 

@@ -7,6 +7,12 @@ entity-feature rows (one per event, the state before it, and one closing row per
 day, the state after the day: see :mod:`closedloop.aggregates`); a marker with the validation result is
 written last and makes the step idempotent: a partition whose landed content is unchanged is not
 validated again (its feature rows are rewritten only when an older version wrote them without closing rows).
+
+Arrival order does not matter: the lookback days of a transactions day that wait in landing are curated
+first, and a day curated after later ones (late, released, re-delivered) recomputes its customers' rows of
+the later days its lookback reaches (:func:`recompute_dependents`). A re-delivery whose content differs from
+the curated copy is a new version; the previous curated copy is kept under ``curated/_versions/``
+(:func:`version_uri`, :func:`version_of`) and the marker's ``versions`` records each change.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ class IngestOutcome:
     rows: int = 0
     warnings: list[str] = field(default_factory=list)
     report_uri: str = ""
+    version: int = 1  # the delivery's number: 2 and more for a re-delivery that differed (see ``versions``)
+    change: dict[str, Any] | None = None  # a re-delivery: rows added, removed, changed against the previous one
+    curated_first: list[str] = field(default_factory=list)  # lookback days landed, not curated: curated first
+    recomputed: list[str] = field(default_factory=list)  # later days whose feature rows were recomputed
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -136,6 +146,215 @@ def _upgrade_features(lake: Lake, contract: DataContract, kind: str, day: date, 
                                                   "history_days": history_days})
 
 
+# -- versions: a re-delivery that differs from its curated copy -------------------------------------------
+VERSIONS = "_versions"  # curated/_versions/<kind>/<day>_<sha12>.parquet (and .json): superseded deliveries
+KEEP_RECORDS = 20  # recomputation records kept in a marker (the newest)
+
+
+def version_uri(lake: Lake, kind: str, day: date, sha: str, suffix: str = ".parquet") -> str:
+    """Where the curated copy of the ``kind`` delivery of ``day`` whose landed file hashed ``sha`` is kept once a
+    re-delivery supersedes it: outside Feast's source (``curated/<feature view>/``), so no reader sees two."""
+    return lake.uri("curated", VERSIONS, kind, f"{day.isoformat()}_{sha[:12]}{suffix}")
+
+
+def version_of(lake: Lake, kind: str, day: date, sha: str) -> str:
+    """The curated copy of the ``kind`` delivery of ``day`` whose landed file hashed ``sha`` (the hash a training
+    set's lineage names): the current partition, or the kept version; NoDataError when housekeeping pruned it."""
+    marker = read_marker(lake, kind, day)
+    if marker is not None and marker.get("sha256") == sha:
+        return lake.partition("curated", kind, day)
+    uri = version_uri(lake, kind, day, sha)
+    if lake.exists(uri):
+        return uri
+    kept = [v["sha256"][:12] for v in (marker or {}).get("versions", [])]
+    raise NoDataError(f"{kind} {day}: no curated copy of the delivery {sha[:12]} (current: "
+                      f"{(marker or {}).get('sha256', 'none')[:12]}; kept versions: {', '.join(kept) or 'none'}); "
+                      f"housekeeping.keep_versions_days may have pruned it")
+
+
+def row_changes(old: pd.DataFrame, new: pd.DataFrame, key: str, sample: int = 5) -> dict[str, Any]:
+    """Rows added, removed and changed (same ``key``, another value in a shared column) from ``old`` to ``new``.
+
+    Keys repeated on either side (not a curated partition's case: validation refuses them) are compared as
+    whole rows: what is in one only counts as added or removed."""
+    import pandas as pd
+
+    if not (old[key].is_unique and new[key].is_unique):
+        cols = [c for c in new.columns if c in old.columns]
+        h_old = pd.util.hash_pandas_object(old[cols], index=False)
+        h_new = pd.util.hash_pandas_object(new[cols], index=False)
+        added_rows, removed_rows = new[~h_new.isin(h_old).to_numpy()], old[~h_old.isin(h_new).to_numpy()]
+        return {"rows_before": len(old), "rows_after": len(new), "added": len(added_rows),
+                "removed": len(removed_rows), "changed": 0,
+                "sample_added": [str(k) for k in added_rows[key].iloc[:sample]],
+                "sample_removed": [str(k) for k in removed_rows[key].iloc[:sample]], "sample_changed": []}
+    a, b = old.set_index(key), new.set_index(key)
+    added, removed = b.index.difference(a.index), a.index.difference(b.index)
+    common = b.index.intersection(a.index)
+    cols = [c for c in b.columns if c in a.columns]
+    x, y = a.loc[common, cols], b.loc[common, cols]
+    same = (x == y) | (x.isna() & y.isna())
+    changed = common[~same.all(axis=1).to_numpy()]
+    return {"rows_before": len(old), "rows_after": len(new), "added": len(added), "removed": len(removed),
+            "changed": len(changed), "sample_added": [str(k) for k in added[:sample]],
+            "sample_removed": [str(k) for k in removed[:sample]],
+            "sample_changed": [str(k) for k in changed[:sample]]}
+
+
+def _touched_entities(old: pd.DataFrame | None, new: pd.DataFrame, contract: DataContract) -> set[Any]:
+    """The entities whose events differ between two versions of a day (every entity of ``new`` when first):
+    those of the rows that are in exactly one of them, compared on every shared column."""
+    import pandas as pd
+
+    ent = contract.entity
+    if old is None:
+        return set(new[ent].unique())
+    cols = [c for c in new.columns if c in old.columns]
+    both = pd.concat([old[cols], new[cols]], ignore_index=True)
+    once = ~pd.util.hash_pandas_object(both, index=False).duplicated(keep=False).to_numpy()
+    return set(both.loc[once, ent].unique())
+
+
+def _archive(lake: Lake, kind: str, day: date, marker: dict[str, Any]) -> str:
+    """Keep the curated copy named by ``marker`` (and the marker) as a version; repeatable (kept once)."""
+    uri = version_uri(lake, kind, day, marker["sha256"])
+    if not lake.exists(uri):
+        lake.copy(lake.partition("curated", kind, day), uri)
+    lake.write_json(version_uri(lake, kind, day, marker["sha256"], ".json"),
+                    {k: v for k, v in marker.items() if k != "versions"})
+    return uri
+
+
+def list_versions(lake: Lake) -> list[tuple[str, date, str, str]]:
+    """Every kept version: ``(kind, day, sha12, URI)``, by kind and day."""
+    out = []
+    for kind in KINDS:
+        base = lake.uri("curated", VERSIONS, kind)
+        if not lake.exists(base):
+            continue
+        for path in lake.fs.ls(lake.local_path(base), detail=False):
+            name = str(path).rstrip("/").rsplit("/", 1)[-1]
+            stem, _, sha = name.removesuffix(".parquet").partition("_")
+            if name.endswith(".parquet") and sha:
+                try:
+                    out.append((kind, date.fromisoformat(stem), sha, f"{base}/{name}"))
+                except ValueError:
+                    continue
+    return sorted(out)
+
+
+# -- arrival order: curate the lookback first, recompute the days after a late or changed one --------------
+def _landed_stat(lake: Lake, uri: str) -> str:
+    """Size and modification time of a landed file: unchanged, its content need not be hashed again."""
+    try:
+        info = lake.fs.info(lake.local_path(uri))
+    except (FileNotFoundError, OSError):
+        return ""
+    return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('updated')}"
+
+
+def _waiting(lake: Lake, kind: str, day: date) -> bool:
+    """Whether the landed ``kind`` partition of ``day`` is not curated as it is (never, or another delivery).
+
+    A file whose size and time are those the marker recorded is the one curated (no hash needed); otherwise
+    its hash decides."""
+    landing = lake.partition("landing", kind, day)
+    marker = read_marker(lake, kind, day)
+    if lake.entry_kind(landing) != "file":
+        return marker is None and lake.entry_kind(landing) != "missing"
+    if marker is None:
+        return True
+    if marker.get("landed_stat") and marker["landed_stat"] == _landed_stat(lake, landing):
+        return False
+    return marker.get("sha256") != lake.sha256(landing)
+
+
+def _curate_lookback(lake: Lake, contract: DataContract, day: date, history_cache: dict[date, pd.DataFrame] | None,
+                     id_index: CuratedIds | None) -> tuple[list[str], list[str]]:
+    """Ingest the transactions days of ``day``'s lookback that landed but are not curated (as landed), oldest first,
+    so that ``day`` is never computed on a partial history. Returns (days curated, warnings for days quarantined:
+    those are not data, and their release recomputes ``day``)."""
+    first = day - contract.lookback
+    done, warnings = [], []
+    for d in [d for d in lake.list_days("landing", "transactions") if first <= d < day]:
+        if not _waiting(lake, "transactions", d):
+            continue
+        log.warning("%s: lookback day %s landed but is not curated: curating it first", day, d)
+        try:
+            ingest_partition(lake, contract, "transactions", d, history_cache, id_index=id_index)
+            done.append(d.isoformat())
+        except DataValidationError as exc:
+            warnings.append(f"lookback_curated_first(transactions): lookback day {d} was quarantined "
+                            f"({exc.report_uri}); {day} is computed without it and recomputed when it is released")
+    return done, warnings
+
+
+def recompute_dependents(lake: Lake, contract: DataContract, day: date, entities: set[Any],
+                         history_cache: dict[date, pd.DataFrame] | None = None) -> list[str]:
+    """Recompute, for ``entities`` only, the feature rows of every curated day whose lookback holds ``day``.
+
+    ``(day, day + lookback]``: the other entities' rows are kept as they are. Each recomputed day's marker
+    records it (``recomputed``: after which day, how many entities, when). Returns the days recomputed.
+    """
+    import pandas as pd
+
+    from closedloop.aggregates import compute_entity_features
+
+    if not contract.aggregates or not entities:
+        return []
+    ent, ts = contract.entity, contract.event_timestamp
+    cols = [ent, ts, *sorted({a.column for a in contract.aggregates if a.column})]
+    keys = pd.Index(list(entities))
+    curated_days = lake.list_days("curated", "transactions")
+    later = [d for d in curated_days if day < d <= day + contract.lookback
+             and read_marker(lake, "transactions", d) is not None
+             and lake.exists(lake.partition("curated", contract.feature_view, d))]
+    mine_of: dict[date, pd.DataFrame] = {}  # each day's events of ``entities``, read once
+
+    def events_of(d: date) -> pd.DataFrame:
+        if d not in mine_of:
+            cached = history_cache.get(d) if history_cache is not None else None
+            frame = cached if cached is not None else lake.read_parquet(
+                lake.partition("curated", "transactions", d), columns=cols)
+            mine_of[d] = frame[frame[ent].isin(keys)]
+        return mine_of[d]
+
+    if not later:
+        return []
+    # one computation for every later day: its events are the targets, the other curated days of the period
+    # (before the first later day, within its lookback; days between without a marker) the history. A window
+    # of a target event never reaches before its own day's lookback, so each row is what a computation of its
+    # day alone gives (the same values, summed in another grouping of the tree: equal to a few ulps)
+    targets = pd.concat([events_of(d) for d in later], ignore_index=True)
+    context = [x for x in curated_days if later[0] - contract.lookback <= x < later[-1] and x not in later]
+    history = pd.concat([events_of(x) for x in context], ignore_index=True) if context else None
+    new_all = compute_entity_features(targets, contract, history, closing_rows=True) if len(targets) else None
+    new_day = None if new_all is None else new_all[ts].dt.tz_convert("UTC").dt.date.to_numpy()
+    done = []
+    for d in later:
+        mine = events_of(d)
+        lookback = [x for x in curated_days if d - contract.lookback <= x < d]
+        feats_uri = lake.partition("curated", contract.feature_view, d)
+        old = lake.read_parquet(feats_uri)
+        kept = old[~old[ent].isin(keys)]
+        if len(mine):
+            new = new_all[new_day == d]
+            feats = pd.concat([kept, new], ignore_index=True).sort_values([ent, ts], kind="stable")
+        else:
+            feats = kept
+        if len(mine) or len(kept) != len(old):
+            lake.write_parquet(feats.reset_index(drop=True), feats_uri)
+        marker = read_marker(lake, "transactions", d) or {}
+        record = {"after": day.isoformat(), "entities": int(mine[ent].nunique()),
+                  "rows": int(len(feats) - len(kept)), "at": datetime.now(UTC).isoformat(timespec="seconds")}
+        lake.write_json(marker_uri(lake, "transactions", d), {
+            **marker, "history_days": [x.isoformat() for x in lookback],
+            "recomputed": [*marker.get("recomputed", []), record][-KEEP_RECORDS:]})
+        log.info("%s: feature rows of %d entit(ies) recomputed after %s changed", d, record["entities"], day)
+        done.append(d.isoformat())
+    return done
+
+
 def quarantine(lake: Lake, kind: str, day: date, report: dict[str, Any]) -> tuple[str, str]:
     """Move a landed partition to quarantine with its report; returns (partition URI, report URI).
 
@@ -212,6 +431,7 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
                                       report_uri=report_uri, quarantine_uri=lake.partition("quarantine", kind, day))
         raise NoDataError(f"{landing}: no {kind} partition landed for {day} (and none curated)")
 
+    landed_stat = _landed_stat(lake, landing)  # before the hash: a file replaced meanwhile is hashed again later
     sha = lake.sha256(landing)
     if marker is not None and marker.get("sha256") == sha:
         log.info("%s: unchanged since validated (%s), not validated again", landing, sha[:12])
@@ -219,6 +439,14 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
         return IngestOutcome(kind, day.isoformat(), "already_curated", landing, sha, marker["rows"],
                              marker.get("warnings", []))
 
+    features = kind == "transactions" and bool(contract.aggregates)
+    if kind == "transactions" and id_index is None:
+        id_index = CuratedIds(lake, contract)
+    curated_first: list[str] = []
+    lookback_warnings: list[str] = []
+    if features:  # never on a partial history: the lookback's landed days are curated first (before this day's
+        # checks, so that the id check sees their ids)
+        curated_first, lookback_warnings = _curate_lookback(lake, contract, day, history_cache, id_index)
     result = validate_partition(lake, landing, contract, kind, day)
     if kind == "labels" and result.passed:
         unknown = unknown_label_finding(lake, contract, day, landing, label_grace_days, known_ids)
@@ -226,7 +454,6 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
             result.findings.append(unknown)
     landed = lake.read_parquet(landing) if result.passed else None
     if kind == "transactions" and landed is not None:
-        id_index = CuratedIds(lake, contract) if id_index is None else id_index
         repeated = id_index.repeated_finding(landed[contract.row_key], day)
         if repeated is not None:
             result.findings.append(repeated)
@@ -236,13 +463,29 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
 
     frame = normalise(landed, contract, kind)
     curated = lake.partition("curated", kind, day)
+    previous, versions, change = None, [], None
+    if marker is not None and lake.exists(curated):  # a re-delivery that differs: the curated copy is a version
+        kept_uri = _archive(lake, kind, day, marker)
+        previous = lake.read_parquet(kept_uri)  # not the curated copy: an interrupted attempt may have rewritten it
+        change = row_changes(previous, frame, contract.row_key)
+        versions = [*marker.get("versions", []), {
+            "sha256": marker["sha256"], "rows": marker.get("rows"), "validated_at": marker.get("validated_at"),
+            "superseded_at": datetime.now(UTC).isoformat(timespec="seconds"), "uri": kept_uri, "change": change}]
+        log.warning("%s: re-delivered and different from its curated copy (%s): %d row(s) added, %d removed, "
+                    "%d changed; the previous delivery is kept at %s", landing, marker["sha256"][:12],
+                    change["added"], change["removed"], change["changed"], kept_uri)
     lake.write_parquet(frame, curated)
+    if history_cache is not None:
+        history_cache.pop(day, None)
     if kind == "transactions":
         id_index.add(day, frame[contract.row_key])
     history_days: list[str] = []
-    if kind == "transactions" and contract.aggregates:
-        history_days = write_entity_features(lake, contract, day, frame, history_cache)
-    warnings = [f"{f.rule}({f.column}): {f.message}" for f in result.warnings]
+    recomputed: list[str] = []
+    if features:
+        cache = {} if history_cache is None else history_cache  # the lookback read once for both
+        history_days = write_entity_features(lake, contract, day, frame, cache)
+        recomputed = recompute_dependents(lake, contract, day, _touched_entities(previous, frame, contract), cache)
+    warnings = [f"{f.rule}({f.column}): {f.message}" for f in result.warnings] + lookback_warnings
     for w in warnings:
         log.warning("%s: %s", landing, w)
     normalised = [f"{f.rule}({f.column}): {f.message}" for f in result.normalised]
@@ -252,9 +495,13 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
         **report, "uri": landing, "sha256": sha, "rows": len(frame), "warnings": warnings,
         "normalisations": normalised,
         "curated_uri": curated, "history_days": history_days,
-        **({"feature_rows": FEATURE_ROWS} if kind == "transactions" and contract.aggregates else {}),
+        **({"feature_rows": FEATURE_ROWS} if features else {}),
+        "version": len(versions) + 1, "versions": versions, "landed_stat": landed_stat,
+        **({"curated_first": curated_first, "recomputed_days": recomputed} if features else {}),
     })
-    return IngestOutcome(kind, day.isoformat(), "curated", landing, sha, len(frame), warnings + normalised)
+    return IngestOutcome(kind, day.isoformat(), "curated", landing, sha, len(frame), warnings + normalised,
+                         version=len(versions) + 1, change=change, curated_first=curated_first,
+                         recomputed=recomputed)
 
 
 REPEATED_IDS_RULE = "row_key_unique_across_days"
@@ -507,25 +754,38 @@ def resolve_day(conf: dict[str, Any] | None, interval_start: Any = None) -> date
 
 
 def ingest_day(rt: Runtime, day: date) -> dict[str, Any]:
-    """Validate and curate the transactions and (when they landed) the labels of ``day``."""
+    """Validate and curate the transactions and (when they landed) the labels of ``day``.
+
+    ``features_changed``: the days whose feature rows this run wrote (the day, lookback days curated first,
+    later days recomputed), which :func:`materialise_day` materialises. A partition re-delivered with another
+    content has its ``change`` (the task raises :func:`closedloop.alerts.redelivery_alert` for it).
+    """
     grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
     outcomes = [ingest_partition(rt.lake, rt.contract, "transactions", day)]
     if rt.lake.exists(rt.lake.partition("landing", "labels", day)) or read_marker(rt.lake, "labels", day):
         outcomes.append(ingest_partition(rt.lake, rt.contract, "labels", day, label_grace_days=grace))
-    return {"day": day.isoformat(), "partitions": [o.to_dict() for o in outcomes]}
+    changed = sorted({day.isoformat(), *(d for o in outcomes for d in (*o.curated_first, *o.recomputed))})
+    return {"day": day.isoformat(), "partitions": [o.to_dict() for o in outcomes], "features_changed": changed}
 
 
-def materialise_day(rt: Runtime, day: str | date) -> dict[str, Any]:
-    """Apply the Feast definitions and materialise ``[day - overlap, day + 1)`` into the online store."""
+def materialise_day(rt: Runtime, day: str | date, changed: list[str] | None = None) -> dict[str, Any]:
+    """Apply the Feast definitions and materialise ``[first - overlap, last + 1)`` into the online store.
+
+    ``first`` and ``last``: the earliest and latest of ``day`` and ``changed`` (the days whose feature rows the
+    ingest wrote: a late day's recomputed successors); an interval older than what the online store holds is
+    extended to its end (:func:`closedloop.features.materialize_window`), so every entity keeps its newest row.
+    """
     from closedloop.features import apply_definitions, materialize_window
     from closedloop.runconf import parse_day
 
     d = parse_day(day)
+    days = sorted({d, *(parse_day(x) for x in changed or [])})
     apply_definitions(rt.store, rt.defs)
     overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
     newest = max(rt.lake.list_days("curated", rt.contract.feature_view), default=None)
-    lo, hi = materialize_window(rt.store, rt.defs, d, d + timedelta(days=1), overlap, newest=newest)
-    return {"day": d.isoformat(), "feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat()}
+    lo, hi = materialize_window(rt.store, rt.defs, days[0], days[-1] + timedelta(days=1), overlap, newest=newest)
+    return {"day": d.isoformat(), "feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat(),
+            "days": [x.isoformat() for x in days]}
 
 
 def resolve_days(conf: dict[str, Any] | None, event_days: list[str]) -> list[date]:

@@ -9,6 +9,7 @@ Layout under the root (``file://$CLOSEDLOOP_HOME/lake`` by default, ``s3://bucke
     curated/<feature view>/<YYYY-MM-DD>.parquet    entity features: Feast's offline source
     curated/_validation/<kind>/<YYYY-MM-DD>.json   validation result of each curated partition
     curated/_index/transaction_ids/<YYYY-MM-DD>.parquet   fingerprints of the day's curated ids (ingest's key check)
+    curated/_versions/<kind>/<YYYY-MM-DD>_<sha12>.parquet  a curated copy superseded by a re-delivery (+ .json)
     training_sets/<window>/split=<split>/part-NNNNN.parquet  training sets: a folder of parts per split
     served/transactions/<YYYY-MM-DD>/part-*.parquet predictions answered online (closedloop serve), one file per batch
     served/shadow/<YYYY-MM-DD>/part-*.parquet      the challenger's shadow predictions, never answered

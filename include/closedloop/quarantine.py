@@ -1,15 +1,20 @@
 """Quarantine operations: list, inspect and release the partitions that validation rejected.
 
 :func:`closedloop.ingest.quarantine` moves a partition that broke a blocking rule to
-``quarantine/<kind>/<day>.parquet`` with its report ``<day>.validation.json``. An operator then either
-fixes the file in place, or brings a corrected file, and *releases* it: the partition goes back to
-``landing/`` and through :func:`closedloop.ingest.ingest_partition` again, with the same rules, so a
-release can never let through what a delivery could not. A release that passes is recorded in
-``quarantine/_released/<kind>/<day>.json`` (who, why, when, the old report, the old and new hashes)
-and the quarantine files are removed; one that fails leaves the partition quarantined with the new
-report. A quarantined file replaced by ``--file`` is kept under ``quarantine/_replaced/<kind>/``
-(nothing is thrown away). Releasing is safe to repeat: a released partition is reported as such, and
-an interrupted release (curated, not yet recorded) is finished by the next attempt.
+``quarantine/<kind>/<day>.parquet`` with its report ``<day>.validation.json``. An operator then either fixes
+the file in place, or brings a corrected file, and *releases* it: the partition goes back to ``landing/``
+and through :func:`closedloop.ingest.ingest_partition` again, with the same rules, so a release can never
+let through what a delivery could not. A re-delivery of a curated day that was quarantined is released as a
+new version of the day (the curated copy kept, as for any re-delivery); a quarantined delivery older than
+the curated copy is stale and is not released over it. A release that passes is recorded in
+``quarantine/_released/<kind>/<day>.json`` (who, why, when, the old report, the old and new hashes) and the
+quarantine files are removed; one that fails leaves the partition quarantined with the new report. A
+quarantined file replaced by ``--file`` is kept under ``quarantine/_replaced/<kind>/`` (nothing is thrown
+away). A release is a late delivery like any other, through the same ingest: the days after it whose
+lookback holds it get their feature rows recomputed (``recomputed`` in the record), and an ingest run of the
+day materialises them (materialisation of an older day extends to what the online store holds). Releasing is
+safe to repeat: a released partition is reported as such, and an interrupted release (curated, not yet
+recorded) is finished by the next attempt.
 """
 
 from __future__ import annotations
@@ -128,7 +133,8 @@ def entry(lake: Lake, kind: str, day: date) -> dict[str, Any]:
         "blocking": _blocking(report),
         "summary": report.get("summary"),
         # a later delivery of the same day went through: this quarantined copy is stale
-        "superseded_by_curated": bool(marker and marker.get("sha256") != file_sha),
+        "superseded_by_curated": bool(marker and marker.get("sha256") != file_sha
+                                      and not _redelivery(marker, report)),
         **({"entry": what} if what not in ("file", "missing") else {}),
     }
 
@@ -180,6 +186,14 @@ def show(lake: Lake, kind: str, day: str | date) -> dict[str, Any]:
 
 
 # -- release ----------------------------------------------------------------------------------------------
+def _redelivery(marker: dict[str, Any], report: dict[str, Any]) -> bool:
+    """Whether the quarantined delivery came after the curated one (a re-delivery that failed validation): its
+    release is then a new version of the day, as a re-delivery that passes is; one quarantined before the
+    curated delivery is stale."""
+    return bool(report.get("validated_at") and marker.get("validated_at")
+                and str(report["validated_at"]) > str(marker["validated_at"]))
+
+
 def release(lake: Lake, contract: DataContract, kind: str, day: str | date, *, reason: str,
             actor: str | None = None, fixed_file: str | Path | None = None) -> dict[str, Any]:
     """Validate the quarantined (or the corrected) partition again and, if it passes, curate it.
@@ -229,7 +243,8 @@ def release(lake: Lake, contract: DataContract, kind: str, day: str | date, *, r
         raise ConfigError(f"{landing}: another delivery of {kind} {d} has landed and waits for ingest; ingest it "
                           "(trigger the ingest DAG for that day) or remove it before releasing the quarantined one")
     marker = read_marker(lake, kind, d)
-    if marker is not None and marker.get("sha256") != new_sha:
+    q_report = lake.read_json(rep_uri) if lake.exists(rep_uri) else {}
+    if marker is not None and marker.get("sha256") != new_sha and not _redelivery(marker, q_report):
         raise ConfigError(f"{kind} {d} is already curated from another delivery (sha256 {marker['sha256'][:12]}); "
                           f"the quarantined copy is stale and is not released over it: {q_uri}")
 
@@ -262,7 +277,8 @@ def release(lake: Lake, contract: DataContract, kind: str, day: str | date, *, r
         "actor": actor, "reason": reason.strip(), "file": str(fixed_file) if fixed_file is not None else None,
         "old_sha256": old_report.get("sha256"), "new_sha256": new_sha, "old_report": old_report,
         "rows": outcome.rows, "warnings": outcome.warnings, "curated_uri": lake.partition("curated", kind, d),
-        "replaced_uri": replaced_uri,
+        "replaced_uri": replaced_uri, "version": outcome.version, "curated_first": outcome.curated_first,
+        "recomputed": outcome.recomputed,
     }
     record_uri = release_record_uri(lake, kind, d)
     earlier = lake.read_json(record_uri)["releases"] if lake.exists(record_uri) else []

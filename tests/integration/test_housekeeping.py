@@ -93,7 +93,7 @@ def test_old_things_are_pruned_and_lineage_is_kept(rt, tmp_path):
     summary = hk.run(rt, NOW, airflow_db=False)
     assert summary["deleted"] == {
         "served": sorted(lake.uri("served", k, old_day.isoformat()) for k in ("shadow", "transactions")),
-        "predictions": [preds[old_day]], "training_sets": [sets["retired"]]}
+        "predictions": [preds[old_day]], "training_sets": [sets["retired"]], "versions": []}
     assert sorted(summary["kept_protected"]) == sorted([sets["champ"], sets["prev"], sets["chall"]])
     for uri in (*sets.values(), fresh, *served.values(), *preds.values()):
         gone = uri in (sets["retired"], preds[old_day]) or f"/{old_day.isoformat()}/" in uri
@@ -158,3 +158,36 @@ def test_housekeeping_dag_runs_end_to_end(runtime, dagbag):
     assert pruned["deleted_count"] == 0 and pruned["protected"]["versions"] == {}
     cleaned = dr.get_task_instance("clean_airflow_db").xcom_pull(task_ids="clean_airflow_db")
     assert cleaned["dry_run"] is False
+
+
+def test_superseded_deliveries_are_kept_for_their_retention_then_pruned(rt):
+    """A re-delivered day keeps its previous delivery under curated/_versions/ until ``keep_versions_days`` after
+    it was superseded, longer when the day lies in the champion's training window; the current copy stays."""
+    from closedloop.generate import GeneratorConfig, generate
+    from closedloop.ingest import ingest_partition, read_marker, version_of
+
+    lake, contract = rt.lake, rt.contract
+    day = date(2026, 7, 1)
+    generate(GeneratorConfig(start=day, days=1, customers=10, transactions_per_day=30, seed=4), lake, contract)
+    landing = lake.partition("landing", "transactions", day)
+    full = lake.read_parquet(landing)
+    lake.write_parquet(full.iloc[5:], landing)  # the first delivery misses rows
+    ingest_partition(lake, contract, "transactions", day)
+    first = read_marker(lake, "transactions", day)["sha256"]
+    lake.write_parquet(full, landing)
+    assert ingest_partition(lake, contract, "transactions", day).version == 2
+    kept = version_of(lake, "transactions", day, first)
+    superseded = date.fromisoformat(read_marker(lake, "transactions", day)["versions"][0]["superseded_at"][:10])
+    keep_days = hk.policy(rt.settings)["keep_versions_days"]
+    assert keep_days == 365
+
+    inside = hk.plan(lake, superseded + timedelta(days=keep_days), hk.policy(rt.settings), hk.Protected())
+    assert inside["versions"] == []
+    later = superseded + timedelta(days=keep_days + 1)
+    window = hk.Protected(curated_window=(day, day + timedelta(days=1)))
+    assert hk.plan(lake, later, hk.policy(rt.settings), window)["kept_protected"] == [kept]
+    doomed = hk.plan(lake, later, hk.policy(rt.settings), hk.Protected())
+    assert doomed["versions"] == [kept]
+    assert hk.apply(lake, doomed, hk.Protected()) == 1
+    assert not lake.exists(kept) and not lake.exists(kept.removesuffix(".parquet") + ".json")
+    assert len(lake.read_parquet(lake.partition("curated", "transactions", day))) == len(full)

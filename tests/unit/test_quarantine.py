@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import date
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -184,3 +185,83 @@ def test_requests_that_cannot_be_carried_out_are_refused_with_what_exists(quaran
                        "date, no or an empty reason, a missing file, a new delivery waiting in landing",
                        "refused with a non-zero exit naming the kinds or the quarantined days and the way out; "
                        "nothing changed")
+
+
+def test_a_release_recomputes_the_later_days_like_a_late_delivery(runtime, tmp_path, reliability):
+    """The release path is a late delivery: the day after it, curated without it, is recomputed as in order."""
+    from support.corruption import corrupted, differences
+
+    from closedloop.aggregates import compute_entity_features
+
+    rt, c = runtime, runtime.contract
+    generate(GeneratorConfig(start=date(2026, 5, 1), days=3, customers=30, transactions_per_day=80, seed=6),
+             rt.lake, c)
+    landing = rt.lake.partition("landing", "transactions", DAY)
+    good = rt.lake.read_parquet(landing)
+    good.to_parquet(tmp_path / "fixed.parquet", index=False)
+    rt.lake.write_parquet(make_bad(good, "null_key", c, seed=1), landing)
+    for d in (1, 2, 3):
+        try:
+            ingest_partition(rt.lake, c, "transactions", date(2026, 5, d))
+        except DataValidationError:
+            assert d == 2
+    result = cli("quarantine", "release", "transactions", DAY.isoformat(), "--reason", "keys restored",
+                 "--file", str(tmp_path / "fixed.parquet"))
+    assert result.exit_code == 0, result.output
+    assert "recomputed: 2026-05-03" in result.output
+    assert _released(rt)["releases"][-1]["recomputed"] == ["2026-05-03"]
+    tx = {d: rt.lake.read_parquet(rt.lake.partition("curated", "transactions", date(2026, 5, d))) for d in (1, 2, 3)}
+    expected = compute_entity_features(tx[3], c, pd.concat([tx[1], tx[2]]), closing_rows=True)
+    rows = differences(expected, rt.lake.read_parquet(rt.lake.partition("curated", c.feature_view,
+                                                                        date(2026, 5, 3))),
+                       [c.entity, c.event_timestamp])
+    assert rows[0] == 0, rows
+    reliability.record("quarantine", "a quarantined day released after the day that follows it was curated",
+                       f"the release recomputed 2026-05-03's rows of the released day's customers; {rows[1]} rows "
+                       "compared with in-order computation", corrupted=corrupted(feature_rows=rows))
+
+
+def test_a_bad_redelivery_costs_nothing_and_its_release_is_a_new_version(runtime, tmp_path, reliability):
+    """A curated day delivered again broken: quarantined, and nothing curated changes (against the lake before);
+    released with a fix, it becomes version 2 of the day, the first kept, the later day recomputed."""
+    from support.corruption import corrupted, differences
+
+    from closedloop.ingest import version_of
+
+    rt, c = runtime, runtime.contract
+    generate(GeneratorConfig(start=date(2026, 5, 1), days=3, customers=30, transactions_per_day=80, seed=8),
+             rt.lake, c)
+    for d in (1, 2, 3):
+        ingest_partition(rt.lake, c, "transactions", date(2026, 5, d))
+
+    def state():
+        read = rt.lake.read_parquet_many
+        return (read([rt.lake.partition("curated", "transactions", date(2026, 5, d)) for d in (1, 2, 3)]),
+                read([rt.lake.partition("curated", c.feature_view, date(2026, 5, d)) for d in (1, 2, 3)]))
+
+    control = state()
+    first = read_marker(rt.lake, "transactions", DAY)["sha256"]
+    landing = rt.lake.partition("landing", "transactions", DAY)
+    fixed = rt.lake.read_parquet(landing).iloc[12:]
+    fixed.to_parquet(tmp_path / "fixed.parquet", index=False)
+    rt.lake.write_parquet(make_bad(fixed, "null_key", c, seed=1), landing)
+    with pytest.raises(DataValidationError):
+        ingest_partition(rt.lake, c, "transactions", DAY)
+    treated = state()
+    comparisons = {"curated_transactions": differences(control[0], treated[0], [c.row_key]),
+                   "feature_rows": differences(control[1], treated[1], [c.entity, c.event_timestamp])}
+    assert all(n == 0 for n, _, _ in comparisons.values()), comparisons
+    assert read_marker(rt.lake, "transactions", DAY)["sha256"] == first
+
+    result = cli("quarantine", "release", "transactions", DAY.isoformat(), "--reason", "keys restored",
+                 "--file", str(tmp_path / "fixed.parquet"))
+    assert result.exit_code == 0, result.output
+    record = _released(rt)["releases"][-1]
+    assert record["version"] == 2 and record["recomputed"] == ["2026-05-03"]
+    marker = read_marker(rt.lake, "transactions", DAY)
+    assert marker["versions"][0]["sha256"] == first and marker["versions"][0]["change"]["removed"] == 12
+    assert len(rt.lake.read_parquet(version_of(rt.lake, "transactions", DAY, first))) == len(fixed) + 12
+    reliability.record("integrity", "a curated day re-delivered broken (null keys), then released with a fix",
+                       "the broken re-delivery quarantined, the curated day and every feature row unchanged; the "
+                       "release curated version 2 (the first kept, 12 rows removed recorded) and recomputed the "
+                       "day after", corrupted=corrupted(**comparisons))
