@@ -59,24 +59,30 @@ class CalibrationSettings:
     enabled: bool = True
     min_chunks: int = 10
     std_multiplier: float = 3.0
-    # features whose share of the model's importance (gain) is below this are reported, not acted on
+    # features whose share of the model's importance (total gain: what it relies on overall) below this: reported only
     min_importance: float = 0.02
+    # days left out of the reference on each side of a chunk (None: window_days)
+    gap_days: int | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> CalibrationSettings:
         from closedloop.errors import ConfigError
 
         cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - {"enabled", "min_chunks", "std_multiplier", "min_importance"})
+        unknown = sorted(set(cfg) - {"enabled", "min_chunks", "std_multiplier", "min_importance",
+                                 "gap_days"})
         if unknown:
             raise ConfigError(f"monitoring.calibration: unknown key(s) {unknown}")
         out = cls(enabled=bool(cfg.get("enabled", True)), min_chunks=int(cfg.get("min_chunks", 10)),
                   std_multiplier=float(cfg.get("std_multiplier", 3.0)),
-                  min_importance=float(cfg.get("min_importance", 0.02)))
+                  min_importance=float(cfg.get("min_importance", 0.02)),
+                  gap_days=None if cfg.get("gap_days") is None else int(cfg["gap_days"]))
         if out.min_chunks < 2:
             raise ConfigError(f"monitoring.calibration.min_chunks={out.min_chunks}: must be >= 2")
         if out.std_multiplier < 0:
             raise ConfigError(f"monitoring.calibration.std_multiplier={out.std_multiplier}: must be >= 0")
+        if out.gap_days is not None and out.gap_days < 0:
+            raise ConfigError(f"monitoring.calibration.gap_days={out.gap_days}: must be >= 0")
         if not 0.0 <= out.min_importance < 1.0:
             raise ConfigError(f"monitoring.calibration.min_importance={out.min_importance}: must be in [0, 1)")
         return out
@@ -129,6 +135,9 @@ class Calibration:
             if f.get("source") in (SOURCE_CALIBRATED, SOURCE_OWN) and f.get("threshold") is not None and \
                     f.get("mean") is not None:
                 f["threshold"] = float(f["threshold"]) * factor
+                f["mean"] = float(f["mean"]) * factor
+                if f.get("std") is not None:
+                    f["std"] = float(f["std"]) * factor
         if out.prediction and out.prediction.get("threshold") is not None:
             out.prediction["threshold"] = float(out.prediction["threshold"]) * factor
         out.why += (f"; thresholds scaled by {factor:.2f} for a window of {rows} rows (chunks: {self.chunk_rows})")
@@ -179,19 +188,34 @@ def importance_weights(importance: dict[str, float], features: list[str]) -> dic
     return {f: v / total for f, v in raw.items()}
 
 
-def aggregate(scores: dict[str, float | None], calibration: Calibration) -> float | None:
-    """The decision statistic: sum over the decision's features of weight x (statistic / its threshold).
+def contribution(name: str, score: float | None, calibration: Calibration) -> float:
+    """How far ``name``'s statistic lies past what its chunks showed, in their standard deviations:
+    max(0, (score - chunks' mean) / chunks' std), so a feature at its calibrated threshold counts
+    ``std_multiplier``. A feature with a threshold but no chunk spread (fixed, ``calibrate: false``) counts
+    ``std_multiplier x score / threshold``; a feature without a score counts as at its threshold (a broken feed
+    is not silence)."""
+    k = calibration.std_multiplier or 3.0
+    f = calibration.features.get(name) or {}
+    if score is None:
+        return k
+    mean, std = f.get("mean"), f.get("std")
+    if f.get("source") in (SOURCE_CALIBRATED, SOURCE_OWN) and mean is not None and std is not None:
+        return max(0.0, (float(score) - float(mean)) / max(float(std), MIN_THRESHOLD))
+    thr = f.get("threshold") or MIN_THRESHOLD
+    return k * float(score) / max(float(thr), MIN_THRESHOLD)
 
-    1.0 means "every used feature at its own threshold". A feature without a score counts as at its
-    threshold (1.0): a broken feed is not silence. None when no feature is in the decision."""
+
+def aggregate(scores: dict[str, float | None], calibration: Calibration) -> float | None:
+    """The decision statistic, the importance-weighted input drift: the root of the importance-weighted mean of
+    the squared :func:`contribution` of the decision's features (each feature's excess over its chunks' mean,
+    in their standard deviations). Squaring lets a feature the model relies on moving far outside its range
+    count even when its weight is modest (a mean of ratios to the thresholds dilutes it among the features that
+    did not move); the weights keep a feature the model barely uses from deciding. None when no feature is in
+    the decision."""
     if not calibration.weights:
         return None
-    total = 0.0
-    for name, w in calibration.weights.items():
-        thr = calibration.threshold(name) or MIN_THRESHOLD
-        s = scores.get(name)
-        total += w * (1.0 if s is None else float(s) / max(thr, MIN_THRESHOLD))
-    return total
+    total = sum(w * contribution(name, scores.get(name), calibration) ** 2 for name, w in calibration.weights.items())
+    return math.sqrt(total)
 
 
 def _band(values: list[float], k: float) -> dict[str, Any]:
@@ -257,6 +281,7 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     rday = pd.to_datetime(reference[ts], utc=True).dt.floor("D")
     days = sorted(wday.unique())
     starts, layout = chunk_starts(days, days_w, settings.min_chunks)
+    gap = days_w if settings.gap_days is None else settings.gap_days
     if len(starts) < settings.min_chunks:
         return fixed(policy, contract,
                      f"the training window spans {len(days)} days: {len(starts)} chunks of {days_w} days, fewer than "
@@ -279,7 +304,9 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
         chunk_days = days[s:s + days_w]
         in_chunk = np.isin(wday_v, chunk_days)
         cur = _sample(wprep[in_chunk], policy.sample_rows, seed + i)
-        ref = rprep[~np.isin(rday_v, chunk_days)]
+        # the reference without the chunk's days and ``gap`` days on each side: a monitored window never shares
+        # days with the reference, nor the day-level conditions of the days next to it (a day factor persists)
+        ref = rprep[~np.isin(rday_v, days[max(0, s - gap):s + days_w + gap])]
         rows.append(len(cur))
         for c, kind in columns.items():
             stats[c].append(statistic(ref[c], cur[c], kind, method(kind)))
@@ -310,14 +337,15 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     used = [n for n in candidates if shares.get(n, 0.0) >= settings.min_importance]
     reported_only = [n for n in kinds if n not in used]
     weights = importance_weights(importance, used)
-    partial = Calibration(mode=MODE_CALIBRATED, why="", features=features, weights=weights)
+    partial = Calibration(mode=MODE_CALIBRATED, why="", features=features, weights=weights, std_multiplier=k)
     aggregates = [aggregate({n: stats[n][i] for n in kinds}, partial) for i in range(len(starts))]
     agg = {**_band([a for a in aggregates if a is not None], k), "features": used}
     prediction = {"stattest": policy.numeric_stattest, **_band(stats[score_column], k),
                   "source": SOURCE_CALIBRATED} if with_score else None
     chunk_rows = int(np.median(rows))
     why = (f"calibrated on {len(starts)} chunks of {days_w} days ({layout}, median {chunk_rows} rows) of the "
-           f"{len(days)}-day training window, each against the {len(reference)}-row reference without its days; "
+           f"{len(days)}-day training window, each against the {len(reference)}-row reference without its days "
+           f"and {gap} day(s) on each side; "
            f"threshold = mean + {k:g} std of the chunks' statistics")
     out = Calibration(mode=MODE_CALIBRATED, why=why, window_days=days_w, chunks=len(starts), chunk_rows=chunk_rows,
                       reference_rows=len(reference), std_multiplier=k, features=features, prediction=prediction,

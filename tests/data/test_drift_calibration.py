@@ -57,7 +57,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {  # structure (the day factor, cycles) i
     "none": {},
     "covariate": {"covariate_drift": 0.5},
     "concept": {"concept_drift": 1.0},
+    "demo": {"covariate_drift": 0.6, "concept_drift": 1.0, "new_categories": True},  # the demo's drifted regime
 }
+SCENARIO_NAMES = {"none": "no drift", "covariate": "covariate_drift=0.5", "concept": "concept_drift=1.0",
+                  "demo": "the demo's regime (covariate 0.6, concept 1.0, new categories)"}
 
 
 @dataclasses.dataclass
@@ -110,7 +113,7 @@ def world(seed: int) -> World:
                                          threshold)
         window = reference_window(train, validation, holdout, contract, tcfg, booster.best_iteration + 1, "cpu")
         reference = window.sample(n=REFERENCE_ROWS, random_state=0).sort_index()
-        importance = model.get_score(importance_type="gain")
+        importance = model.get_score(importance_type="total_gain")
         cal = calibration.reference_calibration(window, reference, contract, monitoring, importance)
         _WORLDS[seed] = World(seed=seed, contract=contract, monitoring=monitoring, policy=policy, booster=model,
                               reference=reference, reference_quality={"roc_auc": quality["roc_auc"]}, calibration=cal)
@@ -132,7 +135,7 @@ def verdicts(w: World, scenario: str) -> dict[str, list[Any]]:
     frame = _FRAMES[key]
     c = w.contract
     frame["score"] = predict(w.booster, frame, c)
-    out: dict[str, list[Any]] = {"fixed": [], "calibrated": []}
+    out: dict[str, list[Any]] = {"fixed": [], "calibrated": [], "figures": []}
     for i in range(WINDOWS):
         window = days(frame, WARMUP_DAYS + REFERENCE_DAYS + i, WINDOW_DAYS)
         _, fixed = measure(w.reference, window, c, w.policy, reference_quality=w.reference_quality,
@@ -144,6 +147,7 @@ def verdicts(w: World, scenario: str) -> dict[str, list[Any]]:
                          label_column=c.label, seed=i, report=False, thresholds=thresholds(calibration_w))
         cal.performance = performance_figures(window, w.calibration.performance, label_column=c.label)
         out["calibrated"].append(decide(cal, w.policy, calibration_w))
+        out["figures"].append(cal.to_dict())
     return out
 
 
