@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
     parser.add_argument("--scenarios", nargs="+", default=["none", "covariate", "concept", "demo"])
     parser.add_argument("--records", type=Path, help="write every window's figures and decisions here (JSON)")
+    parser.add_argument("--customers", type=int, default=400, help="the suite's test uses a smaller world")
+    parser.add_argument("--per-day", type=int, default=2500, help="transactions a day")
     args = parser.parse_args(argv)
     w = _suite_world()
+    w.CUSTOMERS, w.PER_DAY = args.customers, args.per_day
     records: list[dict[str, Any]] = []
     table: dict[tuple[str, int], tuple[int, int]] = {}
     for seed in args.seeds:
