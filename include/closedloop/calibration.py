@@ -15,10 +15,13 @@ champion's own training window, cut into chunks the size of a monitoring window:
   the prepared columns, without building a report (checked equal to the report's figures by a test);
 - each column's threshold is ``mean + std_multiplier * std`` of its chunk statistics (never below the
   largest one seen, nor below ``MIN_THRESHOLD``);
-- the decision statistic itself is calibrated the same way: the importance-weighted mean, over the
-  features the decision uses, of each feature's statistic divided by its own threshold
-  (:func:`aggregate`); its threshold is set on the chunks' aggregates, which controls the overall
-  false-alarm rate, not only each feature's.
+- each chunk is compared with the reference without its days *and* ``gap_days`` days on each side
+  (default: ``window_days``): a monitored window shares no day with the reference, nor the persistent
+  day-level conditions of the days around it;
+- the decision statistic itself is calibrated the same way: the root of the importance-weighted (total
+  gain) mean, over the features the decision uses, of each feature's squared excess over its chunks' mean in
+  their standard deviations (:func:`aggregate`); its threshold is set on the chunks' aggregates, which
+  controls the overall false-alarm rate, not only each feature's.
 
 Too short a window (fewer than ``min_chunks`` chunks) gives a :class:`Calibration` of mode ``fixed``
 whose ``why`` says so; the decision then uses the policy's fixed thresholds and reports it.
