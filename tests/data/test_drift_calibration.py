@@ -168,6 +168,7 @@ _FIXED_ALARMS: dict[int, int] = {}
 def test_calibrated_thresholds_hold_on_stable_windows(seed: int) -> None:
     w = world(seed)
     assert w.calibration.calibrated and w.calibration.chunks >= 10, w.calibration.why
+    assert "without its days and 2 day(s) on each side" in w.calibration.why  # the gap (window_days)
     v = verdicts(w, "none")
     fixed, calibrated = alarms(v["fixed"]), alarms(v["calibrated"])
     _FIXED_ALARMS[seed] = fixed
