@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=Path, help="write every window's figures and decisions here (JSON)")
     parser.add_argument("--customers", type=int, default=400, help="the suite's test uses a smaller world")
     parser.add_argument("--per-day", type=int, default=2500, help="transactions a day")
+    parser.add_argument("--structure", type=float, default=1.0, help="the generator's structure (1: its default)")
     args = parser.parse_args(argv)
     w = _suite_world()
-    w.CUSTOMERS, w.PER_DAY = args.customers, args.per_day
+    w.CUSTOMERS, w.PER_DAY, w.STRUCTURE = args.customers, args.per_day, args.structure
     records: list[dict[str, Any]] = []
     table: dict[tuple[str, int], tuple[int, int]] = {}
     for seed in args.seeds:

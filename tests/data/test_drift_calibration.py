@@ -56,6 +56,7 @@ REFERENCE_DAYS = 28
 WINDOWS = 20
 WINDOW_DAYS = 2
 REFERENCE_ROWS = 5000
+STRUCTURE = 1.0  # the generator's default (bench/drift_calibration.py --structure measures others)
 DRIFT_START = START + timedelta(days=WARMUP_DAYS + REFERENCE_DAYS)
 SCENARIOS: dict[str, dict[str, Any]] = {  # structure (the day factor, cycles) is on by default
     "none": {},
@@ -82,7 +83,7 @@ class World:
 def simulated(contract: DataContract, seed: int, **knobs: Any) -> pd.DataFrame:
     days = WARMUP_DAYS + REFERENCE_DAYS + WINDOWS - 1 + WINDOW_DAYS
     config = GeneratorConfig(start=START, days=days, customers=CUSTOMERS, transactions_per_day=PER_DAY, seed=seed,
-                             drift_start=DRIFT_START if knobs else None, **knobs)
+                             drift_start=DRIFT_START if knobs else None, structure=STRUCTURE, **knobs)
     tx = simulate(config, contract).transactions
     features = compute_entity_features(tx, contract)
     frame = tx.merge(features, on=[contract.entity, contract.event_timestamp], how="left", validate="many_to_one")
