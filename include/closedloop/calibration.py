@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 MODE_CALIBRATED = "calibrated"
 MODE_FIXED = "fixed"
 MIN_THRESHOLD = 1e-3
+# the decision statistic (:func:`aggregate`) its calibrated threshold was computed for
+AGGREGATE_STATISTIC = "weighted_rms_excess"
 # sources of a feature's threshold
 SOURCE_CALIBRATED = "calibrated"
 SOURCE_FIXED = "fixed"        # the policy's fixed threshold (schema ``drift: {calibrate: false}``, or fixed mode)
@@ -117,7 +119,17 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        out = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        agg = out.aggregate
+        if out.calibrated and agg and agg.get("statistic") != AGGREGATE_STATISTIC and out.chunk_statistics:
+            # thresholds logged before the decision statistic changed (a weighted mean of ratios): the aggregate's
+            # threshold is recomputed on the chunks' statistics kept with them, so it matches what decide() computes
+            n = len(next(iter(out.chunk_statistics.values())))
+            values = [aggregate({c: v[i] for c, v in out.chunk_statistics.items()}, out) for i in range(n)]
+            out.aggregate = {**agg, **_band([v for v in values if v is not None], out.std_multiplier or 3.0),
+                             "statistic": AGGREGATE_STATISTIC}
+            out.why += "; the input drift's threshold recomputed on the chunks for the current statistic"
+        return out
 
     @property
     def calibrated(self) -> bool:
@@ -342,7 +354,7 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     weights = importance_weights(importance, used)
     partial = Calibration(mode=MODE_CALIBRATED, why="", features=features, weights=weights, std_multiplier=k)
     aggregates = [aggregate({n: stats[n][i] for n in kinds}, partial) for i in range(len(starts))]
-    agg = {**_band([a for a in aggregates if a is not None], k), "features": used}
+    agg = {**_band([a for a in aggregates if a is not None], k), "features": used, "statistic": AGGREGATE_STATISTIC}
     prediction = {"stattest": policy.numeric_stattest, **_band(stats[score_column], k),
                   "source": SOURCE_CALIBRATED} if with_score else None
     chunk_rows = int(np.median(rows))

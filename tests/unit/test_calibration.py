@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 
@@ -57,3 +58,17 @@ def test_settings() -> None:
         CalibrationSettings.from_config({"gap_days": -1})
     with pytest.raises(ConfigError, match="unknown key"):
         CalibrationSettings.from_config({"gap": 2})
+
+
+def test_thresholds_logged_for_the_first_statistic_are_recomputed_on_load() -> None:
+    """A champion's thresholds.json written before the statistic changed holds an aggregate threshold on the old
+    scale: loading it recomputes that threshold on the chunks' statistics kept with it."""
+    cal = _cal(a={"mean": 0.02, "std": 0.01, "threshold": 0.05}, b={"mean": 0.1, "std": 0.05, "threshold": 0.25})
+    cal.chunk_statistics = {"a": [0.01, 0.02, 0.03, 0.02], "b": [0.1, 0.05, 0.15, 0.1]}
+    old = {**cal.to_dict(), "aggregate": {"threshold": 0.7, "mean": 0.4, "std": 0.1, "max": 0.6, "n": 4}}
+    back = Calibration.from_dict(old)
+    chunks = [aggregate({"a": a, "b": b}, cal) for a, b in zip(*cal.chunk_statistics.values(), strict=True)]
+    expected = max(statistics.mean(chunks) + 3 * statistics.stdev(chunks), max(chunks), 1e-3)
+    assert back.aggregate["threshold"] == pytest.approx(expected) and expected != 0.7
+    assert back.aggregate["statistic"] == "weighted_rms_excess" and "recomputed" in back.why
+    assert Calibration.from_dict(back.to_dict()).aggregate == back.aggregate  # a current one is kept as it is
