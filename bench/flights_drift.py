@@ -177,7 +177,7 @@ def calibrated_policy(contract: DataContract, config: Config) -> Judge:
             assert champ.oos is not None
             want = min(len(champ.oos), int(config.training.get("reference_sample_rows", 5000)))
             ref = champ.oos.sample(n=want, random_state=0).sort_index()
-            importance = champ.booster.get_score(importance_type="gain")
+            importance = champ.booster.get_score(importance_type="total_gain")
             champ.calibration = (calibration.reference_calibration(champ.oos, ref, contract, raw, importance), ref)
         cal, ref = champ.calibration
         cal = cal.for_rows(min(len(window), policy.sample_rows or len(window)))  # as monitoring.measure_window
@@ -185,9 +185,17 @@ def calibrated_policy(contract: DataContract, config: Config) -> Judge:
                              label_column=contract.label, seed=seed, thresholds=used_thresholds(cal), report=False)
         figures.performance = performance_figures(window, cal.performance, label_column=contract.label)
         decision = decide(figures, policy, cal)
-        return decision.drift, list(decision.fired), {"drift_share": figures.drift_share,
-                                                      "drifted": figures.drifted_features,
-                                                      "judged": decision.judged, "thresholds": cal.mode}
+        scores = {n: r.get("score") for n, r in figures.per_feature.items()}
+        value = calibration.aggregate(scores, cal)
+        perf = figures.performance or {}
+        return decision.drift, list(decision.fired), {
+            "drift_share": figures.drift_share, "drifted": figures.drifted_features, "judged": decision.judged,
+            "thresholds": cal.mode, "input_drift": value, "input_threshold": (cal.aggregate or {}).get("threshold"),
+            "score_drift": (figures.prediction or {}).get("score"),
+            "score_threshold": (cal.prediction or {}).get("threshold"),
+            "estimated_band": perf.get("estimated_band") or perf.get("estimated"),
+            "top": sorted(((cal.weights[n] * calibration.contribution(n, scores.get(n), cal) ** 2, n)
+                           for n in cal.weights), reverse=True)[:3]}
     return judge
 
 

@@ -15,10 +15,13 @@ champion's own training window, cut into chunks the size of a monitoring window:
   the prepared columns, without building a report (checked equal to the report's figures by a test);
 - each column's threshold is ``mean + std_multiplier * std`` of its chunk statistics (never below the
   largest one seen, nor below ``MIN_THRESHOLD``);
-- the decision statistic itself is calibrated the same way: the importance-weighted mean, over the
-  features the decision uses, of each feature's statistic divided by its own threshold
-  (:func:`aggregate`); its threshold is set on the chunks' aggregates, which controls the overall
-  false-alarm rate, not only each feature's.
+- each chunk is compared with the reference without its days *and* ``gap_days`` days on each side
+  (default: ``window_days``): a monitored window shares no day with the reference, nor the persistent
+  day-level conditions of the days around it;
+- the decision statistic itself is calibrated the same way: the root of the importance-weighted (total
+  gain) mean, over the features the decision uses, of each feature's squared excess over its chunks' mean in
+  their standard deviations (:func:`aggregate`); its threshold is set on the chunks' aggregates, which
+  controls the overall false-alarm rate, not only each feature's.
 
 Too short a window (fewer than ``min_chunks`` chunks) gives a :class:`Calibration` of mode ``fixed``
 whose ``why`` says so; the decision then uses the policy's fixed thresholds and reports it.
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 MODE_CALIBRATED = "calibrated"
 MODE_FIXED = "fixed"
 MIN_THRESHOLD = 1e-3
+# the decision statistic (:func:`aggregate`) its calibrated threshold was computed for
+AGGREGATE_STATISTIC = "weighted_rms_excess"
 # sources of a feature's threshold
 SOURCE_CALIBRATED = "calibrated"
 SOURCE_FIXED = "fixed"        # the policy's fixed threshold (schema ``drift: {calibrate: false}``, or fixed mode)
@@ -59,24 +64,30 @@ class CalibrationSettings:
     enabled: bool = True
     min_chunks: int = 10
     std_multiplier: float = 3.0
-    # features whose share of the model's importance (gain) is below this are reported, not acted on
+    # features whose share of the model's importance (total gain: what it relies on overall) below this: reported only
     min_importance: float = 0.02
+    # days left out of the reference on each side of a chunk (None: window_days)
+    gap_days: int | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> CalibrationSettings:
         from closedloop.errors import ConfigError
 
         cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - {"enabled", "min_chunks", "std_multiplier", "min_importance"})
+        unknown = sorted(set(cfg) - {"enabled", "min_chunks", "std_multiplier", "min_importance",
+                                 "gap_days"})
         if unknown:
             raise ConfigError(f"monitoring.calibration: unknown key(s) {unknown}")
         out = cls(enabled=bool(cfg.get("enabled", True)), min_chunks=int(cfg.get("min_chunks", 10)),
                   std_multiplier=float(cfg.get("std_multiplier", 3.0)),
-                  min_importance=float(cfg.get("min_importance", 0.02)))
+                  min_importance=float(cfg.get("min_importance", 0.02)),
+                  gap_days=None if cfg.get("gap_days") is None else int(cfg["gap_days"]))
         if out.min_chunks < 2:
             raise ConfigError(f"monitoring.calibration.min_chunks={out.min_chunks}: must be >= 2")
         if out.std_multiplier < 0:
             raise ConfigError(f"monitoring.calibration.std_multiplier={out.std_multiplier}: must be >= 0")
+        if out.gap_days is not None and out.gap_days < 0:
+            raise ConfigError(f"monitoring.calibration.gap_days={out.gap_days}: must be >= 0")
         if not 0.0 <= out.min_importance < 1.0:
             raise ConfigError(f"monitoring.calibration.min_importance={out.min_importance}: must be in [0, 1)")
         return out
@@ -108,7 +119,17 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        out = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        agg = out.aggregate
+        if out.calibrated and agg and agg.get("statistic") != AGGREGATE_STATISTIC and out.chunk_statistics:
+            # thresholds logged before the decision statistic changed (a weighted mean of ratios): the aggregate's
+            # threshold is recomputed on the chunks' statistics kept with them, so it matches what decide() computes
+            n = len(next(iter(out.chunk_statistics.values())))
+            values = [aggregate({c: v[i] for c, v in out.chunk_statistics.items()}, out) for i in range(n)]
+            out.aggregate = {**agg, **_band([v for v in values if v is not None], out.std_multiplier or 3.0),
+                             "statistic": AGGREGATE_STATISTIC}
+            out.why += "; the input drift's threshold recomputed on the chunks for the current statistic"
+        return out
 
     @property
     def calibrated(self) -> bool:
@@ -129,6 +150,9 @@ class Calibration:
             if f.get("source") in (SOURCE_CALIBRATED, SOURCE_OWN) and f.get("threshold") is not None and \
                     f.get("mean") is not None:
                 f["threshold"] = float(f["threshold"]) * factor
+                f["mean"] = float(f["mean"]) * factor
+                if f.get("std") is not None:
+                    f["std"] = float(f["std"]) * factor
         if out.prediction and out.prediction.get("threshold") is not None:
             out.prediction["threshold"] = float(out.prediction["threshold"]) * factor
         out.why += (f"; thresholds scaled by {factor:.2f} for a window of {rows} rows (chunks: {self.chunk_rows})")
@@ -179,19 +203,34 @@ def importance_weights(importance: dict[str, float], features: list[str]) -> dic
     return {f: v / total for f, v in raw.items()}
 
 
-def aggregate(scores: dict[str, float | None], calibration: Calibration) -> float | None:
-    """The decision statistic: sum over the decision's features of weight x (statistic / its threshold).
+def contribution(name: str, score: float | None, calibration: Calibration) -> float:
+    """How far ``name``'s statistic lies past what its chunks showed, in their standard deviations:
+    max(0, (score - chunks' mean) / chunks' std), so a feature at its calibrated threshold counts
+    ``std_multiplier``. A feature with a threshold but no chunk spread (fixed, ``calibrate: false``) counts
+    ``std_multiplier x score / threshold``; a feature without a score counts as at its threshold (a broken feed
+    is not silence)."""
+    k = calibration.std_multiplier or 3.0
+    f = calibration.features.get(name) or {}
+    if score is None:
+        return k
+    mean, std = f.get("mean"), f.get("std")
+    if f.get("source") in (SOURCE_CALIBRATED, SOURCE_OWN) and mean is not None and std is not None:
+        return max(0.0, (float(score) - float(mean)) / max(float(std), MIN_THRESHOLD))
+    thr = f.get("threshold") or MIN_THRESHOLD
+    return k * float(score) / max(float(thr), MIN_THRESHOLD)
 
-    1.0 means "every used feature at its own threshold". A feature without a score counts as at its
-    threshold (1.0): a broken feed is not silence. None when no feature is in the decision."""
+
+def aggregate(scores: dict[str, float | None], calibration: Calibration) -> float | None:
+    """The decision statistic, the importance-weighted input drift: the root of the importance-weighted mean of
+    the squared :func:`contribution` of the decision's features (each feature's excess over its chunks' mean,
+    in their standard deviations). Squaring lets a feature the model relies on moving far outside its range
+    count even when its weight is modest (a mean of ratios to the thresholds dilutes it among the features that
+    did not move); the weights keep a feature the model barely uses from deciding. None when no feature is in
+    the decision."""
     if not calibration.weights:
         return None
-    total = 0.0
-    for name, w in calibration.weights.items():
-        thr = calibration.threshold(name) or MIN_THRESHOLD
-        s = scores.get(name)
-        total += w * (1.0 if s is None else float(s) / max(thr, MIN_THRESHOLD))
-    return total
+    total = sum(w * contribution(name, scores.get(name), calibration) ** 2 for name, w in calibration.weights.items())
+    return math.sqrt(total)
 
 
 def _band(values: list[float], k: float) -> dict[str, Any]:
@@ -257,6 +296,7 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     rday = pd.to_datetime(reference[ts], utc=True).dt.floor("D")
     days = sorted(wday.unique())
     starts, layout = chunk_starts(days, days_w, settings.min_chunks)
+    gap = days_w if settings.gap_days is None else settings.gap_days
     if len(starts) < settings.min_chunks:
         return fixed(policy, contract,
                      f"the training window spans {len(days)} days: {len(starts)} chunks of {days_w} days, fewer than "
@@ -279,7 +319,9 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
         chunk_days = days[s:s + days_w]
         in_chunk = np.isin(wday_v, chunk_days)
         cur = _sample(wprep[in_chunk], policy.sample_rows, seed + i)
-        ref = rprep[~np.isin(rday_v, chunk_days)]
+        # the reference without the chunk's days and ``gap`` days on each side: a monitored window never shares
+        # days with the reference, nor the day-level conditions of the days next to it (a day factor persists)
+        ref = rprep[~np.isin(rday_v, days[max(0, s - gap):s + days_w + gap])]
         rows.append(len(cur))
         for c, kind in columns.items():
             stats[c].append(statistic(ref[c], cur[c], kind, method(kind)))
@@ -310,14 +352,15 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     used = [n for n in candidates if shares.get(n, 0.0) >= settings.min_importance]
     reported_only = [n for n in kinds if n not in used]
     weights = importance_weights(importance, used)
-    partial = Calibration(mode=MODE_CALIBRATED, why="", features=features, weights=weights)
+    partial = Calibration(mode=MODE_CALIBRATED, why="", features=features, weights=weights, std_multiplier=k)
     aggregates = [aggregate({n: stats[n][i] for n in kinds}, partial) for i in range(len(starts))]
-    agg = {**_band([a for a in aggregates if a is not None], k), "features": used}
+    agg = {**_band([a for a in aggregates if a is not None], k), "features": used, "statistic": AGGREGATE_STATISTIC}
     prediction = {"stattest": policy.numeric_stattest, **_band(stats[score_column], k),
                   "source": SOURCE_CALIBRATED} if with_score else None
     chunk_rows = int(np.median(rows))
     why = (f"calibrated on {len(starts)} chunks of {days_w} days ({layout}, median {chunk_rows} rows) of the "
-           f"{len(days)}-day training window, each against the {len(reference)}-row reference without its days; "
+           f"{len(days)}-day training window, each against the {len(reference)}-row reference without its days "
+           f"and {gap} day(s) on each side; "
            f"threshold = mean + {k:g} std of the chunks' statistics")
     out = Calibration(mode=MODE_CALIBRATED, why=why, window_days=days_w, chunks=len(starts), chunk_rows=chunk_rows,
                       reference_rows=len(reference), std_multiplier=k, features=features, prediction=prediction,

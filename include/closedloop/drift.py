@@ -543,14 +543,14 @@ def _calibrated_rules(figures: DriftFigures, policy: DriftPolicy, cal: Calibrati
                       reasons: list[str]) -> None:
     """The calibrated decision: importance-weighted input drift, own-threshold features, score drift and
     performance, each against the threshold calibrated with the champion; other drift is reported."""
-    from closedloop.calibration import SOURCE_OWN, aggregate
+    from closedloop.calibration import SOURCE_OWN, aggregate, contribution
 
     scores = {n: r.get("score") for n, r in figures.per_feature.items()}
     # a feature with no values left in the window (a broken feed) counts at its threshold in the aggregate
     value = aggregate(scores, cal)
     agg = cal.aggregate or {}
-    top = sorted(((cal.weights[n] * (scores.get(n) or 0.0) / max(cal.threshold(n) or 1e-3, 1e-3), n)
-                  for n in cal.weights), reverse=True)[:3]
+    top = sorted(((cal.weights[n] * contribution(n, scores.get(n), cal) ** 2, n) for n in cal.weights),
+                 reverse=True)[:3]
     parts = ", ".join(f"{n} {c:.2f}" for c, n in top)
     if value is None or agg.get("threshold") is None:
         reasons.append("input drift not judged: no feature is in the decision")

@@ -539,7 +539,8 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         mlflow.log_dict(fitted.reference_stats, "reference/stats.json")
         _log_frame(fitted.reference_sample, "reference/sample.parquet")
         if cfg.raw.get("monitoring"):  # without a monitoring policy there is nothing to calibrate
-            mlflow.log_dict(reference_thresholds(fitted, contract, cfg.raw["monitoring"], importance),
+            mlflow.log_dict(reference_thresholds(fitted, contract, cfg.raw["monitoring"],
+                                              model.get_score(importance_type="total_gain")),
                             "reference/thresholds.json")
         x_example = feature_frame(fitted.example, contract)
         signature = infer_signature(x_example, model.predict(xgb.DMatrix(x_example)))

@@ -11,17 +11,21 @@ the reference is the whole window with out-of-sample scores from time-blocked cr
 model's scores, so every rule is in play. Figures use ``measure(report=False)``: the same Evidently stattest
 functions without building the report (``test_fast_figures_equal_the_report``), so the module stays fast.
 
-Measured here (alarms of 20 windows, seeds 11 / 12 / 13):
+Measured here (alarms of 20 windows, seeds 11 / 12 / 13; ``python bench/drift_calibration.py`` writes the
+table of docs/DRIFT.md from these same functions, with every window's figures):
 
 - no drift: fixed policy 11 / 11 / 7 (its key feature ``amount`` at 0.1 swings past it with the day factor),
-  calibrated 0 / 1 / 0;
+  calibrated 0 / 1 / 1 (seed 12: realised ROC AUC on 33 positives below its band; seed 13: merchant_risk_score
+  alone);
+- covariate_drift=0.5: fixed 20 / 17 / 19, calibrated 19 / 20 / 20 (importance-weighted input drift: the hours
+  move 6-14 std past their chunks);
 - concept_drift=1.0: fixed 20 / 20 / 20, calibrated 20 / 20 / 20 (estimated and realised performance);
-- covariate_drift=0.5: fixed 20 / 17 / 19, calibrated 10 / 15 / 19: the shift is about as large as the
-  day factor's swings for the features the model leans on (importance-weighted input drift 0.55-0.82 against
-  a threshold of 0.71 for seed 11, while quiet windows of seed 12 reach 0.71), and CBPE sees no performance
-  loss. See docs/DRIFT.md.
+- the demo's regime (covariate 0.6, concept 1.0, new categories): 20 / 20 / 20 for both.
 
-The strong scenarios run on the first seed only (time): the other seeds' figures above were measured once.
+A smaller world (300 customers, 1200 transactions a day) is not a cheaper stand-in: with half the rows a
+window's statistics are noisier and the calibrated thresholds higher (covariate 11/20, concept 16/20 on seed
+11), so the suite keeps this size. The strong scenarios run on the first seed only (time): the other seeds'
+figures above come from the bench script.
 """
 
 from __future__ import annotations
@@ -52,12 +56,16 @@ REFERENCE_DAYS = 28
 WINDOWS = 20
 WINDOW_DAYS = 2
 REFERENCE_ROWS = 5000
+STRUCTURE = 1.0  # the generator's default (bench/drift_calibration.py --structure measures others)
 DRIFT_START = START + timedelta(days=WARMUP_DAYS + REFERENCE_DAYS)
 SCENARIOS: dict[str, dict[str, Any]] = {  # structure (the day factor, cycles) is on by default
     "none": {},
     "covariate": {"covariate_drift": 0.5},
     "concept": {"concept_drift": 1.0},
+    "demo": {"covariate_drift": 0.6, "concept_drift": 1.0, "new_categories": True},  # the demo's drifted regime
 }
+SCENARIO_NAMES = {"none": "no drift", "covariate": "covariate_drift=0.5", "concept": "concept_drift=1.0",
+                  "demo": "the demo's regime (covariate 0.6, concept 1.0, new categories)"}
 
 
 @dataclasses.dataclass
@@ -75,7 +83,7 @@ class World:
 def simulated(contract: DataContract, seed: int, **knobs: Any) -> pd.DataFrame:
     days = WARMUP_DAYS + REFERENCE_DAYS + WINDOWS - 1 + WINDOW_DAYS
     config = GeneratorConfig(start=START, days=days, customers=CUSTOMERS, transactions_per_day=PER_DAY, seed=seed,
-                             drift_start=DRIFT_START if knobs else None, **knobs)
+                             drift_start=DRIFT_START if knobs else None, structure=STRUCTURE, **knobs)
     tx = simulate(config, contract).transactions
     features = compute_entity_features(tx, contract)
     frame = tx.merge(features, on=[contract.entity, contract.event_timestamp], how="left", validate="many_to_one")
@@ -110,7 +118,7 @@ def world(seed: int) -> World:
                                          threshold)
         window = reference_window(train, validation, holdout, contract, tcfg, booster.best_iteration + 1, "cpu")
         reference = window.sample(n=REFERENCE_ROWS, random_state=0).sort_index()
-        importance = model.get_score(importance_type="gain")
+        importance = model.get_score(importance_type="total_gain")
         cal = calibration.reference_calibration(window, reference, contract, monitoring, importance)
         _WORLDS[seed] = World(seed=seed, contract=contract, monitoring=monitoring, policy=policy, booster=model,
                               reference=reference, reference_quality={"roc_auc": quality["roc_auc"]}, calibration=cal)
@@ -124,26 +132,28 @@ def thresholds(cal: calibration.Calibration) -> dict[str, float]:
     return out
 
 
-def verdicts(w: World, scenario: str) -> dict[str, list[Any]]:
-    """Fixed and calibrated decisions on the scenario's 20 windows."""
+def verdicts(w: World, scenario: str, *, fixed_policy: bool = True) -> dict[str, list[Any]]:
+    """Calibrated (and, with ``fixed_policy``, fixed) decisions on the scenario's 20 windows."""
     key = (w.seed, scenario)
     if key not in _FRAMES:
         _FRAMES[key] = simulated(w.contract, w.seed, **SCENARIOS[scenario])
     frame = _FRAMES[key]
     c = w.contract
     frame["score"] = predict(w.booster, frame, c)
-    out: dict[str, list[Any]] = {"fixed": [], "calibrated": []}
+    out: dict[str, list[Any]] = {"fixed": [], "calibrated": [], "figures": []}
     for i in range(WINDOWS):
         window = days(frame, WARMUP_DAYS + REFERENCE_DAYS + i, WINDOW_DAYS)
-        _, fixed = measure(w.reference, window, c, w.policy, reference_quality=w.reference_quality,
-                           label_column=c.label, seed=i, report=False)
-        fixed.performance = performance_figures(window, w.calibration.performance, label_column=c.label)
-        out["fixed"].append(decide(fixed, w.policy))
+        if fixed_policy:
+            _, fixed = measure(w.reference, window, c, w.policy, reference_quality=w.reference_quality,
+                               label_column=c.label, seed=i, report=False)
+            fixed.performance = performance_figures(window, w.calibration.performance, label_column=c.label)
+            out["fixed"].append(decide(fixed, w.policy))
         calibration_w = w.calibration.for_rows(len(window))  # as monitoring does for a smaller window
         _, cal = measure(w.reference, window, c, w.policy, reference_quality=w.reference_quality,
                          label_column=c.label, seed=i, report=False, thresholds=thresholds(calibration_w))
         cal.performance = performance_figures(window, w.calibration.performance, label_column=c.label)
         out["calibrated"].append(decide(cal, w.policy, calibration_w))
+        out["figures"].append(cal.to_dict())
     return out
 
 
@@ -159,12 +169,14 @@ _FIXED_ALARMS: dict[int, int] = {}
 def test_calibrated_thresholds_hold_on_stable_windows(seed: int) -> None:
     w = world(seed)
     assert w.calibration.calibrated and w.calibration.chunks >= 10, w.calibration.why
+    assert "without its days and 2 day(s) on each side" in w.calibration.why  # the gap (window_days)
     v = verdicts(w, "none")
     fixed, calibrated = alarms(v["fixed"]), alarms(v["calibrated"])
     _FIXED_ALARMS[seed] = fixed
     detail = [d.fired for d in v["calibrated"] if d.drift]
     assert calibrated <= 1, f"seed {seed}: calibrated alarms on {calibrated}/20 stable windows: {detail}"
-    # the structure is real: the fixed policy alarms on a good share of these quiet windows (measured 11/11/7)
+    # the structure is real: the fixed policy alarms on a good share of these quiet windows (measured 11/11/7: the
+    # issue's 10 of 20 holds on seeds 11 and 12, not on 13)
     assert fixed >= 7, f"seed {seed}: the fixed policy alarmed on only {fixed}/20 stable windows"
     # every decision reports prediction drift and estimated performance
     for d in v["calibrated"] + v["fixed"]:
@@ -182,20 +194,30 @@ def test_the_fixed_policy_alarms_on_most_stable_windows() -> None:
 
 def test_concept_drift_is_flagged_in_every_window() -> None:
     w = world(SEEDS[0])
-    v = verdicts(w, "concept")
+    v = verdicts(w, "concept", fixed_policy=False)
     calibrated = alarms(v["calibrated"])
     assert calibrated == WINDOWS, [d.reasons[:3] for d in v["calibrated"] if not d.drift]
     assert all({"estimated_performance", "realised_performance"} & set(d.fired) for d in v["calibrated"])
 
 
-def test_covariate_drift_is_flagged_where_it_stands_out() -> None:
-    """covariate_drift=0.5 against the day factor's swings: measured 10/20 windows (seed 11), each by the
-    importance-weighted input drift or the score distribution; the quiet windows of the same seed 0/20."""
+def test_covariate_drift_is_flagged() -> None:
+    """covariate_drift=0.5 against the day factor's swings: measured 19/20 windows (seed 11; 20/20 on seeds 12
+    and 13), by the importance-weighted input drift (the window missed has only the hours out: 1.92 against
+    2.16); the quiet windows of the same seed 0/20."""
     w = world(SEEDS[0])
-    v = verdicts(w, "covariate")
+    v = verdicts(w, "covariate", fixed_policy=False)
     calibrated = alarms(v["calibrated"])
-    assert calibrated >= 10, [d.reasons[:2] for d in v["calibrated"] if not d.drift]
+    assert calibrated >= 19, [d.reasons[:2] for d in v["calibrated"] if not d.drift]
     assert all(set(d.fired) <= {"input_drift", "prediction"} for d in v["calibrated"])
+    assert sum("input_drift" in d.fired for d in v["calibrated"]) >= 19
+
+
+def test_the_demos_regime_is_flagged_in_every_window() -> None:
+    """The demo's drifted regime (covariate 0.6, concept 1.0, new categories): 20/20, by the inputs."""
+    w = world(SEEDS[0])
+    v = verdicts(w, "demo", fixed_policy=False)
+    assert alarms(v["calibrated"]) == WINDOWS, [d.reasons[:2] for d in v["calibrated"] if not d.drift]
+    assert all("input_drift" in d.fired for d in v["calibrated"])
 
 
 def test_fast_figures_equal_the_report() -> None:
@@ -221,6 +243,12 @@ def test_thresholds_travel_as_json_and_the_decision_names_them() -> None:
     assert small.threshold(name) == pytest.approx(2 * w.calibration.threshold(name), rel=0.01)
     assert w.calibration.for_rows(10 * w.calibration.chunk_rows) is w.calibration
     assert "scaled by 2.00" in small.why
+    # the decision statistic of a window with (about) twice the chunks' statistics, against the scaled thresholds, is
+    # that of the chunks' own statistics against the thresholds (each feature's excess in its own std)
+    chunk = {n: v[0] for n, v in w.calibration.chunk_statistics.items()}
+    factor = (w.calibration.chunk_rows / (w.calibration.chunk_rows // 4)) ** 0.5
+    assert calibration.aggregate({n: None if v is None else factor * v for n, v in chunk.items()}, small) == \
+        pytest.approx(calibration.aggregate(chunk, w.calibration), rel=1e-6)
     back = calibration.Calibration.from_dict(w.calibration.to_dict())
     assert back.to_dict() == w.calibration.to_dict()
     assert back.aggregate["threshold"] > 0 and abs(sum(back.weights.values()) - 1.0) < 1e-9

@@ -1,0 +1,74 @@
+"""The calibrated decision statistic and the calibration settings (pure functions, no data)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from closedloop.calibration import (
+    MODE_CALIBRATED,
+    SOURCE_CALIBRATED,
+    SOURCE_FIXED,
+    Calibration,
+    CalibrationSettings,
+    aggregate,
+    contribution,
+)
+from closedloop.errors import ConfigError
+
+
+def _cal(**features: dict) -> Calibration:
+    return Calibration(mode=MODE_CALIBRATED, why="test", std_multiplier=3.0, chunk_rows=1000,
+                       features={n: {"source": SOURCE_CALIBRATED, **f} for n, f in features.items()},
+                       weights={"a": 0.1, "b": 0.9})
+
+
+def test_a_feature_counts_its_excess_over_its_chunks_in_their_std() -> None:
+    cal = _cal(a={"mean": 0.02, "std": 0.01, "threshold": 0.05}, b={"mean": 0.1, "std": 0.05, "threshold": 0.25})
+    assert contribution("a", 0.05, cal) == pytest.approx(3.0)      # at its threshold: std_multiplier
+    assert contribution("a", 0.01, cal) == 0.0                      # quieter than its chunks: nothing
+    assert contribution("a", None, cal) == pytest.approx(3.0)       # no value (a broken feed) is not silence
+    fixed = Calibration(mode=MODE_CALIBRATED, why="", std_multiplier=3.0,
+                        features={"a": {"source": SOURCE_FIXED, "threshold": 0.1}})
+    assert contribution("a", 0.2, fixed) == pytest.approx(6.0)     # twice its fixed threshold
+
+
+def test_one_used_feature_far_out_is_not_diluted_by_the_quiet_ones() -> None:
+    """a (10 % of the model's total gain) 8 std out, b (90 %) quiet: sqrt(0.1 x 64) = 2.53, where a weighted mean
+    of excesses (0.8) would hide it; b alone 1 std out counts 0.95."""
+    cal = _cal(a={"mean": 0.02, "std": 0.01, "threshold": 0.05}, b={"mean": 0.1, "std": 0.05, "threshold": 0.25})
+    assert aggregate({"a": 0.10, "b": 0.1}, cal) == pytest.approx(math.sqrt(0.1 * 64))
+    assert aggregate({"a": 0.02, "b": 0.15}, cal) == pytest.approx(math.sqrt(0.9))
+    assert aggregate({}, Calibration(mode=MODE_CALIBRATED, why="")) is None
+
+
+def test_thresholds_scaled_for_a_small_window_scale_the_band_too() -> None:
+    cal = _cal(a={"mean": 0.02, "std": 0.01, "threshold": 0.05}, b={"mean": 0.1, "std": 0.05, "threshold": 0.25})
+    small = cal.for_rows(250)  # a quarter of a chunk's rows: distances twice as noisy
+    assert small.features["a"]["mean"] == pytest.approx(0.04) and small.features["a"]["std"] == pytest.approx(0.02)
+    assert aggregate({"a": 0.2, "b": 0.2}, small) == pytest.approx(aggregate({"a": 0.1, "b": 0.1}, cal))
+
+
+def test_settings() -> None:
+    assert CalibrationSettings.from_config(None).gap_days is None
+    assert CalibrationSettings.from_config({"gap_days": 0}).gap_days == 0
+    with pytest.raises(ConfigError, match="gap_days"):
+        CalibrationSettings.from_config({"gap_days": -1})
+    with pytest.raises(ConfigError, match="unknown key"):
+        CalibrationSettings.from_config({"gap": 2})
+
+
+def test_thresholds_logged_for_the_first_statistic_are_recomputed_on_load() -> None:
+    """A champion's thresholds.json written before the statistic changed holds an aggregate threshold on the old
+    scale: loading it recomputes that threshold on the chunks' statistics kept with it."""
+    cal = _cal(a={"mean": 0.02, "std": 0.01, "threshold": 0.05}, b={"mean": 0.1, "std": 0.05, "threshold": 0.25})
+    cal.chunk_statistics = {"a": [0.01, 0.02, 0.03, 0.02], "b": [0.1, 0.05, 0.15, 0.1]}
+    old = {**cal.to_dict(), "aggregate": {"threshold": 0.7, "mean": 0.4, "std": 0.1, "max": 0.6, "n": 4}}
+    back = Calibration.from_dict(old)
+    chunks = [aggregate({"a": a, "b": b}, cal) for a, b in zip(*cal.chunk_statistics.values(), strict=True)]
+    expected = max(statistics.mean(chunks) + 3 * statistics.stdev(chunks), max(chunks), 1e-3)
+    assert back.aggregate["threshold"] == pytest.approx(expected) and expected != 0.7
+    assert back.aggregate["statistic"] == "weighted_rms_excess" and "recomputed" in back.why
+    assert Calibration.from_dict(back.to_dict()).aggregate == back.aggregate  # a current one is kept as it is
