@@ -54,8 +54,9 @@ def _booster(model_uri: str) -> Any:
 
 def score_day(rt: Runtime, day: date) -> dict[str, Any]:
     """Score the curated transactions of ``day`` (validating them first when needed) with the champion."""
-    from closedloop.features import apply_definitions, historical_features
+    from closedloop.features import apply_definitions
     from closedloop.ingest import ingest_partition
+    from closedloop.offline import point_in_time_features
     from closedloop.training import predict_inplace
 
     c = rt.contract
@@ -65,7 +66,7 @@ def score_day(rt: Runtime, day: date) -> dict[str, Any]:
         raise NoDataError(f"{rt.lake.partition('curated', 'transactions', day)}: no transactions to score")
     champ = champion(rt)
     apply_definitions(rt.store, rt.defs)
-    frame = historical_features(rt.store, rt.defs, tx, c)
+    frame = point_in_time_features(rt.store, rt.defs, tx, c)  # Feast's rules, read in the day's range
     scores = predict_inplace(_booster(champ["model_uri"]), frame, c)
     out = frame[[c.row_key, c.entity, c.event_timestamp, *c.model_features]].copy()
     out[SCORE] = scores.astype("float64")
