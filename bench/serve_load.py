@@ -7,6 +7,10 @@ the end), starts ``closedloop serve`` as a child process (its own process group,
 a bearer token) and sends it requests of 1 and of 100 transactions, one at a time from one client with
 keep-alive (closed loop: latency, not queueing), bounded by ``--requests`` and ``--seconds`` per case.
 Reports p50/p99 latency, requests/s and transactions/s as a Markdown table (BENCHMARKS.md quotes it).
+Also, per online store: the in-process floor of one transaction (Feast's online read of its customer and
+``inplace_predict`` on its matrix, in this process, one after the other), the one-transaction case's
+ratios to it (p50, p99, and the server's CPU time per request against the floor's: the figure a loaded
+machine distorts least), and the throughput of 16 and 64 concurrent clients (``--clients``).
 
     .venv/bin/python bench/serve_load.py [--requests 2000] [--seconds 20] [--redis redis://127.0.0.1:6379/13]
                                          [--stores sqlite,redis]
@@ -124,7 +128,14 @@ class ServeProcess:
         self.log.close()
 
 
-def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: int, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: int, seconds: float,
+             pid: int | None = None) -> dict:
     """Requests of ``batch`` transactions, one after the other, for at most ``max_requests`` or ``seconds``."""
     import httpx
     import numpy as np
@@ -134,6 +145,7 @@ def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: i
         for i in range(20):  # warm-up, not counted
             http.post("/score", json={"transactions": rows[i * batch % len(rows):][:batch]}).raise_for_status()
         t0 = time.perf_counter()
+        cpu0 = cpu_seconds(pid) if pid else None
         i = 0
         while i < max_requests and time.perf_counter() - t0 < seconds:
             start = (i * batch) % (len(rows) - batch)
@@ -144,8 +156,9 @@ def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: i
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
             i += 1
         wall = time.perf_counter() - t0
+        cpu = (cpu_seconds(pid) - cpu0) / len(lat) * 1000 if pid else None
     ms = np.array(lat) * 1000
-    return {"batch": batch, "requests": len(lat), "seconds": round(wall, 1),
+    return {"batch": batch, "requests": len(lat), "seconds": round(wall, 1), "server_cpu_ms": cpu and round(cpu, 2),
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
             "requests_per_s": round(len(lat) / wall, 1), "transactions_per_s": round(len(lat) * batch / wall, 1)}
 
@@ -188,15 +201,16 @@ def in_process_floor(home: Path, store_name: str, redis_url: str, rows: list[dic
     for i in range(20):
         one(rows[i % len(rows)])
     lat = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while len(lat) < max_requests and time.perf_counter() - t0 < seconds:
         s = time.perf_counter()
         one(rows[len(lat) % len(rows)])
         lat.append(time.perf_counter() - s)
     wall = time.perf_counter() - t0
+    cpu = (time.process_time() - cpu0) / len(lat) * 1000
     ms = np.array(lat) * 1000
     return {"store": store_name, "batch": 1, "clients": "floor (in process)", "requests": len(lat),
-            "seconds": round(wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "seconds": round(wall, 1), "server_cpu_ms": round(cpu, 2), "p50_ms": round(float(np.percentile(ms, 50)), 2),
             "p99_ms": round(float(np.percentile(ms, 99)), 2), "requests_per_s": round(len(lat) / wall, 1),
             "transactions_per_s": round(len(lat) / wall, 1)}
 
@@ -273,10 +287,11 @@ def main() -> None:
                 server.wait_ready()
                 for batch in (1, 100):
                     res = {"store": store, "clients": 1,
-                           **run_case(server.url, token, rows, batch, args.requests, args.seconds)}
+                           **run_case(server.url, token, rows, batch, args.requests, args.seconds, server.proc.pid)}
                     if batch == 1:
                         res["vs_floor_p50"] = round(res["p50_ms"] / floor["p50_ms"], 2)
                         res["vs_floor_p99"] = round(res["p99_ms"] / floor["p99_ms"], 2)
+                        res["vs_floor_cpu"] = round(res["server_cpu_ms"] / floor["server_cpu_ms"], 2)
                     print(json.dumps(res), file=sys.stderr)
                     results.append(res)
                 results.append(floor)
@@ -293,12 +308,14 @@ def main() -> None:
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{args.requests} requests or {args.seconds:.0f} s per case, one client, keep-alive, loopback.\n")
     print("| online store | transactions per request | clients | requests | p50 latency | p99 latency | requests/s "
-          "| transactions/s | p50 / p99 vs the floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| transactions/s | server CPU per request | p50 / p99 / CPU vs the floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        ratio = f"{r['vs_floor_p50']}x / {r['vs_floor_p99']}x" if "vs_floor_p99" in r else "-"
+        ratio = (f"{r['vs_floor_p50']}x / {r['vs_floor_p99']}x / {r['vs_floor_cpu']}x" if "vs_floor_p99" in r
+                 else "-")
+        cpu = f"{r['server_cpu_ms']} ms" if r.get("server_cpu_ms") is not None else "-"
         print(f"| {r['store']} | {r['batch']} | {r['clients']} | {r['requests']} | {r['p50_ms']} ms | {r['p99_ms']} ms "
-              f"| {r['requests_per_s']} | {r['transactions_per_s']} | {ratio} |")
+              f"| {r['requests_per_s']} | {r['transactions_per_s']} | {cpu} | {ratio} |")
 
 
 if __name__ == "__main__":

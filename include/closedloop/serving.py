@@ -629,7 +629,7 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
                   description=f"Scores {contract.name} transactions with {model_name}@champion.")
     app.state.scorer, app.state.poller, app.state.metrics = scorer, poller, metrics
 
-    def authorised(request: Request) -> None:
+    async def authorised(request: Request) -> None:  # async: a sync dependency would hop to a worker thread
         if not token:
             return
         given = request.headers.get("authorization", "")
