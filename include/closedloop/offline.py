@@ -80,8 +80,8 @@ def unsupported(store: FeatureStore, view: Any) -> str | None:
         return f"source path {src.path!r} is neither absolute nor s3://"
     if src.created_timestamp_column or src.field_mapping:
         return "the source has a created-timestamp column or a field mapping"
-    if src.path.startswith("s3://") and (src.s3_endpoint_override or src.resolve_credentials()):
-        return "the source carries its own S3 endpoint or credentials"
+    if src.path.startswith("s3://") and src.resolve_credentials():  # Feast then reads with those, not the default
+        return "the source names its own S3 credentials"
     return None
 
 
