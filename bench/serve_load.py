@@ -7,6 +7,10 @@ the end), starts ``closedloop serve`` as a child process (its own process group,
 a bearer token) and sends it requests of 1 and of 100 transactions, one at a time from one client with
 keep-alive (closed loop: latency, not queueing), bounded by ``--requests`` and ``--seconds`` per case.
 Reports p50/p99 latency, requests/s and transactions/s as a Markdown table (BENCHMARKS.md quotes it).
+Also, per online store: the in-process floor of one transaction (Feast's online read of its customer and
+``inplace_predict`` on its matrix, in this process, one after the other), the one-transaction case's
+ratios to it (p50, p99, and the server's CPU time per request against the floor's: the figure a loaded
+machine distorts least), and the throughput of 16 and 64 concurrent clients (``--clients``).
 
     .venv/bin/python bench/serve_load.py [--requests 2000] [--seconds 20] [--redis redis://127.0.0.1:6379/13]
                                          [--stores sqlite,redis]
@@ -124,7 +128,14 @@ class ServeProcess:
         self.log.close()
 
 
-def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: int, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: int, seconds: float,
+             pid: int | None = None) -> dict:
     """Requests of ``batch`` transactions, one after the other, for at most ``max_requests`` or ``seconds``."""
     import httpx
     import numpy as np
@@ -134,6 +145,7 @@ def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: i
         for i in range(20):  # warm-up, not counted
             http.post("/score", json={"transactions": rows[i * batch % len(rows):][:batch]}).raise_for_status()
         t0 = time.perf_counter()
+        cpu0 = cpu_seconds(pid) if pid else None
         i = 0
         while i < max_requests and time.perf_counter() - t0 < seconds:
             start = (i * batch) % (len(rows) - batch)
@@ -144,10 +156,99 @@ def run_case(url: str, token: str, rows: list[dict], batch: int, max_requests: i
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
             i += 1
         wall = time.perf_counter() - t0
+        cpu = (cpu_seconds(pid) - cpu0) / len(lat) * 1000 if pid else None
     ms = np.array(lat) * 1000
-    return {"batch": batch, "requests": len(lat), "seconds": round(wall, 1),
+    return {"batch": batch, "requests": len(lat), "seconds": round(wall, 1), "server_cpu_ms": cpu and round(cpu, 2),
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
             "requests_per_s": round(len(lat) / wall, 1), "transactions_per_s": round(len(lat) * batch / wall, 1)}
+
+
+def in_process_floor(home: Path, store_name: str, redis_url: str, rows: list[dict], max_requests: int,
+                     seconds: float) -> dict:
+    """The floor of one transaction, in this process: Feast's online read of its customer (the same feature
+    service and store as the server) and ``inplace_predict`` of the champion on its matrix, nothing else
+    (no HTTP, no validation, no log), one after the other as the one-client case sends them."""
+    import numpy as np
+
+    from closedloop.features import feature_store
+    from closedloop.registry import CHAMPION, alias_version, load_booster
+    from closedloop.runtime import Runtime
+    from closedloop.scoring import version_info
+    from closedloop.settings import Settings
+    from closedloop.training import _declared_index
+
+    env = {**os.environ, "CLOSEDLOOP_HOME": str(home)}
+    if store_name == "redis":
+        env.update({"CLOSEDLOOP_ONLINE_STORE": "redis", "CLOSEDLOOP_REDIS_URL": redis_url})
+    rt = Runtime(Settings.from_env(env))
+    c = rt.contract
+    store = feature_store(rt.settings)
+    booster = load_booster(version_info(rt.client, rt.model_name, alias_version(rt.client, rt.model_name,
+                                                                                 CHAMPION))["model_uri"])
+    booster.set_param({"nthread": 1})
+    entity_features = list(c.entity_features)
+    index = {n: _declared_index(tuple(c.categorical[n])) for n in c.categorical}
+
+    def one(tx: dict) -> float:
+        got = store.get_online_features(features=rt.defs.service, entity_rows=[{c.entity: tx[c.entity]}]).to_dict()
+        x = np.empty((1, len(c.model_features)), dtype=np.float32)
+        for j, name in enumerate(c.model_features):
+            v = got[name][0] if name in entity_features else (
+                index[name].get(tx[name]) if name in index else tx[name])
+            x[0, j] = np.nan if v is None else v
+        return float(booster.inplace_predict(x)[0])
+
+    for i in range(20):
+        one(rows[i % len(rows)])
+    lat = []
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    while len(lat) < max_requests and time.perf_counter() - t0 < seconds:
+        s = time.perf_counter()
+        one(rows[len(lat) % len(rows)])
+        lat.append(time.perf_counter() - s)
+    wall = time.perf_counter() - t0
+    cpu = (time.process_time() - cpu0) / len(lat) * 1000
+    ms = np.array(lat) * 1000
+    return {"store": store_name, "batch": 1, "clients": "floor (in process)", "requests": len(lat),
+            "seconds": round(wall, 1), "server_cpu_ms": round(cpu, 2), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "requests_per_s": round(len(lat) / wall, 1),
+            "transactions_per_s": round(len(lat) / wall, 1)}
+
+
+def run_concurrent(url: str, token: str, rows: list[dict], clients: int, seconds: float) -> dict:
+    """``clients`` concurrent clients (asyncio, one keep-alive connection each) sending one-transaction
+    requests back to back for ``seconds``: throughput, and latency under that load."""
+    import asyncio
+
+    import httpx
+    import numpy as np
+
+    async def go() -> tuple[list[float], float]:
+        lat: list[float] = []
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60,
+                                     limits=limits) as http:
+            async def client(k: int, until: float, record: bool) -> None:
+                i = k
+                while time.perf_counter() < until:
+                    s = time.perf_counter()
+                    r = await http.post("/score", json={"transactions": [rows[i % len(rows)]]})
+                    if r.status_code != 200:
+                        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+                    if record:
+                        lat.append(time.perf_counter() - s)
+                    i += clients
+
+            await asyncio.gather(*(client(k, time.perf_counter() + 1.0, False) for k in range(clients)))  # warm-up
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(k, t0 + seconds, True) for k in range(clients)))
+            return lat, time.perf_counter() - t0
+
+    lat, wall = asyncio.run(go())
+    ms = np.array(lat) * 1000
+    return {"batch": 1, "clients": clients, "requests": len(lat), "seconds": round(wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "requests_per_s": round(len(lat) / wall, 1), "transactions_per_s": round(len(lat) / wall, 1)}
 
 
 def main() -> None:
@@ -156,6 +257,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="at most this long per case")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/13", help="a dedicated, empty Redis database")
     ap.add_argument("--stores", default="sqlite,redis")
+    ap.add_argument("--clients", default="16,64", help="concurrent clients of the throughput cases (one-transaction "
+                                                         "requests); empty: none")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="closedloop-serve-bench-"))
@@ -177,11 +280,23 @@ def main() -> None:
                     raise SystemExit(f"{args.redis} is not empty: give a dedicated database (--redis .../<db>)")
                 materialise_redis(home, args.redis)
                 env.update({"CLOSEDLOOP_ONLINE_STORE": "redis", "CLOSEDLOOP_REDIS_URL": args.redis})
+            floor = in_process_floor(home, store, args.redis, rows, args.requests, args.seconds)
+            print(json.dumps(floor), file=sys.stderr)
             server = ServeProcess(env, tmp / f"serve-{store}.log")  # its log goes with the temporary home
             try:
                 server.wait_ready()
                 for batch in (1, 100):
-                    res = {"store": store, **run_case(server.url, token, rows, batch, args.requests, args.seconds)}
+                    res = {"store": store, "clients": 1,
+                           **run_case(server.url, token, rows, batch, args.requests, args.seconds, server.proc.pid)}
+                    if batch == 1:
+                        res["vs_floor_p50"] = round(res["p50_ms"] / floor["p50_ms"], 2)
+                        res["vs_floor_p99"] = round(res["p99_ms"] / floor["p99_ms"], 2)
+                        res["vs_floor_cpu"] = round(res["server_cpu_ms"] / floor["server_cpu_ms"], 2)
+                    print(json.dumps(res), file=sys.stderr)
+                    results.append(res)
+                results.append(floor)
+                for clients in [int(k) for k in args.clients.split(",") if k.strip()]:
+                    res = {"store": store, **run_concurrent(server.url, token, rows, clients, args.seconds)}
                     print(json.dumps(res), file=sys.stderr)
                     results.append(res)
             finally:
@@ -192,12 +307,15 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{args.requests} requests or {args.seconds:.0f} s per case, one client, keep-alive, loopback.\n")
-    print("| online store | transactions per request | requests | p50 latency | p99 latency | requests/s "
-          "| transactions/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| online store | transactions per request | clients | requests | p50 latency | p99 latency | requests/s "
+          "| transactions/s | server CPU per request | p50 / p99 / CPU vs the floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['store']} | {r['batch']} | {r['requests']} | {r['p50_ms']} ms | {r['p99_ms']} ms "
-              f"| {r['requests_per_s']} | {r['transactions_per_s']} |")
+        ratio = (f"{r['vs_floor_p50']}x / {r['vs_floor_p99']}x / {r['vs_floor_cpu']}x" if "vs_floor_p99" in r
+                 else "-")
+        cpu = f"{r['server_cpu_ms']} ms" if r.get("server_cpu_ms") is not None else "-"
+        print(f"| {r['store']} | {r['batch']} | {r['clients']} | {r['requests']} | {r['p50_ms']} ms | {r['p99_ms']} ms "
+              f"| {r['requests_per_s']} | {r['transactions_per_s']} | {cpu} | {ratio} |")
 
 
 if __name__ == "__main__":

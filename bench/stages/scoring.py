@@ -3,9 +3,10 @@
 N scored rows at size N: the window's every day (28, a week in quick mode) is scored, as the
 batch_scoring DAG's task does for a backfill of those days: one Runtime, then
 ``closedloop.scoring.score_day`` per day (the curated day read, its customer features fetched point in
-time through Feast, the champion looked up and loaded, the scores, the predictions partition written).
-The days' rows sum to the world's size. The heavy modules (Feast, MLflow, XGBoost, scikit-learn) are
-imported before the clock; the Runtime, its MLflow client and Feast store are the task's. The
+time from Feast's registered source, read in the day's range by ``closedloop.offline``, the champion
+looked up and loaded, the scores, the predictions partition written).
+The days' rows sum to the world's size. The heavy modules (Feast, MLflow with its SQL stores, XGBoost,
+scikit-learn) are imported before the clock; the Runtime, its MLflow client and Feast store are the task's. The
 predictions go where the task writes them (the world's ``predictions/``): re-scoring a day rewrites
 the same partition with the same content, so later stages (drift reads them) see the same world.
 
@@ -29,6 +30,8 @@ STAGE = "scoring"
 
 def run(w: World, quick: bool) -> list[Result]:
     import feast  # noqa: F401  (imports before the clock: a task's import cost is not the stage's)
+    import mlflow.store.model_registry.sqlalchemy_store  # (MLflow's SQL stores: 1.3 s of imports)
+    import mlflow.store.tracking.sqlalchemy_store
     import mlflow.xgboost  # noqa: F401
     import numpy as np
     import pandas as pd
@@ -108,7 +111,8 @@ def run(w: World, quick: bool) -> list[Result]:
                                f"matched, max abs difference {diff}")
         per_day = f"{len(days)} days, {scored / task.seconds:,.0f} rows/s vs {scored / floor.seconds:,.0f}"
         return [Result.of(STAGE, "score every day (score_day)", w.rows, task, floor, data_mib, work_rows=scored,
-                          notes=f"{per_day}; Feast PIT features + champion per day; floor: read day + joined "
-                                f"features, inplace_predict, write (same scores, max diff {diff:.1e})")]
+                          notes=f"{per_day}; point-in-time features read in the day's range (closedloop.offline) "
+                                f"+ champion per day; floor: read day + joined features, inplace_predict, write "
+                                f"(same scores, max diff {diff:.1e})")]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -473,6 +473,9 @@ def env() -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 in a container).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    access_log: Annotated[bool, typer.Option(help="Log every request (uvicorn's access log); off by default: "
+                                                  "/metrics counts requests by status, and a log line per "
+                                                  "request costs the latency of a one-transaction request.")] = False,
 ) -> None:
     """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see README "Online scoring"."""
     import uvicorn
@@ -488,7 +491,7 @@ def serve(
     if not rt.settings.serve_token:
         logging.getLogger(__name__).warning("CLOSEDLOOP_SERVE_TOKEN is not set: POST /score is open to anyone "
                                             "who reaches %s:%s", host, port)
-    uvicorn.run(api, host=host, port=port, workers=1, log_level="info")
+    uvicorn.run(api, host=host, port=port, workers=1, log_level="info", access_log=access_log)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,24 @@ SCORE, DECISION, VERSION = "score", "decision", "model_version"
 
 
 def champion(rt: Runtime) -> dict[str, Any]:
-    """The champion's version, model URI and decision threshold; PermanentError when there is none."""
+    """The champion's version, model URI and decision threshold; PermanentError when there is none.
+
+    The alias is looked up on every call (a promotion is seen at once); what a version is (its model,
+    run and threshold) never changes, so it is read once per process and version.
+    """
     from closedloop.registry import CHAMPION, alias_version
 
     version = alias_version(rt.client, rt.model_name, CHAMPION)
     if version is None:
         raise PermanentError(f"{rt.model_name} has no champion yet: run the retraining DAG first")
-    return version_info(rt.client, rt.model_name, version)
+    key = (rt.client.tracking_uri, rt.client._registry_uri, rt.model_name, str(version))
+    if key not in _VERSIONS:
+        _VERSIONS[key] = version_info(rt.client, rt.model_name, version)
+    return dict(_VERSIONS[key])
+
+
+_VERSIONS: dict[tuple[str, ...], dict[str, Any]] = {}  # a registered version's description, per process
+_APPLIED: set[tuple[str, str]] = set()  # (Feast registry, contract hash) applied by this process
 
 
 def version_info(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
@@ -54,8 +65,9 @@ def _booster(model_uri: str) -> Any:
 
 def score_day(rt: Runtime, day: date) -> dict[str, Any]:
     """Score the curated transactions of ``day`` (validating them first when needed) with the champion."""
-    from closedloop.features import apply_definitions, historical_features
+    from closedloop.features import apply_definitions
     from closedloop.ingest import ingest_partition
+    from closedloop.offline import point_in_time_features
     from closedloop.training import predict_inplace
 
     c = rt.contract
@@ -64,8 +76,17 @@ def score_day(rt: Runtime, day: date) -> dict[str, Any]:
     if tx.empty:
         raise NoDataError(f"{rt.lake.partition('curated', 'transactions', day)}: no transactions to score")
     champ = champion(rt)
-    apply_definitions(rt.store, rt.defs)
-    frame = historical_features(rt.store, rt.defs, tx, c)
+    from feast.errors import FeatureViewNotFoundException
+
+    applied = (str(rt.store.config.registry.path), rt.contract.sha256)
+    if applied not in _APPLIED:  # the same definitions again change nothing: once per process and registry
+        apply_definitions(rt.store, rt.defs)
+        _APPLIED.add(applied)
+    try:
+        frame = point_in_time_features(rt.store, rt.defs, tx, c)  # Feast's rules, read in the day's range
+    except FeatureViewNotFoundException:  # the registry was replaced since: apply again
+        apply_definitions(rt.store, rt.defs)
+        frame = point_in_time_features(rt.store, rt.defs, tx, c)
     scores = predict_inplace(_booster(champ["model_uri"]), frame, c)
     out = frame[[c.row_key, c.entity, c.event_timestamp, *c.model_features]].copy()
     out[SCORE] = scores.astype("float64")

@@ -30,6 +30,7 @@ from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
     from fastapi import FastAPI
     from feast import FeatureStore
@@ -166,12 +167,13 @@ class OnlineFeatures:
     def __init__(self, store: FeatureStore, defs: FeastDefinitions, contract: DataContract):
         self.store, self.defs, self.contract = store, defs, contract
 
-    def fetch(self, entities: list[Any]) -> pd.DataFrame:
-        """One row per entity (in order) with the contract's entity features; NaN where the store has none.
+    def fetch(self, entities: list[Any]) -> np.ndarray:
+        """One row per entity (in order), the contract's entity features as columns (float64); NaN where the
+        store has none. No pandas: Feast's response as lists, straight into one array.
 
         Raises Unavailable when the store does not answer.
         """
-        import pandas as pd
+        import numpy as np
 
         c = self.contract
         try:
@@ -181,8 +183,23 @@ class OnlineFeatures:
             log.exception("online store failed")
             raise Unavailable(f"the online feature store did not answer ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); retry later") from exc
-        return pd.DataFrame({f: pd.to_numeric(pd.Series(resp[f], dtype="object"), errors="coerce").astype("float64")
-                             for f in c.entity_features})
+        out = np.empty((len(entities), len(c.entity_features)), dtype=np.float64)
+        for j, f in enumerate(c.entity_features):
+            out[:, j] = [_as_float(v) for v in resp[f]]
+        return out
+
+
+def _as_float(value: Any) -> float:
+    """A value as a float, NaN for a missing or non-numeric one (as ``pd.to_numeric(errors="coerce")``)."""
+    if value is None or isinstance(value, str):
+        try:
+            return float(value) if value is not None else float("nan")
+        except ValueError:
+            return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 # -- the served log ------------------------------------------------------------------------------
@@ -336,9 +353,60 @@ def score_frame(model: LoadedModel, frame: pd.DataFrame, contract: DataContract)
     return predict_inplace(model.booster, frame, contract).astype("float64")
 
 
+@dataclass(frozen=True)
+class RequestMatrix:
+    """The model's matrix of a request, built from its transactions (dicts) and their online features
+    (:meth:`OnlineFeatures.fetch`) without pandas: the values :func:`closedloop.training.model_matrix` gives
+    for the same rows in a frame (a category's index in the contract's declared categories, NaN outside
+    them or missing; numbers as floats, NaN when missing), so the scores are batch's (tests compare them).
+    """
+
+    names: tuple[str, ...]
+    request: tuple[tuple[int, str, dict[str, int] | None], ...]  # (column, field, categories' index or None)
+    entity: tuple[tuple[int, int], ...]  # (column, column of the fetched features)
+
+    @classmethod
+    def of(cls, contract: DataContract) -> RequestMatrix:
+        from closedloop.training import _declared_index
+
+        fetched = {f: k for k, f in enumerate(contract.entity_features)}
+        request, entity = [], []
+        for j, name in enumerate(contract.model_features):
+            if name in fetched:
+                entity.append((j, fetched[name]))
+            else:
+                cats = contract.categorical.get(name)
+                request.append((j, name, _declared_index(tuple(cats)) if cats is not None else None))
+        return cls(tuple(contract.model_features), tuple(request), tuple(entity))
+
+    def build(self, transactions: list[dict[str, Any]], feats: np.ndarray) -> np.ndarray:
+        import numpy as np
+
+        nan = float("nan")
+        x = np.empty((len(transactions), len(self.names)), dtype=np.float32)
+        for j, k in self.entity:
+            x[:, j] = feats[:, k]
+        for j, name, index in self.request:
+            if index is None:
+                x[:, j] = [nan if (v := t.get(name)) is None else _as_float(v) for t in transactions]
+            else:
+                x[:, j] = [nan if (v := index.get(t.get(name))) is None else v for t in transactions]  # type: ignore[arg-type]
+        return x
+
+
+def score_matrix(model: LoadedModel, x: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Scores of a request's matrix (:class:`RequestMatrix`, columns ``names``) by ``model``, as float64; the
+    booster's feature names are checked against ``names`` (as :func:`closedloop.training.predict_inplace`)."""
+    have = model.booster.feature_names
+    if have is not None and have != list(names):
+        raise ValueError(f"feature_names mismatch: the model has {have}, the contract {list(names)}")
+    return model.booster.inplace_predict(x).astype("float64")
+
+
 @dataclass
 class Scorer:
-    """What ``POST /score`` does, without HTTP: features, scores, the log and the shadow."""
+    """What ``POST /score`` does, without HTTP: features, scores, the log and the shadow. No pandas on this
+    path (the served log's rows become a frame in its writer's thread)."""
 
     contract: DataContract
     features: OnlineFeatures
@@ -349,10 +417,14 @@ class Scorer:
     config: ServingConfig
     metrics: Any = None
     rng: random.Random = field(default_factory=random.Random)
+    matrix: RequestMatrix | None = None
+
+    def __post_init__(self) -> None:
+        if self.matrix is None:
+            self.matrix = RequestMatrix.of(self.contract)
 
     def score(self, transactions: list[dict[str, Any]]) -> dict[str, Any]:
         import numpy as np
-        import pandas as pd
 
         c = self.contract
         if len(transactions) > self.config.max_batch:
@@ -366,12 +438,9 @@ class Scorer:
             dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
             raise BadRequest(f"{c.row_key} must be unique within a request: repeated {dup}")
         now = datetime.now(UTC)
-        req = pd.DataFrame(transactions)
-        req[c.event_timestamp] = pd.to_datetime(req[c.event_timestamp].where(req[c.event_timestamp].notna(), now),
-                                                utc=True)
-        entity_ids = req[c.entity].tolist()
+        entity_ids = [t[c.entity] for t in transactions]
         feats = self.features.fetch(entity_ids)
-        unknown = feats.isna().all(axis=1).to_numpy()
+        unknown = np.isnan(feats).all(axis=1)
         if unknown.any():
             who = sorted({entity_ids[i] for i in np.flatnonzero(unknown)})
             if self.metrics is not None:
@@ -380,15 +449,25 @@ class Scorer:
                                    "or not materialised yet; score them in batch once ingested")
         if self.metrics is not None:
             self.metrics.observe_features(feats)
-        frame = pd.concat([req.reset_index(drop=True), feats], axis=1)
-        scores = score_frame(model, frame, c)
-        decisions = (scores >= model.threshold).astype("int64")
-        logged = frame[[c.row_key, c.entity, c.event_timestamp, *c.model_features]].copy()
-        logged["score"], logged["decision"], logged["model_version"] = scores, decisions, model.version
-        logged[SERVED_AT] = pd.Timestamp(now)
-        logged[REQUEST_ID] = uuid.uuid4().hex
-        self.served.append(logged.to_dict("records"))
-        self._shadow(frame, logged, model)
+        assert self.matrix is not None
+        x = self.matrix.build(transactions, feats)
+        scores = score_matrix(model, x, self.matrix.names)
+        decisions = scores >= model.threshold
+        request_id = uuid.uuid4().hex
+        fetched = {f: k for k, f in enumerate(c.entity_features)}
+        logged = []
+        for i, t in enumerate(transactions):
+            ts = t.get(c.event_timestamp)
+            row = {c.row_key: ids[i], c.entity: entity_ids[i],
+                   c.event_timestamp: now if ts is None else ts.astimezone(UTC)}
+            values = feats[i].tolist()
+            for name in c.model_features:
+                row[name] = values[fetched[name]] if name in fetched else t.get(name)
+            row["score"], row["decision"], row["model_version"] = float(scores[i]), int(decisions[i]), model.version
+            row[SERVED_AT], row[REQUEST_ID] = now, request_id
+            logged.append(row)
+        self.served.append(logged)
+        self._shadow(x, logged, model)
         predictions = [{c.row_key: i, "score": float(s), "decision": int(d)}
                        for i, s, d in zip(ids, scores, decisions, strict=True)]
         for prediction, transaction in zip(predictions, transactions, strict=True):
@@ -401,18 +480,19 @@ class Scorer:
         return {"model": model.name, "model_version": model.version, "threshold": model.threshold,
                 "predictions": predictions}
 
-    def _shadow(self, frame: pd.DataFrame, logged: pd.DataFrame, champ: LoadedModel) -> None:
+    def _shadow(self, x: np.ndarray, logged: list[dict[str, Any]], champ: LoadedModel) -> None:
         """Score with the challenger on a share of requests; log only (failures never reach the caller)."""
         shadow = self.challenger.model if self.challenger is not None else None
         if shadow is None or self.shadow is None or self.rng.random() >= self.config.shadow_share:
             return
         try:
-            out = logged.copy()
-            out["champion_version"], out["champion_score"] = champ.version, out["score"]
-            out["score"] = score_frame(shadow, frame, self.contract)
-            out["decision"] = (out["score"] >= shadow.threshold).astype("int64")
-            out["model_version"] = shadow.version
-            self.shadow.append(out.to_dict("records"))
+            assert self.matrix is not None
+            scores = score_matrix(shadow, x, self.matrix.names)
+            out = []
+            for row, s in zip(logged, scores.tolist(), strict=True):
+                out.append({**row, "champion_version": champ.version, "champion_score": row["score"], "score": s,
+                            "decision": int(s >= shadow.threshold), "model_version": shadow.version})
+            self.shadow.append(out)
             if self.metrics is not None:
                 self.metrics.shadow.inc(len(out))
         except Exception:
@@ -447,12 +527,22 @@ class Metrics:
                                        "contract's block:/warn: range or categories, by field.", ["field"],
                                        registry=self.registry)
         self.feature_names = features
+        # the children a request touches, bound once (a labels() lookup per feature and request costs)
+        self.score_ok = self.requests.labels("/score", "200")
+        self._values = [self.feature_values.labels(f) for f in features]
+        self._missing = [self.feature_missing.labels(f) for f in features]
 
-    def observe_features(self, feats: pd.DataFrame) -> None:
-        missing = feats.isna().sum()
-        for f in self.feature_names:
-            self.feature_values.labels(f).inc(len(feats))
-            self.feature_missing.labels(f).inc(int(missing[f]))
+    def observe_features(self, feats: Any) -> None:
+        """Count the fetched values and the missing ones: ``feats`` rows by ``feature_names`` columns (an
+        array or a frame)."""
+        import numpy as np
+
+        values = np.asarray(feats, dtype=np.float64)
+        missing = np.isnan(values).sum(axis=0).tolist()
+        for values_child, missing_child, m in zip(self._values, self._missing, missing, strict=True):
+            values_child.inc(len(values))
+            if m:
+                missing_child.inc(m)
 
     def set_versions(self, *holders: ModelHolder | None) -> None:
         for h in holders:
@@ -507,6 +597,7 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from pydantic import ValidationError
 
     from closedloop.registry import CHAMPION
 
@@ -538,7 +629,7 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
                   description=f"Scores {contract.name} transactions with {model_name}@champion.")
     app.state.scorer, app.state.poller, app.state.metrics = scorer, poller, metrics
 
-    def authorised(request: Request) -> None:
+    async def authorised(request: Request) -> None:  # async: a sync dependency would hop to a worker thread
         if not token:
             return
         given = request.headers.get("authorization", "")
@@ -588,20 +679,31 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def score(body: score_request) -> dict[str, Any]:  # type: ignore[valid-type]
-        """Score the transactions: one prediction per transaction, in order."""
+    async def score(request: Request) -> Response:
+        """Score the transactions: one prediction per transaction, in order.
+
+        The body is validated from its bytes by pydantic (``model_validate_json``: no intermediate Python
+        objects) and the answer serialised once; the work runs on the event loop, with no thread hop: one
+        request is a few hundred microseconds of Python that the GIL would serialise anyway.
+        """
         start = time.perf_counter()
+        try:
+            body = score_request.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from None
         rows = [t.model_dump() for t in body.transactions]
         try:
             out = scorer.score(rows)
         finally:
             metrics.latency.observe(time.perf_counter() - start)
         metrics.transactions.inc(len(rows))
-        metrics.requests.labels("/score", "200").inc()
-        return out
+        metrics.score_ok.inc()
+        return JSONResponse(out)
 
-    score.__annotations__["body"] = score_request
-    app.post("/score", dependencies=[Depends(authorised)])(score)
+    score.__annotations__.update(request=Request, **{"return": Response})
+    app.post("/score", dependencies=[Depends(authorised)],
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": score_request.model_json_schema()}}}})(score)
 
     return app
 

@@ -195,3 +195,41 @@ def test_the_device_assembly_gives_the_host_matrix(odd, contract, threads):
     x = training._device_matrix(_HostCupy, columns, len(odd), "float32", threads)
     assert x.flags.c_contiguous
     np.testing.assert_array_equal(x, model_matrix(odd, contract))
+
+
+def test_the_request_matrix_is_model_matrix_on_what_a_request_carries(models, splits, contract):
+    """Online scoring builds its matrix from the request's dicts and the fetched features without pandas
+    (serving.RequestMatrix): the same values and scores as model_matrix on the same rows in a frame, for
+    the values a validated request can hold (text or None categoricals, unknown categories, integers,
+    booleans, floats and None numbers) and features missing in the online store."""
+    from closedloop.serving import RequestMatrix, score_matrix
+    from closedloop.training import model_matrix
+
+    booster = models[1][0]
+    rows = splits["holdout"].head(200).reset_index(drop=True)
+    request = [f for f in contract.model_features if f not in contract.entity_features]
+    transactions = rows[request].astype(object).where(rows[request].notna(), None).to_dict("records")
+    rng = np.random.default_rng(9)
+    cats, nums = list(contract.categorical), [f for f in request if f not in contract.categorical]
+    for i, t in enumerate(transactions):
+        pick = rng.random()
+        if pick < 0.1:
+            t[cats[0]] = "not_a_declared_category"
+        elif pick < 0.2:
+            t[cats[-1]] = None
+        elif pick < 0.3:
+            t[nums[0]] = None
+        elif pick < 0.4:
+            t[nums[1]] = int(i)
+        elif pick < 0.5:
+            t[nums[-1]] = bool(i % 2)
+    feats = rows[list(contract.entity_features)].to_numpy(dtype=np.float64)
+    feats[::7, 0] = np.nan
+    feats[::11, :] = np.nan
+    frame = pd.concat([pd.DataFrame(transactions), pd.DataFrame(feats, columns=list(contract.entity_features))],
+                      axis=1)
+    matrix = RequestMatrix.of(contract)
+    x = matrix.build(transactions, feats)
+    np.testing.assert_array_equal(x, model_matrix(frame, contract))
+    model = LoadedModel(name="m", alias="champion", version="1", threshold=0.5, booster=booster)
+    np.testing.assert_array_equal(score_matrix(model, x, matrix.names), score_frame(model, frame, contract))

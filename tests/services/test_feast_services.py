@@ -79,3 +79,13 @@ def test_registry_online_and_offline_stores_on_the_services(rt, prod_env, s3, bu
     for name in c.entity_features:
         pd.testing.assert_series_equal(merged[name], merged[f"{name}_expected"], check_names=False)
     assert any(k.startswith(f"lake/training_sets/{ts['key']}/split=") for k in s3.keys(bucket, "lake/"))
+
+    # batch scoring's bounded read (closedloop.offline) of the same source on s3://: Feast's answer on every row
+    from closedloop.features import historical_features
+    from closedloop.offline import point_in_time_features, unsupported
+
+    assert unsupported(rt.store, rt.store.get_feature_view(c.feature_view)) is None
+    day = curated[curated[c.event_timestamp].dt.date == pd.Timestamp("2026-01-05").date()]
+    pd.testing.assert_frame_equal(point_in_time_features(rt.store, rt.defs, day, c).reset_index(drop=True),
+                                  historical_features(rt.store, rt.defs, day, c).reset_index(drop=True),
+                                  check_dtype=False, check_exact=True)
