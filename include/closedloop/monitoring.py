@@ -257,14 +257,7 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
         metrics["drift_score_prediction"] = float(figures.prediction["score"])
     if figures.quality:
         metrics.update({f"quality_{k}": float(v) for k, v in figures.quality.items() if isinstance(v, int | float)})
-    perf = figures.performance or {}
-    for key in ("estimated", "realised"):
-        if perf.get(key) is not None:
-            metrics[f"{key}_{perf['metric']}"] = float(perf[key])
-        band = perf.get(f"{key}_band")
-        if band:
-            metrics[f"{key}_{perf['metric']}_lower"] = float(band["lower"])
-            metrics[f"{key}_{perf['metric']}_upper"] = float(band["upper"])
+    metrics.update(performance_metrics(figures.performance or {}, ("estimated", "realised")))
     run_id = existing.info.run_id if existing else None
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=f"drift {window}",
                           tags=tags) as run:
@@ -284,16 +277,38 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
             "thresholds": {"mode": cal.mode, "why": cal.why}, "late_drops": late}
 
 
+def performance_metrics(perf: dict[str, Any], kinds: tuple[str, ...]) -> dict[str, float]:
+    """MLflow metrics of :func:`closedloop.drift.performance_figures`' ``kinds`` (estimated, realised): each
+    figure (``realised_roc_auc``) with its calibrated band's edges (``..._lower``, ``..._upper``) when it has one.
+
+    One function for a window's own measurement and its re-judging on late labels, so that a realised figure is
+    never recorded without the band its decision used (the champion's, scaled to the window's rows)."""
+    out: dict[str, float] = {}
+    metric = perf.get("metric", "roc_auc")
+    for key in kinds:
+        if perf.get(key) is None:
+            continue
+        out[f"{key}_{metric}"] = float(perf[key])
+        band = perf.get(f"{key}_band")
+        if band:
+            out[f"{key}_{metric}_lower"] = float(band["lower"])
+            out[f"{key}_{metric}_upper"] = float(band["upper"])
+    return out
+
+
 def rejudge_earlier(rt: Runtime, exp_id: str, window: Window, champ: dict[str, Any], cal: Calibration,
                     policy: DriftPolicy) -> list[dict[str, Any]]:
     """Re-judge the champion's earlier windows on the labels that arrived until ``window.end``.
 
     Windows judged by the same champion, ending before ``window`` and whose labels are not yet complete
     (``ingest.label_grace_days`` after their end), at most ``monitoring.rejudge_max_windows`` of them: their
-    realised performance is measured again, logged to their MLflow run (step = this window's end) and, once
-    complete, tagged so. A realised figure below its calibrated band (with enough labelled positives) is a
-    late drop, returned once per window (tagged ``late_drop``) for :func:`decide_retraining`.
+    realised performance is measured again and logged to their MLflow run (step = this window's end) with the
+    calibrated band it is judged against (:func:`performance_metrics`), and, once complete, tagged so. A
+    realised figure below its calibrated band (with enough labelled positives) is a late drop, returned once
+    per window (tagged ``late_drop``) for :func:`decide_retraining`.
     """
+    from mlflow.entities import Metric
+
     from closedloop import drift
 
     if cal.performance is None:
@@ -323,9 +338,11 @@ def rejudge_earlier(rt: Runtime, exp_id: str, window: Window, champ: dict[str, A
         perf = drift.performance_figures(frame, cal.performance, label_column=rt.contract.label) or {}
         step = window.end.toordinal()
         metric = perf.get("metric", "roc_auc")
-        if perf.get("realised") is not None:
-            rt.client.log_metric(r.info.run_id, f"realised_{metric}", float(perf["realised"]), step=step)
-        rt.client.log_metric(r.info.run_id, "labelled_rows", float(perf.get("labelled_rows", 0)), step=step)
+        # the realised figure with the band it is judged against (scaled to the labelled rows), in one batch at
+        # one step: the page, the exporter and the alert rule read them together
+        logged = {**performance_metrics(perf, ("realised",)), "labelled_rows": float(perf.get("labelled_rows", 0))}
+        at = int(datetime.now(UTC).timestamp() * 1000)  # MLflow's own clock for a metric (as log_metric's)
+        rt.client.log_batch(r.info.run_id, metrics=[Metric(k, v, at, step) for k, v in logged.items()])
         complete = window.end >= earlier.end + timedelta(days=grace)
         if complete:
             rt.client.set_tag(r.info.run_id, f"{TAG}labels_complete", "true")
