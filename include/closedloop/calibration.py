@@ -23,7 +23,8 @@ champion's own training window, cut into chunks the size of a monitoring window:
   their standard deviations (:func:`aggregate`); its threshold is set on the chunks' aggregates, which
   controls the overall false-alarm rate, not only each feature's;
 - beside it, the *peak*: the largest excess among the features the model relies on most (at least
-  ``peak_min_importance`` of its total gain), with its own threshold set on the chunks' peaks (:func:`peak`).
+  ``peak_min_importance`` of its total gain), with its own threshold set on the chunks' peaks (:func:`peak`),
+  never below ``std_multiplier`` (a feature's own calibrated threshold).
   A feature the model relies on moving far past anything its chunks showed decides alone, even when the
   features that did not move dilute it in the weighted aggregate.
 
@@ -273,8 +274,13 @@ def _peak_band(chunk_statistics: dict[str, list[float | None]], calibration: Cal
     probe = Calibration(mode=MODE_CALIBRATED, why="", features=calibration.features, weights=calibration.weights,
                         std_multiplier=calibration.std_multiplier, peak={"features": features})
     peaks = [p[0] for p in (peak({c: v[i] for c, v in chunk_statistics.items()}, probe) for i in range(n)) if p]
-    return {**_band(peaks, calibration.std_multiplier or 3.0), "features": features, "min_importance": min_importance,
-            "statistic": PEAK_STATISTIC}
+    k = calibration.std_multiplier or 3.0
+    band = _band(peaks, k)
+    if band["threshold"] is not None:
+        # never looser than each feature's own rule (``k`` std past its chunks' mean): with a dozen chunks the
+        # peak's spread is underestimated, and the largest of several features passes k more often than one
+        band["threshold"] = max(band["threshold"], k)
+    return {**band, "features": features, "min_importance": min_importance, "statistic": PEAK_STATISTIC}
 
 
 def _band(values: list[float], k: float) -> dict[str, Any]:

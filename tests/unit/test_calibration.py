@@ -94,3 +94,6 @@ def test_the_peak_is_the_largest_excess_among_the_features_the_model_relies_on_m
     expected = max(statistics.mean(chunks) + 3 * statistics.stdev(chunks), max(chunks))
     assert back.peak["features"] == ["b"] and back.peak["threshold"] == pytest.approx(expected)
     assert "peak" in back.why and Calibration.from_dict(back.to_dict()).peak == back.peak
+    # chunks that never move give no spread: the peak's threshold is never looser than a feature's own (3 std)
+    cal.chunk_statistics = {"a": [0.02] * 4, "b": [0.1] * 4}
+    assert Calibration.from_dict(cal.to_dict()).peak["threshold"] == pytest.approx(3.0)
