@@ -21,7 +21,12 @@ champion's own training window, cut into chunks the size of a monitoring window:
 - the decision statistic itself is calibrated the same way: the root of the importance-weighted (total
   gain) mean, over the features the decision uses, of each feature's squared excess over its chunks' mean in
   their standard deviations (:func:`aggregate`); its threshold is set on the chunks' aggregates, which
-  controls the overall false-alarm rate, not only each feature's.
+  controls the overall false-alarm rate, not only each feature's;
+- beside it, the *peak*: the largest excess among the features the model relies on most (at least
+  ``peak_min_importance`` of its total gain), with its own threshold set on the chunks' peaks (:func:`peak`),
+  never below ``std_multiplier`` (a feature's own calibrated threshold).
+  A feature the model relies on moving far past anything its chunks showed decides alone, even when the
+  features that did not move dilute it in the weighted aggregate.
 
 Too short a window (fewer than ``min_chunks`` chunks) gives a :class:`Calibration` of mode ``fixed``
 whose ``why`` says so; the decision then uses the policy's fixed thresholds and reports it.
@@ -50,6 +55,8 @@ MODE_FIXED = "fixed"
 MIN_THRESHOLD = 1e-3
 # the decision statistic (:func:`aggregate`) its calibrated threshold was computed for
 AGGREGATE_STATISTIC = "weighted_rms_excess"
+# the peak (:func:`peak`) its calibrated threshold was computed for
+PEAK_STATISTIC = "max_excess"
 # sources of a feature's threshold
 SOURCE_CALIBRATED = "calibrated"
 SOURCE_FIXED = "fixed"        # the policy's fixed threshold (schema ``drift: {calibrate: false}``, or fixed mode)
@@ -68,6 +75,8 @@ class CalibrationSettings:
     min_importance: float = 0.02
     # days left out of the reference on each side of a chunk (None: window_days)
     gap_days: int | None = None
+    # features with at least this share of the model's total gain also decide alone (the peak of their excesses)
+    peak_min_importance: float = 0.1
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> CalibrationSettings:
@@ -75,13 +84,14 @@ class CalibrationSettings:
 
         cfg = dict(cfg or {})
         unknown = sorted(set(cfg) - {"enabled", "min_chunks", "std_multiplier", "min_importance",
-                                 "gap_days"})
+                                 "gap_days", "peak_min_importance"})
         if unknown:
             raise ConfigError(f"monitoring.calibration: unknown key(s) {unknown}")
         out = cls(enabled=bool(cfg.get("enabled", True)), min_chunks=int(cfg.get("min_chunks", 10)),
                   std_multiplier=float(cfg.get("std_multiplier", 3.0)),
                   min_importance=float(cfg.get("min_importance", 0.02)),
-                  gap_days=None if cfg.get("gap_days") is None else int(cfg["gap_days"]))
+                  gap_days=None if cfg.get("gap_days") is None else int(cfg["gap_days"]),
+                  peak_min_importance=float(cfg.get("peak_min_importance", 0.1)))
         if out.min_chunks < 2:
             raise ConfigError(f"monitoring.calibration.min_chunks={out.min_chunks}: must be >= 2")
         if out.std_multiplier < 0:
@@ -90,6 +100,9 @@ class CalibrationSettings:
             raise ConfigError(f"monitoring.calibration.gap_days={out.gap_days}: must be >= 0")
         if not 0.0 <= out.min_importance < 1.0:
             raise ConfigError(f"monitoring.calibration.min_importance={out.min_importance}: must be in [0, 1)")
+        if not 0.0 < out.peak_min_importance <= 1.0:
+            raise ConfigError(f"monitoring.calibration.peak_min_importance={out.peak_min_importance}: must be in "
+                              "(0, 1] (1: no feature decides alone)")
         return out
 
 
@@ -107,6 +120,7 @@ class Calibration:
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
     prediction: dict[str, Any] | None = None
     aggregate: dict[str, Any] | None = None
+    peak: dict[str, Any] | None = None                       # the peak's threshold and features (None: not set)
     weights: dict[str, float] = field(default_factory=dict)  # normalised importance of the decision's features
     reported_only: list[str] = field(default_factory=list)   # features the decision does not act on
     performance: dict[str, Any] | None = None               # the band of the estimated/realised metric
@@ -129,6 +143,13 @@ class Calibration:
             out.aggregate = {**agg, **_band([v for v in values if v is not None], out.std_multiplier or 3.0),
                              "statistic": AGGREGATE_STATISTIC}
             out.why += "; the input drift's threshold recomputed on the chunks for the current statistic"
+        if out.calibrated and out.peak is None and out.chunk_statistics and out.weights:
+            # thresholds logged before the peak rule: its threshold is set on the chunks' statistics kept with them
+            # (the decision's weights stand for the shares of the model's total gain)
+            top = [n for n, w in out.weights.items() if w >= CalibrationSettings.peak_min_importance]
+            out.peak = _peak_band(out.chunk_statistics, out, top, CalibrationSettings.peak_min_importance)
+            if out.peak is not None:
+                out.why += "; the input peak's threshold computed on the chunks kept with them"
         return out
 
     @property
@@ -231,6 +252,35 @@ def aggregate(scores: dict[str, float | None], calibration: Calibration) -> floa
         return None
     total = sum(w * contribution(name, scores.get(name), calibration) ** 2 for name, w in calibration.weights.items())
     return math.sqrt(total)
+
+
+def peak(scores: dict[str, float | None], calibration: Calibration) -> tuple[float, str] | None:
+    """The peak of the input drift: the largest :func:`contribution` among the features the model relies on most
+    (``calibration.peak['features']``), with its feature's name; None without such features (or a calibration
+    from before the peak existed)."""
+    names = (calibration.peak or {}).get("features") or []
+    if not names:
+        return None
+    return max((contribution(n, scores.get(n), calibration), n) for n in names)
+
+
+def _peak_band(chunk_statistics: dict[str, list[float | None]], calibration: Calibration, features: list[str],
+               min_importance: float) -> dict[str, Any] | None:
+    """The peak's threshold over ``features`` from the chunks' statistics (one list per column); None without
+    features or chunks."""
+    if not features or not chunk_statistics:
+        return None
+    n = len(next(iter(chunk_statistics.values())))
+    probe = Calibration(mode=MODE_CALIBRATED, why="", features=calibration.features, weights=calibration.weights,
+                        std_multiplier=calibration.std_multiplier, peak={"features": features})
+    peaks = [p[0] for p in (peak({c: v[i] for c, v in chunk_statistics.items()}, probe) for i in range(n)) if p]
+    k = calibration.std_multiplier or 3.0
+    band = _band(peaks, k)
+    if band["threshold"] is not None:
+        # never looser than each feature's own rule (``k`` std past its chunks' mean): with a dozen chunks the
+        # peak's spread is underestimated, and the largest of several features passes k more often than one
+        band["threshold"] = max(band["threshold"], k)
+    return {**band, "features": features, "min_importance": min_importance, "statistic": PEAK_STATISTIC}
 
 
 def _band(values: list[float], k: float) -> dict[str, Any]:
@@ -355,6 +405,9 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     partial = Calibration(mode=MODE_CALIBRATED, why="", features=features, weights=weights, std_multiplier=k)
     aggregates = [aggregate({n: stats[n][i] for n in kinds}, partial) for i in range(len(starts))]
     agg = {**_band([a for a in aggregates if a is not None], k), "features": used, "statistic": AGGREGATE_STATISTIC}
+    # the peak: features the model relies on most, each able to decide alone past what the chunks' peaks showed
+    top = [n for n in used if shares.get(n, 0.0) >= settings.peak_min_importance]
+    peak_band = _peak_band({n: stats[n] for n in kinds}, partial, top, settings.peak_min_importance)
     prediction = {"stattest": policy.numeric_stattest, **_band(stats[score_column], k),
                   "source": SOURCE_CALIBRATED} if with_score else None
     chunk_rows = int(np.median(rows))
@@ -364,11 +417,12 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
            f"threshold = mean + {k:g} std of the chunks' statistics")
     out = Calibration(mode=MODE_CALIBRATED, why=why, window_days=days_w, chunks=len(starts), chunk_rows=chunk_rows,
                       reference_rows=len(reference), std_multiplier=k, features=features, prediction=prediction,
-                      aggregate=agg, weights=weights, reported_only=reported_only,
+                      aggregate=agg, peak=peak_band, weights=weights, reported_only=reported_only,
                       chunk_statistics={c: [None if v is None else round(v, 6) for v in vals]
                                         for c, vals in stats.items()})
-    log.info("drift thresholds %s in %.1f s; aggregate threshold %.3f over %d features", why,
-             time.perf_counter() - started, agg["threshold"] or float("nan"), len(used))
+    log.info("drift thresholds %s in %.1f s; aggregate threshold %.3f over %d features, peak threshold %s over %s",
+             why, time.perf_counter() - started, agg["threshold"] or float("nan"), len(used),
+             peak_band and peak_band["threshold"], top)
     return out
 
 

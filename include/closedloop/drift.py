@@ -54,6 +54,7 @@ RULE_KEY = "key_feature"
 RULE_PREDICTION = "prediction"
 RULE_QUALITY = "quality"
 RULE_INPUTS = "input_drift"                  # calibrated: importance-weighted drift of the model's inputs
+RULE_PEAK = "input_peak"                     # calibrated: one of the inputs the model relies on most, far out
 RULE_ESTIMATED = "estimated_performance"     # calibrated: CBPE estimate below its band
 RULE_REALISED = "realised_performance"       # calibrated: realised metric below its band
 
@@ -543,7 +544,7 @@ def _calibrated_rules(figures: DriftFigures, policy: DriftPolicy, cal: Calibrati
                       reasons: list[str]) -> None:
     """The calibrated decision: importance-weighted input drift, own-threshold features, score drift and
     performance, each against the threshold calibrated with the champion; other drift is reported."""
-    from closedloop.calibration import SOURCE_OWN, aggregate, contribution
+    from closedloop.calibration import SOURCE_OWN, aggregate, contribution, peak
 
     scores = {n: r.get("score") for n, r in figures.per_feature.items()}
     # a feature with no values left in the window (a broken feed) counts at its threshold in the aggregate
@@ -561,6 +562,20 @@ def _calibrated_rules(figures: DriftFigures, policy: DriftPolicy, cal: Calibrati
     else:
         reasons.append(f"importance-weighted input drift {value:.3f} is below its calibrated threshold "
                        f"{agg['threshold']:.3f} (largest contributions: {parts})")
+    top_feature = peak(scores, cal)
+    peak_thr = (cal.peak or {}).get("threshold")
+    if top_feature is None or peak_thr is None:
+        reasons.append("input peak not judged: no feature has at least "
+                       f"{(cal.peak or {}).get('min_importance', 'peak_min_importance of')} the model's total gain"
+                       + ("" if cal.peak else " (thresholds calibrated before the peak rule)"))
+    else:
+        level, name = top_feature
+        verb = "reaches" if level >= peak_thr else "is below"
+        if level >= peak_thr:
+            fired.append(RULE_PEAK)
+        reasons.append(f"input peak: {name} {level:.2f} std past its chunks' mean {verb} the calibrated peak "
+                       f"threshold {peak_thr:.2f} (features with at least {cal.peak.get('min_importance')} of the "
+                       "model's total gain decide alone)")
     own = {n: f["own_threshold"] for n, f in cal.features.items() if f.get("source") == SOURCE_OWN}
     _key_rules(figures, own, fired, reasons)
     _prediction_rule(figures, fired, reasons, what="its calibrated threshold ")

@@ -15,6 +15,7 @@ from closedloop.calibration import (
     CalibrationSettings,
     aggregate,
     contribution,
+    peak,
 )
 from closedloop.errors import ConfigError
 
@@ -58,6 +59,9 @@ def test_settings() -> None:
         CalibrationSettings.from_config({"gap_days": -1})
     with pytest.raises(ConfigError, match="unknown key"):
         CalibrationSettings.from_config({"gap": 2})
+    assert CalibrationSettings.from_config(None).peak_min_importance == 0.1
+    with pytest.raises(ConfigError, match="peak_min_importance"):
+        CalibrationSettings.from_config({"peak_min_importance": 0})
 
 
 def test_thresholds_logged_for_the_first_statistic_are_recomputed_on_load() -> None:
@@ -72,3 +76,24 @@ def test_thresholds_logged_for_the_first_statistic_are_recomputed_on_load() -> N
     assert back.aggregate["threshold"] == pytest.approx(expected) and expected != 0.7
     assert back.aggregate["statistic"] == "weighted_rms_excess" and "recomputed" in back.why
     assert Calibration.from_dict(back.to_dict()).aggregate == back.aggregate  # a current one is kept as it is
+
+
+def test_the_peak_is_the_largest_excess_among_the_features_the_model_relies_on_most() -> None:
+    """The peak takes only the features named in ``peak['features']`` (at least ``peak_min_importance`` of the
+    model's total gain); a thresholds.json written before the peak rule gets it on load, from its chunks."""
+    cal = _cal(a={"mean": 0.02, "std": 0.01, "threshold": 0.05}, b={"mean": 0.1, "std": 0.05, "threshold": 0.25})
+    cal.peak = {"features": ["b"]}
+    assert peak({"a": 0.10, "b": 0.2}, cal) == (pytest.approx(2.0), "b")   # a is 8 std out but not a peak feature
+    assert peak({"a": 0.10}, cal) == (pytest.approx(3.0), "b")             # b missing counts at its threshold
+    assert peak({}, _cal()) is None                                          # no peak features: no peak
+    cal.chunk_statistics = {"a": [0.01, 0.02, 0.03, 0.02], "b": [0.1, 0.05, 0.15, 0.2]}
+    cal.aggregate = {"threshold": 1.0, "statistic": "weighted_rms_excess"}
+    cal.peak, cal.weights = None, {"a": 0.05, "b": 0.95}
+    back = Calibration.from_dict(cal.to_dict())
+    chunks = [0.0, 0.0, 1.0, 2.0]   # b's excess in each chunk (a, 5 % of the gain, is not a peak feature)
+    expected = max(statistics.mean(chunks) + 3 * statistics.stdev(chunks), max(chunks))
+    assert back.peak["features"] == ["b"] and back.peak["threshold"] == pytest.approx(expected)
+    assert "peak" in back.why and Calibration.from_dict(back.to_dict()).peak == back.peak
+    # chunks that never move give no spread: the peak's threshold is never looser than a feature's own (3 std)
+    cal.chunk_statistics = {"a": [0.02] * 4, "b": [0.1] * 4}
+    assert Calibration.from_dict(cal.to_dict()).peak["threshold"] == pytest.approx(3.0)
