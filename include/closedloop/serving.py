@@ -705,35 +705,6 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": score_request.model_json_schema()}}}})(score)
 
-    async def fast_score(scope: Any, receive: Any, send: Any) -> None:
-        """``POST /score`` as the route above answers it (the same functions: the token, the endpoint, the
-        error handlers), without Starlette's exception middleware, FastAPI's routing and dependency solving
-        in between: measured, they were a large part of the server's CPU per one-transaction request beyond
-        the in-process floor (BENCHMARKS.md). Other exceptions go on to Starlette's error middleware (500)."""
-        request = Request(scope, receive)
-        try:
-            await authorised(request)
-            response = await score(request)
-        except ServingError as exc:
-            response = await serving_error(request, exc)
-        except RequestValidationError as exc:
-            response = await invalid(request, exc)
-        await response(scope, receive, send)
-
-    class _ScoreFirst:
-        """ASGI middleware: ``POST /score`` (no root path) to :func:`fast_score`, every other request on."""
-
-        def __init__(self, inner: Any):
-            self.inner = inner
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            if (scope["type"] == "http" and scope["path"] == "/score" and scope["method"] == "POST"
-                    and not scope.get("root_path")):
-                await fast_score(scope, receive, send)
-            else:
-                await self.inner(scope, receive, send)
-
-    app.add_middleware(_ScoreFirst)
     return app
 
 
