@@ -8,7 +8,9 @@ an arbitrary earlier feature row after a shuffle, so two identical calls gave di
 
 :func:`historical_features` still sends Feast the distinct (entity, timestamp) pairs and joins the
 answer back onto every labelled row, so no row can be lost or duplicated whatever the store, and the
-row count is checked.
+row count is checked. :func:`build_training_set` joins through :func:`closedloop.offline.point_in_time_features`
+instead (Feast's rules on the view's registered source, read in the window's range: the same rows, tested
+against this function), falling back to it where that reader does not cover the source.
 """
 
 from __future__ import annotations
