@@ -13,7 +13,10 @@ ratios to it (p50, p99, and the server's CPU time per request against the floor'
 machine distorts least), and the throughput of 16 and 64 concurrent clients (``--clients``).
 
     .venv/bin/python bench/serve_load.py [--requests 2000] [--seconds 20] [--redis redis://127.0.0.1:6379/13]
-                                         [--stores sqlite,redis]
+                                         [--stores sqlite,redis] [--profile /tmp/serve.prof]
+
+``--profile`` runs the server under cProfile and writes ``<PROFILE>.<store>`` when it stops (read it with
+``pstats``); its latencies and CPU are then the profiler's.
 """
 
 from __future__ import annotations
