@@ -1,11 +1,10 @@
 """The bounded point-in-time read (closedloop.offline) against Feast's own get_historical_features.
 
 Batch scoring reads a day's features (the training set a window's) from the feature view's source in the
-day's time range only; Feast
-stays the source of truth, so both answers must be the same on every row: the features (NaN where none)
-and the scores of a model on them. Checked on generated data, with rows built to hit every branch (a row
-on its own feature row, rows between feature rows that look back into earlier days, a row past the TTL,
-an unknown entity), and on a slice of the real NYC 2013 flights (examples/flights).
+day's time range only; Feast stays the source of truth, so both answers must be the same on every row: the
+features (NaN where none) and the scores of a model on them. Checked on generated data, with rows built to
+hit every branch (a row on its own feature row, rows between feature rows that look back into earlier days,
+a row past the TTL, an unknown entity), and on a slice of the real NYC 2013 flights (examples/flights).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import date
 
 import pandas as pd
@@ -12,11 +13,14 @@ from closedloop.aggregates import compute_entity_features
 from closedloop.features import (
     SPLITS,
     build_training_set,
+    frame_sha256,
     historical_features,
     read_labelled_window,
     read_training_split,
+    time_split,
 )
 from closedloop.generate import GeneratorConfig, generate
+from closedloop.offline import point_in_time_features
 from closedloop.runconf import Window
 
 WINDOW = Window(date(2026, 1, 1), date(2026, 1, 11))
@@ -103,16 +107,11 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     # the training set's features come from closedloop.offline's bounded read of the view's source: the same
     # rows as Feast's get_historical_features (the twins included), so the same split and lineage hash as a
     # training set joined by Feast
-    from closedloop.features import frame_sha256, time_split
-    from closedloop.offline import point_in_time_features
-
     pd.testing.assert_frame_equal(point_in_time_features(rt.store, rt.defs, labelled, c), whole, check_exact=True)
     columns = [c.row_key, c.entity, c.event_timestamp, *c.model_features, c.label]
     by_feast = time_split(whole[columns], c, rt.settings.config.training["split"])
     for s in SPLITS:
         pd.testing.assert_frame_equal(by_feast[s].reset_index(drop=True), frames[s], check_exact=True)
-    import hashlib
-
     digest = hashlib.sha256()
     for s in SPLITS:
         digest.update(frame_sha256(by_feast[s]).encode())
