@@ -13,7 +13,10 @@ ratios to it (p50, p99, and the server's CPU time per request against the floor'
 machine distorts least), and the throughput of 16 and 64 concurrent clients (``--clients``).
 
     .venv/bin/python bench/serve_load.py [--requests 2000] [--seconds 20] [--redis redis://127.0.0.1:6379/13]
-                                         [--stores sqlite,redis]
+                                         [--stores sqlite,redis] [--profile /tmp/serve.prof]
+
+``--profile`` runs the server under cProfile and writes ``<PROFILE>.<store>`` when it stops (read it with
+``pstats``); its latencies and CPU are then the profiler's.
 """
 
 from __future__ import annotations
@@ -35,6 +38,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START = date(2026, 3, 1)
+
+
+# the server under cProfile: uvicorn re-raises the SIGTERM it handled once it has shut down (the process
+# would die before the profile is written), so here that last step is skipped and the profile written
+PROFILED = """
+import cProfile, runpy, signal, sys
+out, script = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+signal.raise_signal = lambda sig: None
+profile = cProfile.Profile()
+profile.enable()
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit:
+    pass
+finally:
+    profile.disable()
+    profile.dump_stats(out)
+"""
 
 
 def free_port() -> int:
@@ -93,12 +115,15 @@ def materialise_redis(home: Path, url: str) -> None:
 class ServeProcess:
     """``closedloop serve`` in a child process group, stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, profile: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log.open("w")
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "closedloop"), "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        command = [str(Path(sys.executable).parent / "closedloop"), "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port)]
+        if profile:  # the server under cProfile (written when it stops): where its CPU per request goes
+            command = [sys.executable, "-c", PROFILED, profile, *command]
+        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -259,6 +284,8 @@ def main() -> None:
     ap.add_argument("--stores", default="sqlite,redis")
     ap.add_argument("--clients", default="16,64", help="concurrent clients of the throughput cases (one-transaction "
                                                          "requests); empty: none")
+    ap.add_argument("--profile", default="", help="run the server under cProfile and write its profile to "
+                    "PROFILE.<store> (the figures are then the profiler's, not the server's)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="closedloop-serve-bench-"))
@@ -282,7 +309,8 @@ def main() -> None:
                 env.update({"CLOSEDLOOP_ONLINE_STORE": "redis", "CLOSEDLOOP_REDIS_URL": args.redis})
             floor = in_process_floor(home, store, args.redis, rows, args.requests, args.seconds)
             print(json.dumps(floor), file=sys.stderr)
-            server = ServeProcess(env, tmp / f"serve-{store}.log")  # its log goes with the temporary home
+            server = ServeProcess(env, tmp / f"serve-{store}.log",  # its log goes with the temporary home
+                                  f"{args.profile}.{store}" if args.profile else None)
             try:
                 server.wait_ready()
                 for batch in (1, 100):

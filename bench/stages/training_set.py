@@ -1,11 +1,14 @@
-"""Training set: Feast's point-in-time join against a pandas ``merge_asof`` of the same rows.
+"""Training set: the project's point-in-time join against a pandas ``merge_asof`` of the same rows.
 
-Two lines:
+Three lines:
 
-- ``point-in-time join``: ``closedloop.features.historical_features`` (Feast's ``get_historical_features`` on
-  the DuckDB offline store, the distinct (entity, time) pairs sent, the answer joined back onto every row) on
-  the window's labelled rows, against reading the same feature files with pyarrow and one
+- ``point-in-time join``: ``closedloop.offline.point_in_time_features`` (what ``build_training_set`` calls:
+  Feast's rules on the feature view's registered source, read in the window's range) on the window's
+  labelled rows, against reading the same feature files with pyarrow and one
   ``pandas.merge_asof`` (by entity, backward, exact matches allowed, the view's TTL as tolerance);
+- ``point-in-time join (Feast's get_historical_features)``: Feast's own join of the same rows
+  (``closedloop.features.historical_features``), the join before issue 23, against the same floor, its rows
+  compared with the project's (up to 2M rows; ``CLOSEDLOOP_BENCH_FEAST_JOIN=0`` leaves it out);
 - ``training set task``: ``closedloop.retraining.build_training_set`` (what the DAG's task calls: read the
   curated window and its labels, the join, the time split, the Parquet parts) against the same steps in plain
   pandas/pyarrow with the ``merge_asof``.
@@ -109,6 +112,10 @@ def mismatches(project: Any, floor: Any, contract: Any) -> int:
 def run(w: World, quick: bool) -> list[Result]:
     from closedloop import retraining as stages
     from closedloop.features import DEFAULT_PART_ROWS, apply_definitions, historical_features, read_labelled_window
+    from closedloop.offline import point_in_time_features
+
+    # Feast's own join beside it (the figure before issue 23), up to 2M (at 10M it took 230 s)
+    feast = w.rows <= 2_000_000 and os.environ.get("CLOSEDLOOP_BENCH_FEAST_JOIN", "1") != "0"
 
     w.ingested()
     w.runtime()
@@ -122,23 +129,33 @@ def run(w: World, quick: bool) -> list[Result]:
         grace = int(cfg.ingest.get("label_grace_days", 21))
         labelled, _, _ = read_labelled_window(rt.lake, c, w.window.start, w.window.end, grace)
         historical_features(rt.store, rt.defs, labelled.head(100), c)  # Feast's, DuckDB's first-use setup
+        point_in_time_features(rt.store, rt.defs, labelled.head(100), c)  # the reader's view and connection
         data_mib = frame_mib(labelled)
 
-        figure = measure(lambda: historical_features(rt.store, rt.defs, labelled, c))
+        figure = measure(lambda: point_in_time_features(rt.store, rt.defs, labelled, c))
         # only what the comparison needs is kept while the floor runs (at 10M the stage held both whole results
         # and the feature history at once, and passed 24 GiB)
         project = figure.result[[c.row_key, *c.entity_features]]
         figure.result = None
         floor = measure(lambda: asof_join(labelled, read_features(rt), c))
         diff = mismatches(project, floor.result, c)
-        del project
         floor.result = None
         results.append(Result.of(
             STAGE, "point-in-time join", w.rows, figure, floor, data_mib, work_rows=len(labelled),
-            notes=f"{len(labelled)} labelled rows x {len(c.entity_features)} features; Feast get_historical_features "
-                  f"(DuckDB); floor: pyarrow read of the feature files + merge_asof (by entity, backward, TTL "
-                  f"{c.ttl.days} d); rows differing: {diff}"))
-        del figure, floor
+            notes=f"{len(labelled)} labelled rows x {len(c.entity_features)} features; closedloop.offline (Feast's "
+                  f"rules on the registered source, read in the window's range by DuckDB); floor: pyarrow read of "
+                  f"the feature files + merge_asof (by entity, backward, TTL {c.ttl.days} d); rows differing: {diff}"))
+        if feast:
+            feast_figure = measure(lambda: historical_features(rt.store, rt.defs, labelled, c))
+            same = mismatches(project, feast_figure.result[[c.row_key, *c.entity_features]], c)
+            feast_figure.result = None
+            results.append(Result.of(
+                STAGE, "point-in-time join (Feast's get_historical_features)", w.rows, feast_figure, floor,
+                data_mib, work_rows=len(labelled),
+                notes=f"the join before issue 23: Feast get_historical_features (DuckDB, the whole history scanned "
+                      f"per call); floor as above; rows differing from closedloop.offline's: {same}"))
+            del feast_figure
+        del project, figure, floor
         labelled = None  # the task reads the window itself
 
         split, part_rows = cfg.training["split"], int(cfg.training.get("part_rows", DEFAULT_PART_ROWS))
@@ -147,8 +164,8 @@ def run(w: World, quick: bool) -> list[Result]:
                                            tmp / "floor"))
         results.append(Result.of(
             STAGE, "training set task", w.rows, figure, floor, data_mib, work_rows=sum(figure.result["rows"].values()),
-            notes="build_training_set: read window + labels, Feast join, time split, Parquet parts; floor: the same "
-                  "in pandas with merge_asof"))
+            notes="build_training_set: read window + labels, point-in-time join (closedloop.offline), time split, "
+                  "Parquet parts; floor: the same in pandas with merge_asof"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return results

@@ -151,10 +151,11 @@ def _latest(con: Any, path: str, entity: str, ts: str, features: list[str], keys
 
 
 def point_in_time_features(store: FeatureStore, defs: FeastDefinitions, rows: pd.DataFrame,
-                           contract: DataContract) -> pd.DataFrame:
+                           contract: DataContract, pit_join: dict[str, int] | None = None) -> pd.DataFrame:
     """``rows`` with the entity features as of each row's event time: what
     :func:`closedloop.features.historical_features` returns (every row once, in order, the features after
     the rows' columns, NaN where none), read from the registered source in the rows' time range only.
+    ``pit_join`` sizes Feast's calls where the source is one this reader does not cover.
     """
     import numpy as np
     import pandas as pd
@@ -181,7 +182,7 @@ def point_in_time_features(store: FeatureStore, defs: FeastDefinitions, rows: pd
     view, why = view
     if why is not None:
         log.info("point-in-time join through Feast's get_historical_features: %s", why)
-        return historical_features(store, defs, rows, contract)
+        return historical_features(store, defs, rows, contract, pit_join=pit_join)
     ent, ts = contract.entity, contract.event_timestamp
     features = list(contract.entity_features)
     src = view.batch_source

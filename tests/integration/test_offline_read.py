@@ -1,14 +1,15 @@
 """The bounded point-in-time read (closedloop.offline) against Feast's own get_historical_features.
 
-Batch scoring reads a day's features from the feature view's source in the day's time range only; Feast
-stays the source of truth, so both answers must be the same on every row: the features (NaN where none)
-and the scores of a model on them. Checked on generated data, with rows built to hit every branch (a row
-on its own feature row, rows between feature rows that look back into earlier days, a row past the TTL,
-an unknown entity), and on a slice of the real NYC 2013 flights (examples/flights).
+Batch scoring reads a day's features (the training set a window's) from the feature view's source in the
+day's time range only; Feast stays the source of truth, so both answers must be the same on every row: the
+features (NaN where none) and the scores of a model on them. Checked on generated data, with rows built to
+hit every branch (a row on its own feature row, rows between feature rows that look back into earlier days,
+a row past the TTL, an unknown entity), and on a slice of the real NYC 2013 flights (examples/flights).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from datetime import date, timedelta
@@ -18,7 +19,16 @@ import pandas as pd
 import pytest
 
 from closedloop import retraining as stages
-from closedloop.features import apply_definitions, historical_features
+from closedloop.features import (
+    SPLITS,
+    apply_definitions,
+    build_training_set,
+    frame_sha256,
+    historical_features,
+    read_labelled_window,
+    read_training_split,
+    time_split,
+)
 from closedloop.generate import GeneratorConfig, generate
 from closedloop.offline import point_in_time_features, unsupported
 from closedloop.runconf import Window
@@ -109,3 +119,22 @@ def test_a_slice_of_the_real_flights_gives_feasts_features_and_scores(home, monk
         booster = booster or _booster(historical_features(rt.store, rt.defs, tx, c), c)
         got = _assert_same(rt, tx, booster)
         assert got[c.entity_features].notna().any(axis=None)
+    # the training set's join (closedloop.features.build_training_set) on the labelled rows of the slice's
+    # window: the same rows as Feast's, the same training set as one joined by Feast
+    grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
+    labelled, _, _ = read_labelled_window(rt.lake, c, date(2013, 7, 1), date(2013, 7, 7), grace)
+    assert len(labelled) > 1000
+    whole = _assert_same(rt, labelled, booster)
+    ts = build_training_set(rt.store, rt.defs, rt.lake, c, date(2013, 7, 1), date(2013, 7, 7),
+                            label_grace_days=grace, split=rt.settings.config.training["split"])
+    columns = [c.row_key, c.entity, c.event_timestamp, *c.model_features, c.label]
+    by_feast = time_split(historical_features(rt.store, rt.defs, labelled, c)[columns], c,
+                          rt.settings.config.training["split"])
+    assert whole[c.entity_features].notna().any(axis=None)
+    for s in SPLITS:
+        pd.testing.assert_frame_equal(read_training_split(rt.lake, ts.uri, s), by_feast[s].reset_index(drop=True),
+                                      check_exact=True)
+    digest = hashlib.sha256()
+    for s in SPLITS:
+        digest.update(frame_sha256(by_feast[s]).encode())
+    assert digest.hexdigest() == ts.data_sha256

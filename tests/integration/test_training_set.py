@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import hashlib
 from datetime import date
 
 import pandas as pd
@@ -13,11 +13,14 @@ from closedloop.aggregates import compute_entity_features
 from closedloop.features import (
     SPLITS,
     build_training_set,
+    frame_sha256,
     historical_features,
     read_labelled_window,
     read_training_split,
+    time_split,
 )
 from closedloop.generate import GeneratorConfig, generate
+from closedloop.offline import point_in_time_features
 from closedloop.runconf import Window
 
 WINDOW = Window(date(2026, 1, 1), date(2026, 1, 11))
@@ -46,7 +49,7 @@ def landed(runtime):
     return runtime
 
 
-def test_training_set_keeps_every_labelled_row_with_point_in_time_features(landed, caplog):
+def test_training_set_keeps_every_labelled_row_with_point_in_time_features(landed):
     rt, c = landed, landed.contract
     stages.validate(rt, WINDOW)
     stages.materialise(rt, WINDOW)
@@ -101,10 +104,20 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     pd.testing.assert_frame_equal(historical_features(
         rt.store, rt.defs, labelled, c, pit_join={"calls": 10**9, "min_rows": 97, "max_rows": 97}), whole)
 
-    # the configuration's training.pit_join sizes those calls; the training set is the same
-    caplog.set_level(logging.INFO, logger="closedloop.features")
-    pairs = len(labelled[[c.entity, c.event_timestamp]].drop_duplicates())
+    # the training set's features come from closedloop.offline's bounded read of the view's source: the same
+    # rows as Feast's get_historical_features (the twins included), so the same split and lineage hash as a
+    # training set joined by Feast
+    pd.testing.assert_frame_equal(point_in_time_features(rt.store, rt.defs, labelled, c), whole, check_exact=True)
+    columns = [c.row_key, c.entity, c.event_timestamp, *c.model_features, c.label]
+    by_feast = time_split(whole[columns], c, rt.settings.config.training["split"])
+    for s in SPLITS:
+        pd.testing.assert_frame_equal(by_feast[s].reset_index(drop=True), frames[s], check_exact=True)
+    digest = hashlib.sha256()
+    for s in SPLITS:
+        digest.update(frame_sha256(by_feast[s]).encode())
+    assert digest.hexdigest() == ts["data_sha256"]
+
+    # training.pit_join sizes Feast's calls where the bounded read does not apply; the training set is the same
     small = build_training_set(rt.store, rt.defs, rt.lake, c, WINDOW.start, WINDOW.end, label_grace_days=grace,
                                split=rt.settings.config.training["split"], pit_join={"calls": 7, "min_rows": 1})
     assert small.data_sha256 == ts["data_sha256"] and small.uri == ts["uri"]
-    assert f"point-in-time join: {pairs} (entity, time) pairs, {-(-pairs // 7)} per call" in caplog.text
