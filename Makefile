@@ -105,7 +105,7 @@ browser:  ## Debian's chromium for the browser test of the UI (apt-get, as root;
 prometheus:  ## Debian's prometheus (with promtool) for the rule and scrape tests (apt-get, as root; skipped when present)
 	$(call debian_package,prometheus,promtool prometheus,tests/deploy/test_prometheus.py and the scrape test)
 
-dashboard-screenshot: install prometheus  ## docs/screenshots/dashboard-loop.png: the loop's panels from a real Prometheus scrape (3-5 min)
+dashboard-screenshot: install prometheus  ## docs/screenshots/dashboard-loop.png: the loop's panels from a real Prometheus scrape (2-4 min)
 	$(BIN)/python deploy/dashboard_screenshot.py --out docs/screenshots/dashboard-loop.png
 
 test: install browser prometheus  ## Set up and run the test suite
