@@ -394,12 +394,15 @@ def render_page(data: dict[str, Any], *, report_base: str = "reports/") -> str:
                       for k, v in sorted((f.get("per_feature") or {}).items()))
         perf = f.get("performance") or {}
         eb, rb = perf.get("estimated_band") or {}, perf.get("realised_band") or {}
-        agg = t.get("aggregate") or {}
+        agg, pk = t.get("aggregate") or {}, t.get("peak") or {}
         used = (f"<tr><th>thresholds used</th><td id='thresholds-mode'>{_e(t.get('mode', 'fixed'))}: "
                 f"{_e(t.get('why', 'the policy'))}</td></tr>"
                 f"<tr><th>importance-weighted input drift</th><td>{_fmt(agg.get('value'))} against "
                 f"{_fmt(agg.get('threshold'))}</td></tr>"
-                f"<tr><th>prediction drift (threshold)</th><td>{_fmt((f.get('prediction') or {}).get('threshold'))}"
+                + (f"<tr><th>input peak ({_e(', '.join(pk.get('features') or []))})</th><td id='input-peak'>"
+                   f"{_e(pk.get('feature') or '-')} {_fmt(pk.get('value'))} against {_fmt(pk.get('threshold'))}"
+                   "</td></tr>" if pk else "")
+                + f"<tr><th>prediction drift (threshold)</th><td>{_fmt((f.get('prediction') or {}).get('threshold'))}"
                 "</td></tr>"
                 f"<tr><th>estimated ROC AUC (CBPE) / band</th><td id='estimated-performance'>"
                 f"{_fmt(perf.get('estimated'))} / [{_fmt(eb.get('lower'))}, {_fmt(eb.get('upper'))}]</td></tr>"

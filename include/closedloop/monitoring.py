@@ -226,13 +226,18 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
         decision.reasons.append(f"window widened from {asked} to {window} ({len(current)} rows): fewer than "
                                 f"min_rows={policy.min_rows} in {(asked.end - asked.start).days} day(s)")
     notes = validation_notes(rt, window)
-    aggregate = None
+    aggregate, top = None, None
     if cal.calibrated:
         from closedloop.calibration import aggregate as weighted
+        from closedloop.calibration import peak as peak_of
 
-        aggregate = weighted({n: r.get("score") for n, r in figures.per_feature.items()}, cal)
+        scores = {n: r.get("score") for n, r in figures.per_feature.items()}
+        aggregate, top = weighted(scores, cal), peak_of(scores, cal)
     used = {"mode": cal.mode, "why": cal.why, "features": used_thresholds(cal),
             "aggregate": None if cal.aggregate is None else {"value": aggregate, **cal.aggregate},
+            "peak": None if not cal.peak or cal.peak.get("threshold") is None else {
+                "value": None if top is None else top[0], "feature": None if top is None else top[1],
+                "threshold": cal.peak["threshold"], "features": cal.peak.get("features")},
             "weights": cal.weights, "reported_only": cal.reported_only,
             "performance": None if cal.performance is None else {
                 k: cal.performance.get(k) for k in ("metric", "estimated", "realised", "reason", "chunk_rows")}}

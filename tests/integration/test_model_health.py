@@ -175,6 +175,10 @@ def test_a_logged_in_user_sees_the_page(client, world):
     auth = {"Authorization": f"Bearer {token}"}
     data = client.get(PREFIX + "/api/health.json", headers=auth).json()
     assert data["champion"]["version"] == champ
+    # the input peak's threshold the decision used is on the page too (a feature far out decides alone)
+    pk = data["latest_drift"]["thresholds"]["peak"]
+    assert pk["threshold"] >= 3.0 and pk["feature"] in pk["features"], pk
+    assert f"id='input-peak'>{html.escape(pk['feature'])} " in page
     link = data["latest_drift"]["html_path"]
     assert f'href="reports/{link}"' in page
     rep = client.get(f"{PREFIX}/reports/{link}", headers=auth)
