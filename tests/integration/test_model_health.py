@@ -275,7 +275,15 @@ def test_a_real_prometheus_scrapes_the_loop_metrics_of_a_real_world(world, clien
     import httpx
     from airflow.api_fastapi.app import init_plugins
     from fastapi import FastAPI
-    from support.promql import LOOP_JOB, LOOP_SCRAPED, binary, config_for, dashboard_expressions, rule_expressions
+    from support.promql import (
+        LOOP_JOB,
+        LOOP_SCRAPED,
+        binary,
+        config_for,
+        dashboard_expressions,
+        rule_expressions,
+        wait_until_scraped,
+    )
     from support.services import free_port
 
     from closedloop import health
@@ -342,18 +350,7 @@ def test_a_real_prometheus_scrapes_the_loop_metrics_of_a_real_world(world, clien
                 assert answer["status"] == "success", (expr, answer)
                 return answer["data"]["result"]
 
-            names: set[str] = set()
-            deadline = time.monotonic() + 60
-            while not names >= LOOP_SCRAPED:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline, f"not scraped: {sorted(LOOP_SCRAPED - names)}"
-                time.sleep(0.5)
-                try:
-                    names = set(api.get("/label/__name__/values").json()["data"])
-                except httpx.TransportError:
-                    continue
-            targets = api.get("/targets").json()["data"]["activeTargets"]
-            assert [(t["labels"]["job"], t["health"]) for t in targets] == [(LOOP_JOB, "up")]
+            wait_until_scraped(api, proc, LOOP_SCRAPED, LOOP_JOB, timeout=60)
             # the values, as Prometheus holds them, are the page's
             model = {"model": rt.model_name}
             assert [(r["metric"], r["value"][1]) for r in query('closedloop_model_version{arm="champion"}')] == [

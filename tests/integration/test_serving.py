@@ -584,7 +584,7 @@ def test_a_real_prometheus_scrapes_every_metric_the_rules_and_dashboard_use(worl
     test_prometheus.py checks them against ``SCRAPED``), and each rule's expression evaluates on real data."""
     import subprocess
 
-    from support.promql import SCRAPED, binary, config_for, dashboard_expressions, rule_expressions
+    from support.promql import SCRAPED, binary, config_for, dashboard_expressions, rule_expressions, wait_until_scraped
 
     rt, live = world
     prometheus = binary("prometheus")
@@ -601,18 +601,7 @@ def test_a_real_prometheus_scrapes_every_metric_the_rules_and_dashboard_use(worl
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=10)
-            names: set[str] = set()
-            deadline = time.monotonic() + 30
-            while not names >= SCRAPED:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline, f"not scraped: {sorted(SCRAPED - names)}"
-                time.sleep(0.5)
-                try:
-                    names = set(api.get("/label/__name__/values").json()["data"])
-                except httpx.TransportError:
-                    continue
-            targets = api.get("/targets").json()["data"]["activeTargets"]
-            assert [(t["labels"]["job"], t["health"]) for t in targets] == [("closedloop-serve", "up")]
+            wait_until_scraped(api, proc, SCRAPED, "closedloop-serve", timeout=30)
             groups = api.get("/rules").json()["data"]["groups"]
             rules = {r["name"]: r for g in groups for r in g["rules"]}
             assert set(rules) == set(rule_expressions())

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from support.training_sets import write_training_set
 
 from closedloop import retraining
 from closedloop.aggregates import compute_entity_features
-from closedloop.features import SPLITS, frame_sha256, time_split
+from closedloop.features import time_split
 from closedloop.generate import GeneratorConfig, simulate
 from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, promote
 from closedloop.runconf import Window
@@ -60,19 +61,6 @@ class World:
         return Named(self.rt.settings, name=name)
 
 
-def _write_set(rt: Runtime, key: str, parts: dict[str, Any]) -> dict[str, Any]:
-    """Write a training set as build_training_set does (Feast is not what is tested here)."""
-    c = rt.contract
-    cols = [c.row_key, c.entity, c.event_timestamp, *c.model_features, c.label]
-    uri = rt.lake.uri("training_sets", key)
-    for name in SPLITS:
-        rt.lake.write_parquet(parts[name][cols], f"{uri}/split={name}/part-0.parquet")
-    digest = hashlib.sha256("".join(frame_sha256(parts[s][cols]) for s in SPLITS).encode()).hexdigest()
-    return {"uri": uri, "key": key, "rows": {s: len(parts[s]) for s in SPLITS},
-            "positives": {s: int(parts[s][c.label].sum()) for s in SPLITS}, "data_sha256": digest,
-            "partitions": {}, "unlabelled_rows": 0}
-
-
 def _settings_with(rt: Runtime, tmp: Path, name: str, training: dict[str, Any]):
     """The runtime's settings with a variant of the versioned configuration (its own file, its own hash)."""
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
@@ -105,10 +93,11 @@ def world(tmp_path_factory) -> World:
 
         hold = clean["holdout"]
         few_positives = hold[(hold[c.label] == 0) | (hold[c.label].cumsum() <= 12)]
-        sets = {"clean": _write_set(rt, "clean", clean), "shuffled": _write_set(rt, "shuffled", shuffled),
-                "zeroed": _write_set(rt, "zeroed", zero(KEY_FEATURE)),
-                "lucky": _write_set(rt, "lucky", zero(LUCKY_FEATURE)),
-                "few_positives": _write_set(rt, "few_positives", {**clean, "holdout": few_positives})}
+        sets = {"clean": write_training_set(rt, "clean", clean),
+                "shuffled": write_training_set(rt, "shuffled", shuffled),
+                "zeroed": write_training_set(rt, "zeroed", zero(KEY_FEATURE)),
+                "lucky": write_training_set(rt, "lucky", zero(LUCKY_FEATURE)),
+                "few_positives": write_training_set(rt, "few_positives", {**clean, "holdout": few_positives})}
 
         def train(settings, ts: str, contract=c) -> dict[str, Any]:
             return train_and_log(settings, rt.lake, contract, sets[ts], lineage={"reason": "gate attack"}).to_dict()

@@ -133,3 +133,24 @@ def config_for(tmp_path: Path, target: str | None, token_file: Path | None, inte
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def wait_until_scraped(api, proc, wanted: set[str], job: str, timeout: float) -> None:
+    """Wait until a real Prometheus (``proc``, its HTTP API client ``api``) holds every metric name of
+    ``wanted`` and its only target is ``job``, up; fail with the names it still lacks after ``timeout`` s."""
+    import time
+
+    import httpx
+
+    names: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while not names >= wanted:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"not scraped: {sorted(wanted - names)}"
+        time.sleep(0.5)
+        try:
+            names = set(api.get("/label/__name__/values").json()["data"])
+        except httpx.TransportError:
+            continue
+    targets = api.get("/targets").json()["data"]["activeTargets"]
+    assert [(t["labels"]["job"], t["health"]) for t in targets] == [(job, "up")]
