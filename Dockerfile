@@ -3,7 +3,8 @@
 # (api-server, scheduler, dag-processor, triggerer, Celery workers) with the DAGs and the closedloop package,
 # and the MLflow tracking server.
 #
-# Installed from the lock file: the builder runs `uv sync --frozen` on uv.lock (with the `production` extra)
+# Installed from the lock file: the builder runs `uv sync --frozen` on uv.lock (with the `production` extra,
+# and `gpu` for the GPU worker's image: the build argument CLOSEDLOOP_EXTRAS)
 # into a virtual environment, so the image holds exactly the versions that CI tests; nothing is resolved at
 # build time and nothing is pip-installed at start-up. The runtime stage is the same Python image with that
 # environment copied in (a venv only works under the interpreter it was made with) and no build tools.
@@ -17,6 +18,12 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
 FROM python:3.11.14-slim-bookworm AS builder
 COPY --from=uv /uv /usr/local/bin/uv
+# The extras of pyproject.toml installed from the lock: `production` always; the GPU worker's image adds `gpu`
+# (CuPy, so that on cuda the model matrix is built on the device: docs/gpu-matrix.md). docker-compose.yaml's
+# airflow-worker-gpu builds its own image with CLOSEDLOOP_EXTRAS="production gpu"; every other service uses
+# the default, without CuPy's CUDA libraries.
+ARG CLOSEDLOOP_EXTRAS="production"
+# SC2046 is ignored on the two syncs below: the unquoted $(printf ...) is meant to split into one --extra per word.
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_PYTHON_DOWNLOADS=never \
@@ -25,13 +32,15 @@ ENV UV_COMPILE_BYTECODE=1 \
 WORKDIR /opt/closedloop
 # Dependencies first (the slow layer, kept while uv.lock does not change), then the project itself.
 COPY pyproject.toml uv.lock README.md ./
+# hadolint ignore=SC2046
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --extra production --no-install-project
+    uv sync --frozen --no-dev $(printf -- "--extra %s " ${CLOSEDLOOP_EXTRAS}) --no-install-project
 # Editable, as `make install` does: the package stays at include/closedloop, so its REPO_ROOT is
 # /opt/closedloop and the defaults for the config, the schemas and feature_repo/ hold in the image too.
 COPY include/ include/
+# hadolint ignore=SC2046
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --extra production
+    uv sync --frozen --no-dev $(printf -- "--extra %s " ${CLOSEDLOOP_EXTRAS})
 
 FROM python:3.11.14-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="closedloop" \

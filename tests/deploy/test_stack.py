@@ -125,7 +125,9 @@ def test_the_image_is_built_from_the_lock_file_and_runs_as_a_user():
     text = DOCKERFILE.read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
     assert all(re.search(r":\d[\w.-]*$", image) for image in froms), froms  # every base image at a version
-    assert "uv sync --frozen --no-dev --extra production" in text  # the lock file, never a fresh resolve
+    # the lock file, never a fresh resolve; the extras from the build argument, `production` by default
+    assert "uv sync --frozen --no-dev $(printf -- \"--extra %s \" ${CLOSEDLOOP_EXTRAS})" in text
+    assert 'ARG CLOSEDLOOP_EXTRAS="production"' in text
     assert re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)[-1] == "50000:50000"
     rules = [r for r in (REPO_ROOT / ".dockerignore").read_text().splitlines() if r and not r.startswith("#")]
     assert rules[0] == "*" and "**/.env" in rules  # the context holds only what is named, never a .env
@@ -290,6 +292,21 @@ def test_the_gpu_worker_serves_the_gpu_queue_on_one_nvidia_gpu(services):
     assert gpu["environment"]["CLOSEDLOOP_DEVICE"] == "cuda" and gpu["profiles"] == ["gpu"]
     default = services["airflow-worker"]["command"]
     assert default[default.index("--queues") + 1] == "default"  # the CPU worker never takes GPU work
+
+
+def test_the_gpu_worker_s_image_holds_the_gpu_extra(services):
+    # the GPU worker builds the Dockerfile with CuPy (the `gpu` extra) beside `production`; the others without it
+    gpu = services["airflow-worker-gpu"]
+    assert gpu["build"]["args"]["CLOSEDLOOP_EXTRAS"].split() == ["production", "gpu"]
+    assert gpu["image"] != services["airflow-worker"]["image"]  # never one tag for two different images
+    assert "args" not in services["airflow-worker"]["build"]
+    dockerfile = DOCKERFILE.read_text()
+    assert 'ARG CLOSEDLOOP_EXTRAS="production"' in dockerfile
+    syncs = [line for line in dockerfile.splitlines() if line.lstrip().startswith("uv sync --frozen")]
+    assert len(syncs) == 2 and all("${CLOSEDLOOP_EXTRAS}" in line and "--extra production" not in line
+                                   for line in syncs), syncs
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^gpu = \[\n\s+"cupy-', pyproject, re.MULTILINE), "the gpu extra is CuPy"
 
 
 def test_training_reaches_the_gpu_worker_only_when_the_host_says_so(services):
