@@ -21,7 +21,10 @@ data has it. A day-level exogenous factor (think weather, paydays, local events:
 variance and day-to-day persistence) moves the day's volume, the amounts and distances of legitimate
 transactions and the share bought online; the day of the week moves amounts, the merchant mix (leisure at
 weekends) and the hours (later at weekends); the hour of the day moves amounts and the share bought online
-(at night). ``structure`` scales all these effects; fraud keeps its own pattern. Two days are therefore no
+(at night); the everyday purchases' categories follow the day of the week (each day its errand: groceries,
+pharmacy, fuel, restaurants at weekends) and the day factor (out on high days, home errands on low ones) while
+their amounts and merchant risk stay, an input that swings while the model barely uses it, as real data have
+many. ``structure`` scales all these effects; fraud keeps its own pattern. Two days are therefore no
 longer independent draws of one distribution: a two-day window differs from a four-week reference by more
 than sampling noise, as it does on real data.
 
@@ -105,9 +108,19 @@ _HOUR_AMOUNT = (-0.25, -0.3, -0.3, -0.3, -0.3, -0.25, -0.15, -0.1, -0.05, 0.0, 0
                 0.1, 0.05, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.15, 0.1, 0.0, -0.1)  # log-amount by hour
 _HOUR_ONLINE = (0.25, 0.3, 0.3, 0.3, 0.3, 0.2, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0,
                 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2)      # share moved online by hour
+# the everyday purchases (in person at groceries, fuel, restaurants, pharmacies: categories fraud rarely uses) change
+# category with the day: each day of the week a share goes to its errand, and per unit of the day factor a share
+# goes out (fuel, restaurants) on high days, to home errands (groceries, pharmacy) on low ones. Only the category
+# moves (the purchase's amount and merchant risk stay): an input that swings while the model barely uses it
+_EVERYDAY = (0, 1, 2, 8)                                          # grocery, fuel, restaurant, health
+_WEEKLY_ERRANDS = 0.25                                           # share of everyday purchases made as the day's errand
+_WEEKDAY_ERRAND = (0, 0, 8, 1, 2, 2, 2)  # Monday first: groceries, groceries, pharmacy, fuel, restaurants (Fri-Sun)
+_DAY_ERRANDS = 0.12                                              # share per unit of the day factor
+_ERRANDS_OUT = (0.0, 0.45, 0.55, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)   # over the non-cash categories: fuel, restaurant
+_ERRANDS_HOME = (0.65, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.35)  # grocery, health
 
 # new streams go at the end: a SeedSequence child depends only on its index, so the others stay as they were
-_STREAMS = ("customers", "days", "fraud", "drift", "nulls", "noise", "labels", "structure")
+_STREAMS = ("customers", "days", "fraud", "drift", "nulls", "noise", "labels", "structure", "errands")
 
 
 @dataclass(frozen=True)
@@ -338,6 +351,31 @@ def _structure(rng: np.random.Generator, strength: float, z: np.ndarray, rows: d
     rows["channel"] = np.where(to_online, _ONLINE, np.where(off_line, _CONTACTLESS, rows["channel"]))
 
 
+def _errands(rng: np.random.Generator, strength: float, z: np.ndarray, rows: dict[str, np.ndarray],
+             legit: np.ndarray, day: np.ndarray) -> None:
+    """The day of the week and the day factor ``z`` move the category of a share of the legitimate in-person
+    everyday purchases (in place): the weekday's errand (:data:`_WEEKDAY_ERRAND`), out (fuel, restaurants) on
+    high days, home errands (groceries, pharmacy) on low ones. Only the category moves: an input that swings
+    with the day while the model barely uses it. Every draw is made whatever ``strength``, for the legitimate
+    rows only (their number does not depend on the fraud or drift knobs)."""
+    import numpy as np
+
+    n = len(legit)
+    zd = z[day]
+    legit_idx = np.flatnonzero(legit)
+    u, out, home = np.ones(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    u[legit_idx] = rng.random(len(legit_idx))
+    out[legit_idx] = rng.choice(len(_ERRANDS_OUT), size=len(legit_idx), p=_probs(_ERRANDS_OUT))
+    home[legit_idx] = rng.choice(len(_ERRANDS_HOME), size=len(legit_idx), p=_probs(_ERRANDS_HOME))
+    everyday = (legit & (rows["channel"] != _ATM) & (rows["channel"] != _ONLINE)
+                & np.isin(rows["category"], _EVERYDAY))
+    by_day = strength * _DAY_ERRANDS * np.abs(zd)
+    weekly = strength * _WEEKLY_ERRANDS
+    category = np.where(u < by_day, np.where(zd > 0, out, home),
+                        np.where(u < by_day + weekly, np.asarray(_WEEKDAY_ERRAND)[rows["weekday"]], rows["category"]))
+    rows["category"] = np.where(everyday, category, rows["category"])
+
+
 def _fraud_events(rng: np.random.Generator, config: GeneratorConfig, c: _Customers, n_legit: int,
                   start_us: int, drift_day: int | None) -> dict[str, np.ndarray]:
     """Fraud: bursts after compromises plus isolated cases; times in microseconds since the epoch."""
@@ -510,6 +548,7 @@ def simulate(config: GeneratorConfig, contract: DataContract) -> GeneratedData:
     rows["weekday"] = (first_weekday + row_day) % 7
     rows["hour"] = (ts // _US_HOUR) % 24
     _structure(np.random.default_rng(rows_seq), strength, z, rows, y == 0, row_day)
+    _errands(np.random.default_rng(streams["errands"]), strength, z, rows, y == 0, row_day)
 
     # drift after drift_start (all uniforms are drawn whatever the knobs, to keep the streams aligned)
     post = ts >= start_us + drift_day * _US_DAY if drift_day is not None else np.zeros(n, dtype=bool)

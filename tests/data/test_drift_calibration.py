@@ -14,17 +14,18 @@ functions without building the report (``test_fast_figures_equal_the_report``), 
 Measured here (alarms of 20 windows, seeds 11 / 12 / 13; ``python bench/drift_calibration.py`` writes the
 table of docs/DRIFT.md from these same functions, with every window's figures):
 
-- no drift: fixed policy 11 / 11 / 7 (its key feature ``amount`` at 0.1 swings past it with the day factor),
-  calibrated 0 / 1 / 1 (seed 12: realised ROC AUC on 33 positives below its band; seed 13: merchant_risk_score
-  alone);
-- covariate_drift=0.5: fixed 20 / 17 / 19, calibrated 20 / 20 / 20 (importance-weighted input drift and the
+- no drift: fixed policy 14 / 16 / 16 (its key features swing past their thresholds: ``amount`` at 0.1 with the
+  day factor, ``merchant_category`` at 0.07 with the everyday errands of the day of the week and the day factor,
+  which the model barely uses), calibrated 0 / 1 / 1 (seed 12: realised ROC AUC on 33 positives below its band;
+  seed 13: merchant_risk_score alone);
+- covariate_drift=0.5: fixed 20 / 19 / 20, calibrated 20 / 20 / 20 (importance-weighted input drift and the
   input peak: the hours move 4-14 std past their chunks);
 - concept_drift=1.0: fixed 20 / 20 / 20, calibrated 20 / 20 / 20 (estimated and realised performance);
 - the demo's regime (covariate 0.6, concept 1.0, new categories): 20 / 20 / 20 for both.
 
 A smaller world (300 customers, 1200 transactions a day) is not a cheaper stand-in: with half the rows a
-window's statistics are noisier and the calibrated thresholds higher (covariate 11/20, concept 16/20 on seed
-11), so the suite keeps this size. The strong scenarios run on the first seed only (time): the other seeds'
+window's statistics are noisier and the calibrated thresholds higher (concept 14/20 on seed 11, covariate
+20/20), so the suite keeps this size. The strong scenarios run on the first seed only (time): the other seeds'
 figures above come from the bench script.
 """
 
@@ -175,9 +176,8 @@ def test_calibrated_thresholds_hold_on_stable_windows(seed: int) -> None:
     _FIXED_ALARMS[seed] = fixed
     detail = [d.fired for d in v["calibrated"] if d.drift]
     assert calibrated <= 1, f"seed {seed}: calibrated alarms on {calibrated}/20 stable windows: {detail}"
-    # the structure is real: the fixed policy alarms on a good share of these quiet windows (measured 11/11/7: the
-    # issue's 10 of 20 holds on seeds 11 and 12, not on 13; docs/DRIFT.md says what raising it cost elsewhere)
-    assert fixed >= 7, f"seed {seed}: the fixed policy alarmed on only {fixed}/20 stable windows"
+    # the structure is real: the fixed policy alarms on at least half of these quiet windows (measured 14/16/16)
+    assert fixed >= 10, f"seed {seed}: the fixed policy alarmed on only {fixed}/20 stable windows"
     # every decision reports prediction drift and estimated performance
     for d in v["calibrated"] + v["fixed"]:
         assert any(r.startswith("the score distribution") for r in d.reasons), d.reasons
@@ -185,11 +185,11 @@ def test_calibrated_thresholds_hold_on_stable_windows(seed: int) -> None:
 
 
 def test_the_fixed_policy_alarms_on_most_stable_windows() -> None:
-    """Over the three seeds the fixed policy alarms on nearly half of the stable windows (measured 29/60)."""
+    """Over the three seeds the fixed policy alarms on most of the stable windows (measured 46/60)."""
     for seed in SEEDS:
         if seed not in _FIXED_ALARMS:
             _FIXED_ALARMS[seed] = alarms(verdicts(world(seed), "none")["fixed"])
-    assert sum(_FIXED_ALARMS.values()) >= 0.45 * WINDOWS * len(SEEDS), _FIXED_ALARMS
+    assert sum(_FIXED_ALARMS.values()) > 0.5 * WINDOWS * len(SEEDS), _FIXED_ALARMS
 
 
 def test_concept_drift_is_flagged_in_every_window() -> None:
