@@ -28,7 +28,7 @@ DEMO_DAYS ?= 45
 DEMO_WINDOW_START ?= 2026-03-01
 DEMO_WINDOW_END ?= 2026-03-29
 
-.PHONY: help install demo demo-retrain test reliability lint format airflow-home airflow generate retrain status clean browser prometheus \
+.PHONY: help install demo demo-retrain test test-fast reliability lint format airflow-home airflow generate retrain status clean browser prometheus \
   bench bench-quick dashboard-screenshot
 
 help:  ## List the targets
@@ -111,6 +111,11 @@ dashboard-screenshot: install prometheus  ## docs/screenshots/dashboard-loop.png
 test: install browser prometheus  ## Set up and run the test suite
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# -m replaces pyproject's `-m 'not bench'` (pytest keeps the last -m), so bench stays out here too
+test-fast: install  ## The edit-test loop: ruff, then the unit, DAG-policy and data tests without the slow ones (~1.5 min)
+	$(BIN)/ruff check .
+	$(BIN)/pytest tests/unit tests/dags tests/data -m "not slow and not bench" -q -p no:cacheprovider
 
 reliability: install  ## Run the tests that try to break closedloop and regenerate RELIABILITY.md from their results
 	CLOSEDLOOP_WRITE_RELIABILITY=1 $(BIN)/pytest -m reliability -p no:cacheprovider -q

@@ -46,7 +46,6 @@ Environment variables (all optional):
   named by ``CLOSEDLOOP_SLACK_WEBHOOK``: a connection id, never the URL) or ``email`` (Airflow's SMTP provider,
   to ``CLOSEDLOOP_ALERT_EMAIL``, comma-separated, over the connection ``CLOSEDLOOP_SMTP_CONN_ID``, default
   ``smtp_default``). See :mod:`closedloop.alerts`.
-- ``CLOSEDLOOP_FAULT``: a test hook only, empty in production (see :mod:`closedloop.faults`).
 """
 
 from __future__ import annotations
@@ -239,7 +238,6 @@ class Settings:
     task_retries: int = 2
     retry_delay_seconds: float = 20.0
     task_timeout_minutes: float = 60.0
-    fault: str = ""
     allowed_roots: tuple[str, ...] = ()
     online_store: str = "sqlite"
     redis_url: str = field(default="", repr=False)  # may hold a password: kept out of repr()
@@ -314,7 +312,6 @@ class Settings:
             task_retries=int(_number(env, "CLOSEDLOOP_TASK_RETRIES", 2)),
             retry_delay_seconds=_number(env, "CLOSEDLOOP_RETRY_DELAY_SECONDS", 20.0),
             task_timeout_minutes=_number(env, "CLOSEDLOOP_TASK_TIMEOUT_MINUTES", 60.0),
-            fault=env.get("CLOSEDLOOP_FAULT", ""),
             allowed_roots=roots,
             online_store=online_store,
             redis_url=redis_url,

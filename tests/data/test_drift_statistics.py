@@ -172,6 +172,7 @@ def scores(figures: list[DriftFigures], feature: str) -> np.ndarray:
 
 
 # -- the scenarios ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_no_drift_false_alarm_rate(world: World) -> None:
     """No drift: measured 0/20 windows flagged. Largest drift share 2/17 (txn_count_1d and amount_sum_1d
     move with the weekday mix), key features at most 0.045 (amount) and 0.042 (merchant_risk_score), score
@@ -192,6 +193,7 @@ def test_no_drift_false_alarm_rate(world: World) -> None:
     assert len(labelled) == WINDOWS and np.mean(labelled) >= 0.9  # the quality rule was in play
 
 
+@pytest.mark.slow
 def test_covariate_drift_is_detected(world: World) -> None:
     """covariate_drift=0.5: measured 20/20 windows flagged: amount 0.28-0.35 against 0.1 in every window,
     the drift share rule in 19/20 (amount, channel, hour, distance, the amount aggregates), the quality rule
@@ -204,6 +206,7 @@ def test_covariate_drift_is_detected(world: World) -> None:
     assert np.median(scores(figures, "amount")) > 3 * world.policy.key_features["amount"]
 
 
+@pytest.mark.slow
 def test_new_categories_are_detected(world: World) -> None:
     """new_categories: 3 % of the window's rows are in a merchant category the contract does not know.
 
@@ -227,6 +230,7 @@ def test_new_categories_are_detected(world: World) -> None:
     assert rate(measured(world, "none"), recommended(world.policy), "key_feature:merchant_category") == 0.0
 
 
+@pytest.mark.slow
 def test_concept_drift_fires_the_quality_rule(world: World) -> None:
     """concept_drift=1 (fraud turns domestic, chip, daytime, usual amounts): the features barely move, the
     model's ROC AUC falls. Measured: the quality rule fired in 20/20 windows (ROC AUC 0.14-0.33 below the
@@ -239,6 +243,7 @@ def test_concept_drift_fires_the_quality_rule(world: World) -> None:
     assert np.median(drops) > 2 * world.policy.quality_drop
 
 
+@pytest.mark.slow
 def test_small_covariate_drift_is_mostly_not_flagged(world: World) -> None:
     """covariate_drift=0.15, just under what the policy flags: amount's normed Wasserstein distance is
     0.063-0.108 (median 0.078; 0.015-0.045 without drift); 2/20 windows flagged (the amount key rule once,
@@ -254,6 +259,7 @@ def test_small_covariate_drift_is_mostly_not_flagged(world: World) -> None:
 
 
 # -- how measure works --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_flags_and_scores_come_from_evidently(world: World) -> None:
     """Each drift flag agrees with its score and threshold (distances: drift when score >= threshold), and
     the columns are the model's features with the fixed stattest of their kind."""

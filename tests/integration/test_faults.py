@@ -46,6 +46,51 @@ def _answers(port: int) -> bool:
             return False
 
 
+# -- the fault hook of the scheduler tests, on its own -------------------------------------------------
+_TRAINING_RUN = """
+import sys, mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+with mlflow.start_run(run_name="other"):  # not a training run: no fault strikes
+    pass
+with mlflow.start_run(run_name="train", tags={"closedloop.lineage_key": "k"}):  # as training.train_and_log does
+    mlflow.log_param("logged", 1)  # after the point where the faults strike
+"""
+
+
+def test_the_fault_hook_strikes_right_after_a_training_run_is_created(tmp_path):
+    """``support.faults`` as ``test_faults_scheduler.py`` uses it, in a plain process: its environment alone
+    makes the process die right after the training run was created (once), or refuse where no Airflow worker
+    supervises it; production code knows nothing of it."""
+    from mlflow import MlflowClient
+    from support import faults
+
+    uri, marker = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "kill_train_once.marker"
+
+    def run(spec: str, **extra: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, **faults.environment(spec), **extra}
+        return subprocess.run([sys.executable, "-c", _TRAINING_RUN, uri], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    def runs() -> list:
+        return sorted(MlflowClient(uri).search_runs(["0"]), key=lambda r: r.info.start_time)
+
+    killed = run(f"kill_train_once:{marker}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert marker.exists()
+    other, train = runs()
+    assert (other.info.run_name, other.info.status) == ("other", "FINISHED")
+    assert (train.info.run_name, train.info.status, train.data.params) == ("train", "RUNNING", {})
+    assert train.data.tags["closedloop.lineage_key"] == "k"
+
+    retried = run(f"kill_train_once:{marker}")  # the marker is there: struck once already
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    assert runs()[-1].info.status == "FINISHED" and runs()[-1].data.params == {"logged": "1"}
+
+    refused = run("kill_train_tree:a-run", AIRFLOW_CTX_DAG_RUN_ID="a-run")  # its parent is no Airflow worker
+    assert refused.returncode == 1 and "refuses to strike" in refused.stderr, refused.stderr[-3000:]
+    assert runs()[-1].info.status == "FAILED"
+
+
 # -- the MLflow server dies during registration ------------------------------------------------------
 class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store, killed with SIGKILL on demand."""

@@ -4,8 +4,8 @@ One Airflow stack (scheduler, dag-processor, triggerer, API server) on its own h
 data, and three ``retraining`` runs:
 
 1. two runs on overlapping windows are triggered at the same moment; the training task of whichever
-   trains first SIGKILLs itself right after its MLflow run was created (the ``CLOSEDLOOP_FAULT`` test
-   hook, once, see ``closedloop.faults``), so the scheduler has to retry it;
+   trains first SIGKILLs itself right after its MLflow run was created (the test hook of
+   ``tests/support/faults.py``, once), so the scheduler has to retry it;
 2. the last of them is cleared and re-run whole;
 3. a third run, on a new window, whose training task is killed with its supervising worker (nothing is
    left to report, the ``kill_train_tree`` hook) on its last try: the scheduler's task-instance heartbeat
@@ -29,6 +29,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
+from support import faults
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +78,7 @@ def world(tmp_path_factory):
         env = {"CLOSEDLOOP_HOME": str(rt.settings.home), "CLOSEDLOOP_SCHEDULES": "manual",
                "CLOSEDLOOP_CONFIG": str(rt.settings.config_path), "GIT_DIR": str(root / "no-git"),
                "CLOSEDLOOP_RETRY_DELAY_SECONDS": "1",
-               "CLOSEDLOOP_FAULT": f"kill_train_once:{marker},kill_train_tree:{KILLED}",
+               **faults.environment(f"kill_train_once:{marker},kill_train_tree:{KILLED}"),
                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",

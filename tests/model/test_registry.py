@@ -1,4 +1,5 @@
-"""promote(): compare-and-set on the champion alias, previous/retired, history; on a real MLflow store."""
+"""promote(): compare-and-set on the champion alias, previous/retired, history; and the orphan marking of training
+runs across DAG runs; on a real MLflow store."""
 
 from __future__ import annotations
 
@@ -67,3 +68,21 @@ def test_two_racing_promotions_one_wins(registry, reliability):
     reliability.record("champion", "two promotions race from the same expected champion (v1), in two threads",
                        "one moved the champion, the other got PromotionConflict and changed nothing; one history "
                        "entry for the move")
+
+
+def test_a_run_left_running_by_another_dag_run_of_the_same_lineage_is_marked(tmp_path):
+    from mlflow import MlflowClient
+
+    from closedloop.training import mark_orphans, reusable
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    killed = client.create_run(exp, tags={"closedloop.lineage_key": "k1", "closedloop.dag_run_id": "manual__1"})
+    other = client.create_run(exp, tags={"closedloop.lineage_key": "k2", "closedloop.dag_run_id": "manual__1b"})
+    assert mark_orphans(client, exp, "manual__2", "k1") == [killed.info.run_id]
+    run = client.get_run(killed.info.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["closedloop.orphan"] == "true"
+    assert "found by manual__2" in run.data.tags["closedloop.orphan_reason"]
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"  # another lineage: left alone
+    assert mark_orphans(client, exp, "manual__3", "k1") == []  # marked once
+    assert not reusable(client.get_run(killed.info.run_id))
