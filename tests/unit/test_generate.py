@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from closedloop.aggregates import compute_entity_features
-from closedloop.errors import ConfigError
-from closedloop.generate import (
+from closedloop.core.errors import ConfigError
+from closedloop.core.lake import Lake
+from closedloop.core.schema import DataContract, load_contract
+from closedloop.core.settings import REPO_ROOT
+from closedloop.devtools.generate import (
     BAD_KINDS,
     NEW_CATEGORY,
     GeneratedData,
@@ -21,9 +23,7 @@ from closedloop.generate import (
     make_bad,
     simulate,
 )
-from closedloop.lake import Lake
-from closedloop.schema import DataContract, load_contract
-from closedloop.settings import REPO_ROOT
+from closedloop.stages.aggregates import compute_entity_features
 
 SCHEMA = REPO_ROOT / "include/schemas/card_fraud.yaml"
 START = date(2024, 3, 1)

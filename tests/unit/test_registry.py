@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from closedloop.errors import PromotionConflict
-from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, promote, status
+from closedloop.core.errors import PromotionConflict
+from closedloop.stages.registry import CHAMPION, PREVIOUS, alias_version, history, promote, status
 
 
 @pytest.fixture
