@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from closedloop.stages.health import loop_state
+
 if TYPE_CHECKING:
     from closedloop.stages.runtime import Runtime
 
@@ -88,6 +90,4 @@ def render(state: dict[str, Any]) -> bytes:
 
 def exposition(rt: Runtime) -> bytes:
     """The loop's metrics of ``rt``'s model, ready to serve with :data:`CONTENT_TYPE`."""
-    from closedloop.stages.health import loop_state
-
     return render(loop_state(rt))

@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from closedloop.core.errors import ConfigError
 from closedloop.core.served import SERVED, SHADOW, served_uri
+from closedloop.core.settings import section_keys
+from closedloop.stages.registry import CHAMPION, alias_version, load_booster
+from closedloop.stages.scoring import version_info
+from closedloop.stages.training import _declared_index, predict_inplace
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,9 +66,6 @@ class ServingConfig:
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any] | None) -> ServingConfig:
-        from closedloop.core.errors import ConfigError
-        from closedloop.core.settings import section_keys
-
         raw = section_keys("serving", raw, cls)
         cfg = cls(**raw)
         if cfg.max_batch < 1 or cfg.poll_seconds <= 0 or cfg.log_flush_rows < 1 or cfg.log_flush_seconds <= 0:
@@ -116,9 +118,6 @@ class LoadedModel:
 def version_loader(client: MlflowClient, name: str) -> Callable[[str, str], LoadedModel]:
     """Load version ``v`` of ``name`` (booster and stored threshold) as
     :func:`closedloop.stages.scoring.version_info` does."""
-    from closedloop.stages.registry import load_booster
-    from closedloop.stages.scoring import version_info
-
     def load(alias: str, version: str) -> LoadedModel:
         info = version_info(client, name, version)
         booster = load_booster(info["model_uri"])
@@ -149,8 +148,6 @@ class ModelHolder:
         The new version is loaded before the lock is taken, so requests keep scoring on the old one
         meanwhile; an alias removed unloads the model (a challenger retired).
         """
-        from closedloop.stages.registry import alias_version
-
         version = alias_version(self.client, self.name, self.alias)
         current = self._model
         if version == (current.version if current else None):
@@ -333,8 +330,6 @@ def contract_warnings(transaction: dict[str, Any], contract: DataContract) -> li
 
 def score_frame(model: LoadedModel, frame: pd.DataFrame, contract: DataContract) -> Any:
     """Scores of ``frame`` (request fields and entity features) by ``model``: the batch path's matrix and trees."""
-    from closedloop.stages.training import predict_inplace
-
     return predict_inplace(model.booster, frame, contract).astype("float64")
 
 
@@ -352,8 +347,6 @@ class RequestMatrix:
 
     @classmethod
     def of(cls, contract: DataContract) -> RequestMatrix:
-        from closedloop.stages.training import _declared_index
-
         fetched = {f: k for k, f in enumerate(contract.entity_features)}
         request, entity = [], []
         for j, name in enumerate(contract.model_features):
@@ -583,8 +576,6 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import ValidationError
-
-    from closedloop.stages.registry import CHAMPION
 
     _, score_request = request_model(contract)
     metrics = Metrics(contract.entity_features)

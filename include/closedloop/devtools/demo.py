@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
+from closedloop.devtools.airflow_home import airflow_home
+from closedloop.devtools.generate import GeneratorConfig, generate
+from closedloop.devtools.stack import AirflowStack
+from closedloop.stages.monitoring import EXPERIMENT
+from closedloop.stages.registry import CHAMPION, alias_version, status
 from closedloop.stages.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -69,12 +74,6 @@ def _duration(run: dict[str, Any]) -> float | None:
 def run_demo(rt: Runtime, plan: DemoPlan, *, port: int = 8080, say: Callable[[str], None] = print,
              timeout: float = 900) -> dict[str, Any]:
     """Run the story of the module docstring; returns the summary it prints."""
-    from closedloop.devtools.airflow_home import airflow_home
-    from closedloop.devtools.generate import GeneratorConfig, generate
-    from closedloop.devtools.stack import AirflowStack
-    from closedloop.stages.monitoring import EXPERIMENT
-    from closedloop.stages.registry import CHAMPION, alias_version, status
-
     t0 = time.monotonic()
     say(f"[{0:5.0f}s] generating {plan.days} days from {plan.start} ({plan.transactions_per_day}/day, "
         f"new regime from {plan.drift_start})")

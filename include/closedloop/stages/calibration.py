@@ -42,6 +42,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from closedloop.core.errors import ConfigError
+from closedloop.stages import performance
+from closedloop.stages.drift import DriftPolicy, _clean, _kinds, _prepared, _sample
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -80,8 +84,6 @@ class CalibrationSettings:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> CalibrationSettings:
-        from closedloop.core.errors import ConfigError
-
         cfg = dict(cfg or {})
         unknown = sorted(set(cfg) - {"enabled", "min_chunks", "std_multiplier", "min_importance",
                                  "gap_days", "peak_min_importance"})
@@ -127,8 +129,6 @@ class Calibration:
     chunk_statistics: dict[str, list[float | None]] = field(default_factory=dict)  # column -> one per chunk
 
     def to_dict(self) -> dict[str, Any]:
-        from closedloop.stages.drift import _clean
-
         return _clean(asdict(self))
 
     @classmethod
@@ -306,8 +306,6 @@ def chunk_starts(days: list[Any], window_days: int, min_chunks: int) -> tuple[li
 def fixed(policy: DriftPolicy, contract: DataContract, why: str, importance: dict[str, float] | None = None,
           window_days: int = 0) -> Calibration:
     """The policy's fixed thresholds, saying ``why`` they are used."""
-    from closedloop.stages.drift import _kinds
-
     kinds = _kinds(contract)
     features = {}
     for name, kind in kinds.items():
@@ -330,8 +328,6 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
 
     import numpy as np
     import pandas as pd
-
-    from closedloop.stages.drift import _kinds, _prepared, _sample
 
     settings = settings or CalibrationSettings()
     started = time.perf_counter()
@@ -433,9 +429,6 @@ def reference_calibration(window: pd.DataFrame, reference: pd.DataFrame, contrac
     (:func:`closedloop.stages.performance.calibrate_reference` on the window's out-of-sample scores and labels,
     chunks of a monitoring window's rows) in ``performance``."""
     import numpy as np
-
-    from closedloop.stages import performance
-    from closedloop.stages.drift import DriftPolicy
 
     policy = DriftPolicy.from_config(monitoring)
     settings = CalibrationSettings.from_config(monitoring.get("calibration"))

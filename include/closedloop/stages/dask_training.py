@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop.core.metrics import classification_metrics, threshold_at_fpr
 from closedloop.stages.features import training_split_parts
-from closedloop.stages.training import Fitted, feature_frame, trimmed
+from closedloop.stages.training import Fitted, cuda_device_count, feature_frame, trimmed
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -137,7 +137,6 @@ def fit_on_dask(lake: Lake, uri: str, contract: DataContract, config: dict[str, 
     if device == "cuda" and not scheduler:
         # XGBoost's GPU collective (NCCL) takes one GPU per worker: a local cluster gets one worker per
         # visible device (a remote cluster is the operator's: dask-cuda starts one worker per GPU)
-        from closedloop.stages.training import cuda_device_count
 
         local_cluster["n_workers"] = max(1, min(int(local_cluster.get("n_workers", 1)), cuda_device_count()))
     with dask_client(scheduler, local_cluster) as client:

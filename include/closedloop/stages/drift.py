@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import ConfigError
+from closedloop.stages import performance
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -399,8 +400,6 @@ def performance_figures(current: pd.DataFrame, reference: dict[str, Any] | None,
     widened to the window's row counts. None without a reference or a score column."""
     import numpy as np
     import pandas as pd
-
-    from closedloop.stages import performance
 
     if reference is None or score_column not in current.columns:
         return None

@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import NoDataError, PermanentError
 from closedloop.core.lake import Lake, days_between
+from closedloop.core.settings import check_uri
+from closedloop.stages.ingest import read_marker
+from closedloop.stages.offline import point_in_time_features
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -333,8 +336,6 @@ def read_labelled_window(lake: Lake, contract: DataContract, start: date, end: d
     Labels are read from label partitions dated ``[start, end + grace)``. Returns the labelled rows,
     the partitions read (URI -> hash of the landed file) and the number of unlabelled transactions.
     """
-    from closedloop.stages.ingest import read_marker
-
     days = days_between(start, end)
     tx_uris, partitions = [], {}
     missing = []
@@ -472,8 +473,6 @@ def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, 
     ``min_rows``, ``max_rows``) sizes the calls of Feast's own join (:func:`pit_chunk_rows`) where that
     reader does not cover the source; the rows are the same whatever it says.
     """
-    from closedloop.stages.offline import point_in_time_features
-
     labelled, partitions, unlabelled = read_labelled_window(lake, contract, start, end, label_grace_days)
     early = int(labelled.attrs.get("labels_before_event", 0))
     # Feast's rules, read from the view's registered source in the window's range (closedloop.stages.offline): the
@@ -521,8 +520,6 @@ def write_training_split(lake: Lake, uri: str, split: str, frame: pd.DataFrame,
 def training_split_parts(lake: Lake, uri: str, split: str) -> list[str]:
     """The Parquet parts of one split of a training set (a URI under the lake's training sets), in order."""
     import re
-
-    from closedloop.core.settings import check_uri
 
     check_uri(uri, [lake.uri("training_sets")], "training set URI")
     folder = f"{uri}/split={split}"

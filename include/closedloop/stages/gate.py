@@ -33,7 +33,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import ConfigError, TransientError
-from closedloop.core.metrics import DIRECTIONS, classification_metrics
+from closedloop.core.labels import judge_share
+from closedloop.core.metrics import DIRECTIONS, classification_metrics, json_safe
+from closedloop.core.plots import comparison_plot, log_pngs
+from closedloop.stages.features import read_training_split
+from closedloop.stages.training import predict
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -221,8 +225,6 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: undefined (NaN, infinite) metrics become None, with the reason under ``undefined``."""
-        from closedloop.core.metrics import json_safe
-
         return json_safe(asdict(self))
 
 
@@ -461,8 +463,6 @@ def inspect_champion(client: MlflowClient, name: str, contract: DataContract, ho
     from mlflow.exceptions import MlflowException
 
     from closedloop.stages.registry import CHAMPION, TAG, alias_version, load_booster
-    from closedloop.stages.training import predict
-
     version = alias_version(client, name, CHAMPION)
     if version is None:
         try:
@@ -519,8 +519,6 @@ def label_checks(contract: DataContract, holdout_y: Any, training_set: dict[str,
     """The window-level share checks: the holdout's labels, and the whole window's (all splits) when known."""
     import numpy as np
 
-    from closedloop.core.labels import judge_share
-
     y = np.asarray(holdout_y)
     positive = max(contract.label_values)
     checks = [judge_share(int((y == positive).sum()), len(y), contract.label_share, "the holdout's labels")]
@@ -541,10 +539,7 @@ def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract
     description) adds the whole window's label share to the plausibility checks; ``override`` is the
     operator's ``labels_override`` ({by, why}).
     """
-    from closedloop.stages.features import read_training_split
     from closedloop.stages.registry import CHAMPION, alias_version, load_booster
-    from closedloop.stages.training import predict
-
     policy = settings.config.gate
     bootstrap_settings(policy)  # a bad bootstrap section fails here, before any scoring
     holdout = read_training_split(lake, training_set_uri, "holdout")
@@ -578,8 +573,6 @@ def log_comparison(client: MlflowClient, run_id: str, y: Any, curves: dict[str, 
 
     A plot is an aid, not the decision: a failure to draw or log it is logged and the gate goes on.
     """
-    from closedloop.core.plots import comparison_plot, log_pngs
-
     try:
         log_pngs(client, run_id, {f"comparison_v{candidate_version}.png": comparison_plot(y, curves)}, "gate")
     except Exception as exc:  # the decision is recorded already; the plot is optional

@@ -25,6 +25,12 @@ import re
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from closedloop.core.lake import KINDS
+from closedloop.stages import drift, registry
+from closedloop.stages.ingest import marker_uri
+from closedloop.stages.monitoring import EXPERIMENT, TAG
+from closedloop.stages.quarantine import REPORT_SUFFIX, quarantined_days
+
 if TYPE_CHECKING:
     from closedloop.stages.runtime import Runtime
 
@@ -58,8 +64,6 @@ def _number(x: Any) -> float | None:
 
 def drift_reports(rt: Runtime) -> list[dict[str, Any]]:
     """The drift reports kept in the lake, oldest window first: window, figures, decision and report paths."""
-    from closedloop.stages import drift
-
     out = []
     for folder in drift.list_reports(rt.lake):
         name = folder.rstrip("/").rsplit("/", 1)[-1]
@@ -80,8 +84,6 @@ def drift_reports(rt: Runtime) -> list[dict[str, Any]]:
 
 def monitoring_series(rt: Runtime) -> list[dict[str, Any]]:
     """Drift share and quality per window from the ``closedloop-monitoring`` experiment, oldest first."""
-    from closedloop.stages.monitoring import EXPERIMENT, TAG
-
     exp = rt.client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         return []
@@ -145,8 +147,6 @@ def latest_skew(rt: Runtime) -> dict[str, Any] | None:
 
 def gather(rt: Runtime) -> dict[str, Any]:
     """Everything the page shows, JSON-safe (see the module docstring)."""
-    from closedloop.stages import drift, registry
-
     status = registry.status(rt.client, rt.settings, rt.model_name)
     policy = drift.DriftPolicy.from_config(rt.settings.config.raw["monitoring"])
     reports = drift_reports(rt)
@@ -209,9 +209,6 @@ def validation_report(rt: Runtime, start: date, end: date) -> dict[str, Any]:
     """The validation records of the partitions of ``[start, end)``: a curated one's record (its Great
     Expectations results, warnings, normalisations) or a quarantined one's report, per kind and day."""
     from datetime import timedelta
-
-    from closedloop.core.lake import KINDS
-    from closedloop.stages.ingest import marker_uri
 
     partitions: list[dict[str, Any]] = []
     day = start
@@ -507,9 +504,6 @@ def loop_state(rt: Runtime, data: dict[str, Any] | None = None) -> dict[str, Any
     quarantined_days`). The canary and the rollout are placeholders until progressive delivery exists
     (issue 24): no canary version (0) and a traffic share of 0.
     """
-    from closedloop.core.lake import KINDS
-    from closedloop.stages.quarantine import REPORT_SUFFIX, quarantined_days
-
     data = gather(rt) if data is None else data
     champion = data.get("champion") or {}
     latest = data.get("latest_drift") or {}

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import ConfigError, TransientError
+from closedloop.stages.drift import DriftPolicy, prune_reports
+from closedloop.stages.ingest import list_versions, read_marker
+from closedloop.stages.monitoring import EXPERIMENT
+from closedloop.stages.registry import TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -82,8 +86,6 @@ def _window(text: str | None) -> tuple[date, date] | None:
 def protected(client: MlflowClient, name: str) -> Protected:
     """The lineage of the versions holding :data:`PROTECTED_ALIASES` of model ``name``."""
     from mlflow.exceptions import MlflowException
-
-    from closedloop.stages.registry import TAG
 
     out = Protected()
     for alias in PROTECTED_ALIASES:
@@ -164,8 +166,6 @@ def plan(lake: Lake, today: date, rules: dict[str, int], keep: Protected) -> dic
 def superseded_versions(lake: Lake) -> list[tuple[str, str, date | None]]:
     """``(kind, URI, day superseded)`` of every kept delivery version; the day comes from the partition's
     marker (its ``versions`` history), else the partition's own day (a version the marker no longer lists)."""
-    from closedloop.stages.ingest import list_versions, read_marker
-
     out = []
     for kind, day, sha, uri in list_versions(lake):
         marker = read_marker(lake, kind, day) or {}
@@ -194,8 +194,6 @@ def apply(lake: Lake, doomed: dict[str, list[str]], keep: Protected) -> int:
 
 def prune_monitoring_runs(client: MlflowClient, older_than: datetime) -> list[str]:
     """Delete the runs of the ``closedloop-monitoring`` experiment that started before ``older_than``."""
-    from closedloop.stages.monitoring import EXPERIMENT
-
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         return []
@@ -259,8 +257,6 @@ def clean_airflow_tables(settings: Settings, now: datetime | None = None, *, dry
 
 def run(rt: Runtime, now: datetime | None = None, *, airflow_db: bool = True) -> dict[str, Any]:
     """The housekeeping DAG's work on the lake and MLflow (and Airflow's tables unless ``airflow_db=False``)."""
-    from closedloop.stages.drift import DriftPolicy, prune_reports
-
     now = now or datetime.now(UTC)
     rules = policy(rt.settings)
     keep = protected(rt.client, rt.model_name)

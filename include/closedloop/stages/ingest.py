@@ -22,8 +22,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from closedloop.core.errors import DataValidationError, NoDataError
+from closedloop.core.errors import ConfigError, DataValidationError, NoDataError
 from closedloop.core.lake import KINDS, Lake
+from closedloop.core.runconf import INGEST_CONF_SCHEMA, parse_day, validate_conf
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.validation import (
+    BLOCK,
+    READABLE_RULE,
+    WARN,
+    Finding,
+    ValidationResult,
+    _sample,
+    exact_duplicates,
+    validate_partition,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -77,8 +89,6 @@ def normalise(df: pd.DataFrame, contract: DataContract, kind: str) -> pd.DataFra
     """
     import pandas as pd
 
-    from closedloop.stages.validation import exact_duplicates
-
     repeats = exact_duplicates(df, contract.row_key)
     if repeats is not None and repeats.any():
         df = df.loc[~repeats.to_numpy()]
@@ -124,8 +134,6 @@ def _history(lake: Lake, contract: DataContract, day: date,
 def write_entity_features(lake: Lake, contract: DataContract, day: date, frame: pd.DataFrame,
                           history_cache: dict[date, pd.DataFrame] | None = None) -> list[str]:
     """Write the feature-view partition of ``day`` from its curated transactions; returns the history days used."""
-    from closedloop.stages.aggregates import compute_entity_features
-
     history, history_days = _history(lake, contract, day, history_cache)
     feats = compute_entity_features(frame, contract, history, closing_rows=True)
     lake.write_parquet(feats, lake.partition("curated", contract.feature_view, day))
@@ -298,8 +306,6 @@ def recompute_dependents(lake: Lake, contract: DataContract, day: date, entities
     """
     import pandas as pd
 
-    from closedloop.stages.aggregates import compute_entity_features
-
     if not contract.aggregates or not entities:
         return []
     ent, ts = contract.entity, contract.event_timestamp
@@ -376,8 +382,6 @@ def quarantine(lake: Lake, kind: str, day: date, report: dict[str, Any]) -> tupl
 
 def _not_a_file(lake: Lake, uri: str, kind: str, day: date, entry: str) -> Any:
     """The validation result of a landed entry that is not a regular file: unreadable, named, never opened."""
-    from closedloop.stages.validation import BLOCK, READABLE_RULE, Finding, ValidationResult
-
     name = uri.rsplit("/", 1)[-1]
     what = {"directory": "a folder (e.g. Parquet parts written as a dataset)", "symlink": "a symbolic link"}.get(
         entry, f"a {entry}")
@@ -410,8 +414,6 @@ def ingest_partition(lake: Lake, contract: DataContract, kind: str, day: date,
     transactions partition whose ids were curated on another day is quarantined naming both days
     (``id_index``: the index of curated ids, shared by the days of a window).
     """
-    from closedloop.stages.validation import validate_partition
-
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     landing = lake.partition("landing", kind, day)
@@ -609,8 +611,6 @@ class CuratedIds:
         """A blocking finding when ids of ``day`` were curated on other days (naming the days and sample ids)."""
         import pandas as pd
 
-        from closedloop.stages.validation import BLOCK, Finding, _sample
-
         self._load()
         fp = _fingerprints(ids)
         clashes: dict[str, list[Any]] = {}
@@ -648,8 +648,6 @@ def unknown_label_finding(lake: Lake, contract: DataContract, day: date, uri: st
     transactions that were quarantined, many are a label feed pointing at the wrong system.
     """
     import pandas as pd
-
-    from closedloop.stages.validation import WARN, Finding, _sample
 
     first = day - timedelta(days=grace_days)
     pending = [d for d in lake.list_days("landing", "transactions")
@@ -742,9 +740,6 @@ def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *,
 
 def resolve_day(conf: dict[str, Any] | None, interval_start: Any = None) -> date:
     """The day an ingest run works on: ``conf["day"]`` when given, else its data interval's start."""
-    from closedloop.core.errors import ConfigError
-    from closedloop.core.runconf import INGEST_CONF_SCHEMA, parse_day, validate_conf
-
     conf = validate_conf(conf, INGEST_CONF_SCHEMA)
     if conf.get("day"):
         return parse_day(conf["day"])
@@ -775,7 +770,6 @@ def materialise_day(rt: Runtime, day: str | date, changed: list[str] | None = No
     ingest wrote: a late day's recomputed successors); an interval older than what the online store holds is
     extended to its end (:func:`closedloop.stages.features.materialize_window`), so every entity keeps its newest row.
     """
-    from closedloop.core.runconf import parse_day
     from closedloop.stages.features import apply_definitions, materialize_window
 
     d = parse_day(day)
@@ -790,9 +784,6 @@ def materialise_day(rt: Runtime, day: str | date, changed: list[str] | None = No
 
 def resolve_days(conf: dict[str, Any] | None, event_days: list[str]) -> list[date]:
     """The days a run started by Asset events (or by a person, with ``conf["day"]``) works on."""
-    from closedloop.core.errors import ConfigError
-    from closedloop.core.runconf import INGEST_CONF_SCHEMA, parse_day, validate_conf
-
     conf = validate_conf(conf, INGEST_CONF_SCHEMA)
     if conf.get("day"):
         return [parse_day(conf["day"])]

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import NoDataError
+from closedloop.core.lake import days_between
 from closedloop.core.runconf import Window
+from closedloop.stages import calibration, drift
+from closedloop.stages.calibration import aggregate as weighted
+from closedloop.stages.calibration import peak as peak_of
+from closedloop.stages.ingest import read_marker
+from closedloop.stages.registry import ensure_experiment
+from closedloop.stages.scoring import SCORE, champion
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,8 +64,6 @@ def champion_calibration(rt: Runtime, champ: dict[str, Any]) -> Calibration:
 
     import mlflow
 
-    from closedloop.stages import calibration, drift
-
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = mlflow.artifacts.download_artifacts(run_id=champ["run_id"],
@@ -75,8 +80,6 @@ def champion_calibration(rt: Runtime, champ: dict[str, Any]) -> Calibration:
 
 def used_thresholds(cal: Calibration) -> dict[str, float]:
     """Column -> threshold the decision uses (the score column included): what Evidently's report shows."""
-    from closedloop.stages.scoring import SCORE
-
     out = {n: float(f["threshold"]) for n, f in cal.features.items() if f.get("threshold") is not None}
     if cal.prediction and cal.prediction.get("threshold") is not None:
         out[SCORE] = float(cal.prediction["threshold"])
@@ -109,9 +112,6 @@ def read_window(rt: Runtime, window: Window, *, labels_until: date | None = None
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from closedloop.core.lake import days_between
-    from closedloop.stages.scoring import SCORE
 
     c = rt.contract
     days = [d for d in days_between(window.start, window.end)
@@ -151,9 +151,6 @@ def validation_notes(rt: Runtime, window: Window) -> dict[str, list[str]]:
 
     Data let through with a warning is exactly what monitoring must look at: the monitoring run carries them.
     """
-    from closedloop.core.lake import days_between
-    from closedloop.stages.ingest import read_marker
-
     notes: dict[str, list[str]] = {}
     for d in days_between(window.start, window.end):
         for kind in ("transactions", "labels"):
@@ -168,8 +165,6 @@ def widened_window(rt: Runtime, window: Window, min_rows: int, max_days: int) ->
     """``window``, its start moved back a day at a time (up to ``max_days`` days in all) until its scored days
     hold at least ``min_rows`` rows; and their row count. Rows are counted from the partitions' metadata."""
     import pyarrow.parquet as pq
-
-    from closedloop.core.lake import days_between
 
     def rows(w: Window) -> int:
         total = 0
@@ -205,10 +200,6 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
     """
     import mlflow
 
-    from closedloop.stages import drift
-    from closedloop.stages.registry import ensure_experiment
-    from closedloop.stages.scoring import champion
-
     raw = rt.settings.config.raw["monitoring"]
     policy = drift.DriftPolicy.from_config(raw)
     asked = window
@@ -228,9 +219,6 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
     notes = validation_notes(rt, window)
     aggregate, top = None, None
     if cal.calibrated:
-        from closedloop.stages.calibration import aggregate as weighted
-        from closedloop.stages.calibration import peak as peak_of
-
         scores = {n: r.get("score") for n, r in figures.per_feature.items()}
         aggregate, top = weighted(scores, cal), peak_of(scores, cal)
     used = {"mode": cal.mode, "why": cal.why, "features": used_thresholds(cal),
@@ -313,8 +301,6 @@ def rejudge_earlier(rt: Runtime, exp_id: str, window: Window, champ: dict[str, A
     per window (tagged ``late_drop``) for :func:`decide_retraining`.
     """
     from mlflow.entities import Metric
-
-    from closedloop.stages import drift
 
     if cal.performance is None:
         return []
@@ -399,8 +385,6 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
     simulations behave as production would). The run id is a function of the window: starting the
     same window twice is impossible.
     """
-    from closedloop.stages import drift
-
     policy = drift.DriftPolicy.from_config(rt.settings.config.raw["monitoring"])
     window = Window(date.fromisoformat(measured["window"]["start"]), date.fromisoformat(measured["window"]["end"]))
     decision = measured["decision"]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import ConfigError, DataValidationError, NoDataError
 from closedloop.core.lake import KINDS, Lake
+from closedloop.stages.ingest import ingest_partition, read_marker
 
 if TYPE_CHECKING:
     from closedloop.core.schema import DataContract
@@ -120,7 +121,6 @@ def entry(lake: Lake, kind: str, day: date) -> dict[str, Any]:
     what = lake.entry_kind(uri)  # a folder, link or socket is quarantined as it was delivered: never read
     has_file = what != "missing"
     file_sha = lake.sha256(uri) if what == "file" else None
-    from closedloop.stages.ingest import read_marker
 
     marker = read_marker(lake, kind, day)
     return {
@@ -203,8 +203,6 @@ def release(lake: Lake, contract: DataContract, kind: str, day: str | date, *, r
     Raises DataValidationError (the partition stays quarantined, with the new report) when it still
     breaks a blocking rule, ConfigError/NoDataError for a request that cannot be carried out.
     """
-    from closedloop.stages.ingest import ingest_partition, read_marker
-
     kind, d = check_kind(kind), parse_day(day)
     if not (reason or "").strip():
         raise ConfigError("a release needs a reason (--reason): say what was wrong and what was fixed")

@@ -10,15 +10,20 @@ import logging
 from typing import Any
 
 from closedloop.core.runconf import Window
+from closedloop.stages.features import DEFAULT_PART_ROWS, apply_definitions, materialize_window
+from closedloop.stages.features import build_training_set as build
+from closedloop.stages.gate import evaluate_gate as gate
+from closedloop.stages.ingest import ingest_window
+from closedloop.stages.registry import TAG, promote, reject, service_errors
+from closedloop.stages.registry import register as reg
 from closedloop.stages.runtime import Runtime
+from closedloop.stages.training import train_and_log
 
 log = logging.getLogger(__name__)
 
 
 def validate(rt: Runtime, window: Window) -> dict[str, Any]:
     """Validate (and curate) every partition the window needs; quarantine and raise on blocking problems."""
-    from closedloop.stages.ingest import ingest_window
-
     grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
     outcomes = ingest_window(rt.lake, rt.contract, window.start, window.end, label_grace_days=grace)
     counts: dict[str, int] = {}
@@ -30,8 +35,6 @@ def validate(rt: Runtime, window: Window) -> dict[str, Any]:
 
 def materialise(rt: Runtime, window: Window) -> dict[str, Any]:
     """Apply the Feast definitions and materialise the window (with the configured overlap)."""
-    from closedloop.stages.features import apply_definitions, materialize_window
-
     apply_definitions(rt.store, rt.defs)
     overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
     newest = max(rt.lake.list_days("curated", rt.contract.feature_view), default=None)  # the high-water mark's cap
@@ -44,9 +47,6 @@ def build_training_set(rt: Runtime, window: Window, split: dict[str, int] | None
 
     ``split`` may hold day-based overrides from the run's configuration (``holdout_days``, ``validation_days``).
     """
-    from closedloop.stages.features import DEFAULT_PART_ROWS
-    from closedloop.stages.features import build_training_set as build
-
     cfg = rt.settings.config
     ts = build(rt.store, rt.defs, rt.lake, rt.contract, window.start, window.end,
                label_grace_days=int(cfg.ingest.get("label_grace_days", 21)), split={**cfg.training["split"],
@@ -58,8 +58,6 @@ def build_training_set(rt: Runtime, window: Window, split: dict[str, int] | None
 
 def train(rt: Runtime, training_set: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
     """Train and log to MLflow (reusing the run of an identical earlier training)."""
-    from closedloop.stages.training import train_and_log
-
     return train_and_log(rt.settings, rt.lake, rt.contract, training_set, lineage=lineage,
                          run_name=run_name(rt.model_name, str(lineage.get("window", "")))).to_dict()
 
@@ -79,9 +77,6 @@ def register(rt: Runtime, trained: dict[str, Any], window: Window, extra_tags: d
     An unreachable MLflow server raises TransientError naming it, after MLflow's own retries with
     backoff; nothing is half-done (no version, no alias moved) and the task's retry completes the work.
     """
-    from closedloop.stages.registry import TAG, service_errors
-    from closedloop.stages.registry import register as reg
-
     with service_errors(rt.client, f"reading training run {trained['run_id']}"):
         run = rt.client.get_run(trained["run_id"])
     tags = {
@@ -103,8 +98,6 @@ def register(rt: Runtime, trained: dict[str, Any], window: Window, extra_tags: d
 def evaluate_gate(rt: Runtime, registered: dict[str, Any], training_set: dict[str, Any],
                   override: dict[str, str] | None = None) -> dict[str, Any]:
     """The gate's decision for the registered candidate (``override``: the run's ``labels_override``)."""
-    from closedloop.stages.gate import evaluate_gate as gate
-
     decision = gate(rt.settings, rt.client, rt.lake, rt.contract, name=rt.model_name,
                     candidate_version=registered["version"], training_set_uri=training_set["uri"],
                     training_set=training_set, override=override)
@@ -113,8 +106,6 @@ def evaluate_gate(rt: Runtime, registered: dict[str, Any], training_set: dict[st
 
 def promote_or_reject(rt: Runtime, decision: dict[str, Any], actor: str = "retraining") -> dict[str, Any]:
     """Act on the decision: move ``champion`` (compare-and-set) or keep the candidate as rejected."""
-    from closedloop.stages.registry import promote, reject
-
     version = decision["candidate_version"]
     if decision["outcome"] == "promote":
         move = promote(rt.client, rt.settings, rt.model_name, version,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import ConfigError
+from closedloop.core.runconf import ROLLBACK_CONF_SCHEMA, validate_conf
 from closedloop.stages.registry import CHAMPION, PREVIOUS, TAG, alias_version, history, promote
 
 if TYPE_CHECKING:
@@ -192,8 +193,6 @@ def triggering_actor(dag_run: Any) -> str:
 
 def rollback_run(rt: Runtime, conf: dict[str, Any] | None, *, actor: str, request: str) -> dict[str, Any]:
     """The ``rollback`` DAG's task: check the run configuration, then roll back as it says."""
-    from closedloop.core.runconf import ROLLBACK_CONF_SCHEMA, validate_conf
-
     conf = validate_conf(conf, ROLLBACK_CONF_SCHEMA)
     result = rollback(rt.client, rt.settings, rt.model_name, reason=conf["reason"], version=conf.get("version"),
                       actor=actor, force=bool(conf.get("force")), request=request)

@@ -11,7 +11,10 @@ from typing import TYPE_CHECKING
 
 from closedloop.core.lake import Lake
 from closedloop.core.schema import DataContract, load_contract
+from closedloop.core.secrets import mask_secrets
 from closedloop.core.settings import Settings
+from closedloop.stages.features import build_definitions, feature_store
+from closedloop.stages.registry import mlflow_client
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -43,8 +46,6 @@ class Runtime:
 
     @classmethod
     def from_env(cls) -> Runtime:
-        from closedloop.core.secrets import mask_secrets
-
         mask_secrets()  # every task builds its Runtime first: its logs never show what closedloop reads
         library_logs_at_their_level()
         rt = cls(Settings.from_env())
@@ -61,21 +62,15 @@ class Runtime:
 
     @cached_property
     def defs(self) -> FeastDefinitions:
-        from closedloop.stages.features import build_definitions
-
         endpoint = (self.settings.storage_options.get("client_kwargs") or {}).get("endpoint_url")
         return build_definitions(self.contract, self.settings.lake_uri, endpoint)
 
     @cached_property
     def store(self) -> FeatureStore:
-        from closedloop.stages.features import feature_store
-
         return feature_store(self.settings)
 
     @cached_property
     def client(self) -> MlflowClient:
-        from closedloop.stages.registry import mlflow_client
-
         return mlflow_client(self.settings)
 
     @property

@@ -13,6 +13,11 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import NoDataError, PermanentError
+from closedloop.stages.features import apply_definitions
+from closedloop.stages.ingest import ingest_partition
+from closedloop.stages.offline import point_in_time_features
+from closedloop.stages.registry import CHAMPION, alias_version, load_booster
+from closedloop.stages.training import predict_inplace
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -30,8 +35,6 @@ def champion(rt: Runtime) -> dict[str, Any]:
     The alias is looked up on every call (a promotion is seen at once); what a version is (its model,
     run and threshold) never changes, so it is read once per process and version.
     """
-    from closedloop.stages.registry import CHAMPION, alias_version
-
     version = alias_version(rt.client, rt.model_name, CHAMPION)
     if version is None:
         raise PermanentError(f"{rt.model_name} has no champion yet: run the retraining DAG first")
@@ -58,18 +61,11 @@ def version_info(client: MlflowClient, name: str, version: str) -> dict[str, Any
 def _booster(model_uri: str) -> Any:
     """The booster logged at ``model_uri``, loaded once per process (a logged model never changes; the
     champion's alias is still looked up for every day, so a promotion between days is seen)."""
-    from closedloop.stages.registry import load_booster
-
     return load_booster(model_uri)
 
 
 def score_day(rt: Runtime, day: date) -> dict[str, Any]:
     """Score the curated transactions of ``day`` (validating them first when needed) with the champion."""
-    from closedloop.stages.features import apply_definitions
-    from closedloop.stages.ingest import ingest_partition
-    from closedloop.stages.offline import point_in_time_features
-    from closedloop.stages.training import predict_inplace
-
     c = rt.contract
     ingest_partition(rt.lake, c, "transactions", day)  # a no-op when the day is already curated
     tx = rt.lake.read_parquet(rt.lake.partition("curated", "transactions", day))

@@ -32,6 +32,12 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import ConfigError, NoDataError, PermanentError
+from closedloop.core.served import read_served, served_uri
+from closedloop.core.settings import section_keys
+from closedloop.stages.features import historical_features
+from closedloop.stages.registry import ensure_experiment, load_booster
+from closedloop.stages.scoring import version_info
+from closedloop.stages.training import predict
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,8 +65,6 @@ class SkewPolicy:
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any] | None) -> SkewPolicy:
-        from closedloop.core.settings import section_keys
-
         raw = section_keys("skew", raw, cls)
         p = cls(**{k: type(getattr(cls, k))(v) for k, v in raw.items()})
         if p.sample_rows < 1 or p.feature_tolerance < 0 or p.score_tolerance < 0 or not 0 <= p.max_mismatch_share <= 1:
@@ -88,11 +92,6 @@ def offline_view(rt: Runtime, served: pd.DataFrame) -> tuple[pd.DataFrame, Any]:
     """The offline features of the served rows (as of :func:`online_moment` of each event) and their batch scores."""
     import numpy as np
     import pandas as pd
-
-    from closedloop.stages.features import historical_features
-    from closedloop.stages.registry import load_booster
-    from closedloop.stages.scoring import version_info
-    from closedloop.stages.training import predict
 
     c = rt.contract
     keys = served[[c.row_key, c.entity]].copy()
@@ -158,9 +157,6 @@ def compare(served: pd.DataFrame, offline: pd.DataFrame, batch_scores: Any, feat
 def measure_day(rt: Runtime, day: date, *, dag_run_id: str = "") -> dict[str, Any]:
     """Sample ``day``'s served predictions, compare them with the offline path, keep the report (lake, MLflow)."""
     import mlflow
-
-    from closedloop.core.served import read_served, served_uri
-    from closedloop.stages.registry import ensure_experiment
 
     policy = SkewPolicy.from_raw(rt.settings.config.skew)
     served = read_served(rt.lake, day)

@@ -14,9 +14,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from closedloop.core.metrics import classification_metrics, threshold_at_fpr
+from closedloop import faults
+from closedloop.core.errors import ConfigError
+from closedloop.core.metrics import classification_metrics, json_safe, threshold_at_fpr
+from closedloop.core.plots import log_pngs, model_plots
 from closedloop.core.settings import REPO_ROOT
+from closedloop.stages import calibration
+from closedloop.stages.drift import DriftPolicy
 from closedloop.stages.features import read_training_split
+from closedloop.stages.registry import ensure_experiment, mlflow_client
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -311,8 +317,6 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (it crosses XCom): undefined metrics are None with their reason under ``undefined``."""
-        from closedloop.core.metrics import json_safe
-
         return json_safe(dict(self.__dict__))
 
 
@@ -354,8 +358,6 @@ ENGINES = ("local", "dask")
 
 def training_engine(training_config: dict[str, Any]) -> str:
     """``training.engine`` of the configuration: ``local`` (default, one process) or ``dask``."""
-    from closedloop.core.errors import ConfigError
-
     engine = str(training_config.get("engine") or "local").lower()
     if engine not in ENGINES:
         raise ConfigError(f"training.engine={engine!r} in the configuration: use one of {', '.join(ENGINES)}")
@@ -472,9 +474,6 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
     import xgboost as xgb
     from mlflow.models import infer_signature
 
-    from closedloop import faults
-    from closedloop.stages.registry import ensure_experiment, mlflow_client
-
     client = mlflow_client(settings)
     cfg = settings.config
     key = lineage_key(training_set, contract, settings)
@@ -564,9 +563,6 @@ def reference_thresholds(fitted: Fitted, contract: DataContract, monitoring: dic
                          importance: dict[str, float]) -> dict[str, Any]:
     """The drift thresholds and performance band calibrated on the fitted window (fixed, saying why, when the
     engine gave no window): logged next to the reference as ``reference/thresholds.json``."""
-    from closedloop.stages import calibration
-    from closedloop.stages.drift import DriftPolicy
-
     policy = DriftPolicy.from_config(monitoring)
     if fitted.reference_window is None:
         return calibration.fixed(policy, contract, f"the {fitted.engine} engine keeps no scored training window: "
@@ -630,8 +626,6 @@ def mark_orphans(client: MlflowClient, experiment_id: str, dag_run_id: str | Non
 def _log_plots(client: MlflowClient, run_id: str, fitted: Fitted, importance: dict[str, float]) -> None:
     """ROC, precision-recall, confusion matrix and importance PNGs under the run's ``plots/`` (timed)."""
     import time
-
-    from closedloop.core.plots import log_pngs, model_plots
 
     began = time.perf_counter()
     log_pngs(client, run_id, model_plots(fitted.holdout_y, fitted.holdout_scores, fitted.threshold, importance))

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
+from closedloop.core.labels import BLOCK_RULE, judge_share
 from closedloop.core.schema import DataContract
 
 if TYPE_CHECKING:
@@ -483,8 +484,6 @@ def validate_frame(
 
 def _label_share_findings(labels: pd.Series, contract: DataContract) -> list[Finding]:
     """A blocking finding when the day's positive share is surely outside ``label.expected_share.block``."""
-    from closedloop.core.labels import BLOCK_RULE, judge_share
-
     known = labels[labels.isin(list(contract.label_values))]
     verdict = judge_share(int((known == max(contract.label_values)).sum()), len(known), contract.label_share,
                           "this label day")

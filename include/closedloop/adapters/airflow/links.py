@@ -29,6 +29,8 @@ from airflow.providers.standard.decorators.python import _PythonDecoratedOperato
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.bases.decorator import task_decorator_factory
 
+from closedloop.core.settings import Settings
+
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
@@ -81,8 +83,6 @@ def _window(result: Any) -> tuple[str, str] | None:
 
 # -- the link classes -------------------------------------------------------------------------------------------
 def _mlflow_ui() -> str:
-    from closedloop.core.settings import Settings
-
     return Settings.from_env().mlflow_ui_url
 
 

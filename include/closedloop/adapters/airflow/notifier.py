@@ -23,6 +23,9 @@ from typing import Any
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
+from closedloop.core.settings import Settings
+from closedloop.stages.alerts import make_alert, write_alert
+
 log = logging.getLogger(__name__)
 
 
@@ -48,9 +51,6 @@ class ClosedloopNotifier(BaseNotifier):
         self.kind, self.summary, self.severity, self.details = kind, summary, severity, details or {}
 
     def notify(self, context: Any) -> None:
-        from closedloop.core.settings import Settings
-        from closedloop.stages.alerts import make_alert, write_alert
-
         settings = Settings.from_env()
         ti = context.get("ti") or context.get("task_instance")
         exc = context.get("exception")

@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 import closedloop.adapters.airflow.secrets  # noqa: F401  (registers Airflow's log masker: every DAG imports this module)
 from closedloop.core.errors import PermanentError
+from closedloop.core.settings import Settings
 
 if TYPE_CHECKING:
     from closedloop.core.settings import Settings
@@ -40,8 +41,6 @@ def task_defaults(settings: Settings | None = None) -> dict[str, Any]:
     ``CLOSEDLOOP_TASK_TIMEOUT_MINUTES``): a transient failure (a service down, a killed worker) is retried
     after about 20 s, 40 s, ... at most 10 minutes; a task that hangs is stopped after an hour and retried.
     """
-    from closedloop.core.settings import Settings
-
     s = settings or Settings.from_env()
     return {
         "owner": OWNER,
@@ -132,8 +131,6 @@ def training_task_args(settings: Settings | None = None) -> dict[str, Any]:
     dict the KubernetesExecutor reads (``pod_template_file``) and every other executor ignores, so that parsing
     imports nothing from Kubernetes. Every other task keeps the defaults.
     """
-    from closedloop.core.settings import Settings
-
     s = settings or Settings.from_env()
     args: dict[str, Any] = {"queue": s.training_queue}
     if s.training_pod_template:
@@ -143,6 +140,4 @@ def training_task_args(settings: Settings | None = None) -> dict[str, Any]:
 
 def time_schedule(schedule: Any, fallback: Any = None) -> Any:
     """``schedule``, unless time-based schedules are off (``CLOSEDLOOP_SCHEDULES=manual``): then ``fallback``."""
-    from closedloop.core.settings import Settings
-
     return schedule if Settings.from_env().time_schedules else fallback
