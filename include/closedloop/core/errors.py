@@ -42,3 +42,14 @@ class NoDataError(PermanentError):
 
 class PromotionConflict(PermanentError):
     """`champion` no longer points where the promotion decision expected (compare-and-set lost)."""
+
+
+def first_line(text: object, limit: int = 300) -> str:
+    """The first line of ``text`` (an exception's message too) cut at ``limit`` characters; "" for none or blank."""
+    s = str(text if text is not None else "").strip()
+    return s.splitlines()[0][:limit] if s else ""
+
+
+def error_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it): an error in one short line."""
+    return f"{type(exc).__name__}: {first_line(exc, limit)}"

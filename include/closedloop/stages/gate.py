@@ -32,7 +32,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from closedloop.core.errors import ConfigError, TransientError
+from closedloop.core.errors import ConfigError, TransientError, error_line
 from closedloop.core.labels import judge_share
 from closedloop.core.metrics import DIRECTIONS, classification_metrics, json_safe
 from closedloop.core.plots import comparison_plot, log_pngs
@@ -412,11 +412,6 @@ class ChampionCheck:
     problem: str | None = None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
-
-
 def _deterministic(exc: BaseException) -> bool:
     """Whether a failure to load or score the champion says something about the champion (not the network).
 
@@ -469,7 +464,7 @@ def inspect_champion(client: MlflowClient, name: str, contract: DataContract, ho
             problem = _missing_champion(client, name)
         except MlflowException as exc:
             if not _deterministic(exc):
-                raise TransientError(f"{name}: could not read the registry ({_first_line(exc)}); retried") from exc
+                raise TransientError(f"{name}: could not read the registry ({error_line(exc)}); retried") from exc
             problem = None  # no registered model yet: there never was a champion
         return ChampionCheck(None, problem=problem)
 
@@ -498,15 +493,15 @@ def inspect_champion(client: MlflowClient, name: str, contract: DataContract, ho
         booster = load_booster(mv.source)
     except Exception as exc:
         if not _deterministic(exc):
-            raise TransientError(f"{name} v{version}: could not reach the champion ({_first_line(exc)}); "
+            raise TransientError(f"{name} v{version}: could not reach the champion ({error_line(exc)}); "
                                  "the task is retried") from exc
-        return fail(f"could not be loaded ({_first_line(exc)})")
+        return fail(f"could not be loaded ({error_line(exc)})")
     if booster.num_features() != len(contract.model_features):
         return fail(f"expects {booster.num_features()} features, the contract has {len(contract.model_features)}")
     try:
         scores = predict(booster, holdout, contract)
     except Exception as exc:
-        return fail(f"could not score the holdout ({_first_line(exc)})")
+        return fail(f"could not score the holdout ({error_line(exc)})")
     if not np.isfinite(scores).all():
         return fail("gives non-finite scores on the holdout")
     raw = params.get("decision_threshold") or mv.tags.get(f"{TAG}decision_threshold") or 0.5
@@ -576,7 +571,7 @@ def log_comparison(client: MlflowClient, run_id: str, y: Any, curves: dict[str, 
     try:
         log_pngs(client, run_id, {f"comparison_v{candidate_version}.png": comparison_plot(y, curves)}, "gate")
     except Exception as exc:  # the decision is recorded already; the plot is optional
-        log.warning("gate comparison plot of v%s not logged: %s", candidate_version, _first_line(exc))
+        log.warning("gate comparison plot of v%s not logged: %s", candidate_version, error_line(exc))
 
 
 def record_decision(client: MlflowClient, name: str, decision: Decision, run_id: str) -> None:

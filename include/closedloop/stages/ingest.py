@@ -32,8 +32,8 @@ from closedloop.stages.validation import (
     WARN,
     Finding,
     ValidationResult,
-    _sample,
     exact_duplicates,
+    sample_values,
     validate_partition,
 )
 
@@ -621,7 +621,7 @@ class CuratedIds:
                                              columns=[self.contract.row_key])[self.contract.row_key]
             same = cand.isin(curated)
             if same.any():
-                clashes[d.isoformat()] = _sample(cand[same.to_numpy()])
+                clashes[d.isoformat()] = sample_values(cand[same.to_numpy()])
                 total |= pd.Series(ids.isin(cand[same.to_numpy()]).to_numpy())
         if not clashes:
             return None
@@ -687,7 +687,7 @@ def unknown_label_finding(lake: Lake, contract: DataContract, day: date, uri: st
                    f"readable) transactions partition of [{first}, {day}] holds; they are kept but cannot be used "
                    f"for training." + (f" Unreadable transactions in landing, not judged: {', '.join(unreadable)}."
                                        if unreadable else ""),
-                   len(unknown), _sample(unknown))
+                   len(unknown), sample_values(unknown))
 
 
 def refuse_after_newest(days: list[date], start: date, what: str) -> None:

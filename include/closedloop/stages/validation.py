@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
+from closedloop.core.errors import first_line
 from closedloop.core.labels import BLOCK_RULE, judge_share
 from closedloop.core.schema import DataContract
 
@@ -353,7 +354,7 @@ def _type_problem(s: pd.Series, dtype: str) -> tuple[str, int, list] | None:
         else:
             problem = f"has type {s.dtype} where the contract requires timezone-aware UTC timestamps"
         non_null = s.dropna()
-        return problem, len(non_null), _sample(non_null)
+        return problem, len(non_null), sample_values(non_null)
 
     if dtype in ("string", "category"):
         if isinstance(s.dtype, pd.CategoricalDtype):
@@ -369,7 +370,7 @@ def _type_problem(s: pd.Series, dtype: str) -> tuple[str, int, list] | None:
         outside = _outside_int64(s) if ok or s.dtype == object else None
         if outside is not None and len(outside):
             return (f"holds {len(outside)} value(s) outside the int64 range [-2^63, 2^63 - 1] of the contract "
-                    f"(stored, they would wrap to other numbers)", len(outside), _sample(outside))
+                    f"(stored, they would wrap to other numbers)", len(outside), sample_values(outside))
     elif dtype == "float64":
         ok = pdt.is_integer_dtype(s.dtype) or pdt.is_float_dtype(s.dtype)  # bool is neither
     elif dtype == "bool":
@@ -386,9 +387,9 @@ def _type_problem(s: pd.Series, dtype: str) -> tuple[str, int, list] | None:
             return None
         kinds = ", ".join(sorted({type(x).__name__ for x in bad}))
         return (f"holds {kinds} values where the contract declares {dtype} ({_WANTED[dtype]})",
-                len(bad), _sample(bad))
+                len(bad), sample_values(bad))
     return (f"has type {s.dtype} where the contract declares {dtype} ({_WANTED[dtype]})",
-            len(non_null), _sample(non_null))
+            len(non_null), sample_values(non_null))
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ def validate_frame(
             EXACT_DUPLICATES_RULE, key, NORMALISE,
             f"{int(repeats.sum())} row(s) repeat another row of the file exactly (every column equal); the "
             f"repeats are dropped. The sample lists their {key or 'row positions'}.", int(repeats.sum()),
-            _sample(df.loc[repeats, key] if key else repeats[repeats].index.to_series())))
+            sample_values(df.loc[repeats, key] if key else repeats[repeats].index.to_series())))
         df = df.loc[~repeats.to_numpy()]
 
     for name in df.columns:
@@ -456,7 +457,7 @@ def validate_frame(
                 findings.append(Finding(FINITE_RULE, name, BLOCK,
                                         f"column {name!r} holds {int(infinite.sum())} infinite value(s): values "
                                         f"must be finite numbers (or null where the column is nullable).",
-                                        int(infinite.sum()), _sample(df.loc[infinite.to_numpy(), name])))
+                                        int(infinite.sum()), sample_values(df.loc[infinite.to_numpy(), name])))
     if kind == "labels" and contract.label in df.columns and contract.label not in unusable:
         findings.extend(_label_share_findings(df[contract.label], contract))
     frame = _gx_frame(df, columns, unusable)
@@ -656,7 +657,7 @@ def _finding(res: Any, df: pd.DataFrame, contract: DataContract) -> Finding:
                        round(share * len(df)), [])
     if rule == "expect_column_unique_value_count_to_be_between":
         n = int(r.get("observed_value") or 0)
-        sample = _sample(df[column].dropna().unique()[:1]) if n else []
+        sample = sample_values(df[column].dropna().unique()[:1]) if n else []
         return Finding(rule, column, severity, f"{subject} holds {n} distinct value(s) in {len(df)} rows: {what}.",
                        len(df), sample)
 
@@ -673,7 +674,7 @@ def _finding(res: Any, df: pd.DataFrame, contract: DataContract) -> Finding:
         return Finding(rule, column, severity, f"{subject} is null in {share}: {what}. The sample lists the "
                        f"positions (0-based) of offending rows in the file.", count, positions[:SAMPLE_SIZE])
     values = r.get("partial_unexpected_list") or []
-    sample = _sample(values)
+    sample = sample_values(values)
     if rule == "expect_column_values_to_be_unique":
         return Finding(rule, column, severity, f"{subject} has duplicated values in {share}: {what}.", count,
                        sample)
@@ -709,18 +710,13 @@ def validate_partition(
             uri=uri, kind=kind, day=day.isoformat(), rows=0, sha256=digest,
             findings=[Finding(READABLE_RULE, None, BLOCK,
                               f"the file ({len(data)} bytes) cannot be read as Parquet: "
-                              f"{type(exc).__name__}: {_first_line(str(exc))}.",
+                              f"{type(exc).__name__}: {first_line(str(exc))}.",
                               0, [_first_bytes(data)] if data else [])],
         )
     return validate_frame(df, contract, kind, day, uri=uri, sha256=digest)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line[:300]
-
-
 def _first_bytes(data: bytes) -> str:
     """The file's first bytes as printable text (a hint at what the file really is)."""
     return "".join(ch if ch.isprintable() else "." for ch in data[:40].decode("utf-8", errors="replace"))
@@ -748,7 +744,7 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _sample(values: Any) -> list:
+def sample_values(values: Any) -> list:
     """Up to SAMPLE_SIZE distinct values, first seen first, JSON-safe."""
     out: list = []
     seen: set = set()

@@ -23,15 +23,11 @@ from typing import Any
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
+from closedloop.core.errors import first_line
 from closedloop.core.settings import Settings
 from closedloop.stages.alerts import make_alert, write_alert
 
 log = logging.getLogger(__name__)
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc or "").strip()
-    return text.splitlines()[0][:1000] if text else ""
 
 
 def _one_line(exc: BaseException | None, limit: int = 2000) -> str:
@@ -57,7 +53,7 @@ class ClosedloopNotifier(BaseNotifier):
         summary = self.summary or _one_line(exc) or f"{self.kind} in {getattr(ti, 'task_id', 'a task')}"
         details = dict(self.details)
         if exc is not None:
-            details.setdefault("error", f"{type(exc).__name__}: {_first_line(exc)}")
+            details.setdefault("error", f"{type(exc).__name__}: {first_line(exc, 1000)}")
         dag = context.get("dag")
         alert = make_alert(self.kind, summary, severity=self.severity, details=details,
                            dag_id=getattr(dag, "dag_id", None) or getattr(ti, "dag_id", None),
@@ -68,7 +64,7 @@ class ClosedloopNotifier(BaseNotifier):
             _deliver(settings, alert, context)
         except Exception as exc2:  # the alert is in the file; a channel outage must not fail the task
             log.error("alert %s written to the file but not delivered to %s: %s", alert["kind"], settings.alerts,
-                      _first_line(exc2))
+                      first_line(exc2, 1000))
 
 
 def _text(alert: dict[str, Any]) -> str:
