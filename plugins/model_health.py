@@ -27,8 +27,6 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
-import closedloop.adapters.airflow.secrets  # noqa: F401  (Airflow's log masker for what the page's Runtime reads)
-
 log = logging.getLogger(__name__)
 
 URL_PREFIX = "/closedloop"
@@ -73,6 +71,7 @@ async def airflow_user(request: Any) -> Any:
 
 
 def _runtime() -> Any:
+    import closedloop.adapters.airflow.secrets  # noqa: F401  (Airflow's log masker for what this Runtime reads)
     from closedloop.stages.runtime import Runtime
 
     return Runtime.from_env()
