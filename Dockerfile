@@ -70,7 +70,7 @@ RUN mkdir -p /opt/closedloop/airflow/logs /var/lib/closedloop \
 USER 50000:50000
 # DuckDB (Feast's offline store over s3://) loads its httpfs extension from ~/.duckdb: put it there now from
 # the duckdb-extension-httpfs wheel, so that no task ever tries to download it (or needs a writable home).
-RUN python -c "from closedloop.features import ensure_duckdb_httpfs; ensure_duckdb_httpfs()"
+RUN python -c "from closedloop.stages.features import ensure_duckdb_httpfs; ensure_duckdb_httpfs()"
 # 8080: Airflow's API server and UI; 8793: a worker's log server; 8974: the scheduler's health check; 5000: MLflow.
 EXPOSE 8080 8793 8974 5000
 CMD ["airflow", "version"]

@@ -110,6 +110,7 @@ dashboard-screenshot: install prometheus  ## docs/screenshots/dashboard-loop.png
 
 test: install browser prometheus  ## Set up and run the test suite
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 # -m replaces pyproject's `-m 'not bench'` (pytest keeps the last -m), so bench stays out here too
@@ -121,8 +122,9 @@ reliability: install  ## Run the tests that try to break closedloop and regenera
 	CLOSEDLOOP_WRITE_RELIABILITY=1 $(BIN)/pytest -m reliability -p no:cacheprovider -q
 	$(BIN)/pytest tests/test_reliability_doc.py -p no:cacheprovider -q
 
-lint: install  ## ruff
+lint: install  ## ruff and the import contract (lint-imports: the layers of include/closedloop)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check include dags tests feature_repo || true
 
 BENCH_SIZES ?= 100k,1m,10m

@@ -7,7 +7,7 @@ home (lake, MLflow store, Feast registry and online store) into a directory of i
 rewriting the absolute paths the MLflow store keeps (artifact locations, model storage) so that nothing
 is written back into the world; every run starts from that same state.
 
-The Airflow home inside the copy is the project's embedded one (``closedloop.airflow_home``: SQLite,
+The Airflow home inside the copy is the project's embedded one (``closedloop.devtools.airflow_home``: SQLite,
 LocalExecutor, the repo's ``dags/``) with the parallelism asked for. Its database is migrated once per
 Airflow version into a template under ``.bench/airflow-db/`` and copied from there (a migration takes
 tens of seconds; it is not what the stages measure).
@@ -39,7 +39,7 @@ def fresh_copy(w: World, stage: str, without: tuple[str, ...] = ()) -> Path:
 
     ``without``: paths relative to the home left out of the copy (e.g. ``lake/curated``: landed, not yet validated).
     The lake's Parquet files are hard-linked, not copied: the project writes every lake object atomically (a
-    temporary file renamed into place, ``closedloop.lake.Lake.write_bytes``), so a rewrite in the copy replaces
+    temporary file renamed into place, ``closedloop.core.lake.Lake.write_bytes``), so a rewrite in the copy replaces
     the link and never touches the world's file. The world's training sets are left out (a run rebuilds its own).
     """
     root = BENCH_DIR / stage / w.home.name
@@ -91,8 +91,8 @@ def airflow_env(home: Path, config: Path = CONFIG, **extra: str) -> dict[str, st
 
 def prepare_airflow(home: Path, env: dict[str, str], parallelism: int = 2) -> Path:
     """Write the embedded ``airflow.cfg`` into ``home/airflow`` and give it a migrated database."""
-    from closedloop.airflow_home import write_config
-    from closedloop.settings import Settings
+    from closedloop.core.settings import Settings
+    from closedloop.devtools.airflow_home import write_config
 
     write_config(Settings.from_env(env), force=True, parallelism=parallelism)
     af_home = home / "airflow"

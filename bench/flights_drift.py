@@ -4,9 +4,9 @@
 temporary home, reads it back, computes the plane aggregates as ingest does, and replays the year day by
 day with the package's functions (no DAG runs): a champion trained on January's first 28 days; each day
 the two-day window ending that day is scored by the champion, measured against its reference
-(``closedloop.drift.measure``) and judged by the policy; ``confirm_windows`` consecutive drifted windows
+(``closedloop.stages.drift.measure``) and judged by the policy; ``confirm_windows`` consecutive drifted windows
 outside the cooldown trigger a retraining on the last ``retrain_window_days`` days (the last day held out),
-judged by the gate (``closedloop.gate.decide``) against the champion on that holdout and promoted or
+judged by the gate (``closedloop.stages.gate.decide``) against the champion on that holdout and promoted or
 rejected. Two replays per policy:
 
 - **fixed champion**: the January champion judges every window of the year, nothing is retrained: the
@@ -15,7 +15,7 @@ rejected. Two replays per policy:
 
 A window is *stable* when the champion's realised ROC AUC on it lies inside its band: the mean +/- 3
 standard deviations of the realised ROC AUC over chunks of a window's size of the champion's training
-window, scored out of sample (time-blocked cross-fitting, ``closedloop.performance``). A drift verdict on
+window, scored out of sample (time-blocked cross-fitting, ``closedloop.stages.performance``). A drift verdict on
 a stable window is a false alarm.
 
 The statistics are Evidently's stattest functions called directly (``measure(report=False)``: the same
@@ -46,17 +46,17 @@ from typing import Any
 
 import pandas as pd
 
-from closedloop import performance
-from closedloop.aggregates import compute_entity_features
-from closedloop.drift import DriftPolicy, decide, in_cooldown, measure
-from closedloop.features import time_split
-from closedloop.gate import Scores
-from closedloop.gate import decide as gate_decide
-from closedloop.lake import Lake
-from closedloop.metrics import classification_metrics
-from closedloop.schema import DataContract, load_contract
-from closedloop.settings import REPO_ROOT, Config
-from closedloop.training import fit, predict, reference_window, trimmed
+from closedloop.core.lake import Lake
+from closedloop.core.metrics import classification_metrics
+from closedloop.core.schema import DataContract, load_contract
+from closedloop.core.settings import REPO_ROOT, Config
+from closedloop.stages import performance
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.drift import DriftPolicy, decide, in_cooldown, measure
+from closedloop.stages.features import time_split
+from closedloop.stages.gate import Scores
+from closedloop.stages.gate import decide as gate_decide
+from closedloop.stages.training import fit, predict, reference_window, trimmed
 
 log = logging.getLogger("flights_drift")
 
@@ -107,12 +107,12 @@ class Champion:
     reference_quality: dict[str, float]
     performance: performance.PerformanceReference | None = None
     oos: pd.DataFrame | None = None      # the training window with out-of-sample scores
-    calibration: Any = None              # (closedloop.calibration.Calibration, its reference), calibrated policy
+    calibration: Any = None              # (closedloop.stages.calibration.Calibration, its reference), calibrated policy
 
     def calibrate(self, contract: DataContract, config: Config, window_rows: int) -> Champion:
         """Once the version is champion: its training window scored out of sample (time-blocked
-        cross-fitting, ``closedloop.training.reference_window``, as training does) and the performance band
-        on it (``closedloop.performance``), which says which windows are stable."""
+        cross-fitting, ``closedloop.stages.training.reference_window``, as training does) and the performance band
+        on it (``closedloop.stages.performance``), which says which windows are stable."""
         if self.oos is None:
             rounds = int(self.booster.num_boosted_rounds())
             self.oos = reference_window(self.parts["train"], self.parts["validation"], self.parts["holdout"],
@@ -145,7 +145,7 @@ Judge = Callable[[Champion, pd.DataFrame, int], tuple[bool, list[str], dict[str,
 
 
 def fixed_policy(contract: DataContract, config: Config) -> Judge:
-    """The policy before calibration: fixed thresholds (``closedloop.drift.decide`` without a calibration)
+    """The policy before calibration: fixed thresholds (``closedloop.stages.drift.decide`` without a calibration)
     on Evidently's statistics, against a sample of the train split without scores (what training kept)."""
     policy = DriftPolicy.from_config(config.raw["monitoring"])
 
@@ -162,12 +162,12 @@ def fixed_policy(contract: DataContract, config: Config) -> Judge:
 def calibrated_policy(contract: DataContract, config: Config) -> Judge:
     """The calibrated policy, as training and monitoring now run it: the reference is a sample of the whole
     training window with its out-of-sample scores, the thresholds are calibrated on the window's own chunks
-    (``closedloop.calibration.reference_calibration``, with the model's gain importance), and the decision
-    (``closedloop.drift.decide`` with the calibration) acts on importance-weighted input drift, score drift
+    (``closedloop.stages.calibration.reference_calibration``, with the model's gain importance), and the decision
+    (``closedloop.stages.drift.decide`` with the calibration) acts on importance-weighted input drift, score drift
     and estimated/realised performance against their bands."""
-    from closedloop import calibration
-    from closedloop.drift import performance_figures
-    from closedloop.monitoring import used_thresholds
+    from closedloop.stages import calibration
+    from closedloop.stages.drift import performance_figures
+    from closedloop.stages.monitoring import used_thresholds
 
     raw = config.raw["monitoring"]
     policy = DriftPolicy.from_config(raw)

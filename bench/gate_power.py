@@ -12,7 +12,7 @@ judged against it on the same holdout (the last 7 days, as ``holdout_days: 7`` w
 - worse, fewer rounds: the champion's data, 5 boosting rounds;
 - worse, degraded labels: the champion's data with 20 % of its training labels flipped.
 
-Every candidate goes through :func:`closedloop.gate.decide` with the gate section of
+Every candidate goes through :func:`closedloop.stages.gate.decide` with the gate section of
 ``include/config/closedloop.yaml`` (margin, guards, paired bootstrap) and the plausibility checks (each
 model's ROC AUC against chance, the holdout's label share against the contract's band), and once more with
 the bootstrap off (the point rule alone), to show what the interval buys. Usage::
@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from closedloop.aggregates import compute_entity_features
-from closedloop.gate import LABELS_SUSPECT, PROMOTE, Scores, bootstrap_interval, decide
-from closedloop.generate import GeneratorConfig, simulate
-from closedloop.labels import judge_share
-from closedloop.metrics import classification_metrics
-from closedloop.schema import DataContract, load_contract
-from closedloop.settings import DEFAULT_CONFIG, Config
-from closedloop.training import fit, predict
+from closedloop.core.labels import judge_share
+from closedloop.core.metrics import classification_metrics
+from closedloop.core.schema import DataContract, load_contract
+from closedloop.core.settings import DEFAULT_CONFIG, Config
+from closedloop.devtools.generate import GeneratorConfig, simulate
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.gate import LABELS_SUSPECT, PROMOTE, Scores, bootstrap_interval, decide
+from closedloop.stages.training import fit, predict
 
 START = date(2026, 1, 1)
 DAYS = 42

@@ -7,7 +7,7 @@
 Needs only Python 3.10+ with ``xgboost`` (a CUDA build for ``--device cuda``: the PyPI wheel is one),
 ``numpy``, ``pandas`` and ``scipy``, and CuPy for the device-array paths: no Airflow, MLflow, Feast or
 closedloop installation. Run from a checkout of closedloop whose light dependencies (``pyyaml``,
-``fsspec``) are installed, it times the project's own ``closedloop.training.fit`` (found through
+``fsspec``) are installed, it times the project's own ``closedloop.stages.training.fit`` (found through
 ``include/`` next to this file); elsewhere it times :func:`fit_like_closedloop`, a copy of the train step
 as it was before issue 23 (the per-column pandas matrix, a DMatrix per split). The line says which one ran.
 
@@ -80,7 +80,7 @@ def synthetic(rows: int, seed: int = 11) -> tuple[pd.DataFrame, SimpleNamespace]
     return frame, contract
 
 
-# -- the train step as closedloop.training.fit did it before issue 23 (the fallback and --old) ---------------
+# -- the train step as closedloop.stages.training.fit did it before issue 23 (the fallback and --old) ---------------
 def feature_frame(frame: pd.DataFrame, contract: Any) -> pd.DataFrame:
     x = pd.DataFrame(index=frame.index)
     for name in contract.model_features:
@@ -116,10 +116,10 @@ def fit_like_closedloop(train: pd.DataFrame, validation: pd.DataFrame, contract:
 
 
 def train_step() -> tuple[Any, str]:
-    """closedloop.training.fit when the project is importable here, else the copy above."""
+    """closedloop.stages.training.fit when the project is importable here, else the copy above."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
     try:
-        from closedloop.training import fit
+        from closedloop.stages.training import fit
     except ImportError as exc:
         return fit_like_closedloop, f"fit_like_closedloop (closedloop not importable: {exc})"
     return fit, "closedloop.training.fit"
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
           f"train step: {step_name}", flush=True)
     matrix_s = device_matrix_s = None
     if step_name == "closedloop.training.fit":  # the step's host work alone: both splits' model matrices
-        from closedloop.training import model_matrix
+        from closedloop.stages.training import model_matrix
 
         matrix_s, x_new = timed(lambda: (model_matrix(train, contract), model_matrix(validation, contract)))
         same_matrix = bool(np.array_equal(x_new[0], x_train, equal_nan=True)

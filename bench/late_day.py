@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from support.corruption import differences
 
-    from closedloop.generate import GeneratorConfig, generate
-    from closedloop.ingest import ingest_partition
-    from closedloop.lake import Lake
-    from closedloop.schema import load_contract
+    from closedloop.core.lake import Lake
+    from closedloop.core.schema import load_contract
+    from closedloop.devtools.generate import GeneratorConfig, generate
+    from closedloop.stages.ingest import ingest_partition
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--days", type=int, default=36)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # the figure counts only if the late lake is the in-order lake: every day's rows computed in day order,
         # the late day in its place
-        from closedloop.ingest import write_entity_features
+        from closedloop.stages.ingest import write_entity_features
 
         control = Lake(f"file://{Path(tmp) / 'ordered'}")
         shutil.copytree(base, Path(tmp) / "ordered")

@@ -71,11 +71,11 @@ def build_world(home: Path) -> list[dict]:
     os.environ.setdefault("CLOSEDLOOP_DEVICE", "cpu")
     import pandas as pd
 
-    from closedloop import retraining as stages
-    from closedloop.generate import GeneratorConfig, generate
-    from closedloop.registry import promote
-    from closedloop.runconf import Window
-    from closedloop.runtime import Runtime
+    from closedloop.core.runconf import Window
+    from closedloop.devtools.generate import GeneratorConfig, generate
+    from closedloop.stages import retraining as stages
+    from closedloop.stages.registry import promote
+    from closedloop.stages.runtime import Runtime
 
     window = Window(START + timedelta(days=2), START + timedelta(days=16))
     rt = Runtime.from_env()
@@ -102,9 +102,9 @@ def build_world(home: Path) -> list[dict]:
 
 
 def materialise_redis(home: Path, url: str) -> None:
-    from closedloop.features import feature_store, materialize_window
-    from closedloop.runtime import Runtime
-    from closedloop.settings import Settings
+    from closedloop.core.settings import Settings
+    from closedloop.stages.features import feature_store, materialize_window
+    from closedloop.stages.runtime import Runtime
 
     rt = Runtime(Settings.from_env({**os.environ, "CLOSEDLOOP_HOME": str(home), "CLOSEDLOOP_ONLINE_STORE": "redis",
                                     "CLOSEDLOOP_REDIS_URL": url}))
@@ -195,12 +195,12 @@ def in_process_floor(home: Path, store_name: str, redis_url: str, rows: list[dic
     (no HTTP, no validation, no log), one after the other as the one-client case sends them."""
     import numpy as np
 
-    from closedloop.features import feature_store
-    from closedloop.registry import CHAMPION, alias_version, load_booster
-    from closedloop.runtime import Runtime
-    from closedloop.scoring import version_info
-    from closedloop.settings import Settings
-    from closedloop.training import _declared_index
+    from closedloop.core.settings import Settings
+    from closedloop.stages.features import feature_store
+    from closedloop.stages.registry import CHAMPION, alias_version, load_booster
+    from closedloop.stages.runtime import Runtime
+    from closedloop.stages.scoring import version_info
+    from closedloop.stages.training import _declared_index
 
     env = {**os.environ, "CLOSEDLOOP_HOME": str(home)}
     if store_name == "redis":

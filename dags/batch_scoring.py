@@ -14,7 +14,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import (
+from closedloop.adapters.airflow.orchestration import (
     CURATED,
     DEFAULT_ARGS,
     PREDICTIONS,
@@ -43,9 +43,9 @@ def batch_scoring():
     @task(outlets=[PREDICTIONS])
     def score_day() -> list[dict]:
         """Score the day's transactions with the champion and write its predictions partition."""
-        from closedloop import scoring
-        from closedloop.ingest import resolve_days
-        from closedloop.runtime import Runtime
+        from closedloop.stages import scoring
+        from closedloop.stages.ingest import resolve_days
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         days = run_stage(resolve_days, conf_of(ctx), days_from_events(ctx, CURATED))

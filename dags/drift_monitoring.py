@@ -29,9 +29,9 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from closedloop.links import drift_report_task
-from closedloop.notifier import send_alert
-from closedloop.orchestration import (
+from closedloop.adapters.airflow.links import drift_report_task
+from closedloop.adapters.airflow.notifier import send_alert
+from closedloop.adapters.airflow.orchestration import (
     DEFAULT_ARGS,
     PREDICTIONS,
     active_runs,
@@ -64,9 +64,9 @@ def drift_monitoring():
     @drift_report_task
     def measure_drift() -> dict:
         """Measure drift on the window and keep the report (lake and MLflow)."""
-        from closedloop import monitoring
-        from closedloop.ingest import resolve_days
-        from closedloop.runtime import Runtime
+        from closedloop.stages import monitoring
+        from closedloop.stages.ingest import resolve_days
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         rt = Runtime.from_env()
@@ -81,9 +81,9 @@ def drift_monitoring():
     @task.short_circuit
     def decide_retraining(measured: dict) -> dict | bool:
         """Apply the drift policy, the cooldown and de-duplication; skip what follows unless retraining."""
-        from closedloop import monitoring
-        from closedloop.alerts import drift_alert
-        from closedloop.runtime import Runtime
+        from closedloop.stages import monitoring
+        from closedloop.stages.alerts import drift_alert
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         decision = run_stage(monitoring.decide_retraining, Runtime.from_env(), measured,

@@ -22,8 +22,8 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from closedloop.notifier import send_alert
-from closedloop.orchestration import DEFAULT_ARGS, documented, run_stage, time_schedule
+from closedloop.adapters.airflow.notifier import send_alert
+from closedloop.adapters.airflow.orchestration import DEFAULT_ARGS, documented, run_stage, time_schedule
 
 
 @dag(
@@ -39,8 +39,8 @@ def housekeeping():
     @task
     def check_arrivals() -> list:
         """Alert (data_missing) for each recent day whose transactions have not landed past the delay."""
-        from closedloop.alerts import check_arrivals as check
-        from closedloop.runtime import Runtime
+        from closedloop.stages.alerts import check_arrivals as check
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         rt = Runtime.from_env()
@@ -53,16 +53,16 @@ def housekeeping():
     @task
     def prune_lake_and_mlflow() -> dict:
         """Delete old served logs, predictions, training sets, drift reports and monitoring runs; never lineage."""
-        from closedloop import housekeeping as hk
-        from closedloop.runtime import Runtime
+        from closedloop.stages import housekeeping as hk
+        from closedloop.stages.runtime import Runtime
 
         return run_stage(hk.run, Runtime.from_env(), get_current_context().get("data_interval_end"), airflow_db=False)
 
     @task
     def clean_airflow_db() -> dict:
         """`airflow db clean` of Airflow's tables before the configured age (no archive tables)."""
-        from closedloop import housekeeping as hk
-        from closedloop.settings import Settings
+        from closedloop.core.settings import Settings
+        from closedloop.stages import housekeeping as hk
 
         return run_stage(hk.clean_airflow_tables, Settings.from_env(), get_current_context().get("data_interval_end"))
 

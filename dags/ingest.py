@@ -14,9 +14,16 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.links import validation_task
-from closedloop.notifier import ClosedloopNotifier
-from closedloop.orchestration import CURATED, DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
+from closedloop.adapters.airflow.links import validation_task
+from closedloop.adapters.airflow.notifier import ClosedloopNotifier
+from closedloop.adapters.airflow.orchestration import (
+    CURATED,
+    DEFAULT_ARGS,
+    conf_of,
+    documented,
+    run_stage,
+    time_schedule,
+)
 
 
 @dag(
@@ -36,10 +43,10 @@ def ingest():
     @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
     def validate_partitions() -> dict:
         """Validate and curate the day's transactions and labels; quarantine and fail on blocking problems."""
-        from closedloop import ingest as stages
-        from closedloop.alerts import redelivery_alert
-        from closedloop.notifier import send_alert
-        from closedloop.runtime import Runtime
+        from closedloop.adapters.airflow.notifier import send_alert
+        from closedloop.stages import ingest as stages
+        from closedloop.stages.alerts import redelivery_alert
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         day = run_stage(stages.resolve_day, conf_of(ctx), ctx.get("data_interval_start"))
@@ -51,8 +58,8 @@ def ingest():
     @task(outlets=[CURATED])
     def materialise_features(ingested: dict) -> dict:
         """Materialise the day and every day whose features it recomputed (with the overlap); announce the day."""
-        from closedloop import ingest as stages
-        from closedloop.runtime import Runtime
+        from closedloop.stages import ingest as stages
+        from closedloop.stages.runtime import Runtime
 
         result = run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"],
                            ingested.get("features_changed"))

@@ -34,9 +34,9 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.links import mlflow_run_task, model_version_task, validation_task
-from closedloop.notifier import ClosedloopNotifier, send_alert
-from closedloop.orchestration import (
+from closedloop.adapters.airflow.links import mlflow_run_task, model_version_task, validation_task
+from closedloop.adapters.airflow.notifier import ClosedloopNotifier, send_alert
+from closedloop.adapters.airflow.orchestration import (
     DEFAULT_ARGS,
     conf_of,
     documented,
@@ -76,9 +76,9 @@ def retraining():
     @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
     def validate_window() -> dict:
         """Validate every partition of the run's window; bad partitions are quarantined and fail the run."""
-        from closedloop import retraining as stages
-        from closedloop.runconf import resolve_window
-        from closedloop.runtime import Runtime
+        from closedloop.core.runconf import resolve_window
+        from closedloop.stages import retraining as stages
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         rt = Runtime.from_env()
@@ -88,17 +88,17 @@ def retraining():
     @task
     def materialise_features(validated: dict) -> dict:
         """Apply the Feast definitions and materialise the window into the online store."""
-        from closedloop import retraining as stages
-        from closedloop.runtime import Runtime
+        from closedloop.stages import retraining as stages
+        from closedloop.stages.runtime import Runtime
 
         return run_stage(stages.materialise, Runtime.from_env(), _window(validated))
 
     @task
     def build_training_set(validated: dict, materialised: dict) -> dict:
         """Point-in-time-correct training set of the window, written as Parquet (its URI goes on)."""
-        from closedloop import retraining as stages
-        from closedloop.runconf import split_override
-        from closedloop.runtime import Runtime
+        from closedloop.core.runconf import split_override
+        from closedloop.stages import retraining as stages
+        from closedloop.stages.runtime import Runtime
 
         split = run_stage(split_override, conf_of(get_current_context()))
         return run_stage(stages.build_training_set, Runtime.from_env(), _window(validated), split)
@@ -106,8 +106,8 @@ def retraining():
     @mlflow_run_task(**training_task_args())
     def train_model(training_set: dict, validated: dict) -> dict:
         """Train XGBoost and log the run, its lineage and the model to MLflow."""
-        from closedloop import retraining as stages
-        from closedloop.runtime import Runtime
+        from closedloop.stages import retraining as stages
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         lineage = {"dag_run_id": ctx["run_id"], "reason": conf_of(ctx).get("reason", ""),
@@ -118,8 +118,8 @@ def retraining():
     @model_version_task(execution_timeout=timeout(minutes=10))
     def register_model(trained: dict, validated: dict) -> dict:
         """Register the model version (a retry finds the version it already made)."""
-        from closedloop import retraining as stages
-        from closedloop.runtime import Runtime
+        from closedloop.stages import retraining as stages
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         conf = conf_of(ctx)
@@ -133,9 +133,9 @@ def retraining():
     @task
     def evaluate_gate(registered: dict, training_set: dict) -> dict:
         """Check the labels' plausibility, score candidate and champion on the same holdout and decide."""
-        from closedloop import retraining as stages
-        from closedloop.runconf import labels_override
-        from closedloop.runtime import Runtime
+        from closedloop.core.runconf import labels_override
+        from closedloop.stages import retraining as stages
+        from closedloop.stages.runtime import Runtime
 
         override = run_stage(labels_override, conf_of(get_current_context()))
         return run_stage(stages.evaluate_gate, Runtime.from_env(), registered, training_set, override)
@@ -143,9 +143,9 @@ def retraining():
     @model_version_task(execution_timeout=timeout(minutes=10))
     def promote_or_reject(decision: dict) -> dict:
         """Move `champion` to the candidate (compare-and-set) or keep it as rejected with the reason."""
-        from closedloop import retraining as stages
-        from closedloop.alerts import gate_alert
-        from closedloop.runtime import Runtime
+        from closedloop.stages import retraining as stages
+        from closedloop.stages.alerts import gate_alert
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         done = run_stage(stages.promote_or_reject, Runtime.from_env(), decision, f"retraining:{ctx['run_id']}")
@@ -173,7 +173,7 @@ def _interval(ctx, rt) -> tuple:
 
 
 def _window(validated: dict):
-    from closedloop.runconf import Window, parse_day
+    from closedloop.core.runconf import Window, parse_day
 
     return Window(parse_day(validated["window"]["start"]), parse_day(validated["window"]["end"]))
 

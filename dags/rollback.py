@@ -6,7 +6,7 @@ points at, the champion before the current one) and the `reason`, which is requi
 version the promotion gate rejected. The whole configuration is checked against a JSON schema (no
 unknown keys) before any work.
 
-One task, `roll_back_champion`, calls `closedloop.rollback.rollback_run`: the move goes through the
+One task, `roll_back_champion`, calls `closedloop.stages.rollback.rollback_run`: the move goes through the
 registry's compare-and-set `promote()` like every promotion, the old champion becomes `previous`, and
 the promotion history records a `rollback` with the reason, this run's id and the user who triggered
 the run. Refused, with nothing changed: no previous version, an unknown version, the current champion,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage
+from closedloop.adapters.airflow.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage
 
 
 @dag(
@@ -44,8 +44,8 @@ def rollback():
     @task
     def roll_back_champion() -> dict:
         """Check the run configuration, then move `champion` back through the registry's compare-and-set."""
-        from closedloop.rollback import rollback_run, triggering_actor
-        from closedloop.runtime import Runtime
+        from closedloop.stages.rollback import rollback_run, triggering_actor
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         return run_stage(rollback_run, Runtime.from_env(), conf_of(ctx), actor=triggering_actor(ctx.get("dag_run")),

@@ -22,9 +22,9 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from closedloop.errors import NoDataError
-from closedloop.notifier import ClosedloopNotifier
-from closedloop.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
+from closedloop.adapters.airflow.notifier import ClosedloopNotifier
+from closedloop.adapters.airflow.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
+from closedloop.core.errors import NoDataError
 
 
 @dag(
@@ -44,9 +44,9 @@ def skew_check():
     @task
     def measure_skew() -> dict:
         """Compare a sample of the day's served predictions with the offline path; keep the report."""
-        from closedloop import skew
-        from closedloop.ingest import resolve_days
-        from closedloop.runtime import Runtime
+        from closedloop.stages import skew
+        from closedloop.stages.ingest import resolve_days
+        from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
         days = []
@@ -63,7 +63,7 @@ def skew_check():
     @task(on_failure_callback=ClosedloopNotifier("skew_detected", severity="error"))
     def check_skew(report: dict) -> dict:
         """Fail (an alert, no retry) when served features or scores differ beyond the `skew:` tolerances."""
-        from closedloop import skew
+        from closedloop.stages import skew
 
         return run_stage(skew.check, report)
 

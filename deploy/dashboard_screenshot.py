@@ -121,13 +121,13 @@ def _prometheus(work: Path, target: str, token_file: Path):
 
 def _run_loop(rt, start: date, days: int, drift_day: date, say) -> None:
     """The loop's stages as its DAGs call them, window by window, with pauses for Prometheus to scrape."""
-    from closedloop import retraining as stages
-    from closedloop.errors import DataValidationError
-    from closedloop.generate import make_bad
-    from closedloop.ingest import ingest_partition
-    from closedloop.monitoring import measure_window
-    from closedloop.runconf import Window
-    from closedloop.scoring import score_day
+    from closedloop.core.errors import DataValidationError
+    from closedloop.core.runconf import Window
+    from closedloop.devtools.generate import make_bad
+    from closedloop.stages import retraining as stages
+    from closedloop.stages.ingest import ingest_partition
+    from closedloop.stages.monitoring import measure_window
+    from closedloop.stages.scoring import score_day
 
     def pause(seconds: float = 3 * SCRAPE) -> None:
         time.sleep(seconds)
@@ -245,8 +245,8 @@ def main() -> None:
     os.environ.setdefault("AIRFLOW_HOME", str(work / "airflow"))
     os.environ["AIRFLOW__CLOSEDLOOP__METRICS_TOKEN"] = token = "screenshot-scrape-token"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from closedloop.generate import GeneratorConfig, generate
-    from closedloop.runtime import Runtime
+    from closedloop.devtools.generate import GeneratorConfig, generate
+    from closedloop.stages.runtime import Runtime
 
     start = datetime.now(UTC).date() - timedelta(days=args.days)
     drift_day = start + timedelta(days=args.drift_day)

@@ -4,7 +4,7 @@ The other modules of this repository pick their objects from here, so that the `
 (`eval "$(closedloop env)"; feast -c feature_repo plan`) sees exactly what the pipeline applies.
 """
 
-from closedloop.runtime import Runtime
+from closedloop.stages.runtime import Runtime
 
 _runtime = Runtime.from_env()
 DEFINITIONS = _runtime.defs

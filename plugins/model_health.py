@@ -2,9 +2,9 @@
 
 A FastAPI app mounted by the API server under ``/closedloop`` serves the page (``/closedloop/``), its data
 (``/closedloop/api/health.json``), the reports it links (``/closedloop/reports/...``, read from the
-lake, wherever it is) and the loop's metrics for Prometheus (``/closedloop/metrics``, :mod:`closedloop.exporter`:
-the same data in Prometheus's text format); an external view puts "Model health" in the UI's navigation, shown
-in an iframe.
+lake, wherever it is) and the loop's metrics for Prometheus (``/closedloop/metrics``,
+:mod:`closedloop.adapters.exporter`: the same data in Prometheus's text format); an external view puts
+"Model health" in the UI's navigation, shown in an iframe.
 
 Airflow does not protect plugin apps: every route here checks the caller's Airflow token itself, the
 ``Authorization: Bearer`` header or else the UI's ``_token`` cookie (what the browser sends from the UI),
@@ -71,7 +71,8 @@ async def airflow_user(request: Any) -> Any:
 
 
 def _runtime() -> Any:
-    from closedloop.runtime import Runtime
+    import closedloop.adapters.airflow.secrets  # noqa: F401  (Airflow's log masker for what this Runtime reads)
+    from closedloop.stages.runtime import Runtime
 
     return Runtime.from_env()
 
@@ -80,7 +81,7 @@ def _gather() -> dict[str, Any]:
     """The page's data; 503 naming what failed when the registry or the lake cannot be read."""
     from fastapi import HTTPException
 
-    from closedloop import health
+    from closedloop.stages import health
 
     try:
         return health.gather(_runtime())
@@ -136,7 +137,7 @@ def build_app() -> Any:
 
     @pages.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
-        from closedloop import health
+        from closedloop.stages import health
 
         return HTMLResponse(health.render_page(_gather(), report_base="reports/"),
                             headers={"Cache-Control": "no-store"})
@@ -147,7 +148,7 @@ def build_app() -> Any:
 
     @pages.get("/reports/{path:path}")
     def report(path: str) -> Response:
-        from closedloop import health
+        from closedloop.stages import health
 
         try:
             body, media = health.report_bytes(_runtime(), path)
@@ -157,7 +158,7 @@ def build_app() -> Any:
 
     @app.get("/metrics", dependencies=[Depends(prometheus)])
     def metrics() -> Response:
-        from closedloop import exporter
+        from closedloop.adapters import exporter
 
         try:
             body = exporter.exposition(_runtime())

@@ -39,8 +39,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 # a task retried by the scheduler waits a second or two, not the production 20 s and more
 os.environ.setdefault("CLOSEDLOOP_RETRY_DELAY_SECONDS", "1")
 
-from closedloop.schema import DataContract, load_contract  # noqa: E402
-from closedloop.settings import REPO_ROOT  # noqa: E402
+from closedloop.core.schema import DataContract, load_contract  # noqa: E402
+from closedloop.core.settings import REPO_ROOT  # noqa: E402
 
 CONTRACT_PATH = REPO_ROOT / "include" / "schemas" / "card_fraud.yaml"
 
@@ -109,7 +109,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def runtime(home: Path):
     """A Runtime on the test's own home."""
-    from closedloop.runtime import Runtime
+    from closedloop.stages.runtime import Runtime
 
     return Runtime.from_env()
 
@@ -141,8 +141,8 @@ def generated_home(tmp_path_factory):
 
     @contextlib.contextmanager
     def make(name: str, config):
-        from closedloop.generate import generate
-        from closedloop.runtime import Runtime
+        from closedloop.devtools.generate import generate
+        from closedloop.stages.runtime import Runtime
 
         home = tmp_path_factory.mktemp(name) / "closedloop"
         with pytest.MonkeyPatch.context() as mp:

@@ -289,7 +289,7 @@ def test_the_readme_s_facts_match_the_product():
     """DAG count, the Triggering example's window inside the demo's data, the default ports."""
     from datetime import date, timedelta
 
-    from closedloop.demo import DemoPlan
+    from closedloop.devtools.demo import DemoPlan
 
     readme = (REPO / "README.md").read_text()
     dags = sorted(p.stem for p in (REPO / "dags").glob("*.py") if not p.name.startswith("_"))

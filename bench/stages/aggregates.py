@@ -1,7 +1,7 @@
 """Aggregates: the customer aggregates of a window's events (what ingest computes for every curated day).
 
 The project's ``compute_entity_features`` (per-entity windows summed on a segment tree: every window exact
-whatever the other rows hold, see closedloop.aggregates) against the method it replaced, kept here as the
+whatever the other rows hold, see closedloop.stages.aggregates) against the method it replaced, kept here as the
 floor: one cumulative sum over all entities at once, ``cs[upper] - cs[lower]`` (fast, but one extreme value
 destroys the precision of every later window of every entity). Both on the same events: the bench contract's
 21 aggregates over the world's number of transactions and customers, the window's days and the lookback
@@ -56,7 +56,7 @@ def cumulative_sums_floor(events: Any, contract: Any, history: Any) -> Any:
     import numpy as np
     import pandas as pd
 
-    from closedloop.aggregates import _DAY_NS, _US_NS, _entity_time_order, _range_extreme
+    from closedloop.stages.aggregates import _DAY_NS, _US_NS, _entity_time_order, _range_extreme
 
     ent, ts = contract.entity, contract.event_timestamp
     needed = sorted({ent, ts, *(a.column for a in contract.aggregates if a.column)})
@@ -120,8 +120,8 @@ def cumulative_sums_floor(events: Any, contract: Any, history: Any) -> Any:
 def run(w: World, quick: bool) -> list[Result]:
     import numpy as np
 
-    from closedloop.aggregates import compute_entity_features
-    from closedloop.schema import load_contract
+    from closedloop.core.schema import load_contract
+    from closedloop.stages.aggregates import compute_entity_features
 
     contract = load_contract(REPO / "bench" / "schemas" / "transactions_30.yaml")
     ev, hist = events(w.rows, w.customers, w.n_days, contract.lookback.days)

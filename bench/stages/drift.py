@@ -8,7 +8,7 @@ reference sample (``train.sample(n, random_state=0)``; the champion's own sample
 ``reference_sample_rows``=5000 rows): ``monitoring.champion_reference`` is wrapped to return it with the
 champion's holdout quality (its download still happens and is timed).
 
-The project's figure is ``closedloop.monitoring.measure_window`` on that window: the champion, the
+The project's figure is ``closedloop.stages.monitoring.measure_window`` on that window: the champion, the
 reference, the window read, ``drift.measure`` (Evidently, one ``ValueDrift`` per feature with the
 configured tests, the window sampled to ``monitoring.sample_rows``), the decision, the HTML and JSON
 report in the lake and the MLflow run (Evidently and MLflow imported, and the MLflow store opened, before
@@ -43,8 +43,8 @@ from common import CONFIG, START, Measurement, Result, World, measure, timed_int
 if TYPE_CHECKING:
     import pandas as pd
 
-    from closedloop.drift import DriftFigures, DriftPolicy
-    from closedloop.schema import DataContract
+    from closedloop.core.schema import DataContract
+    from closedloop.stages.drift import DriftFigures, DriftPolicy
 
 STAGE = "drift"
 REFERENCE_MAX = 100_000
@@ -78,8 +78,8 @@ def column_statistic(ref: Any, cur: Any, kind: str) -> float | None:
 
 def full_figures(reference: pd.DataFrame, current: pd.DataFrame, contract: DataContract,
                  policy: DriftPolicy, score_column: str = "score") -> DriftFigures:
-    """The figures :func:`closedloop.drift.measure` gives, computed on all rows with numpy/scipy (no quality)."""
-    from closedloop.drift import DriftFigures, _kinds
+    """The figures :func:`closedloop.stages.drift.measure` gives, computed on all rows with numpy/scipy (no quality)."""
+    from closedloop.stages.drift import DriftFigures, _kinds
 
     kinds = _kinds(contract)
     per_feature: dict[str, dict[str, Any]] = {}
@@ -105,7 +105,7 @@ def compare(sampled: DriftFigures, full: DriftFigures, policy: DriftPolicy) -> d
     the largest absolute difference of a column's statistic."""
     import dataclasses
 
-    from closedloop.drift import decide
+    from closedloop.stages.drift import decide
 
     full = dataclasses.replace(full, quality=sampled.quality)
     a, b = decide(sampled, policy), decide(full, policy)
@@ -127,7 +127,7 @@ def compare(sampled: DriftFigures, full: DriftFigures, policy: DriftPolicy) -> d
 # -- the stage ------------------------------------------------------------------------------------------
 def _scored(w: World, rt: Any) -> None:
     """Every day of the world's window has its predictions (untimed; the scoring stage usually did it)."""
-    from closedloop import scoring
+    from closedloop.stages import scoring
 
     for d in w.days:
         if not rt.lake.exists(rt.lake.partition("predictions", "transactions", d)):
@@ -150,9 +150,9 @@ def run(w: World, quick: bool) -> list[Result]:
     import mlflow  # noqa: F401
     import pandas as pd
 
-    from closedloop import drift, monitoring
-    from closedloop.features import read_training_split
-    from closedloop.runtime import Runtime
+    from closedloop.stages import drift, monitoring
+    from closedloop.stages.features import read_training_split
+    from closedloop.stages.runtime import Runtime
 
     w.champion()
     ts = w.training_set()
@@ -241,7 +241,7 @@ WARMUP_DAYS = 30  # the aggregates' 30-day lookback: the reference does not see 
 
 def scenarios(per_day: int, reference_days: int, window_days: int, windows: int) -> list[dict[str, Any]]:
     """For each scenario: ``windows`` windows of ``window_days`` days (drift from the first), each judged on
-    all its rows and on the policy's sample (:func:`closedloop.drift._sample`, as ``drift.measure`` draws it,
+    all its rows and on the policy's sample (:func:`closedloop.stages.drift._sample`, as ``drift.measure`` draws it,
     seeds 0, 1, ...), against a reference of ``min(rows, 100k)`` rows of the ``reference_days`` before.
     Both are computed by :func:`full_figures` (the same scipy functions as Evidently's stattests; on
     unsampled windows the stage checks them against Evidently's figures), decided by ``drift.decide``."""
@@ -250,13 +250,13 @@ def scenarios(per_day: int, reference_days: int, window_days: int, windows: int)
 
     import pandas as pd
 
-    from closedloop.aggregates import compute_entity_features
-    from closedloop.drift import DriftPolicy, _quality, _sample
-    from closedloop.generate import GeneratorConfig, simulate
-    from closedloop.metrics import classification_metrics
-    from closedloop.schema import load_contract
-    from closedloop.settings import Config
-    from closedloop.training import fit, predict
+    from closedloop.core.metrics import classification_metrics
+    from closedloop.core.schema import load_contract
+    from closedloop.core.settings import Config
+    from closedloop.devtools.generate import GeneratorConfig, simulate
+    from closedloop.stages.aggregates import compute_entity_features
+    from closedloop.stages.drift import DriftPolicy, _quality, _sample
+    from closedloop.stages.training import fit, predict
 
     config = Config.load(CONFIG)
     contract = load_contract(config.schema_path)

@@ -1,6 +1,6 @@
 """Keys across days: the index behind ingest's check that a new day repeats no id curated on another day.
 
-``CuratedIds`` (closedloop.ingest) on a lake holding the world's ids curated over its days (fingerprint files
+``CuratedIds`` (closedloop.stages.ingest) on a lake holding the world's ids curated over its days (fingerprint files
 written as ingest writes them): the first check of a process (reading every day's fingerprints, one sort)
 and the check of one new day's ids, against a floor that does the same with the ids themselves: read every
 curated day's id column and one hash lookup of the new day's ids in them.
@@ -21,9 +21,9 @@ def run(w: World, quick: bool) -> list[Result]:
     import numpy as np
     import pandas as pd
 
-    from closedloop.ingest import CuratedIds
-    from closedloop.lake import Lake
-    from closedloop.schema import load_contract
+    from closedloop.core.lake import Lake
+    from closedloop.core.schema import load_contract
+    from closedloop.stages.ingest import CuratedIds
 
     contract = load_contract(REPO / "bench" / "schemas" / "transactions_30.yaml")
     key = contract.row_key

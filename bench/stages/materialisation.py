@@ -1,6 +1,6 @@
 """Materialisation: Feast into SQLite and into Redis against a bulk write of the same latest-per-entity rows.
 
-The project's figure is ``closedloop.retraining.materialise`` (what the retraining DAG's task calls: apply the
+The project's figure is ``closedloop.stages.retraining.materialise`` (what the retraining DAG's task calls: apply the
 definitions, materialise the window with its overlap) on a Runtime of its own: a fresh home (Feast registry,
 SQLite online store) under a temporary directory, reading the world's lake, so the world's own online store
 and registry are untouched. For Redis the same with ``CLOSEDLOOP_ONLINE_STORE=redis`` on a dedicated database
@@ -34,8 +34,8 @@ STRING, INT64 = 2, 4    # feast ValueType numbers (entity key serialisation v3)
 
 def fresh_runtime(w: World, home: Path, lake: Path | None = None, **env: str) -> Any:
     """A Runtime whose Feast registry and online store live under ``home``, on ``lake`` (the world's)."""
-    from closedloop.runtime import Runtime
-    from closedloop.settings import Settings
+    from closedloop.core.settings import Settings
+    from closedloop.stages.runtime import Runtime
 
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CLOSEDLOOP_", "FEAST_"))}
     rt = Runtime(Settings.from_env({**base, "CLOSEDLOOP_HOME": str(home), "CLOSEDLOOP_CONFIG": str(CONFIG),
@@ -151,8 +151,8 @@ def redis_dump(client: Any, keys: list[bytes]) -> dict[bytes, dict[bytes, bytes]
 
 # -- the stage -------------------------------------------------------------------------------------
 def run(w: World, quick: bool) -> list[Result]:
-    from closedloop import retraining as stages
-    from closedloop.features import apply_definitions, materialize_window, to_utc
+    from closedloop.stages import retraining as stages
+    from closedloop.stages.features import apply_definitions, materialize_window, to_utc
 
     w.ingested()
     w.runtime()

@@ -2,7 +2,7 @@
 
 On a fresh copy of the world (``airflow_env.fresh_copy``) with its own Airflow home under
 ``.bench/orchestration/`` (the project's embedded configuration: SQLite, LocalExecutor, parallelism 2), the
-project's stack (``closedloop.stack.AirflowStack``: API server, scheduler, dag-processor; no triggerer, as
+project's stack (``closedloop.devtools.stack.AirflowStack``: API server, scheduler, dag-processor; no triggerer, as
 nothing here defers) runs the closed loop once, from one trigger:
 
     ingest (the world's last day) --Asset--> batch_scoring --Asset--> drift_monitoring --trigger--> retraining
@@ -43,7 +43,7 @@ from typing import Any
 import airflow_env
 from common import CONFIG, Result, World
 
-from closedloop.demo import _has_dag  # the demo's own check that the DAGs are parsed
+from closedloop.devtools.demo import _has_dag  # the demo's own check that the DAGs are parsed
 
 STAGE = "orchestration"
 DAGS = ("ingest", "batch_scoring", "drift_monitoring", "retraining")
@@ -67,7 +67,7 @@ def run(w: World, quick: bool) -> list[Result]:
     if quick:  # the chain starts at drift_monitoring: its window's predictions are written here meanwhile
         scorer.start()
 
-    from closedloop.stack import AirflowStack
+    from closedloop.devtools.stack import AirflowStack
 
     signal.signal(signal.SIGTERM, _exit)  # a terminated stage still stops the stack (the context manager)
     stack = AirflowStack(af_home, env, port=_free_port(), components=("api-server", "scheduler", "dag-processor"))
@@ -91,8 +91,8 @@ def _prescore(home: Path, config: Path, days: list[Any], errors: list[BaseExcept
     try:
         os.environ.update({"CLOSEDLOOP_HOME": str(home), "CLOSEDLOOP_CONFIG": str(config)})
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        from closedloop import scoring
-        from closedloop.runtime import Runtime
+        from closedloop.stages import scoring
+        from closedloop.stages.runtime import Runtime
 
         rt = Runtime.from_env()
         for d in days:

@@ -2,8 +2,8 @@
 
 N scored rows at size N: the window's every day (28, a week in quick mode) is scored, as the
 batch_scoring DAG's task does for a backfill of those days: one Runtime, then
-``closedloop.scoring.score_day`` per day (the curated day read, its customer features fetched point in
-time from Feast's registered source, read in the day's range by ``closedloop.offline``, the champion
+``closedloop.stages.scoring.score_day`` per day (the curated day read, its customer features fetched point in
+time from Feast's registered source, read in the day's range by ``closedloop.stages.offline``, the champion
 looked up and loaded, the scores, the predictions partition written).
 The days' rows sum to the world's size. The heavy modules (Feast, MLflow with its SQL stores, XGBoost,
 scikit-learn) are imported before the clock; the Runtime, its MLflow client and Feast store are the task's. The
@@ -38,9 +38,9 @@ def run(w: World, quick: bool) -> list[Result]:
     import sklearn.base  # noqa: F401  (what loading an XGBoost model imports)
     import xgboost  # noqa: F401
 
-    from closedloop import scoring
-    from closedloop.registry import load_booster
-    from closedloop.runtime import Runtime
+    from closedloop.stages import scoring
+    from closedloop.stages.registry import load_booster
+    from closedloop.stages.runtime import Runtime
 
     w.champion()
     w.runtime()
@@ -111,8 +111,9 @@ def run(w: World, quick: bool) -> list[Result]:
                                f"matched, max abs difference {diff}")
         per_day = f"{len(days)} days, {scored / task.seconds:,.0f} rows/s vs {scored / floor.seconds:,.0f}"
         return [Result.of(STAGE, "score every day (score_day)", w.rows, task, floor, data_mib, work_rows=scored,
-                          notes=f"{per_day}; point-in-time features read in the day's range (closedloop.offline) "
-                                f"+ champion per day; floor: read day + joined features, inplace_predict, write "
+                          notes=f"{per_day}; point-in-time features read in the day's range "
+                                f"(closedloop.stages.offline) + champion per day; floor: read day + joined features, "
+                                f"inplace_predict, write "
                                 f"(same scores, max diff {diff:.1e})")]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Training: the retraining DAG's train task vs bare ``xgboost.train`` on the same matrix and parameters.
 
-The project's figure is ``closedloop.retraining.train`` (-> ``training.train_and_log``): the training set's
+The project's figure is ``closedloop.stages.retraining.train`` (-> ``training.train_and_log``): the training set's
 parts read, the matrices built, XGBoost fitted with early stopping, the threshold, the metrics on the
 validation and holdout splits, the reference sample and statistics, the plots, and everything logged to
 MLflow with the model. It runs against a fresh MLflow store under the world's ``bench-tmp/`` (so it
@@ -43,10 +43,10 @@ def run(w: World, quick: bool) -> list[Result]:
     import mlflow.xgboost
     import xgboost as xgb
 
-    from closedloop import retraining, training
-    from closedloop.features import read_training_split
-    from closedloop.plots import _pyplot
-    from closedloop.registry import ensure_experiment
+    from closedloop.core.plots import _pyplot
+    from closedloop.stages import retraining, training
+    from closedloop.stages.features import read_training_split
+    from closedloop.stages.registry import ensure_experiment
 
     ts = w.training_set()
     tmp = _fresh_store(w)

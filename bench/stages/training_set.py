@@ -2,14 +2,14 @@
 
 Three lines:
 
-- ``point-in-time join``: ``closedloop.offline.point_in_time_features`` (what ``build_training_set`` calls:
+- ``point-in-time join``: ``closedloop.stages.offline.point_in_time_features`` (what ``build_training_set`` calls:
   Feast's rules on the feature view's registered source, read in the window's range) on the window's
   labelled rows, against reading the same feature files with pyarrow and one
   ``pandas.merge_asof`` (by entity, backward, exact matches allowed, the view's TTL as tolerance);
 - ``point-in-time join (Feast's get_historical_features)``: Feast's own join of the same rows
-  (``closedloop.features.historical_features``), the join before issue 23, against the same floor, its rows
+  (``closedloop.stages.features.historical_features``), the join before issue 23, against the same floor, its rows
   compared with the project's (up to 2M rows; ``CLOSEDLOOP_BENCH_FEAST_JOIN=0`` leaves it out);
-- ``training set task``: ``closedloop.retraining.build_training_set`` (what the DAG's task calls: read the
+- ``training set task``: ``closedloop.stages.retraining.build_training_set`` (what the DAG's task calls: read the
   curated window and its labels, the join, the time split, the Parquet parts) against the same steps in plain
   pandas/pyarrow with the ``merge_asof``.
 
@@ -68,8 +68,8 @@ def floor_task(rt: Any, start: Any, end: Any, grace: int, split: dict[str, Any],
     """Read the curated window and its labels, join them, merge_asof the features, split by time, write parts."""
     import pandas as pd
 
-    from closedloop.features import SPLITS, time_split
-    from closedloop.lake import days_between
+    from closedloop.core.lake import days_between
+    from closedloop.stages.features import SPLITS, time_split
 
     c, lake = rt.contract, rt.lake
     tx = pd.concat([pd.read_parquet(lake.local_path(lake.partition("curated", "transactions", d)))
@@ -110,9 +110,14 @@ def mismatches(project: Any, floor: Any, contract: Any) -> int:
 
 # -- the stage -------------------------------------------------------------------------------------
 def run(w: World, quick: bool) -> list[Result]:
-    from closedloop import retraining as stages
-    from closedloop.features import DEFAULT_PART_ROWS, apply_definitions, historical_features, read_labelled_window
-    from closedloop.offline import point_in_time_features
+    from closedloop.stages import retraining as stages
+    from closedloop.stages.features import (
+        DEFAULT_PART_ROWS,
+        apply_definitions,
+        historical_features,
+        read_labelled_window,
+    )
+    from closedloop.stages.offline import point_in_time_features
 
     # Feast's own join beside it (the figure before issue 23), up to 2M (at 10M it took 230 s)
     feast = w.rows <= 2_000_000 and os.environ.get("CLOSEDLOOP_BENCH_FEAST_JOIN", "1") != "0"
@@ -142,8 +147,9 @@ def run(w: World, quick: bool) -> list[Result]:
         floor.result = None
         results.append(Result.of(
             STAGE, "point-in-time join", w.rows, figure, floor, data_mib, work_rows=len(labelled),
-            notes=f"{len(labelled)} labelled rows x {len(c.entity_features)} features; closedloop.offline (Feast's "
-                  f"rules on the registered source, read in the window's range by DuckDB); floor: pyarrow read of "
+            notes=f"{len(labelled)} labelled rows x {len(c.entity_features)} features; closedloop.stages.offline "
+                  f"(Feast's rules on the registered source, read in the window's range by DuckDB); floor: "
+                  f"pyarrow read of "
                   f"the feature files + merge_asof (by entity, backward, TTL {c.ttl.days} d); rows differing: {diff}"))
         if feast:
             feast_figure = measure(lambda: historical_features(rt.store, rt.defs, labelled, c))
@@ -153,7 +159,7 @@ def run(w: World, quick: bool) -> list[Result]:
                 STAGE, "point-in-time join (Feast's get_historical_features)", w.rows, feast_figure, floor,
                 data_mib, work_rows=len(labelled),
                 notes=f"the join before issue 23: Feast get_historical_features (DuckDB, the whole history scanned "
-                      f"per call); floor as above; rows differing from closedloop.offline's: {same}"))
+                      f"per call); floor as above; rows differing from closedloop.stages.offline's: {same}"))
             del feast_figure
         del project, figure, floor
         labelled = None  # the task reads the window itself
@@ -164,8 +170,8 @@ def run(w: World, quick: bool) -> list[Result]:
                                            tmp / "floor"))
         results.append(Result.of(
             STAGE, "training set task", w.rows, figure, floor, data_mib, work_rows=sum(figure.result["rows"].values()),
-            notes="build_training_set: read window + labels, point-in-time join (closedloop.offline), time split, "
-                  "Parquet parts; floor: the same in pandas with merge_asof"))
+            notes="build_training_set: read window + labels, point-in-time join (closedloop.stages.offline), "
+                  "time split, Parquet parts; floor: the same in pandas with merge_asof"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return results

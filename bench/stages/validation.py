@@ -29,7 +29,7 @@ PARTIAL = 20  # offending values kept per failed rule (validation.PARTIAL_COUNT)
 # -- the floor ------------------------------------------------------------------------------------
 def suite_rules(contract: Any, day: Any) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(expectation type, kwargs, meta) of every expectation of the project's suite for ``day``."""
-    from closedloop.validation import build_suite
+    from closedloop.stages.validation import build_suite
 
     return [(e.configuration.type, dict(e.configuration.kwargs), dict(e.configuration.meta or {}))
             for e in build_suite(contract, "transactions", day).expectations]
@@ -155,7 +155,7 @@ def run(w: World, quick: bool) -> list[Result]:
     import pandas as pd
     import pyarrow as pa
 
-    from closedloop.validation import validate_frame, validate_partition
+    from closedloop.stages.validation import validate_frame, validate_partition
 
     w.ingested()
     rt = w.runtime()

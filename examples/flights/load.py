@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-    from closedloop.lake import Lake
-    from closedloop.schema import DataContract
+    from closedloop.core.lake import Lake
+    from closedloop.core.schema import DataContract
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def land(lake: Lake, contract: DataContract, start: date | None = None, end: dat
          on_written: Callable[[str, int], None] | None = None) -> list[str]:
     """Write the flights of event days ``[start, end)`` (UTC; None: open) to ``landing/transactions/<day>``
     and their labels to ``landing/labels/<arrival day>``; return the URIs written."""
-    from closedloop.generate import GeneratedData, write_landing
+    from closedloop.devtools.generate import GeneratedData, write_landing
 
     frame = flights_frame(contract, start, end)
     labels = frame[list(contract.label_columns)].copy()
@@ -117,7 +117,7 @@ def land(lake: Lake, contract: DataContract, start: date | None = None, end: dat
 
 
 def main(argv: list[str] | None = None) -> None:
-    from closedloop.runtime import Runtime
+    from closedloop.stages.runtime import Runtime
 
     parser = argparse.ArgumentParser(description="Land the NYC 2013 flights in the lake's landing zone")
     parser.add_argument("--start", type=date.fromisoformat, default=None, help="first event day (UTC)")

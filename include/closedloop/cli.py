@@ -4,7 +4,7 @@
 champion, candidates and promotion history, ``history`` the promotion history alone, ``promote`` makes a
 version champion by hand, ``report`` finds the drift reports; ``quarantine list|show|release`` inspects and releases the
 partitions validation rejected, ``rollback`` gives ``champion`` back to an earlier version;
-``serve`` answers scoring requests online (:mod:`closedloop.serving`), ``airflow-config`` writes the
+``serve`` answers scoring requests online (:mod:`closedloop.adapters.serving`), ``airflow-config`` writes the
 embedded Airflow home and ``env`` prints the settings as shell exports
 (for the ``feast`` and ``mlflow`` CLIs).
 
@@ -23,11 +23,23 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from closedloop.errors import ClosedloopError
+from closedloop.adapters.serving import app_from_runtime
+from closedloop.core.errors import ClosedloopError, DataValidationError
+from closedloop.core.settings import Settings
+from closedloop.devtools.airflow_home import ADMIN, airflow_home, ensure_password, home_problem, prepare_home
+from closedloop.devtools.demo import DemoPlan, run_demo
+from closedloop.devtools.generate import GeneratorConfig, simulate, write_landing
+from closedloop.stages.drift import find_report
+from closedloop.stages.quarantine import list_quarantine, release, show
+from closedloop.stages.registry import history
+from closedloop.stages.registry import status as registry_status
+from closedloop.stages.rollback import promote_manually
+from closedloop.stages.rollback import rollback as run
+from closedloop.stages.runtime import Runtime
 
 if TYPE_CHECKING:
-    from closedloop.runtime import Runtime
-    from closedloop.settings import Settings
+    from closedloop.core.settings import Settings
+    from closedloop.stages.runtime import Runtime
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 quarantine_app = typer.Typer(no_args_is_help=True,
@@ -45,8 +57,6 @@ def _fail(exc: Exception) -> NoReturn:
 
 def _settings() -> Settings:
     """The settings, or one line on stderr and exit 1 (an empty CLOSEDLOOP_HOME, a file as home...)."""
-    from closedloop.settings import Settings
-
     try:
         return Settings.from_env()
     except ClosedloopError as exc:
@@ -59,8 +69,6 @@ def _existing_runtime(reads: str) -> Runtime:
     On a home that does not exist, when that store lives there, it says so and exits 1 creating nothing
     (``Runtime.from_env`` would make an empty home and report an empty world).
     """
-    from closedloop.runtime import Runtime
-
     s = _settings()
     local = s.mlflow_tracking_uri.startswith("sqlite:") if reads == "registry" else s.lake_uri.startswith("file:")
     if local and not s.home.exists():
@@ -119,9 +127,6 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
 ) -> None:
     """Write a seeded data set with the data contract's columns as daily Parquet partitions into the landing zone."""
-    from closedloop.generate import GeneratorConfig, simulate, write_landing
-    from closedloop.runtime import Runtime
-
     progress = _Progress()
     try:
         first = date.fromisoformat(start) if start else date.today() - timedelta(days=days)
@@ -157,8 +162,6 @@ def generate(
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Show the champion, the candidates with their metrics and decisions, and the promotion history."""
-    from closedloop.registry import status as registry_status
-
     try:
         rt = _existing_runtime("registry")
         report = registry_status(rt.client, rt.settings, rt.model_name)
@@ -197,8 +200,6 @@ def quarantine_list(
     as_json: JsonOption = False,
 ) -> None:
     """Every quarantined partition: kind, day, file, rows and hash, when, and the blocking rules."""
-    from closedloop.quarantine import list_quarantine
-
     try:
         entries = list_quarantine(_existing_runtime("lake").lake, include_released=include_released)
     except ClosedloopError as exc:
@@ -232,8 +233,6 @@ def quarantine_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole validation report as JSON.")] = False,
 ) -> None:
     """The validation report of a quarantined partition (its summary; the whole report with --json)."""
-    from closedloop.quarantine import show
-
     try:
         found = show(_existing_runtime("lake").lake, kind, day)
     except ClosedloopError as exc:
@@ -258,9 +257,6 @@ def quarantine_release(
     as_json: JsonOption = False,
 ) -> None:
     """Validate a fixed partition again with the same rules; curate it if it passes, else keep it quarantined."""
-    from closedloop.errors import DataValidationError
-    from closedloop.quarantine import release
-
     try:
         rt = _existing_runtime("lake")
         record = release(rt.lake, rt.contract, kind, day, reason=reason, actor=actor, fixed_file=file)
@@ -295,8 +291,6 @@ def rollback(
     as_json: JsonOption = False,
 ) -> None:
     """Give `champion` back to the previous champion (or --to VERSION), through the same compare-and-set."""
-    from closedloop.rollback import rollback as run
-
     try:
         rt = _existing_runtime("registry")
         result = run(rt.client, rt.settings, rt.model_name, reason=reason, version=to, actor=actor, force=force)
@@ -315,8 +309,6 @@ def history_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """The promotion history: every move of `champion` (gate, rollback, manual), newest first."""
-    from closedloop.registry import history
-
     try:
         rt = _existing_runtime("registry")
         moves = history(rt.client, rt.model_name, limit=limit)
@@ -342,8 +334,6 @@ def promote_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Make VERSION the champion by hand, through the same compare-and-set as the gate (kind `manual`)."""
-    from closedloop.rollback import promote_manually
-
     try:
         rt = _existing_runtime("registry")
         result = promote_manually(rt.client, rt.settings, rt.model_name, version, reason=reason, actor=actor,
@@ -367,8 +357,6 @@ def report(
                        ] = False,
 ) -> None:
     """Where the drift report is (the newest or --day's), or its contents with --html / --json."""
-    from closedloop.drift import find_report
-
     if html and as_json:
         typer.secho("error: --html and --json exclude each other: pick one (or neither for the paths)",
                     fg=typer.colors.RED, err=True)
@@ -410,9 +398,6 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Also print the summary as JSON.")] = False,
 ) -> None:
     """Run the closed loop on the real Airflow scheduler: history, normal days, a new regime, a retrain."""
-    from closedloop.demo import DemoPlan, run_demo
-    from closedloop.runtime import Runtime
-
     plan = DemoPlan(warmup_days=warmup_days, history_days=history_days, normal_days=normal_days, drift_days=drift_days,
                     transactions_per_day=transactions_per_day, customers=customers)
     try:
@@ -435,8 +420,6 @@ def airflow_config(
 ) -> None:
     """Prepare the embedded Airflow home: airflow.cfg (SQLite, LocalExecutor, the repo's DAGs, a login, a shared
     JWT secret), then `airflow db migrate`. Idempotent; a configuration that is not closedloop's is rewritten."""
-    from closedloop.airflow_home import ADMIN, ensure_password, prepare_home
-
     settings = _settings()
     try:
         cfg, rewritten = prepare_home(settings, force=force, parallelism=parallelism)
@@ -452,8 +435,6 @@ def airflow_config(
 @app.command()
 def env() -> None:
     """Print the resolved settings as shell exports (eval "$(closedloop env)")."""
-    from closedloop.airflow_home import airflow_home, home_problem
-
     s = _settings()
     values = {
         "CLOSEDLOOP_HOME": str(s.home), "CLOSEDLOOP_LAKE_URI": s.lake_uri, "AIRFLOW_HOME": str(airflow_home(s)),
@@ -479,9 +460,6 @@ def serve(
 ) -> None:
     """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see README "Online scoring"."""
     import uvicorn
-
-    from closedloop.runtime import Runtime
-    from closedloop.serving import app_from_runtime
 
     try:
         rt = Runtime.from_env()

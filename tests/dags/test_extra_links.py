@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from closedloop import links
-from closedloop.settings import Settings, mlflow_ui_url
+from closedloop.adapters.airflow import links
+from closedloop.core.settings import Settings, mlflow_ui_url
 
 EXPECTED = {
     ("retraining", "validate_window"): {"Validation report"},
@@ -94,8 +94,8 @@ def test_report_links_open_what_the_model_health_page_serves(runtime):
     from datetime import date
     from pathlib import Path
 
-    from closedloop import health
-    from closedloop.ingest import marker_uri
+    from closedloop.stages import health
+    from closedloop.stages.ingest import marker_uri
 
     spec = importlib.util.spec_from_file_location(
         "model_health_plugin", Path(__file__).resolve().parents[2] / "plugins" / "model_health.py")

@@ -65,8 +65,8 @@ def test_training_follows_the_setting_and_nothing_else_moves(by_default, on_a_gp
 
 
 def test_a_malformed_queue_name_is_refused(tmp_path):
-    from closedloop.errors import ConfigError
-    from closedloop.settings import Settings
+    from closedloop.core.errors import ConfigError
+    from closedloop.core.settings import Settings
 
     assert Settings.from_env({"CLOSEDLOOP_HOME": str(tmp_path)}).training_queue == "default"
     with pytest.raises(ConfigError, match="CLOSEDLOOP_TRAINING_QUEUE"):

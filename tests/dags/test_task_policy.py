@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from closedloop.errors import ConfigError
-from closedloop.orchestration import task_defaults
-from closedloop.settings import Settings
+from closedloop.adapters.airflow.orchestration import task_defaults
+from closedloop.core.errors import ConfigError
+from closedloop.core.settings import Settings
 
 
 def _settings(**env: str) -> Settings:

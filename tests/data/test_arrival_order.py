@@ -19,12 +19,19 @@ import pandas as pd
 import pytest
 from support.corruption import corrupted, differences
 
-from closedloop.errors import NoDataError
-from closedloop.generate import GeneratorConfig, generate
-from closedloop.ingest import ingest_partition, read_marker, recompute_dependents, row_changes, version_of, version_uri
-from closedloop.lake import Lake
-from closedloop.schema import load_contract
-from closedloop.settings import REPO_ROOT
+from closedloop.core.errors import NoDataError
+from closedloop.core.lake import Lake
+from closedloop.core.schema import load_contract
+from closedloop.core.settings import REPO_ROOT
+from closedloop.devtools.generate import GeneratorConfig, generate
+from closedloop.stages.ingest import (
+    ingest_partition,
+    read_marker,
+    recompute_dependents,
+    row_changes,
+    version_of,
+    version_uri,
+)
 
 START = date(2026, 3, 1)
 DAYS = 30
@@ -244,9 +251,9 @@ def test_a_redelivery_is_alerted_and_the_lineage_hash_still_finds_what_was_read(
     """``ingest_day`` (the DAG's task) on a re-delivered day: its ``data_redelivered`` alert with the change, the
     later day in ``features_changed``; a training window read before names the first delivery's hash, whose
     curated copy is still there; the same delivery again is not a new version and raises no alert."""
-    from closedloop.alerts import redelivery_alert
-    from closedloop.features import read_labelled_window
-    from closedloop.ingest import ingest_day
+    from closedloop.stages.alerts import redelivery_alert
+    from closedloop.stages.features import read_labelled_window
+    from closedloop.stages.ingest import ingest_day
 
     rt, c = runtime, runtime.contract
     first_day = date(2026, 4, 1)
@@ -276,8 +283,8 @@ def test_a_redelivery_is_alerted_and_the_lineage_hash_still_finds_what_was_read(
 def test_an_id_repeated_in_a_lookback_day_curated_first_is_still_caught(contract, tmp_path):
     """The lookback is curated before the day's own checks: an id of a waiting lookback day repeated in the day
     quarantines the day, as in day order."""
-    from closedloop.errors import DataValidationError
-    from closedloop.ingest import REPEATED_IDS_RULE
+    from closedloop.core.errors import DataValidationError
+    from closedloop.stages.ingest import REPEATED_IDS_RULE
 
     lake = Lake(f"file://{tmp_path / 'lake'}")
     generate(GeneratorConfig(start=START, days=3, customers=30, transactions_per_day=80, seed=4), lake, contract)

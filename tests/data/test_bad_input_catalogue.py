@@ -1,7 +1,7 @@
 """The catalogue of unusual and bad input: each kind, its expected outcome, a clear message, nothing lost.
 
 Each case delivers one partition (built from a generated, valid day) into a fresh lake whose earlier days
-are curated, and ingests it with :func:`closedloop.ingest.ingest_partition` (the validation function and
+are curated, and ingests it with :func:`closedloop.stages.ingest.ingest_partition` (the validation function and
 what the ingest task does with its result). The expected outcome is the specification of the case:
 
 - **rejected**: :class:`DataValidationError` whose message names the file, the rule and the column; the
@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from closedloop import validation as v
-from closedloop.errors import DataValidationError
-from closedloop.generate import GeneratorConfig, generate
-from closedloop.ingest import ingest_partition, read_marker
-from closedloop.lake import Lake
+from closedloop.core.errors import DataValidationError
+from closedloop.core.lake import Lake
+from closedloop.devtools.generate import GeneratorConfig, generate
+from closedloop.stages import validation as v
+from closedloop.stages.ingest import ingest_partition, read_marker
 
 START = date(2026, 4, 1)
 DAYS = 12

@@ -21,13 +21,13 @@ import pandas as pd
 import pytest
 from support.corruption import corrupted, differences
 
-from closedloop import quarantine as q
-from closedloop import validation as v
-from closedloop.errors import ConfigError, DataValidationError, NoDataError, PermanentError
-from closedloop.features import read_labelled_window
-from closedloop.generate import GeneratorConfig, generate
-from closedloop.ingest import REPEATED_IDS_RULE, CuratedIds, ingest_partition, ingest_window, read_marker
-from closedloop.lake import Lake
+from closedloop.core.errors import ConfigError, DataValidationError, NoDataError, PermanentError
+from closedloop.core.lake import Lake
+from closedloop.devtools.generate import GeneratorConfig, generate
+from closedloop.stages import quarantine as q
+from closedloop.stages import validation as v
+from closedloop.stages.features import read_labelled_window
+from closedloop.stages.ingest import REPEATED_IDS_RULE, CuratedIds, ingest_partition, ingest_window, read_marker
 
 START = date(2026, 6, 1)
 DAYS = 6
@@ -232,7 +232,7 @@ def test_labels_stamped_before_their_transaction_never_reach_a_training_set(temp
     for lake in (control, treated):
         assert ingest_partition(lake, contract, "labels", DAY, label_grace_days=DAYS).status == "curated"
 
-    with caplog.at_level(logging.WARNING, logger="closedloop.features"):
+    with caplog.at_level(logging.WARNING, logger="closedloop.stages.features"):
         rows, _, unlabelled = read_labelled_window(treated, contract, START, DAY + timedelta(days=1), 0)
     want, _, control_unlabelled = read_labelled_window(control, contract, START, DAY + timedelta(days=1), 0)
     assert rows.attrs["labels_before_event"] == len(early) and unlabelled == control_unlabelled
@@ -247,7 +247,7 @@ def test_labels_stamped_before_their_transaction_never_reach_a_training_set(temp
 
 
 def test_the_unknown_label_check_runs_whatever_else_sits_in_landing(template, contract, tmp_path, reliability):
-    from closedloop.ingest import UNKNOWN_LABELS_RULE, unknown_label_finding
+    from closedloop.stages.ingest import UNKNOWN_LABELS_RULE, unknown_label_finding
 
     _, good = template
     control, treated = _lake(template, tmp_path / "control"), _lake(template, tmp_path / "treated")

@@ -39,14 +39,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from closedloop import calibration
-from closedloop.aggregates import compute_entity_features
-from closedloop.drift import DriftPolicy, decide, measure, performance_figures
-from closedloop.generate import GeneratorConfig, simulate
-from closedloop.metrics import classification_metrics
-from closedloop.schema import DataContract, load_contract
-from closedloop.settings import DEFAULT_CONFIG, Config
-from closedloop.training import fit, predict, reference_window, trimmed
+from closedloop.core.metrics import classification_metrics
+from closedloop.core.schema import DataContract, load_contract
+from closedloop.core.settings import DEFAULT_CONFIG, Config
+from closedloop.devtools.generate import GeneratorConfig, simulate
+from closedloop.stages import calibration
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.drift import DriftPolicy, decide, measure, performance_figures
+from closedloop.stages.training import fit, predict, reference_window, trimmed
 
 pytestmark = pytest.mark.slow  # three seeds' worlds, their tests share what the first ones computed
 

@@ -1,4 +1,4 @@
-"""Statistical behaviour of closedloop.drift with Evidently on simulated card-fraud data.
+"""Statistical behaviour of closedloop.stages.drift with Evidently on simulated card-fraud data.
 
 The set-up (seed 11, 400 customers, 2500 transactions a day):
 
@@ -42,14 +42,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from closedloop.aggregates import compute_entity_features
-from closedloop.drift import DriftFigures, DriftPolicy, decide, measure, save_report
-from closedloop.generate import NEW_CATEGORY, GeneratorConfig, simulate
-from closedloop.lake import Lake
-from closedloop.metrics import classification_metrics
-from closedloop.schema import DataContract
-from closedloop.settings import DEFAULT_CONFIG, Config
-from closedloop.training import fit, predict
+from closedloop.core.lake import Lake
+from closedloop.core.metrics import classification_metrics
+from closedloop.core.schema import DataContract
+from closedloop.core.settings import DEFAULT_CONFIG, Config
+from closedloop.devtools.generate import NEW_CATEGORY, GeneratorConfig, simulate
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.drift import DriftFigures, DriftPolicy, decide, measure, save_report
+from closedloop.stages.training import fit, predict
 
 START = date(2026, 1, 5)
 SEED = 11

@@ -13,11 +13,11 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from closedloop.drift import DriftPolicy
-from closedloop.lake import Lake
-from closedloop.schema import load_contract
-from closedloop.settings import REPO_ROOT, Config
-from closedloop.validation import validate_partition
+from closedloop.core.lake import Lake
+from closedloop.core.schema import load_contract
+from closedloop.core.settings import REPO_ROOT, Config
+from closedloop.stages.drift import DriftPolicy
+from closedloop.stages.validation import validate_partition
 
 EXAMPLE = REPO_ROOT / "examples" / "flights"
 START, END = date(2013, 7, 1), date(2013, 7, 4)

@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from closedloop.aggregates import compute_entity_features
-from closedloop.errors import ConfigError
-from closedloop.generate import (
+from closedloop.core.errors import ConfigError
+from closedloop.core.lake import Lake
+from closedloop.core.schema import DataContract, load_contract
+from closedloop.core.settings import REPO_ROOT
+from closedloop.devtools.generate import (
     BAD_KINDS,
     NEW_CATEGORY,
     GeneratedData,
@@ -21,9 +23,7 @@ from closedloop.generate import (
     make_bad,
     simulate,
 )
-from closedloop.lake import Lake
-from closedloop.schema import DataContract, load_contract
-from closedloop.settings import REPO_ROOT
+from closedloop.stages.aggregates import compute_entity_features
 
 SCHEMA = REPO_ROOT / "include/schemas/card_fraud.yaml"
 START = date(2024, 3, 1)
@@ -487,7 +487,7 @@ def test_the_errands_move_only_the_category(contract, structured, monkeypatch) -
     with them (the amounts, merchant risk, channels, hours and labels are those of the world without them).
     Measured (seed 3, 70 days): among the legitimate everyday purchases, the groceries' share 0.22 higher on
     Monday-Tuesday than Friday-Sunday, the restaurants' 0.25 lower (0.00 and 0.00 at structure 0)."""
-    from closedloop import generate
+    from closedloop.devtools import generate
 
     on = structured[1.0]
     monkeypatch.setattr(generate, "_WEEKLY_ERRANDS", 0.0)

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from closedloop.cli import app
-from closedloop.errors import DataValidationError
-from closedloop.generate import GeneratorConfig, generate, make_bad
-from closedloop.ingest import ingest_partition, read_marker
-from closedloop.quarantine import release_record_uri, report_uri
+from closedloop.core.errors import DataValidationError
+from closedloop.devtools.generate import GeneratorConfig, generate, make_bad
+from closedloop.stages.ingest import ingest_partition, read_marker
+from closedloop.stages.quarantine import release_record_uri, report_uri
 
 DAY = date(2026, 5, 2)
 RULE = "expect_column_values_to_not_be_null"
@@ -191,7 +191,7 @@ def test_a_release_recomputes_the_later_days_like_a_late_delivery(runtime, tmp_p
     """The release path is a late delivery: the day after it, curated without it, is recomputed as in order."""
     from support.corruption import corrupted, differences
 
-    from closedloop.aggregates import compute_entity_features
+    from closedloop.stages.aggregates import compute_entity_features
 
     rt, c = runtime, runtime.contract
     generate(GeneratorConfig(start=date(2026, 5, 1), days=3, customers=30, transactions_per_day=80, seed=6),
@@ -226,7 +226,7 @@ def test_a_bad_redelivery_costs_nothing_and_its_release_is_a_new_version(runtime
     released with a fix, it becomes version 2 of the day, the first kept, the later day recomputed."""
     from support.corruption import corrupted, differences
 
-    from closedloop.ingest import version_of
+    from closedloop.stages.ingest import version_of
 
     rt, c = runtime, runtime.contract
     generate(GeneratorConfig(start=date(2026, 5, 1), days=3, customers=30, transactions_per_day=80, seed=8),

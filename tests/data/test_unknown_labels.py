@@ -6,8 +6,8 @@ from datetime import date, timedelta
 
 import pandas as pd
 
-from closedloop.ingest import UNKNOWN_LABELS_RULE, unknown_label_finding
-from closedloop.lake import Lake
+from closedloop.core.lake import Lake
+from closedloop.stages.ingest import UNKNOWN_LABELS_RULE, unknown_label_finding
 
 DAY = date(2026, 2, 10)
 GRACE = 3

@@ -1,4 +1,4 @@
-"""Tests of closedloop.validation: the contract's GX suite against good, broken and drifted partitions."""
+"""Tests of closedloop.stages.validation: the contract's GX suite against good, broken and drifted partitions."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from closedloop import validation as v
-from closedloop.lake import Lake
-from closedloop.schema import DataContract, load_contract
-from closedloop.settings import REPO_ROOT
+from closedloop.core.lake import Lake
+from closedloop.core.schema import DataContract, load_contract
+from closedloop.core.settings import REPO_ROOT
+from closedloop.stages import validation as v
 
 DAY = date(2024, 3, 10)
 N = 200
@@ -480,6 +480,6 @@ def test_unknown_kind_is_refused(contract):
 
 
 def test_module_import_stays_light():
-    code = ("import sys, closedloop.validation; "
+    code = ("import sys, closedloop.stages.validation; "
             "heavy = {'great_expectations', 'pandas'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from closedloop.settings import REPO_ROOT
+from closedloop.core.settings import REPO_ROOT
 
 VALUES = REPO_ROOT / "deploy" / "helm" / "values.yaml"
 CHART_KEYS = Path(__file__).with_name("airflow_chart_keys.yaml")

@@ -12,8 +12,8 @@ import string
 import pytest
 import yaml
 
-from closedloop.errors import ConfigError
-from closedloop.settings import Settings, feast_redis_connection
+from closedloop.core.errors import ConfigError
+from closedloop.core.settings import Settings, feast_redis_connection
 
 
 def rendered(settings: Settings) -> dict:
@@ -33,7 +33,7 @@ def test_sqlite_under_the_home_by_default(tmp_path):
 
 
 def test_the_default_still_builds_feasts_sqlite_store(tmp_path):
-    from closedloop.features import feature_store
+    from closedloop.stages.features import feature_store
 
     store = feature_store(Settings.from_env({"CLOSEDLOOP_HOME": str(tmp_path)}))
     assert type(store.config.online_store).__name__ == "SqliteOnlineStoreConfig"

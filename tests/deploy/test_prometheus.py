@@ -115,7 +115,7 @@ def test_the_scraped_list_is_what_the_service_registers():
     """SCRAPED against the service's own registry (the real scrape proves Prometheus holds each of them)."""
     from prometheus_client import generate_latest
 
-    from closedloop.serving import Metrics
+    from closedloop.adapters.serving import Metrics
 
     metrics = Metrics(["f"])
     metrics.requests.labels("/score", "200").inc()
@@ -130,7 +130,7 @@ def test_the_scraped_list_is_what_the_service_registers():
 def test_the_loop_scraped_list_is_what_the_exporter_registers():
     """LOOP_SCRAPED against the exporter's own output for a state with every figure (the real scrape in
     tests/integration/test_model_health.py proves Prometheus holds each of them from a real world)."""
-    from closedloop.exporter import METRICS, render
+    from closedloop.adapters.exporter import METRICS, render
 
     state = {"model": "m", "versions": {"champion": 3, "canary": 0}, "canary_share": 0.0,
              "drift": {"share": 0.2, "share_threshold": 0.5, "decision": "retrain", "window_end": 1.7e9},
@@ -191,7 +191,7 @@ def test_the_dashboard_is_valid_json_with_every_panel_on_the_provisioned_datasou
 
 # -- in the compose stack -----------------------------------------------------------------------------
 def test_compose_runs_prometheus_with_the_serve_token_as_a_file_and_grafana_with_the_dashboard():
-    from closedloop.settings import REPO_ROOT
+    from closedloop.core.settings import REPO_ROOT
 
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
     services = compose["services"]

@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from closedloop.secrets import SECRET_NAME
-from closedloop.settings import REPO_ROOT
+from closedloop.core.secrets import SECRET_NAME
+from closedloop.core.settings import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.yaml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
-PKG = REPO_ROOT / "include" / "closedloop"
+PKG = REPO_ROOT / "include" / "closedloop" / "core"  # settings.py and secrets.py
 
 # ${NAME}, ${NAME:-default}, ${NAME:?message} and the other forms; $${...} is an escaped, literal dollar.
 VARIABLE = re.compile(r"(?<!\$)\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?+])?(?P<arg>[^}]*)\}")
-# Wider than closedloop.secrets.SECRET_NAME: also keys (Fernet, JWT, S3 access key ids) and the logins.
+# Wider than closedloop.core.secrets.SECRET_NAME: also keys (Fernet, JWT, S3 access key ids) and the logins.
 SECRETISH = re.compile(r"PASSWORD|SECRET|KEY|TOKEN|CREDENTIAL", re.IGNORECASE)
 
 
@@ -165,9 +165,9 @@ def test_the_scoring_service_gets_closedloop_settings_and_its_token_but_no_airfl
 
 
 def test_settings_docstring_names_every_variable_it_reads():
-    import closedloop.settings
+    import closedloop.core.settings
 
-    undocumented = {n for n in variables_read_by(PKG / "settings.py") if n not in closedloop.settings.__doc__}
+    undocumented = {n for n in variables_read_by(PKG / "settings.py") if n not in closedloop.core.settings.__doc__}
     assert not undocumented
 
 

@@ -1,7 +1,7 @@
 """Alert delivery for real: Slack and e-mail through Airflow's own notifiers, to local stand-ins.
 
 A tiny DAG run with ``dag.test()``: one task fails with ``on_failure_callback=ClosedloopNotifier(...)``, one
-raises an alert from inside the task (:func:`closedloop.notifier.send`). The Slack provider's
+raises an alert from inside the task (:func:`closedloop.adapters.airflow.notifier.send`). The Slack provider's
 ``SlackWebhookNotifier`` posts to an HTTP server on 127.0.0.1 (the connection's host), the SMTP provider's
 ``SmtpNotifier`` to an aiosmtpd server on 127.0.0.1 (no TLS, no SSL); both connections come from
 ``AIRFLOW_CONN_*`` as in production. A channel that cannot be reached is logged and changes nothing else.
@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from closedloop.alerts import read_alerts
+from closedloop.stages.alerts import read_alerts
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def _dag(dag_id: str):
     from airflow.sdk import dag, get_current_context, task
     from airflow.sdk.exceptions import AirflowFailException
 
-    from closedloop.notifier import ClosedloopNotifier, send
+    from closedloop.adapters.airflow.notifier import ClosedloopNotifier, send
 
     @dag(dag_id=dag_id, schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
          default_args={"retries": 0})

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from closedloop.registry import CHAMPION, alias_version
-from closedloop.settings import REPO_ROOT
+from closedloop.core.settings import REPO_ROOT
+from closedloop.stages.registry import CHAMPION, alias_version
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ BAD = {"window_start": "2026-01-08", "window_end": "2026-01-10", "reason": "a br
 def churn(tmp_path_factory, airflow_db, dagbag):
     """A fresh home under the churn config, with generated churn events, and the retraining DAG."""
     from closedloop.cli import app
-    from closedloop.runtime import Runtime
+    from closedloop.stages.runtime import Runtime
 
     home = tmp_path_factory.mktemp("byod") / "closedloop"
     with pytest.MonkeyPatch.context() as mp:
@@ -103,7 +103,7 @@ def test_3_feast_holds_the_churn_definitions(churn):
 def test_4_a_label_partition_without_its_label_column_is_blocked(churn):
     from datetime import date
 
-    from closedloop.quarantine import list_quarantine
+    from closedloop.stages.quarantine import list_quarantine
 
     rt, dag = churn
     day = date(2026, 1, 9)

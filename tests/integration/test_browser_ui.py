@@ -26,8 +26,8 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from closedloop.generate import GeneratorConfig
-from closedloop.runconf import Window
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def world(chromium, generated_home, airflow_db, dagbag):
 
     (``chromium`` first: without a browser nothing is built.)
     """
-    from closedloop.scoring import score_day
+    from closedloop.stages.scoring import score_day
 
     config = GeneratorConfig(start=START, days=(SCORED[-1] - START).days + 1, customers=300,
                              transactions_per_day=700, seed=23, fraud_rate=0.03, covariate_drift=1.5,
@@ -122,7 +122,7 @@ def server(world):
     """Only Airflow's API server (UI, REST API, plugins), on the session's database and the world's home."""
     from support.services import free_port
 
-    from closedloop.stack import AirflowStack
+    from closedloop.devtools.stack import AirflowStack
 
     stack = AirflowStack(Path(os.environ["AIRFLOW_HOME"]), {"CLOSEDLOOP_HOME": str(world.rt.settings.home)},
                          port=free_port(), components=("api-server",))
@@ -236,7 +236,7 @@ def test_5_the_model_health_page_shows_the_champion_and_the_drift(browser, serve
     page.get_by_role("menuitem", name="Model health").click()
     page.wait_for_url(lambda u: "/plugin/model-health" in u)
     frame = page.frame_locator("iframe")
-    from closedloop.registry import CHAMPION, alias_version
+    from closedloop.stages.registry import CHAMPION, alias_version
 
     champion = alias_version(world.rt.client, world.rt.model_name, CHAMPION)
     assert champion == "1"  # promoted by the retraining run

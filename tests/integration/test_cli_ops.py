@@ -8,8 +8,8 @@ from datetime import date
 import pytest
 from test_rollback import _aliases, cli, registry  # noqa: F401  (the registry fixture: v1..v3 promoted, v4 rejected)
 
-from closedloop.drift import REPORT_HTML, REPORT_JSON, report_uri
-from closedloop.registry import history
+from closedloop.stages.drift import REPORT_HTML, REPORT_JSON, report_uri
+from closedloop.stages.registry import history
 
 pytestmark = pytest.mark.integration
 

@@ -26,9 +26,9 @@ def _free_port() -> int:
 
 
 def test_drift_starts_a_retraining_that_promotes(tmp_path, monkeypatch):
-    from closedloop.airflow_home import airflow_home, write_config
-    from closedloop.demo import DemoPlan, run_demo
-    from closedloop.runtime import Runtime
+    from closedloop.devtools.airflow_home import airflow_home, write_config
+    from closedloop.devtools.demo import DemoPlan, run_demo
+    from closedloop.stages.runtime import Runtime
 
     home = tmp_path / "closedloop"
     monkeypatch.setenv("CLOSEDLOOP_HOME", str(home))

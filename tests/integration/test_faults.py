@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from closedloop import retraining as stages
-from closedloop.errors import TransientError
-from closedloop.runconf import Window
+from closedloop.core.errors import TransientError
+from closedloop.core.runconf import Window
+from closedloop.stages import retraining as stages
 
 
 def _free_port() -> int:
@@ -149,7 +149,7 @@ def _log_tiny_model(rt) -> dict:
     import numpy as np
     import xgboost as xgb
 
-    from closedloop.registry import ensure_experiment
+    from closedloop.stages.registry import ensure_experiment
 
     exp_id = ensure_experiment(rt.client, rt.settings, rt.settings.config.raw["model"]["experiment"])
     rng = np.random.default_rng(0)
@@ -165,8 +165,8 @@ def _log_tiny_model(rt) -> dict:
 
 @pytest.mark.integration
 def test_mlflow_server_dying_during_registration(home, monkeypatch, mlflow_server, caplog, reliability):
-    from closedloop.registry import CHAMPION, alias_version
-    from closedloop.runtime import Runtime
+    from closedloop.stages.registry import CHAMPION, alias_version
+    from closedloop.stages.runtime import Runtime
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     rt = Runtime.from_env()
@@ -220,9 +220,9 @@ WINDOW = Window(START + timedelta(days=4), START + timedelta(days=10))
 _KILLED_MATERIALISATION = """
 import os, signal, sys
 from feast.infra.online_stores.sqlite import SqliteOnlineStore
-from closedloop import retraining as stages
-from closedloop.runconf import Window, parse_day
-from closedloop.runtime import Runtime
+from closedloop.stages import retraining as stages
+from closedloop.core.runconf import Window, parse_day
+from closedloop.stages.runtime import Runtime
 
 real = SqliteOnlineStore.online_write_batch
 def write_then_die(self, *args, **kwargs):
@@ -238,7 +238,7 @@ stages.materialise(rt, Window(parse_day(sys.argv[1]), parse_day(sys.argv[2])))
 @pytest.fixture(scope="module")
 def feast_home(generated_home):
     """A home with ten generated days, the window validated, and a clean materialisation of it."""
-    from closedloop.generate import GeneratorConfig
+    from closedloop.devtools.generate import GeneratorConfig
 
     config = GeneratorConfig(start=START, days=10, customers=300, transactions_per_day=300, seed=13)
     with generated_home("faults-feast", config) as rt:
@@ -304,9 +304,9 @@ def test_an_older_window_materialised_late_does_not_take_features_back_in_time(f
 # -- monitoring while a retraining is queued or running ------------------------------------------------
 @pytest.mark.parametrize("active", [1, 2])
 def test_monitoring_does_not_pile_up_triggers_while_a_retraining_is_active(runtime, active, reliability):
-    from closedloop.drift import trigger_run_id
-    from closedloop.monitoring import EXPERIMENT, decide_retraining
-    from closedloop.registry import ensure_experiment
+    from closedloop.stages.drift import trigger_run_id
+    from closedloop.stages.monitoring import EXPERIMENT, decide_retraining
+    from closedloop.stages.registry import ensure_experiment
 
     rt = runtime
     window = Window(date(2026, 6, 10), date(2026, 6, 12))

@@ -54,10 +54,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The stack, and the two retraining runs triggered at once and finished: ``(rt, stack, marker, runs)``."""
-    from closedloop.airflow_home import airflow_home, write_config
-    from closedloop.generate import GeneratorConfig, generate
-    from closedloop.runtime import Runtime
-    from closedloop.stack import AirflowStack
+    from closedloop.devtools.airflow_home import airflow_home, write_config
+    from closedloop.devtools.generate import GeneratorConfig, generate
+    from closedloop.devtools.stack import AirflowStack
+    from closedloop.stages.runtime import Runtime
 
     root = tmp_path_factory.mktemp("faults-scheduler")
     marker = root / "kill_train_once.marker"
@@ -98,7 +98,7 @@ def _frozen_config(root: Path) -> Path:
 
     import yaml
 
-    from closedloop.settings import Settings
+    from closedloop.core.settings import Settings
 
     config = Settings.from_env().config
     schema = shutil.copy(config.schema_path, root / config.schema_path.name)
@@ -160,7 +160,7 @@ def test_a_killed_training_task_is_retried_and_leaves_no_duplicate(world, reliab
 
 
 def test_two_runs_triggered_at_once_are_serialised_with_one_promotion_per_decision(world, reliability):
-    from closedloop.registry import CHAMPION, alias_version, history
+    from closedloop.stages.registry import CHAMPION, alias_version, history
 
     rt, _, _, runs = world
     first, second = runs
@@ -184,7 +184,7 @@ def test_two_runs_triggered_at_once_are_serialised_with_one_promotion_per_decisi
 
 
 def test_a_finished_run_cleared_and_rerun_whole_creates_nothing_new(world, reliability):
-    from closedloop.registry import CHAMPION, alias_version, history
+    from closedloop.stages.registry import CHAMPION, alias_version, history
 
     rt, stack, _, runs = world
     last = runs[-1]["dag_run_id"]

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from closedloop.airflow_home import ensure_jwt_secret
 from closedloop.cli import app
-from closedloop.settings import REPO_ROOT, Settings
+from closedloop.core.settings import REPO_ROOT, Settings
+from closedloop.devtools.airflow_home import ensure_jwt_secret
 
 CLOSEDLOOP = Path(sys.executable).parent / "closedloop"
 

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from closedloop import housekeeping as hk
-from closedloop.drift import list_reports, report_uri
-from closedloop.errors import ConfigError
-from closedloop.monitoring import EXPERIMENT
-from closedloop.registry import TAG, ensure_experiment, promote
-from closedloop.runtime import Runtime
-from closedloop.settings import DEFAULT_CONFIG
+from closedloop.core.errors import ConfigError
+from closedloop.core.settings import DEFAULT_CONFIG
+from closedloop.stages import housekeeping as hk
+from closedloop.stages.drift import list_reports, report_uri
+from closedloop.stages.monitoring import EXPERIMENT
+from closedloop.stages.registry import TAG, ensure_experiment, promote
+from closedloop.stages.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +146,7 @@ def test_housekeeping_dag_checks_arrivals_then_prunes_then_cleans(dagbag):
 
 def test_housekeeping_dag_runs_end_to_end(runtime, dagbag):
     """dag.test(): the arrival check alerts the days nothing landed, pruning runs, airflow db clean runs for real."""
-    from closedloop.alerts import read_alerts
+    from closedloop.stages.alerts import read_alerts
 
     dr = dagbag.get_dag("housekeeping").test()
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
@@ -163,8 +163,8 @@ def test_housekeeping_dag_runs_end_to_end(runtime, dagbag):
 def test_superseded_deliveries_are_kept_for_their_retention_then_pruned(rt):
     """A re-delivered day keeps its previous delivery under curated/_versions/ until ``keep_versions_days`` after
     it was superseded, longer when the day lies in the champion's training window; the current copy stays."""
-    from closedloop.generate import GeneratorConfig, generate
-    from closedloop.ingest import ingest_partition, read_marker, version_of
+    from closedloop.devtools.generate import GeneratorConfig, generate
+    from closedloop.stages.ingest import ingest_partition, read_marker, version_of
 
     lake, contract = rt.lake, rt.contract
     day = date(2026, 7, 1)

@@ -7,10 +7,10 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from closedloop.aggregates import compute_entity_features, day_close
-from closedloop.alerts import read_alerts
-from closedloop.generate import GeneratorConfig, make_bad
-from closedloop.ingest import read_marker
+from closedloop.devtools.generate import GeneratorConfig, make_bad
+from closedloop.stages.aggregates import compute_entity_features, day_close
+from closedloop.stages.alerts import read_alerts
+from closedloop.stages.ingest import read_marker
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,7 @@ def test_rerunning_a_day_validates_nothing_again(world):
 
 def test_feature_rows_written_without_closing_rows_are_rewritten_without_validating_again(world):
     """A lake curated before closing rows existed: rerunning a day rewrites its feature rows, nothing else."""
-    from closedloop.ingest import FEATURE_ROWS, marker_uri
+    from closedloop.stages.ingest import FEATURE_ROWS, marker_uri
 
     rt, dag = world
     c = rt.contract
@@ -111,7 +111,8 @@ def test_a_bad_day_is_quarantined_and_a_fixed_one_goes_through(world):
     report = rt.lake.read_json(rt.lake.partition("quarantine", "transactions", day, ".validation.json"))
     assert report["passed"] is False and uri in report["summary"]
     assert not rt.lake.exists(rt.lake.partition("curated", c.feature_view, day))
-    # the task's on_failure_callback (closedloop.notifier) wrote an alert that names the file and the rule
+    # the task's on_failure_callback (closedloop.adapters.airflow.notifier) wrote an alert that names the file and
+    # the rule
     alerts = [a for a in read_alerts(rt.settings, "validation_failed") if a["run_id"] == dr.run_id]
     assert len(alerts) == 1, alerts
     alert = alerts[0]
@@ -207,7 +208,7 @@ def test_a_late_day_is_curated_recomputed_and_materialised_by_one_run(late_world
     recomputes its customers' rows of the later days (as if ingested in order) and materialises them."""
     from support.corruption import corrupted, differences
 
-    from closedloop.ingest import ingest_partition, materialise_day
+    from closedloop.stages.ingest import ingest_partition, materialise_day
 
     rt, dag = late_world
     c, lake = rt.contract, rt.lake

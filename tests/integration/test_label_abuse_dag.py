@@ -16,8 +16,8 @@ from datetime import date
 import numpy as np
 import pytest
 
-from closedloop.generate import GeneratorConfig
-from closedloop.registry import CHAMPION, alias_version
+from closedloop.devtools.generate import GeneratorConfig
+from closedloop.stages.registry import CHAMPION, alias_version
 
 pytestmark = pytest.mark.integration
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from datetime import date
 
-from closedloop.monitoring import trigger_reason
-from closedloop.retraining import run_name
-from closedloop.schema import load_contract
-from closedloop.settings import REPO_ROOT
+from closedloop.core.schema import load_contract
+from closedloop.core.settings import REPO_ROOT
+from closedloop.stages.monitoring import trigger_reason
+from closedloop.stages.retraining import run_name
 
 
 def test_training_runs_are_named_by_model_and_window():
@@ -31,7 +31,7 @@ def test_mlflow_info_lines_reach_the_task_log_as_info_not_on_stderr():
     code = (
         "import logging, sys\n"
         "logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(levelname)s %(name)s %(message)s')\n"
-        "from closedloop.runtime import library_logs_at_their_level\n"
+        "from closedloop.stages.runtime import library_logs_at_their_level\n"
         "library_logs_at_their_level()\n"
         "import mlflow\n"
         "logging.getLogger('mlflow.tracking.fluent').info('Registered model x')\n"
@@ -44,7 +44,7 @@ def test_mlflow_info_lines_reach_the_task_log_as_info_not_on_stderr():
 def test_mlflow_imported_first_is_reconfigured(caplog):
     import mlflow  # noqa: F401  (configured by its import: own stderr handler, no propagation)
 
-    from closedloop.runtime import library_logs_at_their_level
+    from closedloop.stages.runtime import library_logs_at_their_level
 
     library_logs_at_their_level()
     with caplog.at_level(logging.INFO):
@@ -57,7 +57,7 @@ def test_a_new_category_warning_names_the_new_values():
     sys.path.insert(0, str(REPO_ROOT / "tests" / "data"))
     from test_validation import make_transactions
 
-    from closedloop.validation import validate_frame
+    from closedloop.stages.validation import validate_frame
 
     contract = load_contract(REPO_ROOT / "include/schemas/card_fraud.yaml")
     day = date(2024, 3, 10)
@@ -75,7 +75,7 @@ def test_a_new_category_warning_names_the_new_values():
 def test_the_demo_s_last_line_names_its_own_port():
     from types import SimpleNamespace
 
-    from closedloop.demo import _print_summary
+    from closedloop.devtools.demo import _print_summary
 
     summary = {"runs": [], "monitoring": [], "champion_before": "1", "champion_after": "2",
                "status": {"history": []}, "seconds": 240.0}
@@ -87,7 +87,7 @@ def test_the_demo_s_last_line_names_its_own_port():
 
 
 def test_promotion_history_runs_say_what_moved(runtime, tmp_path):
-    from closedloop.registry import HISTORY_EXPERIMENT, promote
+    from closedloop.stages.registry import HISTORY_EXPERIMENT, promote
 
     client, name = runtime.client, runtime.model_name
     client.create_registered_model(name)

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from closedloop import retraining as stages
-from closedloop.generate import GeneratorConfig
-from closedloop.runconf import Window
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig
+from closedloop.stages import retraining as stages
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,8 @@ PREFIX = "/closedloop"
 
 @pytest.fixture(scope="module")
 def world(generated_home, airflow_db):
-    from closedloop.monitoring import measure_window
-    from closedloop.scoring import score_day
+    from closedloop.stages.monitoring import measure_window
+    from closedloop.stages.scoring import score_day
 
     config = GeneratorConfig(start=START, days=(MONITORED.end - START).days + 1, customers=300,
                              transactions_per_day=700, seed=23, fraud_rate=0.03)
@@ -47,7 +47,7 @@ def world(generated_home, airflow_db):
         for day in (MONITORED.start, MONITORED.start + timedelta(days=1)):
             score_day(rt, day)
         measured = measure_window(rt, MONITORED, dag_run_id="fixture")
-        # a skew report as closedloop.skew writes it (its format is that module's docstring)
+        # a skew report as closedloop.stages.skew writes it (its format is that module's docstring)
         skew_day = MONITORED.start
         rt.lake.write_json(rt.lake.uri("reports", "skew", f"{skew_day.isoformat()}.json"), {
             "day": skew_day.isoformat(), "served_rows": 40, "sampled": 40, "passed": False,
@@ -78,7 +78,7 @@ def _token(username: str, role: str | None) -> str:
 
 
 def test_health_data_holds_champion_history_drift_and_skew(world):
-    from closedloop import health
+    from closedloop.stages import health
 
     rt = world.rt
     data = health.gather(rt)
@@ -102,7 +102,7 @@ def test_health_data_holds_champion_history_drift_and_skew(world):
     body, media = health.report_bytes(rt, latest["html_path"])
     assert media.startswith("text/html") and body == rt.lake.read_bytes(world.measured["report"]["html"])
     # measure_drift's "Drift report" link, from the very dict it returns, is this report under the page's route
-    from closedloop.links import drift_report_url
+    from closedloop.adapters.airflow.links import drift_report_url
 
     assert drift_report_url("", world.measured) == f"{PREFIX}/reports/{latest['html_path']}"
     for bad in ("../curated/transactions/2026-05-03.parquet", "drift/../../landing/x.json",
@@ -113,7 +113,7 @@ def test_health_data_holds_champion_history_drift_and_skew(world):
 
 
 def test_svg_plots_have_axes_labels_and_one_point_per_window():
-    from closedloop import health
+    from closedloop.stages import health
 
     svg = health.line_chart("t", ["2026-01-02", "2026-01-03", "2026-01-04"], {"a": [0.1, None, 0.4]},
                             x_label="window end", y_label="share", y_range=(0.0, 1.0), hlines={"limit": 0.3})
@@ -286,10 +286,10 @@ def test_a_real_prometheus_scrapes_the_loop_metrics_of_a_real_world(world, clien
     )
     from support.services import free_port
 
-    from closedloop import health
-    from closedloop.errors import DataValidationError
-    from closedloop.generate import make_bad
-    from closedloop.ingest import ingest_partition
+    from closedloop.core.errors import DataValidationError
+    from closedloop.devtools.generate import make_bad
+    from closedloop.stages import health
+    from closedloop.stages.ingest import ingest_partition
 
     prometheus = binary("prometheus")
     rt = world.rt
@@ -314,8 +314,8 @@ def test_a_real_prometheus_scrapes_the_loop_metrics_of_a_real_world(world, clien
     # the last ingest run: the lake's own times, the newest of the validation markers and the quarantine report
     import os
 
-    from closedloop.ingest import marker_uri
-    from closedloop.quarantine import report_uri
+    from closedloop.stages.ingest import marker_uri
+    from closedloop.stages.quarantine import report_uri
 
     markers = [os.path.getmtime(rt.lake.local_path(marker_uri(rt.lake, "transactions", d))) for d in curated]
     refused = os.path.getmtime(rt.lake.local_path(report_uri(rt.lake, "transactions", bad_day)))

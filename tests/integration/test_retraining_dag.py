@@ -16,9 +16,9 @@ from datetime import date
 import numpy as np
 import pytest
 
-from closedloop.alerts import read_alerts
-from closedloop.generate import GeneratorConfig, make_bad
-from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, load_booster
+from closedloop.devtools.generate import GeneratorConfig, make_bad
+from closedloop.stages.alerts import read_alerts
+from closedloop.stages.registry import CHAMPION, PREVIOUS, alias_version, history, load_booster
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ def test_1_first_window_promotes_version_1(world):
     # the tasks' extra links, as the UI gets them: the MLflow run and version, and the validation report
     from urllib.parse import quote
 
-    from closedloop import health
+    from closedloop.stages import health
 
     links = _links(dag, dr)
     version_url = f"{MLFLOW_UI}/#/models/{quote(rt.model_name, safe='')}/versions/1"

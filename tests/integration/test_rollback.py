@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from closedloop.cli import app
-from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, promote, reject, status
-from closedloop.rollback import rollback_run
+from closedloop.stages.registry import CHAMPION, PREVIOUS, alias_version, history, promote, reject, status
+from closedloop.stages.rollback import rollback_run
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ from datetime import date, timedelta
 
 import pytest
 
-from closedloop import retraining as stages
-from closedloop.generate import GeneratorConfig
-from closedloop.runconf import Window
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig
+from closedloop.stages import retraining as stages
 
 pytestmark = pytest.mark.integration
 
@@ -128,12 +128,12 @@ def test_a_drifted_window_starts_retraining_with_the_right_configuration(world):
     assert conf["reason"].startswith("drift")
     assert conf["trigger"]["report_uri"].endswith("report.html")
     # decide_retraining raised a `drift_detected` alert naming the retraining run it starts
-    from closedloop.alerts import read_alerts
+    from closedloop.stages.alerts import read_alerts
 
     drifted = [a for a in read_alerts(world[0].settings, "drift_detected") if a["run_id"] == dr.run_id]
     assert len(drifted) == 1 and run_id in drifted[0]["summary"], drifted
     # the configuration it starts retraining with is one retraining accepts
-    from closedloop.runconf import resolve_window
+    from closedloop.core.runconf import resolve_window
 
     assert resolve_window(conf) == Window(end - timedelta(days=14), end)
 
@@ -144,8 +144,8 @@ def test_a_drifted_window_starts_retraining_with_the_right_configuration(world):
 
 
 def test_the_reference_is_the_champions_own(world):
-    from closedloop.monitoring import champion_reference
-    from closedloop.scoring import champion
+    from closedloop.stages.monitoring import champion_reference
+    from closedloop.stages.scoring import champion
 
     rt, _ = world
     champ = champion(rt)

@@ -20,9 +20,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from closedloop import retraining as stages
-from closedloop.generate import GeneratorConfig
-from closedloop.runconf import Window
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig
+from closedloop.stages import retraining as stages
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def world(generated_home):
-    from closedloop.registry import promote
+    from closedloop.stages.registry import promote
 
     config = GeneratorConfig(start=START, days=(LIVE - START).days + 1, customers=300, transactions_per_day=700,
                              seed=11, fraud_rate=0.02, structure=0.0)
@@ -83,7 +83,7 @@ def world(generated_home):
 
 
 def _app(rt, **overrides):
-    from closedloop.serving import ServingConfig, create_app
+    from closedloop.adapters.serving import ServingConfig, create_app
 
     cfg = {"poll_seconds": 0.2, "log_flush_seconds": 0.5, "shadow_share": 1.0, "max_batch": 100, **overrides}
     return create_app(contract=rt.contract, store=rt.store, defs=rt.defs, client=rt.client, model_name=rt.model_name,
@@ -142,9 +142,9 @@ def test_scores_come_with_decision_and_version(served):
 
 def test_online_scores_equal_the_batch_code_path(served):
     """The served score of a transaction is what the batch path gives on the online features."""
-    from closedloop.registry import load_booster
-    from closedloop.scoring import version_info
-    from closedloop.training import predict
+    from closedloop.stages.registry import load_booster
+    from closedloop.stages.scoring import version_info
+    from closedloop.stages.training import predict
 
     rt, live, answers = served.rt, served.live, served.answers
     c = rt.contract
@@ -163,7 +163,7 @@ def _state_after_last_transaction(rt, customers: list[int]) -> pd.DataFrame:
     (its last transaction included), from the curated transactions; with T as ``at``."""
     import numpy as np
 
-    from closedloop.aggregates import day_close
+    from closedloop.stages.aggregates import day_close
 
     c = rt.contract
     tx = rt.lake.read_parquet_many([rt.lake.partition("curated", "transactions", d)
@@ -213,7 +213,7 @@ def test_materialising_in_batches_writes_what_one_write_does(world, tmp_path):
 
     from feast import FeatureStore
 
-    from closedloop.features import apply_definitions
+    from closedloop.stages.features import apply_definitions
 
     rt, _ = world
     c = rt.contract
@@ -243,10 +243,10 @@ def test_materialising_in_batches_writes_what_one_write_does(world, tmp_path):
 def test_served_scores_equal_the_batch_path_for_a_transaction_at_that_moment(served):
     """The batch path (Feast's point-in-time join at the transaction's time, then ``predict``) gives a new
     transaction the features and the score the service gave it."""
-    from closedloop.features import historical_features
-    from closedloop.registry import load_booster
-    from closedloop.scoring import version_info
-    from closedloop.training import predict
+    from closedloop.stages.features import historical_features
+    from closedloop.stages.registry import load_booster
+    from closedloop.stages.scoring import version_info
+    from closedloop.stages.training import predict
 
     rt, live, answers = served.rt, served.live, served.answers
     c = rt.contract
@@ -302,7 +302,7 @@ def test_oversized_batches_and_malformed_bodies(served):
 
 def test_served_predictions_are_in_the_lake(served):
     """Every answered prediction is in served/transactions/<day>/, readable by pandas (after the shutdown flush)."""
-    from closedloop.serving import read_served
+    from closedloop.core.served import read_served
 
     rt, answers = served.rt, served.answers
     served.srv.__exit__(None, None, None)  # shutdown flushes what is buffered
@@ -320,9 +320,9 @@ def test_served_predictions_are_in_the_lake(served):
 
 def test_online_store_down_gives_503(world, tmp_path):
     """A Redis online store that does not answer: 503 naming the store, never a score."""
-    from closedloop.features import feature_store
-    from closedloop.serving import ServingConfig, create_app
-    from closedloop.settings import Settings
+    from closedloop.adapters.serving import ServingConfig, create_app
+    from closedloop.core.settings import Settings
+    from closedloop.stages.features import feature_store
 
     rt, live = world
     dead = Settings.from_env({"CLOSEDLOOP_HOME": str(rt.settings.home), "CLOSEDLOOP_ONLINE_STORE": "redis",
@@ -360,9 +360,9 @@ def redis_db():
 
 def test_scoring_on_the_redis_online_store(world, redis_db):
     """Production's online store: the same window materialised into Redis gives the same answers as SQLite."""
-    from closedloop.features import feature_store, materialize_window
-    from closedloop.serving import ServingConfig, create_app
-    from closedloop.settings import Settings
+    from closedloop.adapters.serving import ServingConfig, create_app
+    from closedloop.core.settings import Settings
+    from closedloop.stages.features import feature_store, materialize_window
 
     rt, live = world
     settings = Settings.from_env({"CLOSEDLOOP_HOME": str(rt.settings.home), "CLOSEDLOOP_ONLINE_STORE": "redis",
@@ -384,8 +384,8 @@ def test_scoring_on_the_redis_online_store(world, redis_db):
 def test_model_swap_under_load_and_shadow_scoring(world):
     """While requests run, champion moves to v2 and v1 becomes the challenger: no request fails, the version
     changes once per client and never goes back, challenger predictions are logged, never returned."""
-    from closedloop.registry import promote
-    from closedloop.serving import read_served
+    from closedloop.core.served import read_served
+    from closedloop.stages.registry import promote
 
     rt, live = world
     client, name = rt.client, rt.model_name
@@ -437,7 +437,7 @@ def test_model_swap_under_load_and_shadow_scoring(world):
 # -- training/serving skew on the served log ------------------------------------------------------------
 def test_skew_check_passes_on_what_was_served(served):
     """The day's served rows (clean online store) match the offline store and the batch scores."""
-    from closedloop import skew
+    from closedloop.stages import skew
 
     rt = served.rt
     served.srv.__exit__(None, None, None)  # everything served so far is flushed to the lake
@@ -454,8 +454,8 @@ def test_skew_check_passes_on_what_was_served(served):
 def test_skew_check_catches_a_corrupted_online_feature(world, dagbag):
     """amount_mean_30d tripled in the online store for some customers: their served rows differ from the
     offline store, their scores from batch; the report says which feature, the check task fails."""
-    from closedloop import skew
-    from closedloop.errors import PermanentError
+    from closedloop.core.errors import PermanentError
+    from closedloop.stages import skew
 
     rt, live = world
     c = rt.contract
@@ -483,7 +483,7 @@ def test_skew_check_catches_a_corrupted_online_feature(world, dagbag):
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     assert states == {"measure_skew": "success", "check_skew": "failed"}, states
     assert dr.get_task_instance("check_skew").try_number == 1  # failed at once: an alert, not a retry
-    from closedloop.alerts import read_alerts
+    from closedloop.stages.alerts import read_alerts
 
     alerts = read_alerts(rt.settings, "skew_detected")
     assert alerts and "amount_mean_30d" in alerts[-1]["summary"], alerts
@@ -500,8 +500,8 @@ def test_a_scheduled_skew_check_on_a_day_with_nothing_served_is_skipped(world, d
 def test_skew_check_catches_an_online_store_one_transaction_behind(world):
     """The online store holding, for some customers, the row of their last transaction (the state before it,
     as before closing rows existed): their served rows differ from the offline store's closing rows."""
-    from closedloop import skew
-    from closedloop.serving import read_served
+    from closedloop.core.served import read_served
+    from closedloop.stages import skew
 
     rt, live = world
     c = rt.contract

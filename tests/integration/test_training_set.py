@@ -8,9 +8,11 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from closedloop import retraining as stages
-from closedloop.aggregates import compute_entity_features
-from closedloop.features import (
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig, generate
+from closedloop.stages import retraining as stages
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.features import (
     SPLITS,
     build_training_set,
     frame_sha256,
@@ -19,9 +21,7 @@ from closedloop.features import (
     read_training_split,
     time_split,
 )
-from closedloop.generate import GeneratorConfig, generate
-from closedloop.offline import point_in_time_features
-from closedloop.runconf import Window
+from closedloop.stages.offline import point_in_time_features
 
 WINDOW = Window(date(2026, 1, 1), date(2026, 1, 11))
 
@@ -104,7 +104,7 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     pd.testing.assert_frame_equal(historical_features(
         rt.store, rt.defs, labelled, c, pit_join={"calls": 10**9, "min_rows": 97, "max_rows": 97}), whole)
 
-    # the training set's features come from closedloop.offline's bounded read of the view's source: the same
+    # the training set's features come from closedloop.stages.offline's bounded read of the view's source: the same
     # rows as Feast's get_historical_features (the twins included), so the same split and lineage hash as a
     # training set joined by Feast
     pd.testing.assert_frame_equal(point_in_time_features(rt.store, rt.defs, labelled, c), whole, check_exact=True)

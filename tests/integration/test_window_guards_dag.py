@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from support.corruption import corrupted, differences
 
-from closedloop.features import materialised_until
-from closedloop.generate import GeneratorConfig
-from closedloop.runconf import Window
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig
+from closedloop.stages.features import materialised_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def _states(dr) -> dict[str, str]:
 
 def test_a_late_window_is_refused_and_the_high_water_mark_follows_the_data(generated_home, airflow_db, dagbag,
                                                                             reliability):
-    from closedloop import retraining
+    from closedloop.stages import retraining
 
     retrain, ingest = dagbag.get_dag("retraining"), dagbag.get_dag("ingest")
     with generated_home("guard-control", CONFIG) as control:

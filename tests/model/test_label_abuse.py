@@ -1,7 +1,7 @@
 """A catalogue of label abuse against the gate and the label checks, with real components.
 
 Models trained on generated data and logged to a real MLflow store, registered, judged by the gate
-(``closedloop.retraining.evaluate_gate``) and acted on by ``promote_or_reject``; label days judged by
+(``closedloop.stages.retraining.evaluate_gate``) and acted on by ``promote_or_reject``; label days judged by
 ``validate_frame``. Each case is a ``RELIABILITY.md`` row of the ``labels`` area, recorded after its
 assertions: none may end in a promotion the labels do not justify. The cases that must go through the
 real DAG (windows with no positives, a handful, unrelated labels) are in
@@ -22,17 +22,17 @@ import pandas as pd
 import pytest
 from support.training_sets import write_training_set
 
-from closedloop import retraining
-from closedloop.aggregates import compute_entity_features
-from closedloop.alerts import gate_alert
-from closedloop.features import SPLITS, time_split
-from closedloop.generate import GeneratorConfig, simulate
-from closedloop.registry import CHAMPION, alias_version, history, promote
-from closedloop.rollback import promote_manually
-from closedloop.runconf import Window
-from closedloop.runtime import Runtime
-from closedloop.training import train_and_log
-from closedloop.validation import validate_frame
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig, simulate
+from closedloop.stages import retraining
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.alerts import gate_alert
+from closedloop.stages.features import SPLITS, time_split
+from closedloop.stages.registry import CHAMPION, alias_version, history, promote
+from closedloop.stages.rollback import promote_manually
+from closedloop.stages.runtime import Runtime
+from closedloop.stages.training import train_and_log
+from closedloop.stages.validation import validate_frame
 
 WINDOW = Window(date(2026, 3, 1), date(2026, 3, 22))
 
@@ -297,9 +297,9 @@ def test_labels_beyond_the_grace_period_never_reach_the_window(tmp_path, monkeyp
     many negatives turned 1: the share stays plausible) is curated, but never read into that window."""
     from datetime import timedelta
 
-    from closedloop.features import read_labelled_window
-    from closedloop.generate import generate
-    from closedloop.ingest import ingest_window
+    from closedloop.devtools.generate import generate
+    from closedloop.stages.features import read_labelled_window
+    from closedloop.stages.ingest import ingest_window
 
     monkeypatch.setenv("CLOSEDLOOP_HOME", str(tmp_path / "closedloop"))
     rt = Runtime.from_env()

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from closedloop.aggregates import compute_entity_features
-from closedloop.features import time_split
-from closedloop.generate import GeneratorConfig, simulate
-from closedloop.settings import Settings
-from closedloop.training import choose_device, feature_frame, fit, predict
+from closedloop.core.settings import Settings
+from closedloop.devtools.generate import GeneratorConfig, simulate
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.features import time_split
+from closedloop.stages.training import choose_device, feature_frame, fit, predict
 
 CONFIG = {
     "params": {"objective": "binary:logistic", "eval_metric": ["aucpr", "logloss"], "tree_method": "hist",

@@ -15,13 +15,13 @@ import pandas as pd
 import pytest
 import xgboost as xgb
 
-from closedloop import training
-from closedloop.aggregates import compute_entity_features
-from closedloop.features import time_split
-from closedloop.generate import GeneratorConfig, simulate
-from closedloop.metrics import threshold_at_fpr
-from closedloop.serving import LoadedModel, score_frame
-from closedloop.training import category_codes, feature_frame, fit, model_matrix, predict, predict_inplace
+from closedloop.adapters.serving import LoadedModel, score_frame
+from closedloop.core.metrics import threshold_at_fpr
+from closedloop.devtools.generate import GeneratorConfig, simulate
+from closedloop.stages import training
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.features import time_split
+from closedloop.stages.training import category_codes, feature_frame, fit, model_matrix, predict, predict_inplace
 
 CONFIG = {
     "params": {"objective": "binary:logistic", "eval_metric": ["aucpr", "logloss"], "tree_method": "hist",
@@ -202,8 +202,8 @@ def test_the_request_matrix_is_model_matrix_on_what_a_request_carries(models, sp
     (serving.RequestMatrix): the same values and scores as model_matrix on the same rows in a frame, for
     the values a validated request can hold (text or None categoricals, unknown categories, integers,
     booleans, floats and None numbers) and features missing in the online store."""
-    from closedloop.serving import RequestMatrix, score_matrix
-    from closedloop.training import model_matrix
+    from closedloop.adapters.serving import RequestMatrix, score_matrix
+    from closedloop.stages.training import model_matrix
 
     booster = models[1][0]
     rows = splits["holdout"].head(200).reset_index(drop=True)

@@ -1,4 +1,4 @@
-"""CBPE against realised performance on the generator's scenarios (closedloop.performance).
+"""CBPE against realised performance on the generator's scenarios (closedloop.stages.performance).
 
 The set-up (seed 11, 400 customers, 2500 transactions a day): 21 warm-up days (the customer aggregates'
 lookback), 14 training days (the last 3 early-stop), 24 reference days scored out of sample by the model
@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from closedloop import performance
-from closedloop.aggregates import compute_entity_features
-from closedloop.generate import GeneratorConfig, simulate
-from closedloop.schema import DataContract
-from closedloop.settings import DEFAULT_CONFIG, Config
-from closedloop.training import fit, predict
+from closedloop.core.schema import DataContract
+from closedloop.core.settings import DEFAULT_CONFIG, Config
+from closedloop.devtools.generate import GeneratorConfig, simulate
+from closedloop.stages import performance
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.training import fit, predict
 
 START = date(2026, 1, 5)
 WARMUP, TRAIN, REFERENCE, WINDOW, WINDOWS = 21, 14, 24, 2, 10

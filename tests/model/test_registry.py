@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from closedloop.errors import PromotionConflict
-from closedloop.registry import CHAMPION, PREVIOUS, alias_version, history, promote, status
+from closedloop.core.errors import PromotionConflict
+from closedloop.stages.registry import CHAMPION, PREVIOUS, alias_version, history, promote, status
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_two_racing_promotions_one_wins(registry, reliability):
 def test_a_run_left_running_by_another_dag_run_of_the_same_lineage_is_marked(tmp_path):
     from mlflow import MlflowClient
 
-    from closedloop.training import mark_orphans, reusable
+    from closedloop.stages.training import mark_orphans, reusable
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))

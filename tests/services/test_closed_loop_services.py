@@ -40,10 +40,10 @@ def test_the_loop_on_postgres_mlflow_server_s3_and_redis(mlflow_env, prod_env, p
                                                          monkeypatch):
     import redis
 
-    from closedloop.airflow_home import airflow_home, write_config
-    from closedloop.demo import DemoPlan, run_demo
-    from closedloop.registry import CHAMPION, alias_version
-    from closedloop.runtime import Runtime
+    from closedloop.devtools.airflow_home import airflow_home, write_config
+    from closedloop.devtools.demo import DemoPlan, run_demo
+    from closedloop.stages.registry import CHAMPION, alias_version
+    from closedloop.stages.runtime import Runtime
 
     rt = Runtime.from_env()
     af_home = airflow_home(rt.settings)

@@ -12,18 +12,18 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from closedloop import retraining as stages
-from closedloop.aggregates import compute_entity_features
-from closedloop.features import SPLITS, read_training_split
-from closedloop.generate import GeneratorConfig, generate
-from closedloop.runconf import Window
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig, generate
+from closedloop.stages import retraining as stages
+from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.features import SPLITS, read_training_split
 
 WINDOW = Window(date(2026, 1, 1), date(2026, 1, 8))
 
 
 @pytest.fixture
 def rt(prod_env):
-    from closedloop.runtime import Runtime
+    from closedloop.stages.runtime import Runtime
 
     rt = Runtime.from_env()
     generate(GeneratorConfig(start=date(2026, 1, 1), days=9, customers=80, transactions_per_day=150, seed=11),
@@ -48,7 +48,7 @@ def test_registry_online_and_offline_stores_on_the_services(rt, prod_env, s3, bu
         names = set(conn.execute(sa.text("SELECT feature_view_name FROM feature_views")).scalars())
     engine.dispose()
     assert names == {c.feature_view}
-    from closedloop.features import feature_store, materialised_until
+    from closedloop.stages.features import feature_store, materialised_until
 
     fresh = feature_store(rt.settings)
     assert materialised_until(fresh, c.feature_view) is not None
@@ -80,9 +80,9 @@ def test_registry_online_and_offline_stores_on_the_services(rt, prod_env, s3, bu
         pd.testing.assert_series_equal(merged[name], merged[f"{name}_expected"], check_names=False)
     assert any(k.startswith(f"lake/training_sets/{ts['key']}/split=") for k in s3.keys(bucket, "lake/"))
 
-    # batch scoring's bounded read (closedloop.offline) of the same source on s3://: Feast's answer on every row
-    from closedloop.features import historical_features
-    from closedloop.offline import point_in_time_features, unsupported
+    # batch scoring's bounded read (closedloop.stages.offline) of the same source on s3://: Feast's answer on every row
+    from closedloop.stages.features import historical_features
+    from closedloop.stages.offline import point_in_time_features, unsupported
 
     assert unsupported(rt.store, rt.store.get_feature_view(c.feature_view)) is None
     day = curated[curated[c.event_timestamp].dt.date == pd.Timestamp("2026-01-05").date()]

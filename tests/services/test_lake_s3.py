@@ -6,17 +6,17 @@ from datetime import date
 
 import pytest
 
-from closedloop.errors import DataValidationError
-from closedloop.generate import GeneratorConfig, generate, make_bad
-from closedloop.ingest import ingest_partition, read_marker
-from closedloop.quarantine import list_quarantine, release
+from closedloop.core.errors import DataValidationError
+from closedloop.devtools.generate import GeneratorConfig, generate, make_bad
+from closedloop.stages.ingest import ingest_partition, read_marker
+from closedloop.stages.quarantine import list_quarantine, release
 
 START = date(2026, 5, 1)
 
 
 @pytest.fixture
 def rt(home, s3, bucket, monkeypatch):
-    from closedloop.runtime import Runtime
+    from closedloop.stages.runtime import Runtime
 
     monkeypatch.setenv("CLOSEDLOOP_LAKE_URI", f"s3://{bucket}/lake")
     monkeypatch.setenv("CLOSEDLOOP_S3_ENDPOINT_URL", s3.endpoint)

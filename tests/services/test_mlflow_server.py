@@ -10,10 +10,10 @@ from datetime import date
 
 import pytest
 
-from closedloop import retraining as stages
-from closedloop.generate import GeneratorConfig, generate
-from closedloop.registry import CHAMPION, alias_version, history, load_booster
-from closedloop.runconf import Window
+from closedloop.core.runconf import Window
+from closedloop.devtools.generate import GeneratorConfig, generate
+from closedloop.stages import retraining as stages
+from closedloop.stages.registry import CHAMPION, alias_version, history, load_booster
 
 WINDOW = Window(date(2026, 1, 1), date(2026, 1, 8))
 
@@ -21,8 +21,8 @@ WINDOW = Window(date(2026, 1, 1), date(2026, 1, 8))
 def test_train_register_promote_and_load_through_the_server(mlflow_env, s3, bucket):
     import sqlalchemy as sa
 
-    from closedloop.runtime import Runtime
-    from closedloop.training import predict
+    from closedloop.stages.runtime import Runtime
+    from closedloop.stages.training import predict
 
     rt = Runtime.from_env()
     assert rt.settings.mlflow_tracking_uri == mlflow_env.url
@@ -59,7 +59,7 @@ def test_train_register_promote_and_load_through_the_server(mlflow_env, s3, buck
     assert any(k.endswith("/gate/comparison_v1.png") for k in keys), keys
 
     # loaded back by its alias, the champion scores the holdout as it did when it was judged
-    from closedloop.features import read_training_split
+    from closedloop.stages.features import read_training_split
 
     booster = load_booster(f"models:/{rt.model_name}@{CHAMPION}")
     holdout = read_training_split(rt.lake, ts["uri"], "holdout")

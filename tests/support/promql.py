@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from closedloop.settings import REPO_ROOT
+from closedloop.core.settings import REPO_ROOT
 
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "closedloop-serve.json"
 
-# What closedloop serve exposes (include/closedloop/serving.py, class Metrics) and Prometheus adds (up),
+# What closedloop serve exposes (include/closedloop/adapters/serving.py, class Metrics) and Prometheus adds (up),
 # as series names: a counter's _total, a histogram's _bucket, _sum and _count.
 SCRAPED = frozenset({
     "up",
@@ -41,7 +41,7 @@ SCRAPED = frozenset({
     "closedloop_serve_out_of_contract_total",
 })
 
-# What the Airflow plugin's /closedloop/metrics exposes (include/closedloop/exporter.py, METRICS): the loop's
+# What the Airflow plugin's /closedloop/metrics exposes (include/closedloop/adapters/exporter.py, METRICS): the loop's
 # state. tests/integration/test_model_health.py proves a real Prometheus holds each after scraping the real
 # exporter on a real world.
 LOOP_SCRAPED = frozenset({

@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from closedloop.features import SPLITS, frame_sha256
-from closedloop.runtime import Runtime
+from closedloop.stages.features import SPLITS, frame_sha256
+from closedloop.stages.runtime import Runtime
 
 
 def write_training_set(rt: Runtime, key: str, parts: dict[str, pd.DataFrame]) -> dict[str, Any]:

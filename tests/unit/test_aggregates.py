@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from closedloop.aggregates import compute_entity_features, day_close
+from closedloop.stages.aggregates import compute_entity_features, day_close
 
 
 @pytest.fixture

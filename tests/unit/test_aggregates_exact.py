@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.corruption import corrupted, differences
 
-from closedloop.aggregates import compute_entity_features, day_close
-from closedloop.schema import Aggregate
+from closedloop.core.schema import Aggregate
+from closedloop.stages.aggregates import compute_entity_features, day_close
 
 EXTREME = 1e100  # a window holding a value at least this large is allowed to overflow
 T0 = pd.Timestamp("2026-03-01", tz="UTC")

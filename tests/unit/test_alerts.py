@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from closedloop.alerts import (
+from closedloop.core.errors import ConfigError
+from closedloop.core.settings import Settings
+from closedloop.stages.alerts import (
     alerts_path,
     check_arrivals,
     drift_alert,
@@ -19,8 +21,6 @@ from closedloop.alerts import (
     read_alerts,
     write_alert,
 )
-from closedloop.errors import ConfigError
-from closedloop.settings import Settings
 
 
 def test_alerts_are_json_lines_appended_to_the_home(runtime):
@@ -60,7 +60,7 @@ def _context(exc: BaseException | None = None):
 def test_the_notifier_writes_the_failure_it_is_called_for(runtime):
     from airflow.sdk.bases.notifier import BaseNotifier
 
-    from closedloop.notifier import ClosedloopNotifier
+    from closedloop.adapters.airflow.notifier import ClosedloopNotifier
 
     notifier = ClosedloopNotifier("validation_failed", severity="error")
     assert isinstance(notifier, BaseNotifier)
@@ -74,7 +74,7 @@ def test_the_notifier_writes_the_failure_it_is_called_for(runtime):
 
 
 def test_a_channel_that_cannot_deliver_never_loses_the_alert(runtime, monkeypatch, caplog):
-    from closedloop.notifier import send
+    from closedloop.adapters.airflow.notifier import send
 
     monkeypatch.setenv("CLOSEDLOOP_ALERTS", "slack")
     monkeypatch.setenv("CLOSEDLOOP_SLACK_WEBHOOK", "slack_alerts")

@@ -7,7 +7,8 @@ import statistics
 
 import pytest
 
-from closedloop.calibration import (
+from closedloop.core.errors import ConfigError
+from closedloop.stages.calibration import (
     MODE_CALIBRATED,
     SOURCE_CALIBRATED,
     SOURCE_FIXED,
@@ -17,7 +18,6 @@ from closedloop.calibration import (
     contribution,
     peak,
 )
-from closedloop.errors import ConfigError
 
 
 def _cal(**features: dict) -> Calibration:

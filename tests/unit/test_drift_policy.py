@@ -1,4 +1,4 @@
-"""Tests of the pure parts of closedloop.drift: the policy, the decision, the cooldown, the run id, and the
+"""Tests of the pure parts of closedloop.stages.drift: the policy, the decision, the cooldown, the run id, and the
 reports in the lake (with a stand-in for the Evidently snapshot; the statistics are in tests/data)."""
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from closedloop.drift import (
+from closedloop.core.errors import ConfigError
+from closedloop.core.lake import Lake
+from closedloop.core.settings import DEFAULT_CONFIG, Config
+from closedloop.stages.drift import (
     DriftDecision,
     DriftFigures,
     DriftPolicy,
@@ -22,9 +25,6 @@ from closedloop.drift import (
     save_report,
     trigger_run_id,
 )
-from closedloop.errors import ConfigError
-from closedloop.lake import Lake
-from closedloop.settings import DEFAULT_CONFIG, Config
 
 FEATURES = ["amount", "merchant_category", "channel", "hour_of_day", "distance_from_home_km",
             "merchant_risk_score", "is_foreign", "card_age_days", "credit_limit", "txn_count_1d"]  # 10

@@ -11,8 +11,8 @@ import string
 import pytest
 import yaml
 
-from closedloop.errors import ConfigError
-from closedloop.settings import Settings
+from closedloop.core.errors import ConfigError
+from closedloop.core.settings import Settings
 
 
 def rendered(settings: Settings) -> dict:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
-from closedloop.errors import ConfigError
-from closedloop.gate import (
+from closedloop.core.errors import ConfigError
+from closedloop.stages.gate import (
     INSUFFICIENT,
     PROMOTE,
     REJECT,
@@ -296,14 +296,14 @@ class _Client:
     ],
 )
 def test_an_unreachable_store_is_retried_not_taken_for_a_broken_champion(contract, monkeypatch, error, expected):
-    import closedloop.registry
-    from closedloop.errors import TransientError
-    from closedloop.gate import inspect_champion
+    import closedloop.stages.registry
+    from closedloop.core.errors import TransientError
+    from closedloop.stages.gate import inspect_champion
 
     def load(uri):
         raise error
 
-    monkeypatch.setattr(closedloop.registry, "load_booster", load)
+    monkeypatch.setattr(closedloop.stages.registry, "load_booster", load)
     if expected == "transient":
         with pytest.raises(TransientError, match="could not reach the champion"):
             inspect_champion(_Client(contract), "m", contract, holdout=None)
@@ -312,7 +312,7 @@ def test_an_unreachable_store_is_retried_not_taken_for_a_broken_champion(contrac
 
 
 def test_a_champion_without_a_schema_tag_is_not_compared(contract):
-    from closedloop.gate import inspect_champion
+    from closedloop.stages.gate import inspect_champion
 
     client = _Client(contract)
     client.mv.tags = {}

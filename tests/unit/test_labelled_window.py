@@ -7,10 +7,10 @@ from datetime import date, timedelta
 import pandas as pd
 import pytest
 
-from closedloop.errors import PermanentError
-from closedloop.features import read_labelled_window
-from closedloop.ingest import marker_uri
-from closedloop.lake import Lake
+from closedloop.core.errors import PermanentError
+from closedloop.core.lake import Lake
+from closedloop.stages.features import read_labelled_window
+from closedloop.stages.ingest import marker_uri
 
 START = date(2026, 3, 1)
 

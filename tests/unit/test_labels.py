@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from closedloop.errors import ContractError
-from closedloop.gate import LABELS_SUSPECT, Scores, decide
-from closedloop.labels import ShareBand, judge_share, parse_share_band, wilson_interval
-from closedloop.metrics import classification_metrics, explicit_metrics, json_safe
-from closedloop.schema import load_contract
-from closedloop.settings import DEFAULT_CONFIG, REPO_ROOT, Config
+from closedloop.core.errors import ContractError
+from closedloop.core.labels import ShareBand, judge_share, parse_share_band, wilson_interval
+from closedloop.core.metrics import classification_metrics, explicit_metrics, json_safe
+from closedloop.core.schema import load_contract
+from closedloop.core.settings import DEFAULT_CONFIG, REPO_ROOT, Config
+from closedloop.stages.gate import LABELS_SUSPECT, Scores, decide
 
 BAND = ShareBand(block=(0.0002, 0.5), warn=(0.0005, 0.1), min_rows=200, confidence=0.999)
 
@@ -80,7 +80,7 @@ def test_undefined_metrics_are_none_with_a_reason():
 def test_a_non_finite_task_result_fails_at_once_instead_of_being_retried():
     from airflow.sdk.exceptions import AirflowFailException
 
-    from closedloop.orchestration import non_finite, run_stage
+    from closedloop.adapters.airflow.orchestration import non_finite, run_stage
 
     assert non_finite({"a": [1.0, {"b": float("nan")}]}) == ["result['a'][1]['b']"]
     with pytest.raises(AirflowFailException, match=r"non-finite number\(s\) at result\['m'\]"):
@@ -116,8 +116,8 @@ def test_a_holdout_share_out_of_the_band_is_suspect_even_without_scores():
 
 
 def test_a_runconf_override_needs_who_and_why():
-    from closedloop.errors import ConfigError
-    from closedloop.runconf import labels_override
+    from closedloop.core.errors import ConfigError
+    from closedloop.core.runconf import labels_override
 
     assert labels_override({"window_start": None}) is None
     assert labels_override({"labels_override": {"by": " alice ", "why": "the label meaning flipped"}}) == {

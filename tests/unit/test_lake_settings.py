@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from closedloop.errors import ConfigError
-from closedloop.lake import Lake, days_between
-from closedloop.settings import REPO_ROOT, Settings
+from closedloop.core.errors import ConfigError
+from closedloop.core.lake import Lake, days_between
+from closedloop.core.settings import REPO_ROOT, Settings
 
 
 def test_partition_naming_and_listing(tmp_path):
@@ -76,7 +76,7 @@ def test_an_mlflow_client_leaves_the_environment_as_it_was(tmp_path, monkeypatch
     inherit the first one's store through it."""
     import os
 
-    from closedloop.registry import mlflow_client
+    from closedloop.stages.registry import mlflow_client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)

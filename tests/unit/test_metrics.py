@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from closedloop.metrics import classification_metrics, threshold_at_fpr
+from closedloop.core.metrics import classification_metrics, threshold_at_fpr
 
 
 @pytest.mark.parametrize("fpr", [0.0, 0.01, 0.05, 0.2])

@@ -1,4 +1,4 @@
-"""Score calibration, CBPE estimates, realised metrics and the bands of closedloop.performance."""
+"""Score calibration, CBPE estimates, realised metrics and the bands of closedloop.stages.performance."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from closedloop.errors import ConfigError
-from closedloop.performance import (
+from closedloop.core.errors import ConfigError
+from closedloop.stages.performance import (
     Band,
     PerformanceReference,
     ScoreCalibrator,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from closedloop.features import PIT_CALLS, PIT_MAX_ROWS, PIT_MIN_ROWS, pit_chunk_rows
+from closedloop.stages.features import PIT_CALLS, PIT_MAX_ROWS, PIT_MIN_ROWS, pit_chunk_rows
 
 
 @pytest.mark.parametrize("pairs", [1, 99_999, 1_000_000, 2_500_001, 10_100_000, 20_000_000, 50_000_000, 10**9])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from closedloop.errors import ConfigError
-from closedloop.features import read_training_split
-from closedloop.ingest import resolve_day
-from closedloop.lake import Lake
-from closedloop.runconf import resolve_window
-from closedloop.settings import Settings, check_uri
+from closedloop.core.errors import ConfigError
+from closedloop.core.lake import Lake
+from closedloop.core.runconf import resolve_window
+from closedloop.core.settings import Settings, check_uri
+from closedloop.stages.features import read_training_split
+from closedloop.stages.ingest import resolve_day
 
 CONFS = [
     ("retraining conf with an unknown key", lambda: resolve_window(

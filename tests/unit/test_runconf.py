@@ -6,8 +6,8 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from closedloop.errors import ConfigError
-from closedloop.runconf import INGEST_CONF_SCHEMA, RETRAINING_CONF_SCHEMA, Window, resolve_window, validate_conf
+from closedloop.core.errors import ConfigError
+from closedloop.core.runconf import INGEST_CONF_SCHEMA, RETRAINING_CONF_SCHEMA, Window, resolve_window, validate_conf
 
 
 def test_triggered_window_from_conf():
@@ -58,7 +58,7 @@ def test_ingest_conf_schema():
 
 
 def test_split_override():
-    from closedloop.runconf import split_override
+    from closedloop.core.runconf import split_override
 
     assert split_override({"window_start": "2026-01-01", "window_end": "2026-01-15"}) == {}
     assert split_override({"holdout_days": 1}) == {"holdout_days": 1}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from closedloop.errors import ContractError
-from closedloop.schema import load_contract, parse_window
+from closedloop.core.errors import ContractError
+from closedloop.core.schema import load_contract, parse_window
 
 
 def test_card_fraud_contract_derives_features(contract):

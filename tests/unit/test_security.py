@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from closedloop.airflow_home import ADMIN, ensure_password, passwords_file, render_config, write_config
-from closedloop.secrets import mask_secrets, secret_values
-from closedloop.settings import REPO_ROOT, Settings
+from closedloop.core.secrets import secret_values
+from closedloop.core.settings import REPO_ROOT, Settings
+from closedloop.devtools.airflow_home import ADMIN, ensure_password, passwords_file, render_config, write_config
 
 
 def test_the_embedded_airflow_needs_a_login(tmp_path, reliability):
@@ -42,6 +42,8 @@ def test_the_project_secrets_are_found():
 def test_secrets_are_masked_in_task_logs(reliability):
     pytest.importorskip("airflow.sdk")
     from airflow.sdk._shared.secrets_masker import redact
+
+    from closedloop.adapters.airflow.secrets import mask_secrets
 
     env = {"MLFLOW_TRACKING_PASSWORD": "s3cr3t-mlflow-pw",
            "MLFLOW_TRACKING_URI": "http://closedloop:uri-pw-12345@mlflow:5000"}

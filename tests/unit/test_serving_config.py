@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from closedloop.errors import ConfigError
-from closedloop.serving import ServingConfig
-from closedloop.settings import Settings
-from closedloop.skew import SkewPolicy
+from closedloop.adapters.serving import ServingConfig
+from closedloop.core.errors import ConfigError
+from closedloop.core.settings import Settings
+from closedloop.stages.skew import SkewPolicy
 
 
 def test_the_shipped_configuration_has_valid_serving_and_skew_sections(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from closedloop.features import time_split
+from closedloop.stages.features import time_split
 
 
 @pytest.fixture

@@ -1,0 +1,438 @@
+"""Settings: where state lives and which services to use, read from the environment.
+
+This is the only module that reads the environment. Every default works on a laptop: all state lives
+under ``$CLOSEDLOOP_HOME`` (``.closedloop/`` in the checkout by default).
+
+Environment variables (all optional):
+
+- ``CLOSEDLOOP_HOME``: root of all local state (default: ``<repo>/.closedloop``).
+- ``CLOSEDLOOP_LAKE_URI``: root URI of the data lake (default: ``file://$CLOSEDLOOP_HOME/lake``).
+- ``CLOSEDLOOP_CONFIG``: the versioned model and policy configuration (default: ``include/config/closedloop.yaml``).
+- ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``: default ``sqlite:///$CLOSEDLOOP_HOME/mlflow/mlflow.db``.
+- ``CLOSEDLOOP_MLFLOW_UI_URL``: the MLflow UI as a browser reaches it, for the extra links of the Airflow tasks
+  (default: the tracking URI when it is ``http(s)://``, without any user:password; else empty: no MLflow links).
+- ``CLOSEDLOOP_MLFLOW_ARTIFACTS``: artifact root for new experiments (default ``$CLOSEDLOOP_HOME/mlflow/artifacts``).
+- ``CLOSEDLOOP_S3_ENDPOINT_URL``: an S3-compatible endpoint (MinIO) for ``s3://`` URIs; empty: AWS itself.
+- ``CLOSEDLOOP_FEAST_REPO``: the Feast repository (default: ``<repo>/feature_repo``).
+- ``CLOSEDLOOP_FEAST_REGISTRY``: Feast's registry: a file (default ``$CLOSEDLOOP_HOME/feast/registry.db``; ``s3://``
+  works too, with ``FEAST_S3_ENDPOINT_URL`` for an S3-compatible endpoint) or a database,
+  ``postgresql://user:<password>@host:port/db``, which Feast keeps as its SQL registry (what several processes
+  that apply and materialise at once need). Rendered into ``feature_store.yaml`` by
+  :meth:`Settings.feast_registry_config`.
+- ``CLOSEDLOOP_ONLINE_STORE``: ``sqlite`` (default: a file under ``$CLOSEDLOOP_HOME/feast``) or ``redis``: Feast's
+  online store, rendered into ``feature_store.yaml`` by :meth:`Settings.feast_online_store`.
+- ``CLOSEDLOOP_REDIS_URL``: the Redis of the online store, ``redis://[:password@]host[:port][/db]`` (``rediss://``
+  for TLS); required with ``CLOSEDLOOP_ONLINE_STORE=redis``.
+- ``CLOSEDLOOP_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda``: where XGBoost trains.
+- ``CLOSEDLOOP_TRAINING_QUEUE``: the executor queue of the retraining DAG's ``train_model`` task (default
+  ``default``, where every other task runs); ``gpu`` on a stack with a GPU worker listening on that queue.
+- ``CLOSEDLOOP_TRAINING_POD_TEMPLATE``: on Kubernetes, the pod template file of the ``train_model`` task's pod
+  (e.g. one that requests ``nvidia.com/gpu: 1``); empty (default): the executor's ordinary pod.
+- ``CLOSEDLOOP_DASK_SCHEDULER``: with ``training.engine: dask`` in the configuration, the address of the Dask
+  scheduler that trains (``tcp://host:8786``); empty (default): a local Dask cluster started for the task.
+- ``CLOSEDLOOP_SCHEDULES``: ``on`` (default) or ``manual``: with ``manual`` the DAGs keep their Asset
+  schedules but drop their time-based ones, so that a simulation or a demo drives days with explicit
+  dates and the scheduler starts nothing on the wall clock.
+- ``CLOSEDLOOP_TASK_RETRIES`` (default 2), ``CLOSEDLOOP_RETRY_DELAY_SECONDS`` (default 20; each retry waits about
+  twice as long as the one before, at most 10 minutes) and ``CLOSEDLOOP_TASK_TIMEOUT_MINUTES`` (default 60): the
+  retry and timeout policy of every task (tests shorten the delay).
+- ``CLOSEDLOOP_ALLOWED_ROOTS``: comma-separated URI prefixes closedloop may read and write (default: the lake,
+  the MLflow artifact root and ``$CLOSEDLOOP_HOME``). A lake or artifact root outside them, a scheme other than
+  ``file``, ``s3`` or ``gs``, or a URI handed to a task that climbs out of them is refused before any work.
+- ``CLOSEDLOOP_SERVE_TOKEN``: the bearer token of ``closedloop serve`` (``POST /score`` and ``GET /metrics``); empty
+  (the laptop default): no token asked. Read by the scoring service only (docker-compose gives it to no other).
+- ``CLOSEDLOOP_ALERTS``: where alerts go besides ``$CLOSEDLOOP_HOME/alerts/alerts.jsonl`` (always written):
+  ``file`` (default: nowhere else), ``slack`` (the Slack provider's webhook notifier, on the Airflow connection
+  named by ``CLOSEDLOOP_SLACK_WEBHOOK``: a connection id, never the URL) or ``email`` (Airflow's SMTP provider,
+  to ``CLOSEDLOOP_ALERT_EMAIL``, comma-separated, over the connection ``CLOSEDLOOP_SMTP_CONN_ID``, default
+  ``smtp_default``). See :mod:`closedloop.stages.alerts`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import yaml
+
+from closedloop.core.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[3]  # include/closedloop/core/settings.py -> the checkout
+DEFAULT_CONFIG = REPO_ROOT / "include" / "config" / "closedloop.yaml"
+
+
+def _as_uri(path_or_uri: str) -> str:
+    """Return ``path_or_uri`` as a URI: plain paths become absolute ``file://`` URIs."""
+    if "://" in path_or_uri:
+        return path_or_uri.rstrip("/")
+    return "file://" + str(Path(path_or_uri).expanduser().resolve())
+
+
+SCHEMES = ("file", "s3", "gs")
+
+
+def normalise_uri(uri: str) -> str:
+    """``uri`` with ``.`` and ``..`` segments resolved (so that a prefix test means containment)."""
+    import posixpath
+
+    scheme, sep, rest = _as_uri(uri).partition("://")
+    if scheme == "file":
+        return "file://" + posixpath.normpath(rest)
+    bucket, _, path = rest.partition("/")
+    path = posixpath.normpath("/" + path).lstrip("/") if path else ""
+    return f"{scheme}{sep}{bucket}" + (f"/{path}" if path else "")
+
+
+def check_uri(uri: str, roots: list[str] | tuple[str, ...], what: str) -> str:
+    """The normalised ``uri`` when it uses an allowed scheme and lies under one of ``roots``; ConfigError else."""
+    scheme = _as_uri(uri).partition("://")[0]
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{what}: {uri!r} uses the scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    norm = normalise_uri(uri)
+    for root in roots:
+        r = normalise_uri(root)
+        if norm == r or norm.startswith(r.rstrip("/") + "/"):
+            return norm
+    raise ConfigError(f"{what}: {uri!r} lies outside the allowed roots ({', '.join(roots)}); set "
+                      f"CLOSEDLOOP_ALLOWED_ROOTS to allow it")
+
+
+ALERT_CHANNELS = ("file", "slack", "email")
+
+
+def _alert_settings(env: dict[str, str]) -> tuple[str, str, tuple[str, ...]]:
+    """``CLOSEDLOOP_ALERTS`` and what its channel needs, checked (see the module doc)."""
+    channel = (env.get("CLOSEDLOOP_ALERTS") or "file").strip().lower()
+    if channel not in ALERT_CHANNELS:
+        raise ConfigError(f"CLOSEDLOOP_ALERTS={channel!r}: use one of {', '.join(ALERT_CHANNELS)}")
+    slack = (env.get("CLOSEDLOOP_SLACK_WEBHOOK") or "").strip()
+    if "://" in slack:
+        raise ConfigError("CLOSEDLOOP_SLACK_WEBHOOK holds a URL: give the id of an Airflow connection that holds the "
+                          "webhook (e.g. AIRFLOW_CONN_SLACK_ALERTS), so that the secret stays in Airflow's secrets")
+    if channel == "slack" and not slack:
+        raise ConfigError("CLOSEDLOOP_ALERTS=slack needs CLOSEDLOOP_SLACK_WEBHOOK: the id of an Airflow connection "
+                          "of type slackwebhook")
+    emails = tuple(e.strip() for e in (env.get("CLOSEDLOOP_ALERT_EMAIL") or "").split(",") if e.strip())
+    if channel == "email" and not emails:
+        raise ConfigError("CLOSEDLOOP_ALERTS=email needs CLOSEDLOOP_ALERT_EMAIL: the recipients, comma-separated")
+    return channel, slack, emails
+
+
+def section_keys(section: str, raw: dict[str, Any] | None, known: Any) -> dict[str, Any]:
+    """``raw`` (a configuration section) as a dict; ConfigError naming any key the dataclass ``known`` lacks."""
+    raw = dict(raw or {})
+    fields = known.__dataclass_fields__
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    return raw
+
+
+def _number(env: dict[str, str], name: str, default: float) -> float:
+    """A non-negative number from ``env[name]`` (``default`` when unset or empty)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r}: expected a non-negative number")
+    return value
+
+
+ONLINE_STORES = ("sqlite", "redis")
+SQL_REGISTRY_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+# A SQL registry is shared by every task process: each re-reads it at most this often (Feast's default is 600 s,
+# long enough for a task to miss the feature view another task applied a minute before).
+SQL_REGISTRY_CACHE_TTL_SECONDS = 60
+
+
+def feast_sql_registry_url(url: str) -> str:
+    """The SQLAlchemy URL of a ``postgresql://`` registry, with the psycopg2 driver closedloop installs.
+
+    Feast rewrites a bare ``postgresql://`` to psycopg 3, which is not installed (and warns); naming the
+    driver keeps one Postgres driver for Airflow, MLflow and Feast.
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme not in SQL_REGISTRY_SCHEMES or not rest.strip("/"):
+        raise ConfigError(f"CLOSEDLOOP_FEAST_REGISTRY: {scheme!r} is not a database URL Feast can use; give "
+                          "postgresql://user:<password>@host:port/database, a file path or an s3:// URI")
+    return f"postgresql+psycopg2{sep}{rest}"
+
+
+def feast_redis_connection(url: str) -> str:
+    """Feast's Redis ``connection_string`` (``host:port,db=N,password=...``) for a ``redis://`` URL.
+
+    A URL is what Celery, redis-py and the secret masker understand; Feast wants its own comma-separated
+    form, so the password may hold no comma (generate it with ``openssl rand -hex 32``).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ConfigError(f"CLOSEDLOOP_REDIS_URL: not a valid URL ({exc})") from exc
+    if parts.scheme not in {"redis", "rediss"} or not parts.hostname:
+        raise ConfigError("CLOSEDLOOP_REDIS_URL: expected redis://[:password@]host[:port][/db] (or rediss://)")
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit():
+        raise ConfigError(f"CLOSEDLOOP_REDIS_URL: the database must be a number, not {db!r}")
+    fields = [f"{parts.hostname}:{port}", f"db={db}"]
+    if parts.username:
+        fields.append(f"username={unquote(parts.username)}")
+    secret = unquote(parts.password or "")
+    if "," in secret:
+        raise ConfigError("CLOSEDLOOP_REDIS_URL: Feast cannot pass a password with a comma; generate another")
+    if secret:
+        fields.append(f"password={secret}")
+    if parts.scheme == "rediss":
+        fields.append("ssl=true")
+    return ",".join(fields)
+
+
+def mlflow_ui_url(explicit: str | None, tracking_uri: str) -> str:
+    """The MLflow UI's base URL for links: ``explicit`` when set, else an ``http(s)`` tracking URI without any
+    ``user:password@``; empty when neither gives one (a ``sqlite:`` store has no UI to link)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = (explicit or "").strip()
+    if url:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"CLOSEDLOOP_MLFLOW_UI_URL={url!r}: expected an http(s):// URL such as "
+                              "http://localhost:5000, or empty")
+        return url.rstrip("/")
+    if not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    parts = urlsplit(tracking_uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+def _is_database_url(value: str) -> bool:
+    return value.partition("://")[0].split("+")[0] in {"postgresql", "postgres", "mysql", "sqlite"} and "://" in value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved locations and service endpoints; build with :meth:`from_env`."""
+
+    home: Path
+    lake_uri: str
+    config_path: Path
+    # database URLs may hold a password: kept out of repr() (as the Redis URL)
+    mlflow_tracking_uri: str = field(repr=False)
+    mlflow_registry_uri: str = field(repr=False)
+    mlflow_artifact_root: str
+    feast_repo: Path
+    feast_registry: str = field(repr=False)
+    device: str = "auto"
+    time_schedules: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    task_retries: int = 2
+    retry_delay_seconds: float = 20.0
+    task_timeout_minutes: float = 60.0
+    allowed_roots: tuple[str, ...] = ()
+    online_store: str = "sqlite"
+    redis_url: str = field(default="", repr=False)  # may hold a password: kept out of repr()
+    training_queue: str = "default"
+    training_pod_template: str = ""
+    dask_scheduler: str = ""
+    serve_token: str = field(default="", repr=False)
+    alerts: str = "file"
+    slack_conn_id: str = ""
+    alert_email: tuple[str, ...] = ()
+    smtp_conn_id: str = "smtp_default"
+    mlflow_ui_url: str = ""
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """Read the settings from ``env`` (default: ``os.environ``)."""
+        env = dict(os.environ if env is None else env)
+        raw_home = env.get("CLOSEDLOOP_HOME")
+        if raw_home is not None and not raw_home.strip():
+            raise ConfigError("CLOSEDLOOP_HOME is set but empty: unset it (the default is <checkout>/.closedloop) "
+                              "or name a folder")
+        home = Path(raw_home or REPO_ROOT / ".closedloop").expanduser().resolve()
+        if home.exists() and not home.is_dir():
+            raise ConfigError(f"CLOSEDLOOP_HOME={home} is a file, not a folder: point it at a folder (a missing "
+                              "one is created)")
+        tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+        device = env.get("CLOSEDLOOP_DEVICE", "auto").lower()
+        if device not in {"auto", "cpu", "cuda"}:
+            raise ConfigError(f"CLOSEDLOOP_DEVICE={device!r}: use one of auto, cpu, cuda")
+        storage_options: dict[str, Any] = {}
+        if env.get("CLOSEDLOOP_S3_ENDPOINT_URL"):
+            storage_options = {"client_kwargs": {"endpoint_url": env["CLOSEDLOOP_S3_ENDPOINT_URL"]}}
+        lake_uri = _as_uri(env.get("CLOSEDLOOP_LAKE_URI") or str(home / "lake"))
+        artifacts = _as_uri(env.get("CLOSEDLOOP_MLFLOW_ARTIFACTS") or str(home / "mlflow" / "artifacts"))
+        explicit = [r.strip() for r in env.get("CLOSEDLOOP_ALLOWED_ROOTS", "").split(",") if r.strip()]
+        roots = tuple(explicit) if explicit else (lake_uri, artifacts, _as_uri(str(home)))
+        check_uri(lake_uri, roots, "CLOSEDLOOP_LAKE_URI")
+        check_uri(artifacts, roots, "CLOSEDLOOP_MLFLOW_ARTIFACTS")
+        online_store = (env.get("CLOSEDLOOP_ONLINE_STORE") or "sqlite").lower()
+        if online_store not in ONLINE_STORES:
+            raise ConfigError(f"CLOSEDLOOP_ONLINE_STORE={online_store!r}: use one of {', '.join(ONLINE_STORES)}")
+        redis_url = env.get("CLOSEDLOOP_REDIS_URL", "")
+        if online_store == "redis":
+            if not redis_url:
+                raise ConfigError("CLOSEDLOOP_ONLINE_STORE=redis needs CLOSEDLOOP_REDIS_URL (redis://...)")
+            feast_redis_connection(redis_url)  # refuse a malformed URL now, not at the first materialisation
+        queue = (env.get("CLOSEDLOOP_TRAINING_QUEUE") or "default").strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", queue):
+            raise ConfigError(f"CLOSEDLOOP_TRAINING_QUEUE={queue!r}: a queue name is letters, digits, '_', '.', '-' "
+                              "(e.g. default or gpu)")
+        dask_scheduler = (env.get("CLOSEDLOOP_DASK_SCHEDULER") or "").strip()
+        if dask_scheduler and "://" not in dask_scheduler:
+            raise ConfigError(f"CLOSEDLOOP_DASK_SCHEDULER={dask_scheduler!r}: expected an address such as "
+                              "tcp://dask-scheduler:8786, or empty for a local cluster")
+        alerts, slack_conn_id, alert_email = _alert_settings(env)
+        registry = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
+        if _is_database_url(registry):
+            feast_sql_registry_url(registry)
+        return cls(
+            home=home,
+            lake_uri=lake_uri,
+            config_path=Path(env.get("CLOSEDLOOP_CONFIG") or DEFAULT_CONFIG).resolve(),
+            mlflow_tracking_uri=tracking,
+            mlflow_registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
+            mlflow_artifact_root=artifacts,
+            mlflow_ui_url=mlflow_ui_url(env.get("CLOSEDLOOP_MLFLOW_UI_URL"), tracking),
+            feast_repo=Path(env.get("CLOSEDLOOP_FEAST_REPO") or REPO_ROOT / "feature_repo").resolve(),
+            feast_registry=registry,
+            device=device,
+            time_schedules=env.get("CLOSEDLOOP_SCHEDULES", "on").lower() != "manual",
+            storage_options=storage_options,
+            task_retries=int(_number(env, "CLOSEDLOOP_TASK_RETRIES", 2)),
+            retry_delay_seconds=_number(env, "CLOSEDLOOP_RETRY_DELAY_SECONDS", 20.0),
+            task_timeout_minutes=_number(env, "CLOSEDLOOP_TASK_TIMEOUT_MINUTES", 60.0),
+            allowed_roots=roots,
+            online_store=online_store,
+            redis_url=redis_url,
+            training_queue=queue,
+            training_pod_template=(env.get("CLOSEDLOOP_TRAINING_POD_TEMPLATE") or "").strip(),
+            dask_scheduler=dask_scheduler,
+            serve_token=env.get("CLOSEDLOOP_SERVE_TOKEN", "").strip(),
+            alerts=alerts,
+            slack_conn_id=slack_conn_id,
+            alert_email=alert_email,
+            smtp_conn_id=(env.get("CLOSEDLOOP_SMTP_CONN_ID") or "smtp_default").strip(),
+        )
+
+    def check_uri(self, uri: str, what: str) -> str:
+        """Refuse (ConfigError) a URI outside the allowed roots or climbing out of them; see the module doc."""
+        return check_uri(uri, self.allowed_roots, what)
+
+    @cached_property
+    def config(self) -> Config:
+        """The versioned model and policy configuration."""
+        return Config.load(self.config_path)
+
+    @property
+    def feast_dir(self) -> Path:
+        """Where Feast keeps its registry and the SQLite online store (embedded default)."""
+        return self.home / "feast"
+
+    def feast_online_store(self) -> dict[str, str]:
+        """Feast's ``online_store`` section: the SQLite file under the home, or Redis in production."""
+        if self.online_store == "redis":
+            return {"type": "redis", "connection_string": feast_redis_connection(self.redis_url)}
+        return {"type": "sqlite", "path": str(self.feast_dir / "online_store.db")}
+
+    def feast_registry_config(self) -> dict[str, Any]:
+        """Feast's ``registry`` section: a registry file (local or ``s3://``), or the SQL registry on Postgres."""
+        if _is_database_url(self.feast_registry):
+            return {"registry_type": "sql", "path": feast_sql_registry_url(self.feast_registry),
+                    "cache_ttl_seconds": SQL_REGISTRY_CACHE_TTL_SECONDS,
+                    "sqlalchemy_config_kwargs": {"pool_pre_ping": True}}
+        return {"registry_type": "file", "path": self.feast_registry}
+
+    def feast_env(self) -> dict[str, str]:
+        """The values that ``feature_repo/feature_store.yaml`` refers to as ``${...}``.
+
+        ``CLOSEDLOOP_FEAST_ONLINE_STORE`` and ``CLOSEDLOOP_FEAST_REGISTRY_CONFIG`` are the whole ``online_store``
+        and ``registry`` mappings as JSON (which YAML reads as a flow mapping): the store's type decides its
+        other keys, and Feast refuses keys it does not know.
+        """
+        return {
+            "CLOSEDLOOP_FEAST_REGISTRY": self.feast_registry,
+            "CLOSEDLOOP_FEAST_REGISTRY_CONFIG": json.dumps(self.feast_registry_config()),
+            "CLOSEDLOOP_FEAST_ONLINE_PATH": str(self.feast_dir / "online_store.db"),
+            "CLOSEDLOOP_FEAST_ONLINE_STORE": json.dumps(self.feast_online_store()),
+            "CLOSEDLOOP_LAKE_URI": self.lake_uri,
+        }
+
+    def ensure_dirs(self) -> None:
+        """Create the local directories of the embedded defaults (no-op for remote stores)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.feast_dir.mkdir(parents=True, exist_ok=True)
+        if self.mlflow_tracking_uri.startswith("sqlite:///"):
+            Path(self.mlflow_tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if self.mlflow_artifact_root.startswith("file://"):
+            Path(self.mlflow_artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        if self.lake_uri.startswith("file://"):
+            Path(self.lake_uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The versioned configuration file: data set, model, training, gate and ingest policy."""
+
+    path: Path
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        """Load and check the configuration at ``path``."""
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: configuration file not found (set CLOSEDLOOP_CONFIG)") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        missing = {"dataset", "model", "training", "gate"} - set(raw or {})
+        if missing:
+            raise ConfigError(f"{path}: missing section(s) {sorted(missing)}")
+        return cls(path=path, raw=raw)
+
+    @property
+    def schema_path(self) -> Path:
+        """The data contract (schema file) of the data set, relative paths taken from the config's folder."""
+        p = Path(self.raw["dataset"]["schema"])
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+    @property
+    def model_name(self) -> str:
+        return str(self.raw["model"]["name"])
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return dict(self.raw["training"])
+
+    @property
+    def gate(self) -> dict[str, Any]:
+        return dict(self.raw["gate"])
+
+    @property
+    def ingest(self) -> dict[str, Any]:
+        return dict(self.raw.get("ingest", {}))
+
+    @property
+    def serving(self) -> dict[str, Any]:
+        return dict(self.raw.get("serving") or {})
+
+    @property
+    def skew(self) -> dict[str, Any]:
+        return dict(self.raw.get("skew") or {})
+
+    def sha256(self) -> str:
+        """Content hash of the configuration file (lineage)."""
+        import hashlib
+
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
