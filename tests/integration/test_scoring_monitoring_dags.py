@@ -143,6 +143,26 @@ def test_a_drifted_window_starts_retraining_with_the_right_configuration(world):
     assert len(_retraining_runs()) == 1
 
 
+def test_calibration_turned_off_in_the_configuration_means_the_fixed_rules(world, monkeypatch):
+    # docs/DRIFT.md: `calibration.enabled: false` is "always the fixed rules", for a champion trained with
+    # calibrated thresholds too (they were read and used regardless, so the switch changed only later champions)
+    from closedloop.stages.monitoring import champion_calibration
+    from closedloop.stages.scoring import champion
+
+    rt, _ = world
+    champ = champion(rt)
+    logged = champion_calibration(rt, champ)
+    assert logged.calibrated, logged.why  # the fixture's champion has calibrated thresholds
+    monitoring = rt.settings.config.raw["monitoring"]
+    monkeypatch.setitem(monitoring, "calibration", {**monitoring.get("calibration", {}), "enabled": False})
+    off = champion_calibration(rt, champ)
+    assert not off.calibrated and off.why.startswith("calibration disabled"), off.why
+    # the model's importance still weighs what is reported (over the features the fixed rules judge)
+    assert set(logged.weights) <= set(off.weights) and sum(off.weights.values()) == pytest.approx(1.0)
+    assert max(off.weights, key=off.weights.get) == max(logged.weights, key=logged.weights.get)
+    assert off.prediction["threshold"] == monitoring["prediction_threshold"]
+
+
 def test_the_reference_is_the_champions_own(world):
     from closedloop.stages.monitoring import champion_reference
     from closedloop.stages.scoring import champion

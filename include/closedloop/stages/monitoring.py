@@ -59,17 +59,26 @@ def champion_reference(rt: Runtime, champ: dict[str, Any]) -> tuple[pd.DataFrame
 
 def champion_calibration(rt: Runtime, champ: dict[str, Any]) -> Calibration:
     """The thresholds logged with the champion's version (``reference/thresholds.json``); the policy's fixed
-    ones, saying why, for a version trained before they existed."""
+    ones, saying why, for a version trained before they existed, and while the configuration turns calibration
+    off (``monitoring.calibration.enabled: false`` means the fixed rules, whatever the champion was trained
+    with)."""
     import json
 
     import mlflow
 
+    monitoring = rt.settings.config.raw["monitoring"]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = mlflow.artifacts.download_artifacts(run_id=champ["run_id"],
                                                        artifact_path="reference/thresholds.json", dst_path=tmp,
                                                        tracking_uri=rt.settings.mlflow_tracking_uri)
-            return calibration.Calibration.from_dict(json.loads(Path(path).read_text()))
+            logged = calibration.Calibration.from_dict(json.loads(Path(path).read_text()))
+        if not calibration.CalibrationSettings.from_config(monitoring.get("calibration")).enabled:
+            policy = drift.DriftPolicy.from_config(monitoring)
+            return calibration.fixed(policy, rt.contract, "calibration disabled (monitoring.calibration.enabled: "
+                                     f"false): champion v{champ['version']}'s calibrated thresholds are not used",
+                                     logged.weights, window_days=logged.window_days or policy.window_days)
+        return logged
     except (OSError, ValueError, mlflow.exceptions.MlflowException) as exc:
         policy = drift.DriftPolicy.from_config(rt.settings.config.raw["monitoring"])
         log.warning("champion v%s has no readable reference/thresholds.json (%s): fixed thresholds", champ["version"],
