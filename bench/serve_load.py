@@ -197,10 +197,10 @@ def in_process_floor(home: Path, store_name: str, redis_url: str, rows: list[dic
 
     from closedloop.core.settings import Settings
     from closedloop.stages.features import feature_store
+    from closedloop.stages.model import _declared_index
     from closedloop.stages.registry import CHAMPION, alias_version, load_booster
     from closedloop.stages.runtime import Runtime
     from closedloop.stages.scoring import version_info
-    from closedloop.stages.training import _declared_index
 
     env = {**os.environ, "CLOSEDLOOP_HOME": str(home)}
     if store_name == "redis":

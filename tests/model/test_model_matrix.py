@@ -18,10 +18,11 @@ import xgboost as xgb
 from closedloop.adapters.serving import LoadedModel, score_frame
 from closedloop.core.metrics import threshold_at_fpr
 from closedloop.devtools.generate import GeneratorConfig, simulate
-from closedloop.stages import training
+from closedloop.stages import model as matrix
 from closedloop.stages.aggregates import compute_entity_features
 from closedloop.stages.features import time_split
-from closedloop.stages.training import category_codes, feature_frame, fit, model_matrix, predict, predict_inplace
+from closedloop.stages.model import category_codes, feature_frame, model_matrix, predict, predict_inplace
+from closedloop.stages.training import fit
 
 CONFIG = {
     "params": {"objective": "binary:logistic", "eval_metric": ["aucpr", "logloss"], "tree_method": "hist",
@@ -118,8 +119,8 @@ def test_the_matrix_is_the_old_one_on_every_row(splits, odd, contract):
 
 def test_blocks_and_threads_fill_every_cell(odd, contract, monkeypatch):
     old = old_feature_frame(odd, contract).to_numpy(np.float32)
-    monkeypatch.setattr(training, "_BLOCK_ROWS", 97)  # many blocks, a ragged last one
-    monkeypatch.setattr(training, "_PARALLEL_ROWS", 100)  # the threaded copy
+    monkeypatch.setattr(matrix, "_BLOCK_ROWS", 97)  # many blocks, a ragged last one
+    monkeypatch.setattr(matrix, "_PARALLEL_ROWS", 100)  # the threaded copy
     np.testing.assert_array_equal(model_matrix(odd, contract), old)
     np.testing.assert_array_equal(model_matrix(odd.head(1), contract), old[:1])
     assert model_matrix(odd.head(0), contract).shape == (0, len(contract.model_features))
@@ -191,8 +192,8 @@ class _HostCupy:
 @pytest.mark.parametrize("threads", [1, 3])
 def test_the_device_assembly_gives_the_host_matrix(odd, contract, threads):
     columns = [category_codes(odd[n], contract.categorical[n]) if n in contract.categorical
-               else training._numeric_values(odd[n]) for n in contract.model_features]
-    x = training._device_matrix(_HostCupy, columns, len(odd), "float32", threads)
+               else matrix._numeric_values(odd[n]) for n in contract.model_features]
+    x = matrix._device_matrix(_HostCupy, columns, len(odd), "float32", threads)
     assert x.flags.c_contiguous
     np.testing.assert_array_equal(x, model_matrix(odd, contract))
 
@@ -203,7 +204,7 @@ def test_the_request_matrix_is_model_matrix_on_what_a_request_carries(models, sp
     the values a validated request can hold (text or None categoricals, unknown categories, integers,
     booleans, floats and None numbers) and features missing in the online store."""
     from closedloop.adapters.serving import RequestMatrix, score_matrix
-    from closedloop.stages.training import model_matrix
+    from closedloop.stages.model import model_matrix
 
     booster = models[1][0]
     rows = splits["holdout"].head(200).reset_index(drop=True)

@@ -3,7 +3,7 @@
 ``POST /score`` takes transactions with their request-time fields (the contract's ``role: feature``
 columns, the row key, the entity and, optionally, the event time), fetches each customer's features
 from the online store (Feast's feature service, the same one batch scoring reads offline), builds the
-model's matrix with :func:`closedloop.stages.training.feature_frame` and scores it with the same trees as
+model's matrix with :func:`closedloop.stages.model.feature_frame` and scores it with the same trees as
 batch scoring (:func:`~closedloop.stages.training.predict_inplace`, equal to batch's ``predict``), and answers
 the score, the decision at the version's stored threshold and the model version. Every answer is
 logged to the lake (``served/transactions/<day>/part-*.parquet``) by a background writer; when a version
@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 from closedloop.core.errors import ConfigError
 from closedloop.core.served import SERVED, SHADOW, served_uri
 from closedloop.core.settings import section_keys
+from closedloop.stages.model import _declared_index, predict_inplace
 from closedloop.stages.registry import CHAMPION, alias_version, load_booster
 from closedloop.stages.scoring import version_info
-from closedloop.stages.training import _declared_index, predict_inplace
 
 if TYPE_CHECKING:
     import numpy as np
@@ -336,7 +336,7 @@ def score_frame(model: LoadedModel, frame: pd.DataFrame, contract: DataContract)
 @dataclass(frozen=True)
 class RequestMatrix:
     """The model's matrix of a request, built from its transactions (dicts) and their online features
-    (:meth:`OnlineFeatures.fetch`) without pandas: the values :func:`closedloop.stages.training.model_matrix` gives
+    (:meth:`OnlineFeatures.fetch`) without pandas: the values :func:`closedloop.stages.model.model_matrix` gives
     for the same rows in a frame (a category's index in the contract's declared categories, NaN outside
     them or missing; numbers as floats, NaN when missing), so the scores are batch's (tests compare them).
     """

@@ -44,13 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import ConfigError
 from closedloop.stages import performance
-from closedloop.stages.drift import DriftPolicy, _clean, _kinds, _prepared, _sample
+from closedloop.stages.drift_policy import DriftPolicy, _clean, _kinds, _prepared, _sample
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from closedloop.core.schema import DataContract
-    from closedloop.stages.drift import DriftPolicy
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,13 @@ Selected by ``training.engine: dask`` in the configuration. The cluster is the D
 ``CLOSEDLOOP_DASK_SCHEDULER`` or, when that is empty, a ``LocalCluster`` started for the task with
 ``training.dask.local_cluster`` (its keyword arguments; on the GPU, at most one worker per visible device)
 and closed with it. The workers of a remote cluster run closedloop's image (they call
-:func:`closedloop.stages.training.feature_frame`), reach the lake with the same credentials as the Airflow workers
+:func:`closedloop.stages.model.feature_frame`), reach the lake with the same credentials as the Airflow workers
 and, for ``device=cuda``, hold one GPU each (dask-cuda). The GPU path has not been run here (no GPU).
 
 What it does, so that the outcome is judged exactly as the ``local`` engine's:
 
 - each split's Parquet parts are read by ``dask.dataframe`` (one partition per part or row group) and turned
-  into the model's matrix partition by partition by the same :func:`~closedloop.stages.training.feature_frame`
+  into the model's matrix partition by partition by the same :func:`~closedloop.stages.model.feature_frame`
   (identical categorical encoding);
 - ``xgboost.dask.train`` on a ``DaskQuantileDMatrix`` of the train split, early stopping on the validation
   split (its ``DaskQuantileDMatrix`` shares the train split's bins), the same parameters and rounds;
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from closedloop.core.metrics import classification_metrics, threshold_at_fpr
 from closedloop.stages.features import training_split_parts
-from closedloop.stages.training import Fitted, cuda_device_count, feature_frame, trimmed
+from closedloop.stages.model import Fitted, cuda_device_count, feature_frame, trimmed
 
 if TYPE_CHECKING:
     import dask.dataframe as dd

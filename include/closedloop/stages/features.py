@@ -19,12 +19,24 @@ import hashlib
 import logging
 import string
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import NoDataError, PermanentError
 from closedloop.core.lake import Lake, days_between
 from closedloop.core.settings import check_uri
+from closedloop.stages.feast_store import (
+    PIT_CALLS,
+    PIT_MAX_ROWS,
+    PIT_MIN_ROWS,
+    FeastDefinitions,
+    apply_definitions,
+    historical_features,
+    materialised_until,
+    materialize_window,
+    pit_chunk_rows,
+    to_utc,
+)
 from closedloop.stages.ingest import read_marker
 from closedloop.stages.offline import point_in_time_features
 
@@ -37,60 +49,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# the Feast store's operations (closedloop.stages.feast_store), importable from here as before
+__all__ = ["PIT_CALLS", "PIT_MAX_ROWS", "PIT_MIN_ROWS", "FeastDefinitions", "apply_definitions", "historical_features",
+           "materialised_until", "materialize_window", "pit_chunk_rows", "to_utc"]
+
 SPLITS = ("train", "validation", "holdout")
 # rows per Parquet part of a training split (``training.part_rows`` of the configuration)
 DEFAULT_PART_ROWS = 500_000
-# How many (entity, time) pairs Feast's point-in-time join is asked for per call (``training.pit_join`` of
-# the configuration). Two costs pull apart: each call of the DuckDB store scans the feature view's whole
-# source first (a fixed cost that grows with the feature history: 0.5 s at 1M transactions, 5.5 s at 10M),
-# and its memory grows with the pairs of the call (each pair meets every feature row of its entity inside
-# the TTL): 125k, 250k and 1M pairs peaked at 1.1, 1.9 and 4.0 GiB above the start, in 16.8, 17.9 and
-# 18.1 s (1M-transaction benchmark). So the pairs are split over about ``calls`` calls, which keeps both the
-# scans and the memory per call proportional to the data, with at least ``min_rows`` pairs per call (the
-# memory of one call is small next to the data below that) and at most ``max_rows``.
-PIT_CALLS = 20
-PIT_MIN_ROWS = 125_000
-PIT_MAX_ROWS = 1_000_000
-
-
-def pit_chunk_rows(pairs: int, pit_join: dict[str, int] | None = None) -> int:
-    """Pairs per call of the point-in-time join for ``pairs`` (entity, time) pairs (see :data:`PIT_CALLS`).
-
-    ``pit_join`` is the configuration's ``training.pit_join``: ``calls``, ``min_rows``, ``max_rows``, each
-    optional.
-    """
-    given = dict(pit_join or {})
-    unknown = sorted(set(given) - {"calls", "min_rows", "max_rows"})
-    if unknown:
-        raise ValueError(f"training.pit_join: unknown key(s) {unknown}; expected calls, min_rows, max_rows")
-    calls = int(given.get("calls", PIT_CALLS))
-    min_rows = int(given.get("min_rows", PIT_MIN_ROWS))
-    max_rows = int(given.get("max_rows", PIT_MAX_ROWS))
-    if calls < 1 or min_rows < 1 or max_rows < min_rows:
-        raise ValueError(f"training.pit_join: need calls >= 1 and 1 <= min_rows <= max_rows, got calls={calls}, "
-                         f"min_rows={min_rows}, max_rows={max_rows}")
-    return min(max_rows, max(min_rows, -(-pairs // calls)))
-
-
-def to_utc(day: date) -> datetime:
-    """Midnight UTC of ``day``."""
-    return datetime.combine(day, time(0), tzinfo=UTC)
 
 
 # -- definitions ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FeastDefinitions:
-    """The Feast objects of one data contract."""
-
-    entity: Any
-    source: Any
-    view: Any
-    service: Any
-
-    def objects(self) -> list[Any]:
-        return [self.entity, self.source, self.view, self.service]
-
-
 def source_path(lake_uri: str, contract: DataContract) -> str:
     """Where Feast reads the entity features: the daily files of the curated zone's feature-view folder."""
     uri = f"{lake_uri.rstrip('/')}/curated/{contract.feature_view}/*.parquet"
@@ -223,55 +191,6 @@ def feature_store(settings: Settings) -> FeatureStore:
     return FeatureStore(config=config)
 
 
-def apply_definitions(store: FeatureStore, defs: FeastDefinitions) -> None:
-    """Register the definitions (idempotent: applying the same objects again changes nothing)."""
-    store.apply(defs.objects())
-
-
-def materialised_until(store: FeatureStore, view_name: str) -> datetime | None:
-    """The end of the latest interval materialised for ``view_name`` (Feast's registry); None before any."""
-    from feast.errors import FeatureViewNotFoundException
-
-    try:
-        view = store.get_feature_view(view_name, allow_registry_cache=False)
-    except FeatureViewNotFoundException:
-        return None
-    ends = [end if end.tzinfo else end.replace(tzinfo=UTC) for _, end in view.materialization_intervals]
-    return max(ends) if ends else None
-
-
-def materialize_window(store: FeatureStore, defs: FeastDefinitions, start: date, end: date,
-                       overlap_days: int = 1, *, newest: date | None = None) -> tuple[datetime, datetime]:
-    """Materialise ``[start - overlap, end)`` of the feature view into the online store; returns the interval.
-
-    The interval is named by the caller (the run's window), never "now"; the overlap re-reads the
-    days before for late data. Re-running it writes the same rows again, so an interrupted run is
-    repaired by its retry. The online store keeps one row per entity and overwrites it whatever its
-    time, so a window older than what was already materialised (a backfill, an old window retrained)
-    is extended to the end of that: each entity keeps its newest features instead of going back in time.
-
-    ``newest``, the newest curated day of the feature view: the interval never ends after that day's end,
-    so the high-water mark Feast records (where the next materialisation starts from) never runs ahead
-    of the data; an interval that starts after it materialises nothing.
-    """
-    lo = to_utc(start - timedelta(days=overlap_days))
-    hi = to_utc(end)
-    until = materialised_until(store, defs.view.name)
-    if until is not None and until > hi:
-        log.info("materialising %s..%s instead of ..%s: the online store already holds features up to %s",
-                 lo, until, hi, until)
-        hi = until
-    if newest is not None and hi > to_utc(newest + timedelta(days=1)):
-        log.info("materialising up to %s instead of %s: no curated feature rows after %s", to_utc(
-            newest + timedelta(days=1)), hi, newest)
-        hi = to_utc(newest + timedelta(days=1))
-    if hi <= lo:
-        log.warning("nothing to materialise: %s..%s starts after the newest curated features (%s)", lo, hi, newest)
-        return lo, lo
-    store.materialize(lo, hi, feature_views=[defs.view.name])
-    return lo, hi
-
-
 # -- training set ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainingSet:
@@ -298,35 +217,6 @@ class TrainingSet:
             "labels_before_event": self.labels_before_event,
         }
 
-
-def historical_features(store: FeatureStore, defs: FeastDefinitions, rows: pd.DataFrame,
-                        contract: DataContract, pit_join: dict[str, int] | None = None) -> pd.DataFrame:
-    """``rows`` with the entity features as of each row's event time (point-in-time correct).
-
-    Every input row comes back exactly once, in the input order. Feast is asked for the distinct (entity,
-    time) pairs in chunks of :func:`pit_chunk_rows` pairs, sized by the ``calls``, ``min_rows`` and
-    ``max_rows`` of ``pit_join``.
-    """
-    import pandas as pd
-
-    ent, ts = contract.entity, contract.event_timestamp
-    keys = rows[[ent, ts]].drop_duplicates().reset_index(drop=True)
-    chunk_rows = pit_chunk_rows(len(keys), pit_join)
-    log.info("point-in-time join: %d (entity, time) pairs, %d per call", len(keys), chunk_rows)
-    parts = [
-        store.get_historical_features(entity_df=keys.iloc[i:i + chunk_rows].reset_index(drop=True),
-                                      features=defs.service).to_df()[[ent, ts, *contract.entity_features]]
-        for i in range(0, max(len(keys), 1), max(chunk_rows, 1))
-    ]
-    feats = (parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)).drop_duplicates([ent, ts])
-    feats[ts] = feats[ts].dt.tz_convert("UTC").astype(rows[ts].dtype)
-    out = rows.drop(columns=[c for c in contract.entity_features if c in rows], errors="ignore").merge(
-        feats, on=[ent, ts], how="left", validate="many_to_one"
-    )
-    if len(out) != len(rows):
-        raise PermanentError(f"point-in-time join returned {len(out)} rows for {len(rows)}: "
-                             "refusing a lossy training set")
-    return out
 
 
 def read_labelled_window(lake: Lake, contract: DataContract, start: date, end: date,

@@ -36,7 +36,9 @@ from closedloop.core.errors import ConfigError, TransientError, error_line
 from closedloop.core.labels import judge_share
 from closedloop.core.metrics import DIRECTIONS, classification_metrics, json_safe
 from closedloop.core.plots import comparison_plot, log_pngs
+from closedloop.stages import registry
 from closedloop.stages.features import read_training_split
+from closedloop.stages.registry import CHAMPION, TAG, alias_version, history
 from closedloop.stages.training import predict
 
 if TYPE_CHECKING:
@@ -432,8 +434,6 @@ def _missing_champion(client: MlflowClient, name: str) -> str | None:
     """Why there is no champion alias although there was a champion (None: there never was one)."""
     from mlflow.exceptions import MlflowException
 
-    from closedloop.stages.registry import CHAMPION, history
-
     aliases = client.get_registered_model(name).aliases or {}
     if CHAMPION in aliases:
         return f"the champion alias points at version {aliases[CHAMPION]}, which cannot be read"
@@ -457,7 +457,6 @@ def inspect_champion(client: MlflowClient, name: str, contract: DataContract, ho
     import numpy as np
     from mlflow.exceptions import MlflowException
 
-    from closedloop.stages.registry import CHAMPION, TAG, alias_version, load_booster
     version = alias_version(client, name, CHAMPION)
     if version is None:
         try:
@@ -490,7 +489,7 @@ def inspect_champion(client: MlflowClient, name: str, contract: DataContract, ho
         features = run_tags.get(f"{TAG}features")
         if features is not None and features != ",".join(contract.model_features):
             return fail(f"was trained on other features ({features[:200]})")
-        booster = load_booster(mv.source)
+        booster = registry.load_booster(mv.source)
     except Exception as exc:
         if not _deterministic(exc):
             raise TransientError(f"{name} v{version}: could not reach the champion ({error_line(exc)}); "
@@ -534,14 +533,13 @@ def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract
     description) adds the whole window's label share to the plausibility checks; ``override`` is the
     operator's ``labels_override`` ({by, why}).
     """
-    from closedloop.stages.registry import CHAMPION, alias_version, load_booster
     policy = settings.config.gate
     bootstrap_settings(policy)  # a bad bootstrap section fails here, before any scoring
     holdout = read_training_split(lake, training_set_uri, "holdout")
     y = holdout[contract.label].to_numpy()
     cand_mv = client.get_model_version(name, candidate_version)
     cand_threshold = float(client.get_run(cand_mv.run_id).data.params["decision_threshold"])
-    cand_scores = predict(load_booster(cand_mv.source), holdout, contract)
+    cand_scores = predict(registry.load_booster(cand_mv.source), holdout, contract)
     cand_metrics = classification_metrics(y, cand_scores, cand_threshold)
 
     if alias_version(client, name, CHAMPION) == candidate_version:  # a re-run of the run that promoted it
@@ -576,8 +574,6 @@ def log_comparison(client: MlflowClient, run_id: str, y: Any, curves: dict[str, 
 
 def record_decision(client: MlflowClient, name: str, decision: Decision, run_id: str) -> None:
     """The decision in the candidate version's tags (``closedloop.decision*``, ``closedloop.gate.*``) and run."""
-    from closedloop.stages.registry import TAG
-
     tags = {
         f"{TAG}decision": decision.outcome,
         f"{TAG}decision_reason": decision.reason[:4000],

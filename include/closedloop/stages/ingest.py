@@ -26,6 +26,7 @@ from closedloop.core.errors import ConfigError, DataValidationError, NoDataError
 from closedloop.core.lake import KINDS, Lake
 from closedloop.core.runconf import INGEST_CONF_SCHEMA, parse_day, validate_conf
 from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.feast_store import apply_definitions, materialize_window
 from closedloop.stages.validation import (
     BLOCK,
     READABLE_RULE,
@@ -768,10 +769,9 @@ def materialise_day(rt: Runtime, day: str | date, changed: list[str] | None = No
 
     ``first`` and ``last``: the earliest and latest of ``day`` and ``changed`` (the days whose feature rows the
     ingest wrote: a late day's recomputed successors); an interval older than what the online store holds is
-    extended to its end (:func:`closedloop.stages.features.materialize_window`), so every entity keeps its newest row.
+    extended to its end (:func:`closedloop.stages.feast_store.materialize_window`), so every entity keeps its
+    newest row.
     """
-    from closedloop.stages.features import apply_definitions, materialize_window
-
     d = parse_day(day)
     days = sorted({d, *(parse_day(x) for x in changed or [])})
     apply_definitions(rt.store, rt.defs)

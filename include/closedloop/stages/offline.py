@@ -32,13 +32,13 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import PermanentError
+from closedloop.stages.feast_store import FeastDefinitions, historical_features
 
 if TYPE_CHECKING:
     import pandas as pd
     from feast import FeatureStore
 
     from closedloop.core.schema import DataContract
-    from closedloop.stages.features import FeastDefinitions
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,13 @@ def _latest(con: Any, path: str, entity: str, ts: str, features: list[str], keys
 def point_in_time_features(store: FeatureStore, defs: FeastDefinitions, rows: pd.DataFrame,
                            contract: DataContract, pit_join: dict[str, int] | None = None) -> pd.DataFrame:
     """``rows`` with the entity features as of each row's event time: what
-    :func:`closedloop.stages.features.historical_features` returns (every row once, in order, the features after
+    :func:`closedloop.stages.feast_store.historical_features` returns (every row once, in order, the features after
     the rows' columns, NaN where none), read from the registered source in the rows' time range only.
     ``pit_join`` sizes Feast's calls where the source is one this reader does not cover.
     """
     import numpy as np
     import pandas as pd
     import pyarrow as pa
-
-    from closedloop.stages.features import historical_features
 
     key = (str(store.config.registry.path), defs.view.name, contract.sha256)
     view = _VIEWS.get(key)
