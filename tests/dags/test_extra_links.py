@@ -136,3 +136,5 @@ def test_mlflow_ui_setting(tmp_path):
     assert s.mlflow_ui_url == "http://localhost:5000"
     with pytest.raises(Exception, match="CLOSEDLOOP_MLFLOW_UI_URL='mlflow:5000': expected an http"):
         links.mlflow_ui_url("mlflow:5000", "")
+    with pytest.raises(Exception, match="CLOSEDLOOP_MLFLOW_UI_URL='mlflow:5000': expected an http"):
+        Settings.from_env({"CLOSEDLOOP_HOME": str(tmp_path), "CLOSEDLOOP_MLFLOW_UI_URL": "mlflow:5000"})
