@@ -152,6 +152,7 @@ def redis_dump(client: Any, keys: list[bytes]) -> dict[bytes, dict[bytes, bytes]
 # -- the stage -------------------------------------------------------------------------------------
 def run(w: World, quick: bool) -> list[Result]:
     from closedloop.stages import retraining as stages
+    from closedloop.stages.feast_config import feast_online_store
     from closedloop.stages.features import apply_definitions, materialize_window, to_utc
 
     w.ingested()
@@ -170,7 +171,7 @@ def run(w: World, quick: bool) -> list[Result]:
         entities = len(latest_rows(rt, lo, hi))
         data_mib = read_rows(rt, lo, hi).nbytes / 2**20  # what both read: the interval's offline rows
         figure = measure(lambda: stages.materialise(rt, w.window))
-        online = Path(rt.settings.feast_online_store()["path"])
+        online = Path(feast_online_store(rt.settings)["path"])
         table = f"{PROJECT}_{c.feature_view}"
         floor_db = tmp / "floor.db"
         floor = measure(lambda: sqlite_floor(rt, lo, hi, floor_db, table))

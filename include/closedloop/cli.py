@@ -30,6 +30,7 @@ from closedloop.devtools.airflow_home import ADMIN, airflow_home, ensure_passwor
 from closedloop.devtools.demo import DemoPlan, run_demo
 from closedloop.devtools.generate import GeneratorConfig, simulate, write_landing
 from closedloop.stages.drift import find_report
+from closedloop.stages.feast_config import feast_env
 from closedloop.stages.quarantine import list_quarantine, release, show
 from closedloop.stages.registry import history
 from closedloop.stages.registry import status as registry_status
@@ -440,7 +441,7 @@ def env() -> None:
         "CLOSEDLOOP_HOME": str(s.home), "CLOSEDLOOP_LAKE_URI": s.lake_uri, "AIRFLOW_HOME": str(airflow_home(s)),
         # the configuration (and so the data set's schema): `feast -c feature_repo plan` derives its objects from it
         "CLOSEDLOOP_CONFIG": str(s.config_path),
-        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, **s.feast_env(),
+        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, **feast_env(s),
     }
     for k, v in values.items():
         typer.echo(f"export {k}={json.dumps(v)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from closedloop.adapters.airflow import links
-from closedloop.core.settings import Settings, mlflow_ui_url
+from closedloop.core.settings import Settings
 
 EXPECTED = {
     ("retraining", "validate_window"): {"Validation report"},
@@ -129,10 +129,12 @@ def test_report_links_open_what_the_model_health_page_serves(runtime):
 
 
 def test_mlflow_ui_setting(tmp_path):
-    assert mlflow_ui_url(None, "http://user:pw123@mlflow:5000/") == "http://mlflow:5000"
-    assert mlflow_ui_url("", "sqlite:////tmp/mlflow.db") == ""
-    assert mlflow_ui_url("https://mlflow.example/", "http://mlflow:5000") == "https://mlflow.example"
+    assert links.mlflow_ui_url(None, "http://user:pw123@mlflow:5000/") == "http://mlflow:5000"
+    assert links.mlflow_ui_url("", "sqlite:////tmp/mlflow.db") == ""
+    assert links.mlflow_ui_url("https://mlflow.example/", "http://mlflow:5000") == "https://mlflow.example"
     s = Settings.from_env({"CLOSEDLOOP_HOME": str(tmp_path), "CLOSEDLOOP_MLFLOW_UI_URL": "http://localhost:5000"})
     assert s.mlflow_ui_url == "http://localhost:5000"
     with pytest.raises(Exception, match="CLOSEDLOOP_MLFLOW_UI_URL='mlflow:5000': expected an http"):
-        mlflow_ui_url("mlflow:5000", "")
+        links.mlflow_ui_url("mlflow:5000", "")
+    with pytest.raises(Exception, match="CLOSEDLOOP_MLFLOW_UI_URL='mlflow:5000': expected an http"):
+        Settings.from_env({"CLOSEDLOOP_HOME": str(tmp_path), "CLOSEDLOOP_MLFLOW_UI_URL": "mlflow:5000"})

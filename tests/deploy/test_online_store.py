@@ -13,12 +13,13 @@ import pytest
 import yaml
 
 from closedloop.core.errors import ConfigError
-from closedloop.core.settings import Settings, feast_redis_connection
+from closedloop.core.settings import Settings
+from closedloop.stages.feast_config import feast_env, feast_redis_connection
 
 
 def rendered(settings: Settings) -> dict:
     text = (settings.feast_repo / "feature_store.yaml").read_text()
-    return yaml.safe_load(string.Template(text).safe_substitute(settings.feast_env()))
+    return yaml.safe_load(string.Template(text).safe_substitute(feast_env(settings)))
 
 
 def redis_settings(tmp_path, url: str) -> Settings:

@@ -16,6 +16,7 @@ from closedloop.core.runconf import Window
 from closedloop.devtools.generate import GeneratorConfig, generate
 from closedloop.stages import retraining as stages
 from closedloop.stages.aggregates import compute_entity_features
+from closedloop.stages.feast_config import feast_registry_config
 from closedloop.stages.features import SPLITS, read_training_split
 
 WINDOW = Window(date(2026, 1, 1), date(2026, 1, 8))
@@ -43,7 +44,7 @@ def test_registry_online_and_offline_stores_on_the_services(rt, prod_env, s3, bu
     stages.materialise(rt, WINDOW)
 
     # the registry lives in Postgres: a store built afresh (another task) sees the view and its interval
-    engine = sa.create_engine(rt.settings.feast_registry_config()["path"])
+    engine = sa.create_engine(feast_registry_config(rt.settings)["path"])
     with engine.connect() as conn:
         names = set(conn.execute(sa.text("SELECT feature_view_name FROM feature_views")).scalars())
     engine.dispose()

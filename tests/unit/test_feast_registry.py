@@ -13,11 +13,12 @@ import yaml
 
 from closedloop.core.errors import ConfigError
 from closedloop.core.settings import Settings
+from closedloop.stages.feast_config import feast_env
 
 
 def rendered(settings: Settings) -> dict:
     text = (settings.feast_repo / "feature_store.yaml").read_text()
-    return yaml.safe_load(string.Template(text).safe_substitute(settings.feast_env()))
+    return yaml.safe_load(string.Template(text).safe_substitute(feast_env(settings)))
 
 
 def settings(tmp_path, registry: str | None = None) -> Settings:

@@ -11,6 +11,7 @@ import pytest
 from closedloop.core.errors import ConfigError
 from closedloop.core.lake import Lake, days_between
 from closedloop.core.settings import REPO_ROOT, Settings
+from closedloop.stages.feast_config import feast_env
 
 
 def test_partition_naming_and_listing(tmp_path):
@@ -52,7 +53,7 @@ def test_all_state_under_home_by_default(tmp_path):
     assert s.mlflow_tracking_uri == f"sqlite:///{home}/mlflow/mlflow.db"
     assert s.mlflow_artifact_root == f"file://{home}/mlflow/artifacts"
     assert s.feast_registry.startswith(home)
-    assert s.feast_env()["CLOSEDLOOP_FEAST_ONLINE_PATH"].startswith(home)
+    assert feast_env(s)["CLOSEDLOOP_FEAST_ONLINE_PATH"].startswith(home)
     assert s.config_path == REPO_ROOT / "include" / "config" / "closedloop.yaml"
     assert s.config.model_name == "card_fraud"
 

@@ -1,7 +1,19 @@
 """Settings: where state lives and which services to use, read from the environment.
 
-This is the only module that reads the environment. Every default works on a laptop: all state lives
-under ``$CLOSEDLOOP_HOME`` (``.closedloop/`` in the checkout by default).
+This is the only module that reads the environment. It checks each value (a malformed one is refused here,
+before any work) and hands each layer plain values: paths, URIs, URLs and names as set or defaulted. What a
+value becomes in one service's own format is derived in the layer that talks to that service:
+
+- Feast's ``registry`` and ``online_store`` sections (the SQL registry's SQLAlchemy URL, Redis's
+  ``connection_string``, the ``${...}`` values of ``feature_store.yaml``): :mod:`closedloop.stages.feast_config`.
+- the MLflow UI's base URL of the task links (from ``CLOSEDLOOP_MLFLOW_UI_URL`` or the tracking URI):
+  :func:`closedloop.adapters.airflow.links.mlflow_ui_url`.
+- the ``train_model`` task's queue and Kubernetes pod (``executor_config``):
+  :func:`closedloop.adapters.airflow.orchestration.training_task_args`; the Dask scheduler the training engine
+  connects to (or the local cluster it starts): :mod:`closedloop.stages.dask_training`.
+
+Every default works on a laptop: all state lives under ``$CLOSEDLOOP_HOME`` (``.closedloop/`` in the checkout
+by default).
 
 Environment variables (all optional):
 
@@ -18,9 +30,9 @@ Environment variables (all optional):
   works too, with ``FEAST_S3_ENDPOINT_URL`` for an S3-compatible endpoint) or a database,
   ``postgresql://user:<password>@host:port/db``, which Feast keeps as its SQL registry (what several processes
   that apply and materialise at once need). Rendered into ``feature_store.yaml`` by
-  :meth:`Settings.feast_registry_config`.
+  :func:`closedloop.stages.feast_config.feast_registry_config`.
 - ``CLOSEDLOOP_ONLINE_STORE``: ``sqlite`` (default: a file under ``$CLOSEDLOOP_HOME/feast``) or ``redis``: Feast's
-  online store, rendered into ``feature_store.yaml`` by :meth:`Settings.feast_online_store`.
+  online store, rendered into ``feature_store.yaml`` by :func:`closedloop.stages.feast_config.feast_online_store`.
 - ``CLOSEDLOOP_REDIS_URL``: the Redis of the online store, ``redis://[:password@]host[:port][/db]`` (``rediss://``
   for TLS); required with ``CLOSEDLOOP_ONLINE_STORE=redis``.
 - ``CLOSEDLOOP_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda``: where XGBoost trains.
@@ -50,13 +62,12 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -150,30 +161,34 @@ def _number(env: dict[str, str], name: str, default: float) -> float:
 
 ONLINE_STORES = ("sqlite", "redis")
 SQL_REGISTRY_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
-# A SQL registry is shared by every task process: each re-reads it at most this often (Feast's default is 600 s,
-# long enough for a task to miss the feature view another task applied a minute before).
-SQL_REGISTRY_CACHE_TTL_SECONDS = 60
 
 
-def feast_sql_registry_url(url: str) -> str:
-    """The SQLAlchemy URL of a ``postgresql://`` registry, with the psycopg2 driver closedloop installs.
+def check_database_registry(url: str) -> None:
+    """Refuse (ConfigError) a database ``CLOSEDLOOP_FEAST_REGISTRY`` that is not a PostgreSQL URL with a database.
 
-    Feast rewrites a bare ``postgresql://`` to psycopg 3, which is not installed (and warns); naming the
-    driver keeps one Postgres driver for Airflow, MLflow and Feast.
+    The check only: :func:`closedloop.stages.feast_config.feast_sql_registry_url` turns the URL into Feast's.
     """
-    scheme, sep, rest = url.partition("://")
+    scheme, _, rest = url.partition("://")
     if scheme not in SQL_REGISTRY_SCHEMES or not rest.strip("/"):
         raise ConfigError(f"CLOSEDLOOP_FEAST_REGISTRY: {scheme!r} is not a database URL Feast can use; give "
                           "postgresql://user:<password>@host:port/database, a file path or an s3:// URI")
-    return f"postgresql+psycopg2{sep}{rest}"
 
 
-def feast_redis_connection(url: str) -> str:
-    """Feast's Redis ``connection_string`` (``host:port,db=N,password=...``) for a ``redis://`` URL.
+class RedisURL(NamedTuple):
+    """``CLOSEDLOOP_REDIS_URL`` in parts (user name and password unquoted)."""
 
-    A URL is what Celery, redis-py and the secret masker understand; Feast wants its own comma-separated
-    form, so the password may hold no comma (generate it with ``openssl rand -hex 32``).
-    """
+    host: str
+    port: int
+    db: str
+    username: str
+    password: str
+    ssl: bool
+
+
+def redis_url_parts(url: str) -> RedisURL:
+    """``CLOSEDLOOP_REDIS_URL`` (``redis://[:password@]host[:port][/db]``, ``rediss://`` for TLS) in parts;
+    ConfigError when malformed or when its password holds a comma (which Feast's connection string cannot pass:
+    :func:`closedloop.stages.feast_config.feast_redis_connection`)."""
     try:
         parts = urlsplit(url)
         port = parts.port or 6379
@@ -184,38 +199,29 @@ def feast_redis_connection(url: str) -> str:
     db = parts.path.strip("/") or "0"
     if not db.isdigit():
         raise ConfigError(f"CLOSEDLOOP_REDIS_URL: the database must be a number, not {db!r}")
-    fields = [f"{parts.hostname}:{port}", f"db={db}"]
-    if parts.username:
-        fields.append(f"username={unquote(parts.username)}")
     secret = unquote(parts.password or "")
     if "," in secret:
         raise ConfigError("CLOSEDLOOP_REDIS_URL: Feast cannot pass a password with a comma; generate another")
-    if secret:
-        fields.append(f"password={secret}")
-    if parts.scheme == "rediss":
-        fields.append("ssl=true")
-    return ",".join(fields)
+    return RedisURL(host=parts.hostname, port=port, db=db, username=unquote(parts.username or ""),
+                    password=secret, ssl=parts.scheme == "rediss")
 
 
-def mlflow_ui_url(explicit: str | None, tracking_uri: str) -> str:
-    """The MLflow UI's base URL for links: ``explicit`` when set, else an ``http(s)`` tracking URI without any
-    ``user:password@``; empty when neither gives one (a ``sqlite:`` store has no UI to link)."""
-    from urllib.parse import urlsplit, urlunsplit
+def check_mlflow_ui_url(explicit: str | None) -> str:
+    """``CLOSEDLOOP_MLFLOW_UI_URL`` checked (an ``http(s)://`` URL) and without its trailing ``/``; empty when unset.
 
+    The check only: :func:`closedloop.adapters.airflow.links.mlflow_ui_url` derives the links' base from it or
+    from the tracking URI.
+    """
     url = (explicit or "").strip()
-    if url:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"CLOSEDLOOP_MLFLOW_UI_URL={url!r}: expected an http(s):// URL such as "
-                              "http://localhost:5000, or empty")
-        return url.rstrip("/")
-    if not tracking_uri.startswith(("http://", "https://")):
-        return ""
-    parts = urlsplit(tracking_uri)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"CLOSEDLOOP_MLFLOW_UI_URL={url!r}: expected an http(s):// URL such as "
+                          "http://localhost:5000, or empty")
+    return url.rstrip("/")
 
 
-def _is_database_url(value: str) -> bool:
+def is_database_url(value: str) -> bool:
+    """Whether ``value`` is a database URL (``postgresql://``, ``mysql://``, ``sqlite://``...) rather than a path
+    or an object-store URI."""
     return value.partition("://")[0].split("+")[0] in {"postgresql", "postgres", "mysql", "sqlite"} and "://" in value
 
 
@@ -249,6 +255,8 @@ class Settings:
     slack_conn_id: str = ""
     alert_email: tuple[str, ...] = ()
     smtp_conn_id: str = "smtp_default"
+    # CLOSEDLOOP_MLFLOW_UI_URL as set (checked), empty when unset: the links' base, derived from it or from the
+    # tracking URI, is closedloop.adapters.airflow.links.mlflow_ui_url
     mlflow_ui_url: str = ""
 
     @classmethod
@@ -283,7 +291,7 @@ class Settings:
         if online_store == "redis":
             if not redis_url:
                 raise ConfigError("CLOSEDLOOP_ONLINE_STORE=redis needs CLOSEDLOOP_REDIS_URL (redis://...)")
-            feast_redis_connection(redis_url)  # refuse a malformed URL now, not at the first materialisation
+            redis_url_parts(redis_url)  # refuse a malformed URL now, not at the first materialisation
         queue = (env.get("CLOSEDLOOP_TRAINING_QUEUE") or "default").strip()
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", queue):
             raise ConfigError(f"CLOSEDLOOP_TRAINING_QUEUE={queue!r}: a queue name is letters, digits, '_', '.', '-' "
@@ -294,8 +302,8 @@ class Settings:
                               "tcp://dask-scheduler:8786, or empty for a local cluster")
         alerts, slack_conn_id, alert_email = _alert_settings(env)
         registry = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
-        if _is_database_url(registry):
-            feast_sql_registry_url(registry)
+        if is_database_url(registry):
+            check_database_registry(registry)
         return cls(
             home=home,
             lake_uri=lake_uri,
@@ -303,7 +311,7 @@ class Settings:
             mlflow_tracking_uri=tracking,
             mlflow_registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
             mlflow_artifact_root=artifacts,
-            mlflow_ui_url=mlflow_ui_url(env.get("CLOSEDLOOP_MLFLOW_UI_URL"), tracking),
+            mlflow_ui_url=check_mlflow_ui_url(env.get("CLOSEDLOOP_MLFLOW_UI_URL")),
             feast_repo=Path(env.get("CLOSEDLOOP_FEAST_REPO") or REPO_ROOT / "feature_repo").resolve(),
             feast_registry=registry,
             device=device,
@@ -338,35 +346,6 @@ class Settings:
     def feast_dir(self) -> Path:
         """Where Feast keeps its registry and the SQLite online store (embedded default)."""
         return self.home / "feast"
-
-    def feast_online_store(self) -> dict[str, str]:
-        """Feast's ``online_store`` section: the SQLite file under the home, or Redis in production."""
-        if self.online_store == "redis":
-            return {"type": "redis", "connection_string": feast_redis_connection(self.redis_url)}
-        return {"type": "sqlite", "path": str(self.feast_dir / "online_store.db")}
-
-    def feast_registry_config(self) -> dict[str, Any]:
-        """Feast's ``registry`` section: a registry file (local or ``s3://``), or the SQL registry on Postgres."""
-        if _is_database_url(self.feast_registry):
-            return {"registry_type": "sql", "path": feast_sql_registry_url(self.feast_registry),
-                    "cache_ttl_seconds": SQL_REGISTRY_CACHE_TTL_SECONDS,
-                    "sqlalchemy_config_kwargs": {"pool_pre_ping": True}}
-        return {"registry_type": "file", "path": self.feast_registry}
-
-    def feast_env(self) -> dict[str, str]:
-        """The values that ``feature_repo/feature_store.yaml`` refers to as ``${...}``.
-
-        ``CLOSEDLOOP_FEAST_ONLINE_STORE`` and ``CLOSEDLOOP_FEAST_REGISTRY_CONFIG`` are the whole ``online_store``
-        and ``registry`` mappings as JSON (which YAML reads as a flow mapping): the store's type decides its
-        other keys, and Feast refuses keys it does not know.
-        """
-        return {
-            "CLOSEDLOOP_FEAST_REGISTRY": self.feast_registry,
-            "CLOSEDLOOP_FEAST_REGISTRY_CONFIG": json.dumps(self.feast_registry_config()),
-            "CLOSEDLOOP_FEAST_ONLINE_PATH": str(self.feast_dir / "online_store.db"),
-            "CLOSEDLOOP_FEAST_ONLINE_STORE": json.dumps(self.feast_online_store()),
-            "CLOSEDLOOP_LAKE_URI": self.lake_uri,
-        }
 
     def ensure_dirs(self) -> None:
         """Create the local directories of the embedded defaults (no-op for remote stores)."""

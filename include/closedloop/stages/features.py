@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from closedloop.core.errors import NoDataError, PermanentError
 from closedloop.core.lake import Lake, days_between
 from closedloop.core.settings import check_uri
+from closedloop.stages.feast_config import feast_env
 from closedloop.stages.feast_store import (
     PIT_CALLS,
     PIT_MAX_ROWS,
@@ -185,7 +186,7 @@ def feature_store(settings: Settings) -> FeatureStore:
         configure_duckdb_s3((settings.storage_options.get("client_kwargs") or {}).get("endpoint_url"))
     settings.feast_dir.mkdir(parents=True, exist_ok=True)
     text = (settings.feast_repo / "feature_store.yaml").read_text()
-    rendered = string.Template(text).safe_substitute(settings.feast_env())
+    rendered = string.Template(text).safe_substitute(feast_env(settings))
     config = RepoConfig(**yaml.safe_load(rendered))
     config.repo_path = settings.feast_repo
     return FeatureStore(config=config)

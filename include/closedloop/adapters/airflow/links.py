@@ -23,13 +23,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.bases.decorator import task_decorator_factory
 
-from closedloop.core.settings import Settings
+from closedloop.core.settings import Settings, check_mlflow_ui_url
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
@@ -82,8 +82,22 @@ def _window(result: Any) -> tuple[str, str] | None:
 
 
 # -- the link classes -------------------------------------------------------------------------------------------
+def mlflow_ui_url(explicit: str | None, tracking_uri: str) -> str:
+    """The MLflow UI's base URL for links: ``explicit`` when set, else an ``http(s)`` tracking URI without any
+    ``user:password@``; empty when neither gives one (a ``sqlite:`` store has no UI to link)."""
+    url = check_mlflow_ui_url(explicit)
+    if url:
+        return url
+    if not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    parts = urlsplit(tracking_uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
 def _mlflow_ui() -> str:
-    return Settings.from_env().mlflow_ui_url
+    s = Settings.from_env()
+    return mlflow_ui_url(s.mlflow_ui_url, s.mlflow_tracking_uri)
 
 
 def _airflow_base() -> str:
