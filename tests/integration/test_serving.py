@@ -406,6 +406,10 @@ def test_model_swap_under_load_and_shadow_scoring(world):
                     seen[i].append((body.get("model_version", f"HTTP {r.status_code}"),
                                     len(body.get("predictions", []))))
                     n += 5
+                    # paced: at most about 50 requests a second per client, so the day's served log stays a few
+                    # thousand rows whatever the machine's speed (the skew test below corrupts 99 of them and
+                    # needs them above skew.max_mismatch_share of what it samples)
+                    stop.wait(0.02)
 
         threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
         for t in threads:
