@@ -86,6 +86,35 @@ def test_parsing_is_cheap(path: Path, tmp_path: Path):
     assert report["connections"] == []
 
 
+def test_a_bad_setting_of_another_kind_breaks_no_dag_import(tmp_path: Path):
+    """Parsing reads only the scheduling settings: a bad alert channel, online store or Dask address fails the
+    tasks that read them (with its message), not the import of every DAG."""
+    from closedloop.core.errors import ConfigError
+    from closedloop.core.settings import Settings
+
+    env = os.environ.copy()
+    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = "sqlite:////nonexistent-closedloop-dir/airflow.db"
+    bad = {"CLOSEDLOOP_ALERTS": "pager", "CLOSEDLOOP_ONLINE_STORE": "memcached",
+           "CLOSEDLOOP_DASK_SCHEDULER": "dask-scheduler"}
+    env.update(bad)
+    out = subprocess.run([sys.executable, "-c", _PARSE_PROBE.format(heavy=set(HEAVY)), str(REPO / "dags")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["errors"] == {}
+    assert report["dags"] == sorted(p.stem for p in DAG_FILES)
+    # the tasks that build their settings get the message (and fail at once: ConfigError is permanent)
+    with pytest.raises(ConfigError, match="CLOSEDLOOP_ALERTS='pager'"):
+        Settings.from_env({**os.environ, "CLOSEDLOOP_ALERTS": "pager"})
+    # a bad scheduling setting still fails the import, where it is needed, with its name
+    env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////nonexistent-closedloop-dir/airflow.db",
+           "CLOSEDLOOP_TRAINING_QUEUE": "g p u"}
+    out = subprocess.run([sys.executable, "-c", _PARSE_PROBE.format(heavy=set(HEAVY)), str(REPO / "dags")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    errors = json.loads(out.stdout.strip().splitlines()[-1])["errors"]
+    assert errors and all("CLOSEDLOOP_TRAINING_QUEUE" in e for e in errors.values()), errors
+
+
 def test_no_deprecated_airflow_surface():
     for path in DAG_FILES:
         text = path.read_text()

@@ -226,6 +226,40 @@ def is_database_url(value: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Scheduling:
+    """What DAG files need when they are parsed, and nothing else: the time schedules switch, every task's
+    retries, retry delay and timeout, and ``train_model``'s queue and pod template.
+
+    Read on its own (:meth:`from_env` reads only these six variables), so that a bad setting of another kind
+    (an alert channel, a store URL) fails the tasks that read it, with its message, never the import of every
+    DAG. :class:`Settings` carries the same values, read by this same function.
+    """
+
+    time_schedules: bool = True
+    task_retries: int = 2
+    retry_delay_seconds: float = 20.0
+    task_timeout_minutes: float = 60.0
+    training_queue: str = "default"
+    training_pod_template: str = ""
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Scheduling:
+        env = dict(os.environ if env is None else env)
+        queue = (env.get("CLOSEDLOOP_TRAINING_QUEUE") or "default").strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", queue):
+            raise ConfigError(f"CLOSEDLOOP_TRAINING_QUEUE={queue!r}: a queue name is letters, digits, '_', '.', '-' "
+                              "(e.g. default or gpu)")
+        return cls(
+            time_schedules=env.get("CLOSEDLOOP_SCHEDULES", "on").lower() != "manual",
+            task_retries=int(_number(env, "CLOSEDLOOP_TASK_RETRIES", 2)),
+            retry_delay_seconds=_number(env, "CLOSEDLOOP_RETRY_DELAY_SECONDS", 20.0),
+            task_timeout_minutes=_number(env, "CLOSEDLOOP_TASK_TIMEOUT_MINUTES", 60.0),
+            training_queue=queue,
+            training_pod_template=(env.get("CLOSEDLOOP_TRAINING_POD_TEMPLATE") or "").strip(),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     """Resolved locations and service endpoints; build with :meth:`from_env`."""
 
@@ -292,10 +326,7 @@ class Settings:
             if not redis_url:
                 raise ConfigError("CLOSEDLOOP_ONLINE_STORE=redis needs CLOSEDLOOP_REDIS_URL (redis://...)")
             redis_url_parts(redis_url)  # refuse a malformed URL now, not at the first materialisation
-        queue = (env.get("CLOSEDLOOP_TRAINING_QUEUE") or "default").strip()
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", queue):
-            raise ConfigError(f"CLOSEDLOOP_TRAINING_QUEUE={queue!r}: a queue name is letters, digits, '_', '.', '-' "
-                              "(e.g. default or gpu)")
+        scheduling = Scheduling.from_env(env)
         dask_scheduler = (env.get("CLOSEDLOOP_DASK_SCHEDULER") or "").strip()
         if dask_scheduler and "://" not in dask_scheduler:
             raise ConfigError(f"CLOSEDLOOP_DASK_SCHEDULER={dask_scheduler!r}: expected an address such as "
@@ -315,16 +346,16 @@ class Settings:
             feast_repo=Path(env.get("CLOSEDLOOP_FEAST_REPO") or REPO_ROOT / "feature_repo").resolve(),
             feast_registry=registry,
             device=device,
-            time_schedules=env.get("CLOSEDLOOP_SCHEDULES", "on").lower() != "manual",
+            time_schedules=scheduling.time_schedules,
             storage_options=storage_options,
-            task_retries=int(_number(env, "CLOSEDLOOP_TASK_RETRIES", 2)),
-            retry_delay_seconds=_number(env, "CLOSEDLOOP_RETRY_DELAY_SECONDS", 20.0),
-            task_timeout_minutes=_number(env, "CLOSEDLOOP_TASK_TIMEOUT_MINUTES", 60.0),
+            task_retries=scheduling.task_retries,
+            retry_delay_seconds=scheduling.retry_delay_seconds,
+            task_timeout_minutes=scheduling.task_timeout_minutes,
             allowed_roots=roots,
             online_store=online_store,
             redis_url=redis_url,
-            training_queue=queue,
-            training_pod_template=(env.get("CLOSEDLOOP_TRAINING_POD_TEMPLATE") or "").strip(),
+            training_queue=scheduling.training_queue,
+            training_pod_template=scheduling.training_pod_template,
             dask_scheduler=dask_scheduler,
             serve_token=env.get("CLOSEDLOOP_SERVE_TOKEN", "").strip(),
             alerts=alerts,

@@ -15,7 +15,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 import closedloop.adapters.airflow.secrets  # noqa: F401  (registers Airflow's log masker: every DAG imports this module)
 from closedloop.core.errors import PermanentError
-from closedloop.core.settings import Settings
+from closedloop.core.settings import Scheduling
 
 if TYPE_CHECKING:
     from closedloop.core.settings import Settings
@@ -34,14 +34,16 @@ MAX_RETRY_DELAY = timedelta(minutes=10)
 BACKOFF = 2.0
 
 
-def task_defaults(settings: Settings | None = None) -> dict[str, Any]:
+def task_defaults(settings: Settings | Scheduling | None = None) -> dict[str, Any]:
     """Every task's default arguments: retries with exponential backoff, and an execution timeout.
 
     From the settings (``CLOSEDLOOP_TASK_RETRIES``, ``CLOSEDLOOP_RETRY_DELAY_SECONDS``,
     ``CLOSEDLOOP_TASK_TIMEOUT_MINUTES``): a transient failure (a service down, a killed worker) is retried
     after about 20 s, 40 s, ... at most 10 minutes; a task that hangs is stopped after an hour and retried.
+    Parsing reads only these (:class:`Scheduling`): a bad setting of another kind fails the tasks that need
+    it, not the import of the DAGs.
     """
-    s = settings or Settings.from_env()
+    s = settings or Scheduling.from_env()
     return {
         "owner": OWNER,
         "retries": s.task_retries,
@@ -123,7 +125,7 @@ def active_runs(dag_id: str) -> int:
     return int(ti.get_dr_count(dag_id=dag_id, states=["queued", "running"]))
 
 
-def training_task_args(settings: Settings | None = None) -> dict[str, Any]:
+def training_task_args(settings: Settings | Scheduling | None = None) -> dict[str, Any]:
     """The ``train_model`` task's placement: its executor queue and, on Kubernetes, its pod template.
 
     ``queue`` is ``CLOSEDLOOP_TRAINING_QUEUE`` (``default`` unless set: ``gpu`` sends training to the Celery
@@ -131,7 +133,7 @@ def training_task_args(settings: Settings | None = None) -> dict[str, Any]:
     dict the KubernetesExecutor reads (``pod_template_file``) and every other executor ignores, so that parsing
     imports nothing from Kubernetes. Every other task keeps the defaults.
     """
-    s = settings or Settings.from_env()
+    s = settings or Scheduling.from_env()
     args: dict[str, Any] = {"queue": s.training_queue}
     if s.training_pod_template:
         args["executor_config"] = {"pod_template_file": s.training_pod_template}
@@ -140,4 +142,4 @@ def training_task_args(settings: Settings | None = None) -> dict[str, Any]:
 
 def time_schedule(schedule: Any, fallback: Any = None) -> Any:
     """``schedule``, unless time-based schedules are off (``CLOSEDLOOP_SCHEDULES=manual``): then ``fallback``."""
-    return schedule if Settings.from_env().time_schedules else fallback
+    return schedule if Scheduling.from_env().time_schedules else fallback
