@@ -71,7 +71,9 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import yaml
+from pydantic import ValidationError
 
+from closedloop.core.config_model import ClosedloopConfig, known_keys
 from closedloop.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # include/closedloop/core/settings.py -> the checkout
@@ -390,12 +392,40 @@ class Settings:
             Path(self.lake_uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
 
 
+def validate_config(raw: dict[str, Any], path: Path) -> ClosedloopConfig:
+    """``raw`` validated by :class:`~closedloop.core.config_model.ClosedloopConfig`; ConfigError naming the file and
+    every problem's key path, one line each (``closedloop.yaml: monitoring.calibraton: unknown key (known: ...)``)."""
+    try:
+        return ClosedloopConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            where = ".".join(str(p) for p in loc) or "(top level)"
+            if error["type"] == "extra_forbidden":
+                known = known_keys(loc[:-1])
+                listed = f" (known: {', '.join(known)})" if known else ""
+                problems.append(f"{path.name}: {where}: unknown key{listed}")
+            elif error["type"] == "missing":
+                problems.append(f"{path.name}: {where}: missing required key")
+            else:
+                problems.append(f"{path.name}: {where}={error.get('input')!r}: {error['msg'][0].lower()}"
+                                f"{error['msg'][1:]}")
+        raise ConfigError(f"{path}: {len(problems)} problem(s) in the configuration:\n" + "\n".join(problems)) from None
+
+
 @dataclass(frozen=True)
 class Config:
     """The versioned configuration file: data set, model, training, gate and ingest policy."""
 
     path: Path
     raw: dict[str, Any]
+    # the same file, validated: every key known and of its type, every default filled in (config_model)
+    typed: ClosedloopConfig = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.typed is None:  # built from a dict rather than loaded
+            object.__setattr__(self, "typed", validate_config(self.raw, self.path))
 
     @classmethod
     def load(cls, path: Path) -> Config:
@@ -406,10 +436,12 @@ class Config:
             raise ConfigError(f"{path}: configuration file not found (set CLOSEDLOOP_CONFIG)") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        missing = {"dataset", "model", "training", "gate"} - set(raw or {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        missing = {"dataset", "model", "training", "gate"} - set(raw)
         if missing:
             raise ConfigError(f"{path}: missing section(s) {sorted(missing)}")
-        return cls(path=path, raw=raw)
+        return cls(path=path, raw=raw, typed=validate_config(raw, path))
 
     @property
     def schema_path(self) -> Path:
