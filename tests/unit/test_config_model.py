@@ -103,15 +103,14 @@ def test_the_section_defaults_agree_with_the_code_that_applies_them():
     from dataclasses import asdict
 
     from closedloop.adapters.serving import ServingConfig
-    from closedloop.core.config_model import CalibrationSection, HousekeepingSection, ServingSection, SkewSection
-    from closedloop.stages import feast_store, housekeeping
+    from closedloop.core.config_model import CalibrationSection, ServingSection, SkewSection
+    from closedloop.stages import feast_store
     from closedloop.stages.calibration import CalibrationSettings
     from closedloop.stages.skew import SkewPolicy
 
     assert ServingSection().model_dump() == asdict(ServingConfig())
     assert SkewSection().model_dump() == asdict(SkewPolicy())
     assert CalibrationSection().model_dump() == asdict(CalibrationSettings())
-    assert HousekeepingSection().model_dump() == housekeeping.DEFAULTS
     pit = ClosedloopConfig.model_fields["training"].annotation.model_fields["pit_join"].default_factory()
     assert (pit.calls, pit.min_rows, pit.max_rows) == (feast_store.PIT_CALLS, feast_store.PIT_MIN_ROWS,
                                                        feast_store.PIT_MAX_ROWS)

@@ -73,7 +73,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 from pydantic import ValidationError
 
-from closedloop.core.config_model import ClosedloopConfig, known_keys
+from closedloop.core.config_model import ClosedloopConfig, MonitoringSection, known_keys
 from closedloop.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # include/closedloop/core/settings.py -> the checkout
@@ -464,6 +464,13 @@ class Config:
     @property
     def ingest(self) -> dict[str, Any]:
         return dict(self.raw.get("ingest", {}))
+
+    @property
+    def monitoring(self) -> MonitoringSection:
+        """The typed ``monitoring`` section; ConfigError when the file has none."""
+        if self.typed.monitoring is None:
+            raise ConfigError(f"{self.path}: no monitoring section (monitoring and calibration need one)")
+        return self.typed.monitoring
 
     @property
     def serving(self) -> dict[str, Any]:

@@ -99,9 +99,8 @@ def check_arrivals(settings: Settings, lake: Lake, now: datetime | None = None, 
                    run_id: str | None = None) -> list[dict[str, Any]]:
     """The ``data_missing`` alerts due at ``now`` (default: the clock): one per missing day, never twice a day."""
     now = now or datetime.now(UTC)
-    policy = settings.config.raw.get("alerts") or {}
-    missing = missing_arrivals(lake, now, delay_hours=float(policy.get("landing_delay_hours", 6)),
-                               lookback_days=int(policy.get("lookback_days", 3)))
+    policy = settings.config.typed.alerts
+    missing = missing_arrivals(lake, now, delay_hours=policy.landing_delay_hours, lookback_days=policy.lookback_days)
     told = {a["details"].get("day") for a in read_alerts(settings, "data_missing")}
     alerts = []
     for day in missing:
@@ -109,7 +108,7 @@ def check_arrivals(settings: Settings, lake: Lake, now: datetime | None = None, 
             continue
         alerts.append(make_alert(
             "data_missing", f"no transactions landed for {day} at {lake.partition('landing', 'transactions', day)} "
-            f"{policy.get('landing_delay_hours', 6)} h after the day ended: check the upstream delivery, then "
+            f"{policy.landing_delay_hours:g} h after the day ended: check the upstream delivery, then "
             f'trigger ingest with {{"day": "{day}"}}', severity="error",
             details={"day": day.isoformat(), "expected": lake.partition("landing", "transactions", day)},
             dag_id=dag_id, run_id=run_id))

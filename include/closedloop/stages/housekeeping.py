@@ -40,22 +40,15 @@ log = logging.getLogger(__name__)
 
 PROTECTED_ALIASES = ("champion", "previous", "challenger")
 SERVED_KINDS = ("transactions", "shadow")
-DEFAULTS = {"keep_served_days": 90, "keep_predictions_days": 90, "keep_training_sets_days": 180,
-            "keep_monitoring_runs_days": 90, "keep_airflow_days": 30, "keep_versions_days": 365}
 
 
 def policy(settings: Settings) -> dict[str, int]:
-    """The ``housekeeping`` section of the configuration (missing keys: :data:`DEFAULTS`), checked."""
-    raw = {**DEFAULTS, **(settings.config.raw.get("housekeeping") or {})}
-    out = {}
-    for key in DEFAULTS:
-        try:
-            out[key] = int(raw[key])
-        except (TypeError, ValueError):
-            raise ConfigError(f"housekeeping.{key}={raw[key]!r} in {settings.config_path}: expected a whole number "
-                              "of days") from None
-        if out[key] < 1:
-            raise ConfigError(f"housekeeping.{key}={out[key]} in {settings.config_path}: keep at least 1 day")
+    """The ``housekeeping`` section of the configuration (typed, its defaults filled in:
+    :class:`closedloop.core.config_model.HousekeepingSection`), each at least 1 day."""
+    out = settings.config.typed.housekeeping.model_dump()
+    for key, days in out.items():
+        if days < 1:
+            raise ConfigError(f"housekeeping.{key}={days} in {settings.config_path}: keep at least 1 day")
     return out
 
 

@@ -756,7 +756,7 @@ def ingest_day(rt: Runtime, day: date) -> dict[str, Any]:
     later days recomputed), which :func:`materialise_day` materialises. A partition re-delivered with another
     content has its ``change`` (the task raises :func:`closedloop.stages.alerts.redelivery_alert` for it).
     """
-    grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
+    grace = rt.settings.config.typed.ingest.label_grace_days
     outcomes = [ingest_partition(rt.lake, rt.contract, "transactions", day)]
     if rt.lake.exists(rt.lake.partition("landing", "labels", day)) or read_marker(rt.lake, "labels", day):
         outcomes.append(ingest_partition(rt.lake, rt.contract, "labels", day, label_grace_days=grace))
@@ -775,7 +775,7 @@ def materialise_day(rt: Runtime, day: str | date, changed: list[str] | None = No
     d = parse_day(day)
     days = sorted({d, *(parse_day(x) for x in changed or [])})
     apply_definitions(rt.store, rt.defs)
-    overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
+    overlap = rt.settings.config.typed.ingest.materialize_overlap_days
     newest = max(rt.lake.list_days("curated", rt.contract.feature_view), default=None)
     lo, hi = materialize_window(rt.store, rt.defs, days[0], days[-1] + timedelta(days=1), overlap, newest=newest)
     return {"day": d.isoformat(), "feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat(),

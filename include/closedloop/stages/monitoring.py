@@ -212,7 +212,7 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
     raw = rt.settings.config.raw["monitoring"]
     policy = drift.DriftPolicy.from_config(raw)
     asked = window
-    window, _ = widened_window(rt, window, policy.min_rows, int(raw.get("widen_max_days", 7)))
+    window, _ = widened_window(rt, window, policy.min_rows, rt.settings.config.monitoring.widen_max_days)
     champ = champion(rt)
     reference, ref_quality = champion_reference(rt, champ)
     cal = champion_calibration(rt, champ)
@@ -313,9 +313,8 @@ def rejudge_earlier(rt: Runtime, exp_id: str, window: Window, champ: dict[str, A
 
     if cal.performance is None:
         return []
-    raw = rt.settings.config.raw
-    grace = int(raw.get("ingest", {}).get("label_grace_days", 21))
-    limit = int(raw["monitoring"].get("rejudge_max_windows", 10))
+    grace = rt.settings.config.typed.ingest.label_grace_days
+    limit = rt.settings.config.monitoring.rejudge_max_windows
     runs = rt.client.search_runs(
         [exp_id], filter_string=f"tags.`{TAG}champion_version` = '{champ['version']}'",
         order_by=[f"tags.`{TAG}window_end` DESC"], max_results=200)
@@ -404,7 +403,7 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
         return {**base, "retrain": False, "why": "not judged: " + "; ".join(decision["reasons"])}
     if not late and not decision["drift"]:
         return {**base, "retrain": False, "why": "no drift: " + "; ".join(decision["reasons"])}
-    confirm = int(rt.settings.config.raw["monitoring"].get("confirm_windows", 1))
+    confirm = rt.settings.config.monitoring.confirm_windows
     if confirm > 1 and not late:
         earlier = [_drift_of(rt, Window(window.start - timedelta(days=k), window.end - timedelta(days=k)))
                    for k in range(1, confirm)]
@@ -419,7 +418,7 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
     if drift.in_cooldown(last_at, now, policy):
         return {**base, "retrain": False,
                 "why": f"drift, but within the {policy.cooldown_hours} h cooldown after {last_id}"}
-    days = int(rt.settings.config.raw["monitoring"].get("retrain_window_days", 14))
+    days = rt.settings.config.monitoring.retrain_window_days
     run_id = drift.trigger_run_id(window.start, window.end)
     reason = (trigger_reason([late_why]) + "; this window: " + "; ".join(decision["reasons"]) if late
               else trigger_reason(decision["reasons"]))

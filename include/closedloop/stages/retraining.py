@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def validate(rt: Runtime, window: Window) -> dict[str, Any]:
     """Validate (and curate) every partition the window needs; quarantine and raise on blocking problems."""
-    grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
+    grace = rt.settings.config.typed.ingest.label_grace_days
     outcomes = ingest_window(rt.lake, rt.contract, window.start, window.end, label_grace_days=grace)
     counts: dict[str, int] = {}
     for o in outcomes:
@@ -36,7 +36,7 @@ def validate(rt: Runtime, window: Window) -> dict[str, Any]:
 def materialise(rt: Runtime, window: Window) -> dict[str, Any]:
     """Apply the Feast definitions and materialise the window (with the configured overlap)."""
     apply_definitions(rt.store, rt.defs)
-    overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
+    overlap = rt.settings.config.typed.ingest.materialize_overlap_days
     newest = max(rt.lake.list_days("curated", rt.contract.feature_view), default=None)  # the high-water mark's cap
     lo, hi = materialize_window(rt.store, rt.defs, window.start, window.end, overlap, newest=newest)
     return {"feature_view": rt.defs.view.name, "start": lo.isoformat(), "end": hi.isoformat()}
@@ -49,7 +49,7 @@ def build_training_set(rt: Runtime, window: Window, split: dict[str, int] | None
     """
     cfg = rt.settings.config
     ts = build(rt.store, rt.defs, rt.lake, rt.contract, window.start, window.end,
-               label_grace_days=int(cfg.ingest.get("label_grace_days", 21)), split={**cfg.training["split"],
+               label_grace_days=cfg.typed.ingest.label_grace_days, split={**cfg.training["split"],
                                                                                     **(split or {})},
                part_rows=int(cfg.training.get("part_rows", DEFAULT_PART_ROWS)),
                pit_join=cfg.training.get("pit_join"))
