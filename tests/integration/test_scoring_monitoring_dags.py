@@ -7,6 +7,7 @@ and monitored (drift: a ``retraining`` run is created with the window, the reaso
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import date, timedelta
 
 import pytest
@@ -153,8 +154,12 @@ def test_calibration_turned_off_in_the_configuration_means_the_fixed_rules(world
     champ = champion(rt)
     logged = champion_calibration(rt, champ)
     assert logged.calibrated, logged.why  # the fixture's champion has calibrated thresholds
-    monitoring = rt.settings.config.raw["monitoring"]
-    monkeypatch.setitem(monitoring, "calibration", {**monitoring.get("calibration", {}), "enabled": False})
+    config = rt.settings.config
+    monitoring = {**config.raw["monitoring"], "calibration": {**config.raw["monitoring"].get("calibration", {}),
+                                                              "enabled": False}}
+    # the same file with the switch off (validated again: the code reads Config.typed)
+    off_config = dataclasses.replace(config, raw={**config.raw, "monitoring": monitoring}, typed=None)
+    monkeypatch.setitem(rt.settings.__dict__, "config", off_config)
     off = champion_calibration(rt, champ)
     assert not off.calibrated and off.why.startswith("calibration disabled"), off.why
     # the model's importance still weighs what is reported (over the features the fixed rules judge)

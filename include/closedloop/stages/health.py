@@ -148,7 +148,7 @@ def latest_skew(rt: Runtime) -> dict[str, Any] | None:
 def gather(rt: Runtime) -> dict[str, Any]:
     """Everything the page shows, JSON-safe (see the module docstring)."""
     status = registry.status(rt.client, rt.settings, rt.model_name)
-    policy = drift.DriftPolicy.from_config(rt.settings.config.raw["monitoring"])
+    policy = drift.DriftPolicy.from_config(rt.settings.config.monitoring.model_dump())
     reports = drift_reports(rt)
     latest = reports[-1] if reports else None
     return {

@@ -255,7 +255,7 @@ def run(rt: Runtime, now: datetime | None = None, *, airflow_db: bool = True) ->
     keep = protected(rt.client, rt.model_name)
     doomed = plan(rt.lake, now.date(), rules, keep)
     deleted = apply(rt.lake, doomed, keep)
-    reports = prune_reports(rt.lake, DriftPolicy.from_config(rt.settings.config.raw["monitoring"]).keep_reports)
+    reports = prune_reports(rt.lake, DriftPolicy.from_config(rt.settings.config.monitoring.model_dump()).keep_reports)
     runs = prune_monitoring_runs(rt.client, now - timedelta(days=rules["keep_monitoring_runs_days"]))
     summary: dict[str, Any] = {
         "protected": keep.to_dict(), "deleted": {k: v for k, v in doomed.items() if k != "kept_protected"},

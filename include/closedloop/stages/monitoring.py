@@ -66,7 +66,7 @@ def champion_calibration(rt: Runtime, champ: dict[str, Any]) -> Calibration:
 
     import mlflow
 
-    monitoring = rt.settings.config.raw["monitoring"]
+    monitoring = rt.settings.config.monitoring.model_dump()  # typed, defaults filled in
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = mlflow.artifacts.download_artifacts(run_id=champ["run_id"],
@@ -80,7 +80,7 @@ def champion_calibration(rt: Runtime, champ: dict[str, Any]) -> Calibration:
                                      logged.weights, window_days=logged.window_days or policy.window_days)
         return logged
     except (OSError, ValueError, mlflow.exceptions.MlflowException) as exc:
-        policy = drift.DriftPolicy.from_config(rt.settings.config.raw["monitoring"])
+        policy = drift.DriftPolicy.from_config(monitoring)
         log.warning("champion v%s has no readable reference/thresholds.json (%s): fixed thresholds", champ["version"],
                     exc)
         return calibration.fixed(policy, rt.contract, f"champion v{champ['version']} was logged without calibrated "
@@ -209,8 +209,7 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
     """
     import mlflow
 
-    raw = rt.settings.config.raw["monitoring"]
-    policy = drift.DriftPolicy.from_config(raw)
+    policy = drift.DriftPolicy.from_config(rt.settings.config.monitoring.model_dump())
     asked = window
     window, _ = widened_window(rt, window, policy.min_rows, rt.settings.config.monitoring.widen_max_days)
     champ = champion(rt)
@@ -393,7 +392,7 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
     simulations behave as production would). The run id is a function of the window: starting the
     same window twice is impossible.
     """
-    policy = drift.DriftPolicy.from_config(rt.settings.config.raw["monitoring"])
+    policy = drift.DriftPolicy.from_config(rt.settings.config.monitoring.model_dump())
     window = Window(date.fromisoformat(measured["window"]["start"]), date.fromisoformat(measured["window"]["end"]))
     decision = measured["decision"]
     base = {"window": window.to_dict(), "report": measured["report"]["html"]}

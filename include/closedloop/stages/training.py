@@ -291,8 +291,8 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         mlflow.log_dict({"training_set": training_set, **lineage, "tags": tags}, "lineage.json")
         mlflow.log_dict(fitted.reference_stats, "reference/stats.json")
         _log_frame(fitted.reference_sample, "reference/sample.parquet")
-        if cfg.raw.get("monitoring"):  # without a monitoring policy there is nothing to calibrate
-            mlflow.log_dict(reference_thresholds(fitted, contract, cfg.raw["monitoring"],
+        if cfg.typed.monitoring is not None:  # without a monitoring policy there is nothing to calibrate
+            mlflow.log_dict(reference_thresholds(fitted, contract, cfg.typed.monitoring.model_dump(),
                                               model.get_score(importance_type="total_gain")),
                             "reference/thresholds.json")
         x_example = feature_frame(fitted.example, contract)
