@@ -12,7 +12,7 @@ model version. Emits the `closedloop_predictions` Asset with the day in its extr
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from closedloop.adapters.airflow.orchestration import (
     CURATED,
@@ -23,6 +23,8 @@ from closedloop.adapters.airflow.orchestration import (
     documented,
     run_stage,
 )
+from closedloop.adapters.airflow.params import run_params
+from closedloop.core.runconf import BATCH_SCORING, check
 
 
 @dag(
@@ -33,11 +35,7 @@ from closedloop.adapters.airflow.orchestration import (
     default_args=DEFAULT_ARGS,
     **documented(__doc__),
     tags=["closedloop", "scoring"],
-    params={
-        "day": Param(None, type=["null", "string"], format="date", title="Day",
-                     description="The day to score (YYYY-MM-DD). Empty when ingest started the run: "
-                                 "its event names the day."),
-    },
+    params=run_params(BATCH_SCORING),
 )
 def batch_scoring():
     @task(outlets=[PREDICTIONS])
@@ -48,6 +46,7 @@ def batch_scoring():
         from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
+        run_stage(check, conf_of(ctx), BATCH_SCORING)  # before any work: one line, no retry
         days = run_stage(resolve_days, conf_of(ctx), days_from_events(ctx, CURATED))
         rt = Runtime.from_env()
         results = [run_stage(scoring.score_day, rt, day) for day in days]

@@ -27,7 +27,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
 
 from closedloop.adapters.airflow.links import drift_report_task
 from closedloop.adapters.airflow.notifier import send_alert
@@ -41,6 +41,8 @@ from closedloop.adapters.airflow.orchestration import (
     run_stage,
     time_schedule,
 )
+from closedloop.adapters.airflow.params import run_params
+from closedloop.core.runconf import DRIFT_MONITORING, check
 
 
 @dag(
@@ -55,10 +57,7 @@ from closedloop.adapters.airflow.orchestration import (
     **documented(__doc__),
     tags=["closedloop", "monitoring"],
     render_template_as_native_obj=True,
-    params={
-        "day": Param(None, type=["null", "string"], format="date", title="Last day of the window",
-                     description="YYYY-MM-DD. Empty when scoring started the run: its event names the day."),
-    },
+    params=run_params(DRIFT_MONITORING),
 )
 def drift_monitoring():
     @drift_report_task
@@ -69,6 +68,7 @@ def drift_monitoring():
         from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
+        run_stage(check, conf_of(ctx), DRIFT_MONITORING)  # before any work: one line, no retry
         rt = Runtime.from_env()
         days = days_from_events(ctx, PREDICTIONS)
         if not days and not conf_of(ctx).get("day") and ctx.get("data_interval_end") is not None:

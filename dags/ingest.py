@@ -12,7 +12,7 @@ store, and the day is materialised into the online store with an overlap for lat
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from closedloop.adapters.airflow.links import validation_task
 from closedloop.adapters.airflow.notifier import ClosedloopNotifier
@@ -24,6 +24,8 @@ from closedloop.adapters.airflow.orchestration import (
     run_stage,
     time_schedule,
 )
+from closedloop.adapters.airflow.params import run_params
+from closedloop.core.runconf import INGEST, check
 
 
 @dag(
@@ -34,10 +36,7 @@ from closedloop.adapters.airflow.orchestration import (
     default_args=DEFAULT_ARGS,
     **documented(__doc__),
     tags=["closedloop", "ingest"],
-    params={
-        "day": Param(None, type=["null", "string"], format="date", title="Day",
-                     description="The day to ingest (YYYY-MM-DD). Empty on scheduled runs: the data interval decides."),
-    },
+    params=run_params(INGEST),
 )
 def ingest():
     @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
@@ -49,6 +48,7 @@ def ingest():
         from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
+        run_stage(check, conf_of(ctx), INGEST)  # before any work: one line, no retry
         day = run_stage(stages.resolve_day, conf_of(ctx), ctx.get("data_interval_start"))
         result = run_stage(stages.ingest_day, Runtime.from_env(), day)
         for partition in result["partitions"]:  # a re-delivery that changed a curated day

@@ -32,7 +32,7 @@ behind as an orphan, and a retried `register_model` finds the version it already
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from closedloop.adapters.airflow.links import mlflow_run_task, model_version_task, validation_task
 from closedloop.adapters.airflow.notifier import ClosedloopNotifier, send_alert
@@ -45,6 +45,8 @@ from closedloop.adapters.airflow.orchestration import (
     timeout,
     training_task_args,
 )
+from closedloop.adapters.airflow.params import run_params
+from closedloop.core.runconf import RETRAINING, check
 
 
 @dag(
@@ -55,22 +57,7 @@ from closedloop.adapters.airflow.orchestration import (
     default_args=DEFAULT_ARGS,
     **documented(__doc__),
     tags=["closedloop", "training"],
-    params={
-        "window_start": Param(None, type=["null", "string"], format="date", title="Window start",
-                              description="First day of the training window (YYYY-MM-DD, inclusive). "
-                                          "Empty on scheduled runs: the data interval decides."),
-        "window_end": Param(None, type=["null", "string"], format="date", title="Window end",
-                            description="Day after the last day of the window (YYYY-MM-DD, exclusive)."),
-        "reason": Param("", type="string", title="Reason", description="Why this run was started (recorded)."),
-        "holdout_days": Param(None, type=["null", "integer"], minimum=1, maximum=14, title="Holdout days",
-                              description="Hold out the window's last N days instead of the configured fractions."),
-        "validation_days": Param(None, type=["null", "integer"], minimum=1, maximum=14, title="Validation days",
-                                 description="With holdout days: validate on the N days before the holdout."),
-        "labels_override": Param(None, type=["null", "object"], title="Labels override",
-                                 description="Only when the relationship really inverted: {\"by\": who, \"why\": "
-                                             "why} lets the gate compare models it finds 'labels suspect' "
-                                             "(recorded on the version). See docs/GATE.md."),
-    },
+    params=run_params(RETRAINING),
 )
 def retraining():
     @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
@@ -81,6 +68,7 @@ def retraining():
         from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
+        run_stage(check, conf_of(ctx), RETRAINING)  # before any work: one line, no retry
         rt = Runtime.from_env()
         window = run_stage(resolve_window, conf_of(ctx), *_interval(ctx, rt))
         return run_stage(stages.validate, rt, window)

@@ -18,9 +18,11 @@ from a shell.
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from closedloop.adapters.airflow.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage
+from closedloop.adapters.airflow.params import run_params
+from closedloop.core.runconf import ROLLBACK, check
 
 
 @dag(
@@ -31,14 +33,7 @@ from closedloop.adapters.airflow.orchestration import DEFAULT_ARGS, conf_of, doc
     default_args=DEFAULT_ARGS,
     **documented(__doc__),
     tags=["closedloop", "registry"],
-    params={
-        "version": Param("", type=["null", "string"], pattern=r"^\s*v?[0-9]*\s*$", title="Version",
-                         description="The model version to make champion. Empty: the previous champion."),
-        "reason": Param(type="string", minLength=1, maxLength=2000, title="Reason",
-                        description="Why the champion is rolled back (required; recorded in the history)."),
-        "force": Param(False, type="boolean", title="Force",
-                       description="Allow a version that the promotion gate rejected."),
-    },
+    params=run_params(ROLLBACK),
 )
 def rollback():
     @task
@@ -48,6 +43,7 @@ def rollback():
         from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
+        run_stage(check, conf_of(ctx), ROLLBACK)  # before any work: one line, no retry
         return run_stage(rollback_run, Runtime.from_env(), conf_of(ctx), actor=triggering_actor(ctx.get("dag_run")),
                          request=ctx["run_id"])
 

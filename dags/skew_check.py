@@ -19,12 +19,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from closedloop.adapters.airflow.notifier import ClosedloopNotifier
 from closedloop.adapters.airflow.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage, time_schedule
+from closedloop.adapters.airflow.params import run_params
 from closedloop.core.errors import NoDataError
+from closedloop.core.runconf import SKEW_CHECK, check
 
 
 @dag(
@@ -35,10 +37,7 @@ from closedloop.core.errors import NoDataError
     default_args=DEFAULT_ARGS,
     **documented(__doc__),
     tags=["closedloop", "serving", "monitoring"],
-    params={
-        "day": Param(None, type=["null", "string"], format="date", title="Served day",
-                     description="YYYY-MM-DD. Empty for scheduled runs: the day before the run's interval end."),
-    },
+    params=run_params(SKEW_CHECK),
 )
 def skew_check():
     @task
@@ -49,6 +48,7 @@ def skew_check():
         from closedloop.stages.runtime import Runtime
 
         ctx = get_current_context()
+        run_stage(check, conf_of(ctx), SKEW_CHECK)  # before any work: one line, no retry
         days = []
         if not conf_of(ctx).get("day") and ctx.get("data_interval_end") is not None:
             days = [(ctx["data_interval_end"] - timedelta(days=1)).date().isoformat()]

@@ -8,6 +8,7 @@ ingest DAG on the normal day. The online store's rows and the lake must not diff
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -82,3 +83,36 @@ def test_a_late_window_is_refused_and_the_high_water_mark_follows_the_data(gener
         "run failed at validate_window (NoDataError naming the newest day) before any lake or Feast write; the "
         "next day's ingest materialised up to that day's end, as the control's; a far window asked of "
         "materialisation moved nothing", corrupted=corrupted(**measure))
+
+
+# Confs each Param of the trigger form accepts (Airflow validates one Param at a time and keeps unknown keys),
+# refused by runconf.check, the first step of validate_window.
+CROSS_FIELD = {
+    "validation_days without holdout_days": {"window_start": START.isoformat(), "window_end": DAY.isoformat(),
+                                             "validation_days": 1},
+    "a reversed window": {"window_start": DAY.isoformat(), "window_end": START.isoformat()},
+    "a window starting in year 1": {"window_start": "0001-01-01", "window_end": DAY.isoformat()},
+    "an unknown key": {"window_start": START.isoformat(), "window_end": DAY.isoformat(), "windw": 3},
+}
+
+
+def test_a_conf_the_form_accepts_but_the_rules_refuse_fails_the_first_task_at_try_1(generated_home, airflow_db,
+                                                                                   dagbag, reliability):
+    retrain = dagbag.get_dag("retraining")
+    with generated_home("guard-conf", CONFIG) as rt:
+        before = _files(rt)
+        for name, conf in CROSS_FIELD.items():
+            copy.deepcopy(retrain.params).update(conf)  # the trigger form lets it through (each Param validated)
+            dr = retrain.test(run_conf=conf)
+            tis = {ti.task_id: ti for ti in dr.get_task_instances()}
+            states = {t: ti.state for t, ti in tis.items()}
+            assert dr.state == "failed" and states["validate_window"] == "failed", (name, states)
+            assert tis["validate_window"].try_number == 1, name  # AirflowFailException: no retry
+            assert all(s in ("upstream_failed", None) for t, s in states.items() if t != "validate_window"), states
+        assert _files(rt) == before  # nothing validated, curated, materialised or trained
+        assert materialised_until(rt.store, rt.defs.view.name) is None
+    reliability.record(
+        "config", "retraining DAG triggered with confs each Param accepts: validation_days without holdout_days, "
+        "a reversed window, a window starting in year 1, an unknown key",
+        "validate_window failed at try 1 (runconf.check, its first step: one-line ConfigError, no retry); no "
+        "later task ran; the lake and the online store untouched")

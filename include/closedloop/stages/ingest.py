@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from closedloop.core.errors import ConfigError, DataValidationError, NoDataError
 from closedloop.core.lake import KINDS, Lake
-from closedloop.core.runconf import INGEST_CONF_SCHEMA, parse_day, validate_conf
+from closedloop.core.runconf import INGEST, check, parse_day
 from closedloop.stages.aggregates import compute_entity_features
 from closedloop.stages.feast_store import apply_definitions, materialize_window
 from closedloop.stages.validation import (
@@ -741,7 +741,7 @@ def ingest_window(lake: Lake, contract: DataContract, start: date, end: date, *,
 
 def resolve_day(conf: dict[str, Any] | None, interval_start: Any = None) -> date:
     """The day an ingest run works on: ``conf["day"]`` when given, else its data interval's start."""
-    conf = validate_conf(conf, INGEST_CONF_SCHEMA)
+    conf = check(conf, INGEST)
     if conf.get("day"):
         return parse_day(conf["day"])
     if interval_start is None:
@@ -784,7 +784,7 @@ def materialise_day(rt: Runtime, day: str | date, changed: list[str] | None = No
 
 def resolve_days(conf: dict[str, Any] | None, event_days: list[str]) -> list[date]:
     """The days a run started by Asset events (or by a person, with ``conf["day"]``) works on."""
-    conf = validate_conf(conf, INGEST_CONF_SCHEMA)
+    conf = check(conf, INGEST)
     if conf.get("day"):
         return [parse_day(conf["day"])]
     if not event_days:

@@ -15,7 +15,7 @@ was rolled back from; name it to return to it on purpose.
 with ``kind="manual"``; both share the refusals of :func:`check_target`.
 
 The Airflow DAG ``rollback`` calls :func:`rollback_run`; its configuration is checked against
-:data:`closedloop.core.runconf.ROLLBACK_CONF_SCHEMA` before any work, and the recorded actor is the user who
+:data:`closedloop.core.runconf.ROLLBACK` before any work, and the recorded actor is the user who
 triggered the run. A retried task finds the rollback its own run already made and does not move twice.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from closedloop.core.errors import ConfigError
-from closedloop.core.runconf import ROLLBACK_CONF_SCHEMA, validate_conf
+from closedloop.core.runconf import ROLLBACK, check
 from closedloop.stages.registry import CHAMPION, PREVIOUS, TAG, alias_version, history, promote
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ def triggering_actor(dag_run: Any) -> str:
 
 def rollback_run(rt: Runtime, conf: dict[str, Any] | None, *, actor: str, request: str) -> dict[str, Any]:
     """The ``rollback`` DAG's task: check the run configuration, then roll back as it says."""
-    conf = validate_conf(conf, ROLLBACK_CONF_SCHEMA)
+    conf = check(conf, ROLLBACK)
     result = rollback(rt.client, rt.settings, rt.model_name, reason=conf["reason"], version=conf.get("version"),
                       actor=actor, force=bool(conf.get("force")), request=request)
     return result.to_dict()

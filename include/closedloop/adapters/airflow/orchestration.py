@@ -14,7 +14,7 @@ from airflow.sdk import Asset
 from airflow.sdk.exceptions import AirflowFailException
 
 import closedloop.adapters.airflow.secrets  # noqa: F401  (registers Airflow's log masker: every DAG imports this module)
-from closedloop.core.errors import PermanentError
+from closedloop.core.errors import ConfigError, PermanentError
 from closedloop.core.settings import Scheduling
 
 if TYPE_CHECKING:
@@ -74,8 +74,8 @@ def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """
     try:
         result = fn(*args, **kwargs)
-    except PermanentError as exc:
-        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+    except PermanentError as exc:  # a refused configuration: its one line, without a chained traceback
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from (None if isinstance(exc, ConfigError) else exc)
     bad = non_finite(result)
     if bad:
         name = getattr(fn, "__name__", str(fn))
