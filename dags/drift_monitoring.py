@@ -74,7 +74,7 @@ def drift_monitoring():
         if not days and not conf_of(ctx).get("day") and ctx.get("data_interval_end") is not None:
             days = [(ctx["data_interval_end"] - timedelta(days=1)).date().isoformat()]
         last = run_stage(resolve_days, conf_of(ctx), days)[-1]
-        window_days = int(rt.settings.config.raw["monitoring"]["window_days"])
+        window_days = rt.settings.config.monitoring.window_days
         window = monitoring.monitoring_window(last + timedelta(days=1), window_days)
         return run_stage(monitoring.measure_window, rt, window, dag_run_id=ctx["run_id"])
 

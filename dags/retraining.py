@@ -156,7 +156,7 @@ def _interval(ctx, rt) -> tuple:
     end = ctx.get("data_interval_end")
     if end is None or str(getattr(run, "run_type", "")).lower().endswith("manual"):
         return None, None
-    days = int(rt.settings.config.training.get("window_days", 28))
+    days = rt.settings.config.typed.training.window_days
     return end - timedelta(days=days), end
 
 
