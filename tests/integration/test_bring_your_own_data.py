@@ -1,6 +1,6 @@
 """Bring your own data, as the README tells a user: a different data set is one schema file and a config.
 
-Under ``CLOSEDLOOP_CONFIG=examples/churn/closedloop.yaml`` and a fresh ``CLOSEDLOOP_HOME``, ``closedloop
+Under ``CLOSEDLOOP_CONFIG=models/churn/closedloop.yaml`` and a fresh ``CLOSEDLOOP_HOME``, ``closedloop
 generate`` writes churn events (columns from the example's schema), the real ``retraining`` DAG
 (``dag.test()``) validates, materialises, builds the training set, trains, registers and promotes a
 ``churn`` champion, and Feast holds the churn definitions, named as the schema says. A churn label

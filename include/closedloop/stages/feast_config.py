@@ -76,4 +76,5 @@ def feast_env(settings: Settings) -> dict[str, str]:
         "CLOSEDLOOP_FEAST_ONLINE_PATH": str(settings.feast_dir / "online_store.db"),
         "CLOSEDLOOP_FEAST_ONLINE_STORE": json.dumps(feast_online_store(settings)),
         "CLOSEDLOOP_LAKE_URI": settings.lake_uri,
+        "CLOSEDLOOP_FEAST_PROJECT": settings.feast_project,
     }

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from closedloop.core.lake import KINDS
 from closedloop.stages import drift, registry
 from closedloop.stages.ingest import marker_uri
-from closedloop.stages.monitoring import EXPERIMENT, TAG
+from closedloop.stages.monitoring import TAG
 from closedloop.stages.quarantine import REPORT_SUFFIX, quarantined_days
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def drift_reports(rt: Runtime) -> list[dict[str, Any]]:
 
 def monitoring_series(rt: Runtime) -> list[dict[str, Any]]:
     """Drift share and quality per window from the ``closedloop-monitoring`` experiment, oldest first."""
-    exp = rt.client.get_experiment_by_name(EXPERIMENT)
+    exp = rt.client.get_experiment_by_name(rt.settings.monitoring_experiment)
     if exp is None:
         return []
     runs = rt.client.search_runs([exp.experiment_id], max_results=SERIES_LIMIT,
