@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -25,7 +26,7 @@ import typer
 
 from closedloop.adapters.serving import app_from_runtime
 from closedloop.core.errors import ClosedloopError, DataValidationError
-from closedloop.core.settings import Settings
+from closedloop.core.settings import Settings, select_model
 from closedloop.devtools.airflow_home import ADMIN, airflow_home, ensure_password, home_problem, prepare_home
 from closedloop.devtools.demo import DemoPlan, run_demo
 from closedloop.devtools.generate import GeneratorConfig, simulate, write_landing
@@ -49,6 +50,23 @@ app.add_typer(quarantine_app, name="quarantine")
 
 ActorOption = Annotated[str | None, typer.Option(help="Who is acting, for the record (default: your login name).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _select_model(value: str | None) -> str | None:
+    """``--model``: the model the command works on, for every settings read of this process (and its children)."""
+    if value:
+        os.environ["CLOSEDLOOP_MODEL"] = value.strip()
+    try:
+        select_model()
+    except ClosedloopError as exc:
+        _fail(exc)
+    return value
+
+
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", "-m", callback=_select_model, show_default=False,
+    help="The model (a folder of CLOSEDLOOP_MODELS; default: CLOSEDLOOP_MODEL, else the only model, else the one "
+         "with the root layout).")]
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -126,6 +144,7 @@ def generate(
     structure: Annotated[float, typer.Option(min=0.0, max=3.0, help="Strength of the day factor and the weekly and "
                                              "daily cycles (0: independent days).")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+        model: ModelOption = None,
 ) -> None:
     """Write a seeded data set with the data contract's columns as daily Parquet partitions into the landing zone."""
     progress = _Progress()
@@ -161,7 +180,8 @@ def generate(
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+           model: ModelOption = None) -> None:
     """Show the champion, the candidates with their metrics and decisions, and the promotion history."""
     try:
         rt = _existing_runtime("registry")
@@ -199,6 +219,7 @@ def _finding_line(f: dict) -> str:
 def quarantine_list(
     include_released: Annotated[bool, typer.Option("--all", help="Also list the released partitions.")] = False,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """Every quarantined partition: kind, day, file, rows and hash, when, and the blocking rules."""
     try:
@@ -232,6 +253,7 @@ def quarantine_show(
     kind: Annotated[str, typer.Argument(help="transactions or labels.")],
     day: Annotated[str, typer.Argument(help="The partition's day, YYYY-MM-DD.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole validation report as JSON.")] = False,
+        model: ModelOption = None,
 ) -> None:
     """The validation report of a quarantined partition (its summary; the whole report with --json)."""
     try:
@@ -256,6 +278,7 @@ def quarantine_release(
                     ] = None,
     actor: ActorOption = None,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """Validate a fixed partition again with the same rules; curate it if it passes, else keep it quarantined."""
     try:
@@ -290,6 +313,7 @@ def rollback(
     force: Annotated[bool, typer.Option(help="Allow a version the promotion gate rejected.")] = False,
     actor: ActorOption = None,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """Give `champion` back to the previous champion (or --to VERSION), through the same compare-and-set."""
     try:
@@ -308,6 +332,7 @@ def rollback(
 def history_cmd(
     limit: Annotated[int, typer.Option(min=1, help="How many moves, newest first.")] = 50,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """The promotion history: every move of `champion` (gate, rollback, manual), newest first."""
     try:
@@ -333,6 +358,7 @@ def promote_cmd(
     force: Annotated[bool, typer.Option(help="Allow a version the promotion gate rejected.")] = False,
     actor: ActorOption = None,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """Make VERSION the champion by hand, through the same compare-and-set as the gate (kind `manual`)."""
     try:
@@ -356,6 +382,7 @@ def report(
     html: Annotated[bool, typer.Option("--html", help="Print the Evidently HTML report itself.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report's figures and decision (JSON).")
                        ] = False,
+        model: ModelOption = None,
 ) -> None:
     """Where the drift report is (the newest or --day's), or its contents with --html / --json."""
     if html and as_json:
@@ -434,7 +461,7 @@ def airflow_config(
 
 
 @app.command()
-def env() -> None:
+def env(model: ModelOption = None) -> None:
     """Print the resolved settings as shell exports (eval "$(closedloop env)")."""
     s = _settings()
     values = {
@@ -458,6 +485,7 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request (uvicorn's access log); off by default: "
                                                   "/metrics counts requests by status, and a log line per "
                                                   "request costs the latency of a one-transaction request.")] = False,
+        model: ModelOption = None,
 ) -> None:
     """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see README "Online scoring"."""
     import uvicorn

@@ -12,7 +12,8 @@ from closedloop.core.config_model import ClosedloopConfig
 from closedloop.core.errors import ConfigError
 from closedloop.core.settings import DEFAULT_CONFIG, REPO_ROOT, Config
 
-SHIPPED = [DEFAULT_CONFIG, *sorted((REPO_ROOT / "examples").glob("*/closedloop.yaml")),
+SHIPPED = [*sorted((REPO_ROOT / "models").glob("*/closedloop.yaml")),
+           *sorted((REPO_ROOT / "examples").glob("*/closedloop.yaml")),
            REPO_ROOT / "bench" / "config" / "closedloop.yaml"]
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
+from closedloop.adapters.airflow.models import MODEL_TAG
 from closedloop.core.errors import first_line
 from closedloop.core.settings import Settings
 from closedloop.stages.alerts import make_alert, write_alert
@@ -66,9 +67,6 @@ class ClosedloopNotifier(BaseNotifier):
         except Exception as exc2:  # the alert is in the file; a channel outage must not fail the task
             log.error("alert %s written to the file but not delivered to %s: %s", alert["kind"], settings.alerts,
                       first_line(exc2, 1000))
-
-
-MODEL_TAG = "model:"
 
 
 def model_of(dag: Any) -> str | None:
