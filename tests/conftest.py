@@ -101,7 +101,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     h = tmp_path / "closedloop"
     monkeypatch.setenv("CLOSEDLOOP_HOME", str(h))
     for var in ("CLOSEDLOOP_LAKE_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CLOSEDLOOP_MLFLOW_ARTIFACTS",
-                "CLOSEDLOOP_FEAST_REGISTRY", "CLOSEDLOOP_CONFIG"):
+                "CLOSEDLOOP_FEAST_REGISTRY", "CLOSEDLOOP_CONFIG", "CLOSEDLOOP_MODELS", "CLOSEDLOOP_MODEL"):
         monkeypatch.delenv(var, raising=False)
     return h
 

@@ -559,7 +559,11 @@ class Config:
         try:
             raw = yaml.safe_load(path.read_text())
         except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: configuration file not found (set CLOSEDLOOP_CONFIG)") from exc
+            moved = ""
+            if path.parts[-3:] == ("include", "config", "closedloop.yaml"):
+                moved = ("; the shipped configuration moved to models/card_fraud/closedloop.yaml (unset "
+                         "CLOSEDLOOP_CONFIG to run every model of models/, or point it there)")
+            raise ConfigError(f"{path}: configuration file not found (set CLOSEDLOOP_CONFIG){moved}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):

@@ -23,7 +23,7 @@ import pendulum
 from airflow.sdk import DAG, Asset
 from airflow.sdk.bases.timetable import BaseTimetable
 
-from closedloop.core.errors import ConfigError
+from closedloop.core.errors import ConfigError, PermanentError
 from closedloop.core.schema import load_contract
 from closedloop.core.settings import Config, ModelEntry, check_model_name, model_entries
 
@@ -99,7 +99,7 @@ def for_each_model(kind: str, build: Callable[[ModelDags], Any]) -> list[str]:
                     raise ConfigError(f"{entry.config_path}: model.namespaced=false: the model {root!r} keeps the "
                                       "root layout already; one model of a deployment at most may (remove the key)")
                 root = entry.name
-        except (ConfigError, ValueError) as exc:  # ContractError is a ValueError
+        except (PermanentError, ValueError, OSError) as exc:  # ConfigError, ContractError, an unreadable file
             problem = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
             with DAG(dag_id=entry.dag_id(kind), schedule=RefusedModelConfig(f"model {entry.name}: {problem}"),
                      start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
