@@ -122,7 +122,7 @@ def test_a_broken_model_breaks_only_its_own_settings(folder: Path, tmp_path: Pat
 def test_the_old_configuration_path_says_where_it_moved(tmp_path: Path):
     old = tmp_path / "include" / "config" / "closedloop.yaml"
     s = Settings.from_env(_env(tmp_path, CLOSEDLOOP_CONFIG=str(old)))
-    with pytest.raises(ConfigError, match="moved to models/card_fraud/closedloop.yaml"):
+    with pytest.raises(ConfigError, match=r"moved to models/card_fraud/closedloop\.yaml"):
         _ = s.config
 
 
