@@ -6,7 +6,9 @@ version champion by hand, ``report`` finds the drift reports; ``quarantine list|
 partitions validation rejected, ``rollback`` gives ``champion`` back to an earlier version;
 ``serve`` answers scoring requests online (:mod:`closedloop.adapters.serving`), ``airflow-config`` writes the
 embedded Airflow home and ``env`` prints the settings as shell exports
-(for the ``feast`` and ``mlflow`` CLIs).
+(for the ``feast`` and ``mlflow`` CLIs); ``models`` lists the deployment's models (``models/``) with their DAG
+ids, lake and Feast project. Every command about one model takes ``--model`` (default: ``CLOSEDLOOP_MODEL``,
+else the only model, else the one with the root layout).
 
 Long work (``generate``, ``demo``) reports its progress on stderr, one line per step done with its counts and
 seconds (``[3/78] landing/transactions/2026-03-03.parquet written (2000 rows, 0.1 s)``), so that stdout holds
@@ -26,7 +28,7 @@ import typer
 
 from closedloop.adapters.serving import app_from_runtime
 from closedloop.core.errors import ClosedloopError, DataValidationError
-from closedloop.core.settings import Settings, select_model
+from closedloop.core.settings import Settings, check_model, model_entries, models_dir, select_model
 from closedloop.devtools.airflow_home import ADMIN, airflow_home, ensure_password, home_problem, prepare_home
 from closedloop.devtools.demo import DemoPlan, run_demo
 from closedloop.devtools.generate import GeneratorConfig, simulate, write_landing
@@ -56,10 +58,10 @@ def _select_model(value: str | None) -> str | None:
     """``--model``: the model the command works on, for every settings read of this process (and its children)."""
     if value:
         os.environ["CLOSEDLOOP_MODEL"] = value.strip()
-    try:
-        select_model()
-    except ClosedloopError as exc:
-        _fail(exc)
+        try:
+            select_model()  # an unknown name: one line naming the models, before any work
+        except ClosedloopError as exc:
+            _fail(exc)
     return value
 
 
@@ -460,14 +462,64 @@ def airflow_config(
         typer.echo(f"Airflow login: user {ADMIN}, password {ensure_password(settings)}")
 
 
+KINDS = ("ingest", "batch_scoring", "drift_monitoring", "retraining", "skew_check", "rollback", "housekeeping")
+
+
+@app.command("models")
+def models_cmd(
+    dag_id: Annotated[str | None, typer.Option(
+        "--dag-id", help="Print only the id of this DAG (ingest, retraining...) of the model (--model, or the "
+                         "default one): scripts and the Makefile use it.")] = None,
+    as_json: JsonOption = False,
+    model: ModelOption = None,
+) -> None:
+    """List the deployment's models: DAG ids, lake, Feast project, configuration, and whether it loads."""
+    try:
+        if dag_id is not None:
+            if dag_id not in KINDS:
+                raise ClosedloopError(f"--dag-id {dag_id!r}: one of {', '.join(KINDS)}")
+            typer.echo(select_model().dag_id(dag_id))
+            return
+        try:
+            default = select_model().name
+        except ClosedloopError:  # several models and none is the default: listing them is how to choose
+            default = ""
+        rows = []
+        for entry in model_entries():
+            s = Settings.from_env(model=entry.name)
+            try:
+                check_model(entry)
+                problem = ""
+            except (ClosedloopError, OSError) as exc:
+                problem = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            rows.append({"model": entry.name, "default": entry.name == default,
+                         "layout": "namespaced" if entry.namespaced else "root",
+                         "dag_ids": [entry.dag_id(k) for k in KINDS], "config": str(entry.config_path),
+                         "lake": s.lake_uri, "feast_project": s.feast_project, "problem": problem})
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    single = os.environ.get("CLOSEDLOOP_CONFIG", "").strip()
+    typer.echo(f"models of {'CLOSEDLOOP_CONFIG=' + single if single else models_dir()}:")
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        typer.echo(f"  {r['model']}{mark}: {r['layout']} layout, DAGs {r['dag_ids'][0]}, {r['dag_ids'][3]}..., "
+                   f"lake {r['lake']}, Feast project {r['feast_project']}")
+        if r["problem"]:
+            typer.secho(f"    refused: {r['problem']}", fg=typer.colors.RED)
+
+
 @app.command()
 def env(model: ModelOption = None) -> None:
     """Print the resolved settings as shell exports (eval "$(closedloop env)")."""
     s = _settings()
     values = {
-        "CLOSEDLOOP_HOME": str(s.home), "CLOSEDLOOP_LAKE_URI": s.lake_uri, "AIRFLOW_HOME": str(airflow_home(s)),
-        # the configuration (and so the data set's schema): `feast -c feature_repo plan` derives its objects from it
-        "CLOSEDLOOP_CONFIG": str(s.config_path),
+        "CLOSEDLOOP_HOME": str(s.home), "AIRFLOW_HOME": str(airflow_home(s)),
+        # the model (and so its data set's schema): `feast -c feature_repo plan` derives its objects from it
+        **({"CLOSEDLOOP_MODELS": str(s.models_dir), "CLOSEDLOOP_MODEL": s.model} if s.models_dir is not None
+           else {"CLOSEDLOOP_CONFIG": str(s.config_path)}),
         "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, **feast_env(s),
     }
     for k, v in values.items():

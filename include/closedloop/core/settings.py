@@ -81,6 +81,7 @@ from pydantic import ValidationError
 
 from closedloop.core.config_model import ClosedloopConfig, MonitoringSection, known_keys
 from closedloop.core.errors import ConfigError
+from closedloop.core.schema import load_contract
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # include/closedloop/core/settings.py -> the checkout
 DEFAULT_MODELS = REPO_ROOT / "models"
@@ -389,6 +390,12 @@ class Settings:
     # state is namespaced: lake under models/<name>/, Feast files under feast/<name>/ and project closedloop_<name>
     model: str = ""
     namespaced: bool = False
+    # the folder of models (None with CLOSEDLOOP_CONFIG), and the deployment's lake and Feast registry as set or
+    # defaulted, before the model's namespace: what `closedloop env` exports, so that a later process derives the
+    # same model paths again
+    models_dir: Path | None = None
+    lake_root: str = ""
+    feast_registry_root: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, model: str | None = None) -> Settings:
@@ -430,7 +437,7 @@ class Settings:
             raise ConfigError(f"CLOSEDLOOP_DASK_SCHEDULER={dask_scheduler!r}: expected an address such as "
                               "tcp://dask-scheduler:8786, or empty for a local cluster")
         alerts, slack_conn_id, alert_email = _alert_settings(env)
-        registry = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
+        registry = registry_root = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
         if is_database_url(registry):
             check_database_registry(registry)  # a SQL registry is shared: each model is a Feast project of its own
         elif entry.namespaced:  # a registry file of its own, next to where the root model's would be
@@ -442,6 +449,9 @@ class Settings:
             config_path=entry.config_path,
             model=entry.name,
             namespaced=entry.namespaced,
+            models_dir=None if (env.get("CLOSEDLOOP_CONFIG") or "").strip() else models_dir(env),
+            lake_root=lake_uri,
+            feast_registry_root=registry_root,
             mlflow_tracking_uri=tracking,
             mlflow_registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
             mlflow_artifact_root=artifacts,
@@ -516,6 +526,14 @@ def check_model_name(config: Config, name: str, namespaced: bool) -> None:
     if namespaced and not MODEL_NAME.fullmatch(config.model_name):
         raise ConfigError(f"{config.path}: model.name={config.model_name!r}: a namespaced model's name is "
                           "lowercase letters, digits and '_', starting with a letter (at most 40)")
+
+
+def check_model(entry: ModelEntry) -> Config:
+    """Load ``entry``'s configuration and schema as its tasks will; ConfigError / ContractError when refused."""
+    config = Config.load(entry.config_path)
+    check_model_name(config, entry.name, entry.namespaced)
+    load_contract(config.schema_path)
+    return config
 
 
 def validate_config(raw: dict[str, Any], path: Path) -> ClosedloopConfig:

@@ -24,8 +24,7 @@ from airflow.sdk import DAG, Asset
 from airflow.sdk.bases.timetable import BaseTimetable
 
 from closedloop.core.errors import ConfigError, PermanentError
-from closedloop.core.schema import load_contract
-from closedloop.core.settings import Config, ModelEntry, check_model_name, model_entries
+from closedloop.core.settings import ModelEntry, check_model, model_entries
 
 MODEL_TAG = "model:"
 
@@ -74,13 +73,6 @@ class RefusedModelConfig(BaseTimetable):
 
     def validate(self) -> None:
         raise ConfigError(self.problem)
-
-
-def check_model(entry: ModelEntry) -> None:
-    """Load ``entry``'s configuration and schema as its tasks will (ConfigError / ContractError when refused)."""
-    config = Config.load(entry.config_path)
-    check_model_name(config, entry.name, entry.namespaced)
-    load_contract(config.schema_path)
 
 
 def for_each_model(kind: str, build: Callable[[ModelDags], Any]) -> list[str]:
