@@ -33,8 +33,9 @@ def churn(tmp_path_factory, airflow_db, dagbag):
         mp.setenv("CLOSEDLOOP_HOME", str(home))
         mp.delenv("CLOSEDLOOP_CONFIG", raising=False)
         mp.setenv("CLOSEDLOOP_MODEL", "churn")  # what --model sets: restored when the module's tests end
-        result = CliRunner().invoke(app, ["generate", "--model", "churn", "--start", "2026-01-01", "--days", "32", "--customers", "300",
-                                          "--transactions-per-day", "800", "--fraud-rate", "0.05", "--seed", "5"])
+        result = CliRunner().invoke(app, ["generate", "--model", "churn", "--start", "2026-01-01", "--days", "32",
+                                          "--customers", "300", "--transactions-per-day", "800",
+                                          "--fraud-rate", "0.05", "--seed", "5"])
         assert result.exit_code == 0, result.output
         rt = Runtime.from_env("churn")
         assert rt.contract.name == "churn" and rt.model_name == "churn"
