@@ -156,16 +156,6 @@ class AlertSettings:
                    smtp_conn_id=(env.get("CLOSEDLOOP_SMTP_CONN_ID") or "smtp_default").strip())
 
 
-def section_keys(section: str, raw: dict[str, Any] | None, known: Any) -> dict[str, Any]:
-    """``raw`` (a configuration section) as a dict; ConfigError naming any key the dataclass ``known`` lacks."""
-    raw = dict(raw or {})
-    fields = known.__dataclass_fields__
-    unknown = set(raw) - set(fields)
-    if unknown:
-        raise ConfigError(f"{section}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
-    return raw
-
-
 def _number(env: dict[str, str], name: str, default: float) -> float:
     """A non-negative number from ``env[name]`` (``default`` when unset or empty)."""
     raw = env.get(name, "").strip()
@@ -426,7 +416,10 @@ def validate_config(raw: dict[str, Any], path: Path) -> ClosedloopConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The versioned configuration file: data set, model, training, gate and ingest policy."""
+    """The versioned configuration file: data set, model, training, gate and ingest policy.
+
+    Code reads :attr:`typed` (every key known and typed, every default filled in); :attr:`raw` is the file as
+    parsed (its hash is the lineage's, and a test may copy and change it to build another configuration)."""
 
     path: Path
     raw: dict[str, Any]
@@ -456,24 +449,12 @@ class Config:
     @property
     def schema_path(self) -> Path:
         """The data contract (schema file) of the data set, relative paths taken from the config's folder."""
-        p = Path(self.raw["dataset"]["schema"])
+        p = Path(self.typed.dataset.schema_)
         return p if p.is_absolute() else (self.path.parent / p).resolve()
 
     @property
     def model_name(self) -> str:
-        return str(self.raw["model"]["name"])
-
-    @property
-    def training(self) -> dict[str, Any]:
-        return dict(self.raw["training"])
-
-    @property
-    def gate(self) -> dict[str, Any]:
-        return dict(self.raw["gate"])
-
-    @property
-    def ingest(self) -> dict[str, Any]:
-        return dict(self.raw.get("ingest", {}))
+        return self.typed.model.name
 
     @property
     def monitoring(self) -> MonitoringSection:
@@ -481,14 +462,6 @@ class Config:
         if self.typed.monitoring is None:
             raise ConfigError(f"{self.path}: no monitoring section (monitoring and calibration need one)")
         return self.typed.monitoring
-
-    @property
-    def serving(self) -> dict[str, Any]:
-        return dict(self.raw.get("serving") or {})
-
-    @property
-    def skew(self) -> dict[str, Any]:
-        return dict(self.raw.get("skew") or {})
 
     def sha256(self) -> str:
         """Content hash of the configuration file (lineage)."""
