@@ -214,7 +214,8 @@ def test_an_unreachable_channel_is_logged_and_changes_nothing_else(runtime, airf
         assert f"alert {kind} written to the file but not delivered to {channel}" in caplog.text, caplog.text
 
 
-def test_a_bad_channel_setting_fails_only_the_alerting_with_its_message(runtime, airflow_db, monkeypatch, caplog):
+def test_a_bad_channel_setting_fails_only_the_alerting_with_its_message(runtime, airflow_db, monkeypatch, caplog,
+                                                                        reliability):
     """CLOSEDLOOP_ALERTS=pager: the task that alerts fails with the setting's message (its alert still filed), the
     failure callback says it in the log, and the task that only works succeeds."""
     monkeypatch.setenv("CLOSEDLOOP_ALERTS", "pager")
@@ -222,3 +223,7 @@ def test_a_bad_channel_setting_fails_only_the_alerting_with_its_message(runtime,
     assert set(_file_alerts(runtime.settings, dr.run_id)) == {"validation_failed", "promoted"}
     message = "CLOSEDLOOP_ALERTS='pager': use one of file, slack, email"
     assert caplog.text.count(f"written to the file but not delivered: {message}") == 2, caplog.text[-3000:]
+    reliability.record("fault", "a bad alert channel setting (CLOSEDLOOP_ALERTS=pager) in a DAG run",
+                       "the task that alerts fails with the one-line ConfigError naming the variable, the failure "
+                       "callback logs it; the task that only works succeeds; every DAG still imports",
+                       "nothing (both alerts are in alerts.jsonl)")
