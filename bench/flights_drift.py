@@ -116,7 +116,7 @@ class Champion:
         if self.oos is None:
             rounds = int(self.booster.num_boosted_rounds())
             self.oos = reference_window(self.parts["train"], self.parts["validation"], self.parts["holdout"],
-                                        contract, config.training, rounds, "cpu")
+                                        contract, config.typed.training, rounds, "cpu")
             scored = self.oos[self.oos["score"].notna()]
             self.performance = performance.calibrate_reference(scored["score"].to_numpy(),
                                                                scored[contract.label].to_numpy(), window_rows)
@@ -125,7 +125,7 @@ class Champion:
 
 def train_champion(frame: pd.DataFrame, contract: DataContract, config: Config, start: date, end: date,
                    version: int, split: dict[str, Any]) -> tuple[Champion, dict[str, Any]]:
-    training = config.training
+    training = config.typed.training
     window = days(frame, start, end)
     parts = time_split(window, contract, split)
     booster, threshold = fit(parts["train"], parts["validation"], contract, training, "cpu")
@@ -175,7 +175,7 @@ def calibrated_policy(contract: DataContract, config: Config) -> Judge:
     def judge(champ: Champion, window: pd.DataFrame, seed: int) -> tuple[bool, list[str], dict[str, Any]]:
         if champ.calibration is None:
             assert champ.oos is not None
-            want = min(len(champ.oos), int(config.training.get("reference_sample_rows", 5000)))
+            want = min(len(champ.oos), config.typed.training.reference_sample_rows)
             ref = champ.oos.sample(n=want, random_state=0).sort_index()
             importance = champ.booster.get_score(importance_type="total_gain")
             champ.calibration = (calibration.reference_calibration(champ.oos, ref, contract, raw, importance), ref)
@@ -211,12 +211,13 @@ def replay(frame: pd.DataFrame, contract: DataContract, config: Config, judge: J
     mon = config.raw["monitoring"]
     policy = DriftPolicy.from_config(mon)
     window_days = int(mon["window_days"])
-    confirm = int(mon.get("confirm_windows", 1))
-    retrain_days = int(mon.get("retrain_window_days", 14))
+    confirm = config.monitoring.confirm_windows
+    retrain_days = config.monitoring.retrain_window_days
     window_rows = int(len(days(frame, FIRST_DAY, FIRST_DAY + timedelta(days=CHAMPION_DAYS))) / CHAMPION_DAYS
                       * window_days)
     end = FIRST_DAY + timedelta(days=CHAMPION_DAYS)
-    champ, _ = train_champion(frame, contract, config, FIRST_DAY, end, 1, config.training["split"])
+    split = config.typed.training.split.model_dump(exclude_none=True)
+    champ, _ = train_champion(frame, contract, config, FIRST_DAY, end, 1, split)
     champ.calibrate(contract, config, window_rows)
     records: list[dict[str, Any]] = []
     retrainings: list[dict[str, Any]] = []
@@ -240,14 +241,13 @@ def replay(frame: pd.DataFrame, contract: DataContract, config: Config, judge: J
         now = pd.Timestamp(day, tz="UTC").to_pydatetime()
         if retrain and drift and streak >= confirm and not in_cooldown(last_trigger, now, policy):
             last_trigger = now
-            split = {**config.training["split"], "holdout_days": 1}
             cand, held = train_champion(frame, contract, config, day - timedelta(days=retrain_days), day,
-                                        champ.version + 1, split)
+                                        champ.version + 1, {**split, "holdout_days": 1})
             hold = held["holdout"]
             champ_scores = predict(champ.booster, hold, contract)
             champ_metrics = classification_metrics(held["y"], champ_scores, champ.threshold)
             decision = gate_decide({**held["metrics"], "positives": float(held["y"].sum())}, champ_metrics,
-                                   config.gate, candidate_version=str(cand.version),
+                                   config.typed.gate, candidate_version=str(cand.version),
                                    champion_version=str(champ.version),
                                    scores=Scores(y=held["y"], candidate=held["scores"], champion=champ_scores))
             retrainings.append({"end": day.isoformat(), "candidate": cand.version, "outcome": decision.outcome,

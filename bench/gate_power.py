@@ -139,10 +139,10 @@ def main() -> None:
 
     config = Config.load(DEFAULT_CONFIG)
     contract = load_contract(config.schema_path)
-    policy = config.gate
+    policy = config.typed.gate.model_dump()  # a dict: --confidence changes it
     if args.confidence:
         policy["bootstrap"] = {**policy["bootstrap"], "confidence": args.confidence}
-    training = {**config.training, "params": {**config.training["params"], "nthread": 2}}
+    training = {**config.typed.training.model_dump(), "params": {**config.typed.training.params, "nthread": 2}}
 
     t0 = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in SCENARIOS}

@@ -277,7 +277,7 @@ def scenarios(per_day: int, reference_days: int, window_days: int, windows: int)
             ref_days = frame[(day >= WARMUP_DAYS) & (day < WARMUP_DAYS + reference_days)]
             cut = WARMUP_DAYS + reference_days * 0.7
             train, val = ref_days[day[ref_days.index] < cut], ref_days[day[ref_days.index] >= cut]
-            booster, threshold = fit(train, val, contract, config.training, "cpu")
+            booster, threshold = fit(train, val, contract, config.typed.training, "cpu")
             quality = {"roc_auc": classification_metrics(val[contract.label].to_numpy(),
                                                          predict(booster, val, contract), threshold)["roc_auc"]}
             reference = ref_days.sample(n=min(len(ref_days), REFERENCE_MAX), random_state=0).reset_index(drop=True)

@@ -166,7 +166,7 @@ def run(w: World, quick: bool) -> list[Result]:
         materialize_window(warm.store, warm.defs, w.window.start, w.window.start, 0)
         rt = fresh_runtime(w, tmp / "sqlite")
         c = rt.contract
-        overlap = int(rt.settings.config.ingest.get("materialize_overlap_days", 1))
+        overlap = rt.settings.config.typed.ingest.materialize_overlap_days
         lo, hi = to_utc(w.window.start - timedelta(days=overlap)), to_utc(w.window.end)
         entities = len(latest_rows(rt, lo, hi))
         data_mib = read_rows(rt, lo, hi).nbytes / 2**20  # what both read: the interval's offline rows

@@ -53,10 +53,10 @@ def run(w: World, quick: bool) -> list[Result]:
     try:
         rt = w.runtime()
         cfg = rt.settings.config
-        ensure_experiment(rt.client, rt.settings, cfg.raw["model"]["experiment"])  # the store's tables, once
+        ensure_experiment(rt.client, rt.settings, cfg.typed.model.experiment)  # the store's tables, once
         _pyplot()
         c = rt.contract
-        tcfg = cfg.training
+        tcfg = cfg.typed.training
 
         # -- the project: the train task, with its fit, plots and model upload timed from inside ------------
         parts: dict[str, Measurement] = {}
@@ -92,13 +92,13 @@ def run(w: World, quick: bool) -> list[Result]:
         y_val = validation[c.label].to_numpy()
         n_train = len(train)
         del train, validation
-        params = {**tcfg["params"], "device": "cpu"}
+        params = {**tcfg.params, "device": "cpu"}
 
         def bare() -> Any:
             dtrain = xgb.DMatrix(x_train, label=y_train)
             dval = xgb.DMatrix(x_val, label=y_val)
-            return xgb.train(params, dtrain, num_boost_round=int(tcfg["num_boost_round"]),
-                             evals=[(dval, "validation")], early_stopping_rounds=int(tcfg["early_stopping_rounds"]),
+            return xgb.train(params, dtrain, num_boost_round=tcfg.num_boost_round,
+                             evals=[(dval, "validation")], early_stopping_rounds=tcfg.early_stopping_rounds,
                              verbose_eval=False)
 
         floor = measure(bare)

@@ -112,7 +112,6 @@ def mismatches(project: Any, floor: Any, contract: Any) -> int:
 def run(w: World, quick: bool) -> list[Result]:
     from closedloop.stages import retraining as stages
     from closedloop.stages.features import (
-        DEFAULT_PART_ROWS,
         apply_definitions,
         historical_features,
         read_labelled_window,
@@ -131,7 +130,7 @@ def run(w: World, quick: bool) -> list[Result]:
         rt = fresh_runtime(w, tmp / "home", lake=tmp / "lake")
         c, cfg = rt.contract, rt.settings.config
         apply_definitions(rt.store, rt.defs)
-        grace = int(cfg.ingest.get("label_grace_days", 21))
+        grace = cfg.typed.ingest.label_grace_days
         labelled, _, _ = read_labelled_window(rt.lake, c, w.window.start, w.window.end, grace)
         historical_features(rt.store, rt.defs, labelled.head(100), c)  # Feast's, DuckDB's first-use setup
         point_in_time_features(rt.store, rt.defs, labelled.head(100), c)  # the reader's view and connection
@@ -164,7 +163,7 @@ def run(w: World, quick: bool) -> list[Result]:
         del project, figure, floor
         labelled = None  # the task reads the window itself
 
-        split, part_rows = cfg.training["split"], int(cfg.training.get("part_rows", DEFAULT_PART_ROWS))
+        split, part_rows = cfg.typed.training.split.model_dump(exclude_none=True), cfg.typed.training.part_rows
         figure = measure(lambda: stages.build_training_set(rt, w.window))
         floor = measure(lambda: floor_task(rt, w.window.start, w.window.end, grace, split, part_rows,
                                            tmp / "floor"))

@@ -95,7 +95,7 @@ def test_a_bad_setting_of_another_kind_breaks_no_dag_import(tmp_path: Path):
     """Parsing reads only the scheduling settings: a bad alert channel, online store or Dask address fails the
     tasks that read them (with its message), not the import of every DAG."""
     from closedloop.core.errors import ConfigError
-    from closedloop.core.settings import Settings
+    from closedloop.core.settings import AlertSettings, Settings
 
     env = os.environ.copy()
     env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = "sqlite:////nonexistent-closedloop-dir/airflow.db"
@@ -108,9 +108,12 @@ def test_a_bad_setting_of_another_kind_breaks_no_dag_import(tmp_path: Path):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["errors"] == {}
     assert report["dags"] == DAG_IDS
-    # the tasks that build their settings get the message (and fail at once: ConfigError is permanent)
+    # every task reads its settings whatever the alert channel says; the alerting gets the message (and fails at
+    # once: ConfigError is permanent), tests/integration/test_alert_delivery.py runs it
+    pager = {**os.environ, "CLOSEDLOOP_ALERTS": "pager"}
+    assert Settings.from_env(pager).config_path.exists()
     with pytest.raises(ConfigError, match="CLOSEDLOOP_ALERTS='pager'"):
-        Settings.from_env({**os.environ, "CLOSEDLOOP_ALERTS": "pager"})
+        AlertSettings.from_env(pager)
     # a bad scheduling setting still fails the import, where it is needed, with its name
     env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////nonexistent-closedloop-dir/airflow.db",
            "CLOSEDLOOP_TRAINING_QUEUE": "g p u"}

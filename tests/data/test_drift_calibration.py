@@ -108,7 +108,7 @@ def world(seed: int) -> World:
         contract = load_contract(cfg.schema_path)
         monitoring = cfg.raw["monitoring"]
         policy = DriftPolicy.from_config(monitoring)
-        tcfg = {**cfg.training, "num_boost_round": min(80, int(cfg.training["num_boost_round"]))}
+        tcfg = cfg.typed.training.model_copy(update={"num_boost_round": min(80, cfg.typed.training.num_boost_round)})
         frame = simulated(contract, seed)
         _FRAMES[(seed, "none")] = frame
         ref_days = days(frame, WARMUP_DAYS, REFERENCE_DAYS).sort_values(contract.event_timestamp, kind="stable")

@@ -120,7 +120,8 @@ def world(contract: DataContract) -> World:
     train = days(frame, WARMUP_DAYS, 10)
     validation = days(frame, WARMUP_DAYS + 10, 2)
     holdout = days(frame, WARMUP_DAYS + 12, 2)
-    training = {**Config.load(DEFAULT_CONFIG).training, "num_boost_round": 150, "early_stopping_rounds": 20}
+    training = Config.load(DEFAULT_CONFIG).typed.training.model_copy(
+        update={"num_boost_round": 150, "early_stopping_rounds": 20})
     booster, threshold = fit(train, validation, contract, training, "cpu")
     quality = classification_metrics(holdout[contract.label].to_numpy(), predict(booster, holdout, contract),
                                      threshold)

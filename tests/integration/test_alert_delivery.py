@@ -82,7 +82,7 @@ def smtp_server() -> Iterator[tuple[int, list]]:
 
 
 def _dag(dag_id: str):
-    """One task fails (its callback alerts), one succeeds after raising an alert itself."""
+    """One task fails (its callback alerts), one succeeds after raising an alert itself, one only works."""
     from airflow.sdk import dag, get_current_context, task
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -100,13 +100,20 @@ def _dag(dag_id: str):
             send("promoted", "fraud v7 is the champion (was v6)", get_current_context(), severity="info",
                  details={"version": "7"})
 
+        @task
+        def work():  # reads its settings and configuration, alerts nothing
+            from closedloop.core.settings import Settings
+
+            return Settings.from_env().config.typed.model.name
+
         validate()
         promote()
+        work()
 
     return alerting()
 
 
-def _run(dag_id: str):
+def _run(dag_id: str, expect: dict[str, str] | None = None):
     """``dag.test()`` runs DAGs of a bundle: write this one to the metadata DB first, as the DAG processor would."""
     from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
@@ -123,7 +130,7 @@ def _run(dag_id: str):
         from airflow.api.common.delete_dag import delete_dag
 
         delete_dag(dag_id)
-    assert states == {"validate": "failed", "promote": "success"}, states
+    assert states == (expect or {"validate": "failed", "promote": "success", "work": "success"}), states
     return dr
 
 
@@ -205,3 +212,18 @@ def test_an_unreachable_channel_is_logged_and_changes_nothing_else(runtime, airf
     assert set(_file_alerts(runtime.settings, dr.run_id)) == {"validation_failed", "promoted"}
     for kind in ("validation_failed", "promoted"):
         assert f"alert {kind} written to the file but not delivered to {channel}" in caplog.text, caplog.text
+
+
+def test_a_bad_channel_setting_fails_only_the_alerting_with_its_message(runtime, airflow_db, monkeypatch, caplog,
+                                                                        reliability):
+    """CLOSEDLOOP_ALERTS=pager: the task that alerts fails with the setting's message (its alert still filed), the
+    failure callback says it in the log, and the task that only works succeeds."""
+    monkeypatch.setenv("CLOSEDLOOP_ALERTS", "pager")
+    dr = _run("alerts_bad_channel", {"validate": "failed", "promote": "failed", "work": "success"})
+    assert set(_file_alerts(runtime.settings, dr.run_id)) == {"validation_failed", "promoted"}
+    message = "CLOSEDLOOP_ALERTS='pager': use one of file, slack, email"
+    assert caplog.text.count(f"written to the file but not delivered: {message}") == 2, caplog.text[-3000:]
+    reliability.record("fault", "a bad alert channel setting (CLOSEDLOOP_ALERTS=pager) in a DAG run",
+                       "the task that alerts fails with the one-line ConfigError naming the variable, the failure "
+                       "callback logs it; the task that only works succeeds",
+                       "nothing (both alerts are in alerts.jsonl)")

@@ -151,7 +151,7 @@ def _log_tiny_model(rt) -> dict:
 
     from closedloop.stages.registry import ensure_experiment
 
-    exp_id = ensure_experiment(rt.client, rt.settings, rt.settings.config.raw["model"]["experiment"])
+    exp_id = ensure_experiment(rt.client, rt.settings, rt.settings.config.typed.model.experiment)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 3))
     booster = xgb.train({"objective": "binary:logistic", "nthread": 1}, xgb.DMatrix(x, label=x[:, 0] > 0), 2)
@@ -311,7 +311,7 @@ def test_monitoring_does_not_pile_up_triggers_while_a_retraining_is_active(runti
     rt = runtime
     window = Window(date(2026, 6, 10), date(2026, 6, 12))
     exp_id = ensure_experiment(rt.client, rt.settings, EXPERIMENT)
-    confirm = int(rt.settings.config.raw["monitoring"].get("confirm_windows", 1))
+    confirm = rt.settings.config.monitoring.confirm_windows
     runs = {}
     for k in range(confirm):  # this window and the ones before it drifted: a confirmed regime
         w = Window(window.start - timedelta(days=k), window.end - timedelta(days=k))

@@ -121,15 +121,15 @@ def test_a_slice_of_the_real_flights_gives_feasts_features_and_scores(home, monk
         assert got[c.entity_features].notna().any(axis=None)
     # the training set's join (closedloop.stages.features.build_training_set) on the labelled rows of the slice's
     # window: the same rows as Feast's, the same training set as one joined by Feast
-    grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
+    grace = rt.settings.config.typed.ingest.label_grace_days
+    split = rt.settings.config.typed.training.split.model_dump(exclude_none=True)
     labelled, _, _ = read_labelled_window(rt.lake, c, date(2013, 7, 1), date(2013, 7, 7), grace)
     assert len(labelled) > 1000
     whole = _assert_same(rt, labelled, booster)
     ts = build_training_set(rt.store, rt.defs, rt.lake, c, date(2013, 7, 1), date(2013, 7, 7),
-                            label_grace_days=grace, split=rt.settings.config.training["split"])
+                            label_grace_days=grace, split=split)
     columns = [c.row_key, c.entity, c.event_timestamp, *c.model_features, c.label]
-    by_feast = time_split(historical_features(rt.store, rt.defs, labelled, c)[columns], c,
-                          rt.settings.config.training["split"])
+    by_feast = time_split(historical_features(rt.store, rt.defs, labelled, c)[columns], c, split)
     assert whole[c.entity_features].notna().any(axis=None)
     for s in SPLITS:
         pd.testing.assert_frame_equal(read_training_split(rt.lake, ts.uri, s), by_feast[s].reset_index(drop=True),

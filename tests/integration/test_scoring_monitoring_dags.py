@@ -179,7 +179,7 @@ def test_the_reference_is_the_champions_own(world):
     assert set(rt.contract.model_features) <= set(reference.columns)
     # a sample of the whole training window (train, validation and holdout), with an out-of-sample score each
     window_rows = sum(int(run.data.params[f"rows_{s}"]) for s in ("train", "validation", "holdout"))
-    assert len(reference) == min(int(rt.settings.config.training["reference_sample_rows"]), window_rows)
+    assert len(reference) == min(rt.settings.config.typed.training.reference_sample_rows, window_rows)
     assert reference["score"].notna().all() and reference["score"].between(0, 1).all()
     assert reference[rt.contract.event_timestamp].is_monotonic_increasing
     assert quality["roc_auc"] == run.data.metrics["holdout_roc_auc"]

@@ -97,7 +97,7 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     assert again["data_sha256"] == ts["data_sha256"] and again["uri"] == ts["uri"]
 
     # a large window goes to Feast in chunks of (entity, time) pairs: the same features, row for row
-    grace = int(rt.settings.config.ingest.get("label_grace_days", 21))
+    grace = rt.settings.config.typed.ingest.label_grace_days
     labelled, _, _ = read_labelled_window(rt.lake, c, WINDOW.start, WINDOW.end, grace)
     whole = historical_features(rt.store, rt.defs, labelled, c)
     assert len(labelled) > 2 * 97
@@ -109,7 +109,8 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
     # training set joined by Feast
     pd.testing.assert_frame_equal(point_in_time_features(rt.store, rt.defs, labelled, c), whole, check_exact=True)
     columns = [c.row_key, c.entity, c.event_timestamp, *c.model_features, c.label]
-    by_feast = time_split(whole[columns], c, rt.settings.config.training["split"])
+    split = rt.settings.config.typed.training.split.model_dump(exclude_none=True)
+    by_feast = time_split(whole[columns], c, split)
     for s in SPLITS:
         pd.testing.assert_frame_equal(by_feast[s].reset_index(drop=True), frames[s], check_exact=True)
     digest = hashlib.sha256()
@@ -119,5 +120,5 @@ def test_training_set_keeps_every_labelled_row_with_point_in_time_features(lande
 
     # training.pit_join sizes Feast's calls where the bounded read does not apply; the training set is the same
     small = build_training_set(rt.store, rt.defs, rt.lake, c, WINDOW.start, WINDOW.end, label_grace_days=grace,
-                               split=rt.settings.config.training["split"], pit_join={"calls": 7, "min_rows": 1})
+                               split=split, pit_join={"calls": 7, "min_rows": 1})
     assert small.data_sha256 == ts["data_sha256"] and small.uri == ts["uri"]

@@ -186,9 +186,9 @@ def test_the_dask_engine_never_holds_a_whole_split_in_one_frame(world, monkeypat
     monkeypatch.setattr(Lake, "read_parquet", refuse)
     monkeypatch.setattr(engine, "feature_frame", recording)
     rt, ts = world["rt"], world["ts"]
-    config = world["settings"]["dask"].config.training
-    fitted = engine.fit_on_dask(rt.lake, ts["uri"], rt.contract, {**config, "num_boost_round": 5}, "cpu",
-                                train_rows=ts["rows"]["train"])
+    config = world["settings"]["dask"].config.typed.training
+    fitted = engine.fit_on_dask(rt.lake, ts["uri"], rt.contract, config.model_copy(update={"num_boost_round": 5}),
+                                "cpu", train_rows=ts["rows"]["train"])
     assert fitted.engine == "dask" and fitted.model.num_boosted_rounds() <= 5
     assert engine.read_split(rt.lake, ts["uri"], "train").npartitions > 2
     rows = [n for n in seen if n > 0]

@@ -88,7 +88,7 @@ def _window(year: pd.DataFrame, rt: Runtime, window: Window) -> dict[str, pd.Dat
     frame = frame.merge(compute_entity_features(frame, c), on=[c.entity, c.event_timestamp], how="left",
                         validate="many_to_one")
     frame = frame[frame[c.event_timestamp] >= start]
-    return time_split(frame, c, rt.settings.config.training["split"])
+    return time_split(frame, c, rt.settings.config.typed.training.split.model_dump(exclude_none=True))
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def world(tmp_path_factory) -> World:
             "lucky": train(rt.settings, "lucky"),
             "few_rounds": train(_settings_with(rt, tmp, "few_rounds", {"num_boost_round": 3}), "clean"),
             "stump": train(_settings_with(rt, tmp, "stump", {"num_boost_round": 1, "params": {
-                **rt.settings.config.training["params"], "max_depth": 1}}), "clean"),
+                **rt.settings.config.typed.training.params, "max_depth": 1}}), "clean"),
             "other_schema": train(rt.settings, "clean", other),
         }
         yield World(rt, sets, models, tmp)

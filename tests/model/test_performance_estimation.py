@@ -73,7 +73,8 @@ def _frame(contract: DataContract, scenario: str) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def world(contract: DataContract) -> World:
     frame = _frame(contract, "none")
-    training = {**Config.load(DEFAULT_CONFIG).training, "num_boost_round": 150, "early_stopping_rounds": 20}
+    training = Config.load(DEFAULT_CONFIG).typed.training.model_copy(
+        update={"num_boost_round": 150, "early_stopping_rounds": 20})
     booster, _ = fit(_days(frame, WARMUP, TRAIN - 3), _days(frame, WARMUP + TRAIN - 3, 3), contract, training, "cpu")
     ref = _days(frame, WARMUP + TRAIN, REFERENCE)
     window_rows = len(ref) // (REFERENCE // WINDOW)  # a two-day window's rows, on average

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from closedloop.core.errors import ConfigError
-from closedloop.core.settings import Settings
+from closedloop.core.settings import AlertSettings, Settings
 from closedloop.stages.alerts import (
     alerts_path,
     check_arrivals,
@@ -38,18 +38,21 @@ def test_alerts_are_json_lines_appended_to_the_home(runtime):
         make_alert("promoted", " ")
 
 
-def test_channel_settings_are_checked():
-    assert Settings.from_env({}).alerts == "file"
+def test_channel_settings_are_checked_when_alerts_are_delivered_not_with_the_settings(tmp_path):
+    assert AlertSettings.from_env({}).channel == "file"
     with pytest.raises(ConfigError, match="CLOSEDLOOP_ALERTS='pager': use one of file, slack, email"):
-        Settings.from_env({"CLOSEDLOOP_ALERTS": "pager"})
+        AlertSettings.from_env({"CLOSEDLOOP_ALERTS": "pager"})
     with pytest.raises(ConfigError, match="needs CLOSEDLOOP_SLACK_WEBHOOK"):
-        Settings.from_env({"CLOSEDLOOP_ALERTS": "slack"})
+        AlertSettings.from_env({"CLOSEDLOOP_ALERTS": "slack"})
     with pytest.raises(ConfigError, match="holds a URL: give the id of an Airflow connection"):
-        Settings.from_env({"CLOSEDLOOP_ALERTS": "slack", "CLOSEDLOOP_SLACK_WEBHOOK": "https://hooks.slack.com/x"})
+        AlertSettings.from_env({"CLOSEDLOOP_ALERTS": "slack", "CLOSEDLOOP_SLACK_WEBHOOK": "https://hooks.slack.com/x"})
     with pytest.raises(ConfigError, match="needs CLOSEDLOOP_ALERT_EMAIL"):
-        Settings.from_env({"CLOSEDLOOP_ALERTS": "email"})
-    s = Settings.from_env({"CLOSEDLOOP_ALERTS": "email", "CLOSEDLOOP_ALERT_EMAIL": "a@x.org, b@x.org"})
-    assert (s.alert_email, s.smtp_conn_id) == (("a@x.org", "b@x.org"), "smtp_default")
+        AlertSettings.from_env({"CLOSEDLOOP_ALERTS": "email"})
+    s = AlertSettings.from_env({"CLOSEDLOOP_ALERTS": "email", "CLOSEDLOOP_ALERT_EMAIL": "a@x.org, b@x.org"})
+    assert (s.emails, s.smtp_conn_id) == (("a@x.org", "b@x.org"), "smtp_default")
+    # every other task reads its settings whatever the alert channel says
+    for bad in ({"CLOSEDLOOP_ALERTS": "pager"}, {"CLOSEDLOOP_ALERTS": "slack"}, {"CLOSEDLOOP_ALERTS": "email"}):
+        assert Settings.from_env({"CLOSEDLOOP_HOME": str(tmp_path), **bad}).home == tmp_path.resolve()
 
 
 def _context(exc: BaseException | None = None):
@@ -81,6 +84,20 @@ def test_a_channel_that_cannot_deliver_never_loses_the_alert(runtime, monkeypatc
     send("promoted", "v2 is the champion", _context(), severity="info")  # no connection slack_alerts is defined
     assert [a["summary"] for a in read_alerts(runtime.settings)] == ["v2 is the champion"]
     assert "not delivered to slack" in caplog.text and "slack_alerts" in caplog.text
+
+
+def test_a_bad_channel_setting_fails_the_alerting_with_its_message_after_the_alert_is_filed(runtime, monkeypatch,
+                                                                                             caplog):
+    from closedloop.adapters.airflow.notifier import ClosedloopNotifier, send
+
+    monkeypatch.setenv("CLOSEDLOOP_ALERTS", "pager")
+    with pytest.raises(ConfigError, match="CLOSEDLOOP_ALERTS='pager': use one of file, slack, email") as err:
+        send("promoted", "v2 is the champion", _context(), severity="info")
+    assert "\n" not in str(err.value) and err.value.__cause__ is None
+    with pytest.raises(ConfigError, match="CLOSEDLOOP_ALERTS='pager'"):  # as an on_failure_callback too
+        ClosedloopNotifier("validation_failed", severity="error")(_context(RuntimeError("bad file")))
+    assert [a["kind"] for a in read_alerts(runtime.settings)] == ["promoted", "validation_failed"]
+    assert caplog.text.count("written to the file but not delivered: CLOSEDLOOP_ALERTS='pager'") == 2
 
 
 def test_drift_and_gate_alerts():

@@ -57,8 +57,9 @@ def test_settings() -> None:
     assert CalibrationSettings.from_config({"gap_days": 0}).gap_days == 0
     with pytest.raises(ConfigError, match="gap_days"):
         CalibrationSettings.from_config({"gap_days": -1})
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"monitoring\.calibration: gap: unknown key"):
         CalibrationSettings.from_config({"gap": 2})
+    assert CalibrationSettings.from_config(CalibrationSettings(gap_days=3)).gap_days == 3
     assert CalibrationSettings.from_config(None).peak_min_importance == 0.1
     with pytest.raises(ConfigError, match="peak_min_importance"):
         CalibrationSettings.from_config({"peak_min_importance": 0})

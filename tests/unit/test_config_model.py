@@ -87,8 +87,10 @@ def test_the_defaults_are_the_documented_ones():
         "local", 500_000, 28, 5000)
     assert (c.training.pit_join.calls, c.training.pit_join.min_rows, c.training.pit_join.max_rows) == (
         20, 125_000, 1_000_000)
-    assert (c.gate.margin, c.gate.min_holdout_positives, c.gate.floor, c.gate.guards) == (0.0, 0, None, {})
-    assert (c.gate.bootstrap.resamples, c.gate.bootstrap.confidence, c.gate.bootstrap.seed) == (0, 0.95, 0)
+    assert (c.gate.margin, c.gate.min_holdout_positives, c.gate.floor, c.gate.guards) == (
+        0.002, 20, None, {"pr_auc": 0.02, "log_loss": 0.01})
+    assert (c.gate.bootstrap.resamples, c.gate.bootstrap.confidence, c.gate.bootstrap.seed) == (1000, 0.95, 0)
+    assert c.training.dask.local_cluster.model_dump() == {"n_workers": 2, "threads_per_worker": 1, "processes": False}
     assert c.monitoring is None
     assert c.serving.model_dump() == {"max_batch": 1000, "poll_seconds": 30.0, "shadow_share": 0.1,
                                       "log_flush_rows": 5000, "log_flush_seconds": 10.0}
@@ -100,18 +102,71 @@ def test_the_defaults_are_the_documented_ones():
                                            "keep_versions_days": 365, "keep_airflow_days": 30}
 
 
-def test_the_section_defaults_agree_with_the_code_that_applies_them():
-    from dataclasses import asdict
+def _key_paths(d: dict, path: tuple[str, ...] = ()):
+    for key, value in d.items():
+        yield (*path, key)
+        if isinstance(value, dict) and key not in ("params", "guards", "key_features"):  # free-form maps
+            yield from _key_paths(value, (*path, key))
 
+
+# the keys whose default is not the shipped file's value, each for a reason its description gives
+NOT_THE_SHIPPED_VALUE = {
+    "gate.floor",                   # on the scale of primary_metric, which has no default: unset, no floor
+    "monitoring",                   # unset: no monitoring, no calibration at training
+    "monitoring.key_features",      # names of the shipped data set's features
+}
+
+
+def test_an_omitted_key_gets_the_shipped_value():
+    """A new user who leaves a key out gets what the shipped configuration says, the safe value (a gate margin,
+    a bootstrap, guards, two confirming windows of drift...), not a permissive one."""
+    import copy
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    full = ClosedloopConfig.model_validate(raw)
+    differs, optional = set(), 0
+    for path in _key_paths(raw):
+        fewer = copy.deepcopy(raw)
+        section = fewer
+        for key in path[:-1]:
+            section = section[key]
+        del section[path[-1]]
+        try:
+            typed = ClosedloopConfig.model_validate(fewer)
+        except ValueError:  # a required key
+            continue
+        optional += 1
+        if typed != full:
+            differs.add(".".join(path))
+    assert optional > 40 and differs == NOT_THE_SHIPPED_VALUE
+
+
+def test_the_code_that_applies_a_section_gets_the_model_defaults_when_it_is_omitted(tmp_path):
+    """Serving, skew, calibration, the point-in-time join's sizes and the local Dask cluster take their defaults
+    from the model (config_model), nowhere else: a configuration without those sections gets them."""
     from closedloop.adapters.serving import ServingConfig
-    from closedloop.core.config_model import CalibrationSection, ServingSection, SkewSection
-    from closedloop.stages import feast_store
+    from closedloop.core.config_model import CalibrationSection, PitJoinSection, ServingSection, SkewSection
     from closedloop.stages.calibration import CalibrationSettings
+    from closedloop.stages.feast_store import pit_chunk_rows
     from closedloop.stages.skew import SkewPolicy
 
-    assert ServingSection().model_dump() == asdict(ServingConfig())
-    assert SkewSection().model_dump() == asdict(SkewPolicy())
-    assert CalibrationSection().model_dump() == asdict(CalibrationSettings())
-    pit = ClosedloopConfig.model_fields["training"].annotation.model_fields["pit_join"].default_factory()
-    assert (pit.calls, pit.min_rows, pit.max_rows) == (feast_store.PIT_CALLS, feast_store.PIT_MIN_ROWS,
-                                                       feast_store.PIT_MAX_ROWS)
+    def drop(raw):
+        for section in ("serving", "skew"):
+            del raw[section]
+        del raw["monitoring"]["calibration"], raw["training"]["pit_join"], raw["training"]["dask"]
+
+    typed = _load_with(tmp_path, drop).typed
+    assert ServingConfig.from_typed(typed.serving) == ServingConfig() and ServingConfig().model_dump() == (
+        ServingSection().model_dump())
+    assert SkewPolicy.from_typed(typed.skew) == SkewPolicy() and SkewPolicy().model_dump() == (
+        SkewSection().model_dump())
+    assert CalibrationSettings.from_config(typed.monitoring.calibration).model_dump() == (
+        CalibrationSection().model_dump())
+    assert typed.training.pit_join == PitJoinSection()
+    assert [pit_chunk_rows(n, typed.training.pit_join) for n in (1, 10**7, 10**9)] == [
+        pit_chunk_rows(n) for n in (1, 10**7, 10**9)]
+    # and a bad value is refused by the code that applies it, in its words
+    with pytest.raises(ConfigError, match=r"serving\.shadow_share=1\.5: a share between 0 and 1"):
+        ServingConfig.from_typed(ServingSection(shadow_share=1.5))
+    with pytest.raises(ConfigError, match="max_mismatch_share in"):
+        SkewPolicy.from_typed(SkewSection(max_mismatch_share=2.0))

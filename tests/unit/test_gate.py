@@ -19,10 +19,12 @@ from closedloop.stages.gate import (
     _weighted_metric,
     bootstrap_interval,
     decide,
+    gate_policy,
 )
 
+# the point-estimate rule alone: no bootstrap, no floor (explicitly: the defaults are the shipped file's, strict)
 POLICY = {"primary_metric": "roc_auc", "margin": 0.002, "guards": {"pr_auc": 0.02, "log_loss": 0.01},
-          "min_holdout_positives": 20}
+          "min_holdout_positives": 20, "bootstrap": {"resamples": 0}, "floor": None}
 BOOT = {**POLICY, "bootstrap": {"resamples": 1000, "confidence": 0.95, "seed": 0}, "floor": 0.6}
 CHAMP = {"roc_auc": 0.90, "pr_auc": 0.50, "log_loss": 0.05, "positives": 100}
 
@@ -150,12 +152,30 @@ def test_the_bootstrap_needs_its_inputs():
     [
         ({"resamples": -1}, "resamples must be >= 0"),
         ({"resamples": 100, "confidence": 1.0}, "confidence strictly between"),
-        ({"resamples": "many"}, "must be integers"),
+        ({"resamples": "many"}, r"gate\.bootstrap\.resamples: Input should be a valid integer"),
+        ({"resample": 10}, r"gate\.bootstrap\.resample: unknown key"),
     ],
 )
 def test_a_bad_bootstrap_section_is_refused(bootstrap, match):
     with pytest.raises(ConfigError, match=match):
         decide(_cand(), CHAMP, {**POLICY, "bootstrap": bootstrap}, candidate_version="2", champion_version="1")
+
+
+def test_a_policy_that_omits_keys_gets_the_strict_defaults():
+    """Only primary_metric is required; the rest defaults to the shipped configuration's strict values."""
+    policy = gate_policy({"primary_metric": "roc_auc"})
+    assert (policy.margin, policy.min_holdout_positives, policy.floor) == (0.002, 20, None)
+    assert (policy.bootstrap.resamples, policy.bootstrap.confidence, policy.guards) == (
+        1000, 0.95, {"pr_auc": 0.02, "log_loss": 0.01})
+    with pytest.raises(TypeError, match=r"gate\.bootstrap is on"):  # the interval is needed: no point-estimate win
+        decide(_cand(roc_auc=0.95), CHAMP, {"primary_metric": "roc_auc"}, candidate_version="2", champion_version="1")
+    d = decide(_cand(roc_auc=0.9015), CHAMP, {"primary_metric": "roc_auc", "bootstrap": {"resamples": 0}},
+               candidate_version="2", champion_version="1")
+    assert d.outcome == REJECT and "does not exceed the margin 0.002" in d.reason
+    with pytest.raises(ConfigError, match=r"no bootstrap for primary metric 'recall_at_fpr'; use one of .* or set "
+                       r"gate\.bootstrap\.resamples to 0"):
+        decide(_cand(recall_at_fpr=0.5), CHAMP, {"primary_metric": "recall_at_fpr"}, candidate_version="2",
+               champion_version="1")
 
 
 def test_no_bootstrap_for_a_threshold_metric():

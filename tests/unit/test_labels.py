@@ -89,7 +89,7 @@ def test_a_non_finite_task_result_fails_at_once_instead_of_being_retried():
 
 
 def _policy():
-    return Config.load(DEFAULT_CONFIG).gate
+    return Config.load(DEFAULT_CONFIG).typed.gate
 
 
 def test_the_gate_distrusts_a_model_far_below_chance_and_the_override_says_who():

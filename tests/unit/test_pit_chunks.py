@@ -6,7 +6,11 @@ import math
 
 import pytest
 
-from closedloop.stages.features import PIT_CALLS, PIT_MAX_ROWS, PIT_MIN_ROWS, pit_chunk_rows
+from closedloop.core.config_model import PitJoinSection
+from closedloop.stages.features import pit_chunk_rows
+
+DEFAULT = PitJoinSection()  # what a configuration without training.pit_join gets
+PIT_CALLS, PIT_MIN_ROWS, PIT_MAX_ROWS = DEFAULT.calls, DEFAULT.min_rows, DEFAULT.max_rows
 
 
 @pytest.mark.parametrize("pairs", [1, 99_999, 1_000_000, 2_500_001, 10_100_000, 20_000_000, 50_000_000, 10**9])
@@ -23,6 +27,8 @@ def test_the_pairs_go_in_about_the_configured_number_of_calls_within_the_bounds(
 
 
 def test_the_configuration_overrides_each_bound():
+    assert pit_chunk_rows(1000, PitJoinSection(calls=7, min_rows=1)) == pit_chunk_rows(1000, {"calls": 7,
+                                                                                               "min_rows": 1})
     assert math.ceil(1000 / pit_chunk_rows(1000, {"calls": 7, "min_rows": 1})) == 7
     assert pit_chunk_rows(10_000_000, {"max_rows": 200_000}) == 200_000
     assert pit_chunk_rows(10, {"min_rows": 50, "max_rows": 50}) == 50

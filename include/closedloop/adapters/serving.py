@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from pydantic import model_validator
+
+from closedloop.core.config_model import ServingSection
 from closedloop.core.errors import ConfigError
 from closedloop.core.served import SERVED, SHADOW, served_uri
-from closedloop.core.settings import section_keys
 from closedloop.stages.model import _declared_index, predict_inplace
 from closedloop.stages.registry import CHAMPION, alias_version, load_booster
 from closedloop.stages.scoring import version_info
@@ -54,26 +56,23 @@ SERVED_AT, REQUEST_ID = "served_at", "request_id"
 
 
 # -- configuration -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServingConfig:
-    """The ``serving:`` section of the configuration file (every key has a default)."""
+class ServingConfig(ServingSection):
+    """The ``serving:`` section of the configuration: its keys, types and defaults are
+    :class:`~closedloop.core.config_model.ServingSection`'s, its ranges are checked here (ConfigError)."""
 
-    max_batch: int = 1000
-    poll_seconds: float = 30.0
-    shadow_share: float = 0.1
-    log_flush_rows: int = 5000
-    log_flush_seconds: float = 10.0
-
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any] | None) -> ServingConfig:
-        raw = section_keys("serving", raw, cls)
-        cfg = cls(**raw)
-        if cfg.max_batch < 1 or cfg.poll_seconds <= 0 or cfg.log_flush_rows < 1 or cfg.log_flush_seconds <= 0:
+    @model_validator(mode="after")
+    def _ranges(self) -> ServingConfig:
+        if self.max_batch < 1 or self.poll_seconds <= 0 or self.log_flush_rows < 1 or self.log_flush_seconds <= 0:
             raise ConfigError("serving: max_batch and log_flush_rows must be >= 1, poll_seconds and "
                               "log_flush_seconds > 0")
-        if not 0.0 <= cfg.shadow_share <= 1.0:
-            raise ConfigError(f"serving.shadow_share={cfg.shadow_share}: a share between 0 and 1")
-        return cfg
+        if not 0.0 <= self.shadow_share <= 1.0:
+            raise ConfigError(f"serving.shadow_share={self.shadow_share}: a share between 0 and 1")
+        return self
+
+    @classmethod
+    def from_typed(cls, section: ServingSection) -> ServingConfig:
+        """The configuration's typed ``serving`` section (``Config.typed.serving``), its ranges checked."""
+        return cls.model_validate(section.model_dump())
 
 
 # -- errors answered as HTTP statuses ------------------------------------------------------------
@@ -688,4 +687,4 @@ def app_from_runtime(rt: Any) -> FastAPI:
     """The app on a :class:`~closedloop.stages.runtime.Runtime`'s collaborators, configured by ``serving:``."""
     return create_app(contract=rt.contract, store=rt.store, defs=rt.defs, client=rt.client,
                       model_name=rt.model_name, lake=rt.lake,
-                      config=ServingConfig.from_raw(rt.settings.config.serving), token=rt.settings.serve_token)
+                      config=ServingConfig.from_typed(rt.settings.config.typed.serving), token=rt.settings.serve_token)

@@ -6,6 +6,9 @@ missing required key or a value of the wrong type is refused when the file is lo
 reference ``docs/reference/configuration.md`` is generated from this module:
 ``python -m closedloop.devtools.config_reference``).
 
+Every default is the value a new user should get: the safe one, the shipped file's (an omitted key is as strict
+as the shipped configuration: a gate margin, a bootstrap, guards, two confirming windows of drift).
+
 What is checked here: keys and types (strictly: ``"5"`` is not a number, ``true`` is not a count). The ranges and
 the rules between keys (a share between 0 and 1, ``min_rows <= max_rows``, a bootstrap metric...) stay with the
 code that applies each section, which states them in its own words: :class:`closedloop.stages.drift.DriftPolicy`,
@@ -68,9 +71,10 @@ class SplitSection(Section):
 class LocalClusterSection(Section):
     model_config = ConfigDict(extra="allow")  # passed to dask.distributed.LocalCluster as keyword arguments
 
-    n_workers: int = Field(1, description="Workers of the LocalCluster (at most one per GPU on CUDA).")
-    threads_per_worker: int | None = Field(None, description="Threads per worker (unset: Dask's default).")
-    processes: bool | None = Field(None, description="Workers as processes (unset: Dask's default).")
+    n_workers: int = Field(2, description="Workers of the LocalCluster (at most one per GPU on CUDA).")
+    threads_per_worker: int | None = Field(1, description="Threads per worker (null: Dask's default).")
+    processes: bool | None = Field(False, description="Workers as processes (false: threads, no worker processes "
+                                   "to spawn under an Airflow task; null: Dask's default).")
 
 
 class DaskSection(Section):
@@ -115,9 +119,10 @@ class TrainingSection(Section):
 
 # -- gate -----------------------------------------------------------------------------------------------
 class BootstrapSection(Section):
-    resamples: int = Field(0, description="Paired bootstrap of the primary metric's gain on the holdout (positives "
-                           "and negatives resampled apart); the interval's lower bound must exceed the margin too. "
-                           "0 disables it.")
+    resamples: int = Field(1000, description="Paired bootstrap of the primary metric's gain on the holdout "
+                           "(positives and negatives resampled apart); the interval's lower bound must exceed the "
+                           "margin too. 0 disables it (needed with a primary metric that has no bootstrap: roc_auc, "
+                           "pr_auc and log_loss have one).")
     confidence: float = Field(0.95, description="Confidence of the bootstrap interval.")
     seed: int = Field(0, description="Seed of the resampling.")
 
@@ -125,17 +130,20 @@ class BootstrapSection(Section):
 class GateSection(Section):
     primary_metric: str = Field(description="The metric the candidate must beat the champion on (e.g. roc_auc, "
                                 "higher is better).")
-    margin: float = Field(0.0, description="The candidate must beat the champion by at least this much.")
-    guards: dict[str, float] = Field(default_factory=dict, description="metric: the largest loss tolerated (in the "
-                                     "metric's worse direction).")
-    min_holdout_positives: int = Field(0, description="Fewer positives in the holdout: \"insufficient evidence\", "
+    margin: float = Field(0.002, description="The candidate must beat the champion by at least this much.")
+    guards: dict[str, float] = Field(default_factory=lambda: {"pr_auc": 0.02, "log_loss": 0.01}, description="metric: "
+                                     "the largest loss tolerated (in the metric's worse direction); `{}`: none.")
+    min_holdout_positives: int = Field(20, description="Fewer positives in the holdout: \"insufficient evidence\", "
                                        "champion kept.")
     bootstrap: BootstrapSection = Field(default_factory=BootstrapSection,
                                         description="The bootstrap interval of the primary metric's gain.")
     floor: float | None = Field(None, description="With an unusable champion (deleted, unloadable, trained on "
                                 "another schema) nothing can be compared: the candidate replaces it only if it "
                                 "reaches this primary metric on its own, point estimate and the interval's worse "
-                                "bound both (a ceiling for a lower-is-better metric). Unset: no floor.")
+                                "bound both (a ceiling for a lower-is-better metric). Unset (the default): no floor, "
+                                "an unusable champion is never replaced by the gate (fix or roll it back). It has no "
+                                "default value because it is on the scale of `primary_metric`, which has none "
+                                "either: 0.6, right for roc_auc, would be a ceiling almost any log_loss clears.")
 
 
 # -- monitoring -----------------------------------------------------------------------------------------
@@ -178,7 +186,7 @@ class MonitoringSection(Section):
                                 "below the holdout's.")
     min_labelled_positives: int = Field(description="Labelled positives the window needs for its realised quality "
                                         "to count.")
-    confirm_windows: int = Field(1, description="Drift must be seen in this many consecutive windows (each one day "
+    confirm_windows: int = Field(2, description="Drift must be seen in this many consecutive windows (each one day "
                                  "later) before retraining starts.")
     retrain_window_days: int = Field(14, description="A drift-triggered retraining trains on this many days ending "
                                      "with the drifted window, holding out its last day (the new regime).")

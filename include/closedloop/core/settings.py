@@ -63,7 +63,8 @@ Environment variables (all optional):
   ``file`` (default: nowhere else), ``slack`` (the Slack provider's webhook notifier, on the Airflow connection
   named by ``CLOSEDLOOP_SLACK_WEBHOOK``: a connection id, never the URL) or ``email`` (Airflow's SMTP provider,
   to ``CLOSEDLOOP_ALERT_EMAIL``, comma-separated, over the connection ``CLOSEDLOOP_SMTP_CONN_ID``, default
-  ``smtp_default``). See :mod:`closedloop.stages.alerts`.
+  ``smtp_default``). See :mod:`closedloop.stages.alerts`. Read by :class:`AlertSettings` when an alert is
+  delivered (not by :class:`Settings`): a bad value fails the alerting, with its message, not every task.
 """
 
 from __future__ import annotations
@@ -130,32 +131,40 @@ def check_uri(uri: str, roots: list[str] | tuple[str, ...], what: str) -> str:
 ALERT_CHANNELS = ("file", "slack", "email")
 
 
-def _alert_settings(env: dict[str, str]) -> tuple[str, str, tuple[str, ...]]:
-    """``CLOSEDLOOP_ALERTS`` and what its channel needs, checked (see the module doc)."""
-    channel = (env.get("CLOSEDLOOP_ALERTS") or "file").strip().lower()
-    if channel not in ALERT_CHANNELS:
-        raise ConfigError(f"CLOSEDLOOP_ALERTS={channel!r}: use one of {', '.join(ALERT_CHANNELS)}")
-    slack = (env.get("CLOSEDLOOP_SLACK_WEBHOOK") or "").strip()
-    if "://" in slack:
-        raise ConfigError("CLOSEDLOOP_SLACK_WEBHOOK holds a URL: give the id of an Airflow connection that holds the "
-                          "webhook (e.g. AIRFLOW_CONN_SLACK_ALERTS), so that the secret stays in Airflow's secrets")
-    if channel == "slack" and not slack:
-        raise ConfigError("CLOSEDLOOP_ALERTS=slack needs CLOSEDLOOP_SLACK_WEBHOOK: the id of an Airflow connection "
-                          "of type slackwebhook")
-    emails = tuple(e.strip() for e in (env.get("CLOSEDLOOP_ALERT_EMAIL") or "").split(",") if e.strip())
-    if channel == "email" and not emails:
-        raise ConfigError("CLOSEDLOOP_ALERTS=email needs CLOSEDLOOP_ALERT_EMAIL: the recipients, comma-separated")
-    return channel, slack, emails
+@dataclass(frozen=True)
+class AlertSettings:
+    """``CLOSEDLOOP_ALERTS`` and what its channel needs (see the module doc), checked.
 
+    Read by the notifier when it delivers an alert (:meth:`from_env`), never by :class:`Settings`: a bad value
+    fails the task that alerts (or its failure callback), with its one-line message, not every task that reads
+    the settings.
+    """
 
-def section_keys(section: str, raw: dict[str, Any] | None, known: Any) -> dict[str, Any]:
-    """``raw`` (a configuration section) as a dict; ConfigError naming any key the dataclass ``known`` lacks."""
-    raw = dict(raw or {})
-    fields = known.__dataclass_fields__
-    unknown = set(raw) - set(fields)
-    if unknown:
-        raise ConfigError(f"{section}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
-    return raw
+    channel: str = "file"
+    slack_conn_id: str = ""
+    emails: tuple[str, ...] = ()
+    smtp_conn_id: str = "smtp_default"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> AlertSettings:
+        """The alert settings of ``env`` (default: ``os.environ``); ConfigError naming the variable when bad."""
+        env = dict(os.environ if env is None else env)
+        channel = (env.get("CLOSEDLOOP_ALERTS") or "file").strip().lower()
+        if channel not in ALERT_CHANNELS:
+            raise ConfigError(f"CLOSEDLOOP_ALERTS={channel!r}: use one of {', '.join(ALERT_CHANNELS)}")
+        slack = (env.get("CLOSEDLOOP_SLACK_WEBHOOK") or "").strip()
+        if "://" in slack:
+            raise ConfigError("CLOSEDLOOP_SLACK_WEBHOOK holds a URL: give the id of an Airflow connection that holds "
+                              "the webhook (e.g. AIRFLOW_CONN_SLACK_ALERTS), so that the secret stays in Airflow's "
+                              "secrets")
+        if channel == "slack" and not slack:
+            raise ConfigError("CLOSEDLOOP_ALERTS=slack needs CLOSEDLOOP_SLACK_WEBHOOK: the id of an Airflow "
+                              "connection of type slackwebhook")
+        emails = tuple(e.strip() for e in (env.get("CLOSEDLOOP_ALERT_EMAIL") or "").split(",") if e.strip())
+        if channel == "email" and not emails:
+            raise ConfigError("CLOSEDLOOP_ALERTS=email needs CLOSEDLOOP_ALERT_EMAIL: the recipients, comma-separated")
+        return cls(channel=channel, slack_conn_id=slack, emails=emails,
+                   smtp_conn_id=(env.get("CLOSEDLOOP_SMTP_CONN_ID") or "smtp_default").strip())
 
 
 def _number(env: dict[str, str], name: str, default: float) -> float:
@@ -379,10 +388,6 @@ class Settings:
     training_pod_template: str = ""
     dask_scheduler: str = ""
     serve_token: str = field(default="", repr=False)
-    alerts: str = "file"
-    slack_conn_id: str = ""
-    alert_email: tuple[str, ...] = ()
-    smtp_conn_id: str = "smtp_default"
     # CLOSEDLOOP_MLFLOW_UI_URL as set (checked), empty when unset: the links' base, derived from it or from the
     # tracking URI, is closedloop.adapters.airflow.links.mlflow_ui_url
     mlflow_ui_url: str = ""
@@ -436,7 +441,6 @@ class Settings:
         if dask_scheduler and "://" not in dask_scheduler:
             raise ConfigError(f"CLOSEDLOOP_DASK_SCHEDULER={dask_scheduler!r}: expected an address such as "
                               "tcp://dask-scheduler:8786, or empty for a local cluster")
-        alerts, slack_conn_id, alert_email = _alert_settings(env)
         registry = registry_root = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
         if is_database_url(registry):
             check_database_registry(registry)  # a SQL registry is shared: each model is a Feast project of its own
@@ -471,10 +475,6 @@ class Settings:
             training_pod_template=scheduling.training_pod_template,
             dask_scheduler=dask_scheduler,
             serve_token=env.get("CLOSEDLOOP_SERVE_TOKEN", "").strip(),
-            alerts=alerts,
-            slack_conn_id=slack_conn_id,
-            alert_email=alert_email,
-            smtp_conn_id=(env.get("CLOSEDLOOP_SMTP_CONN_ID") or "smtp_default").strip(),
         )
 
     def check_uri(self, uri: str, what: str) -> str:
@@ -560,7 +560,10 @@ def validate_config(raw: dict[str, Any], path: Path) -> ClosedloopConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The versioned configuration file: data set, model, training, gate and ingest policy."""
+    """The versioned configuration file: data set, model, training, gate and ingest policy.
+
+    Code reads :attr:`typed` (every key known and typed, every default filled in); :attr:`raw` is the file as
+    parsed (its hash is the lineage's, and a test may copy and change it to build another configuration)."""
 
     path: Path
     raw: dict[str, Any]
@@ -594,24 +597,12 @@ class Config:
     @property
     def schema_path(self) -> Path:
         """The data contract (schema file) of the data set, relative paths taken from the config's folder."""
-        p = Path(self.raw["dataset"]["schema"])
+        p = Path(self.typed.dataset.schema_)
         return p if p.is_absolute() else (self.path.parent / p).resolve()
 
     @property
     def model_name(self) -> str:
-        return str(self.raw["model"]["name"])
-
-    @property
-    def training(self) -> dict[str, Any]:
-        return dict(self.raw["training"])
-
-    @property
-    def gate(self) -> dict[str, Any]:
-        return dict(self.raw["gate"])
-
-    @property
-    def ingest(self) -> dict[str, Any]:
-        return dict(self.raw.get("ingest", {}))
+        return self.typed.model.name
 
     @property
     def monitoring(self) -> MonitoringSection:
@@ -619,14 +610,6 @@ class Config:
         if self.typed.monitoring is None:
             raise ConfigError(f"{self.path}: no monitoring section (monitoring and calibration need one)")
         return self.typed.monitoring
-
-    @property
-    def serving(self) -> dict[str, Any]:
-        return dict(self.raw.get("serving") or {})
-
-    @property
-    def skew(self) -> dict[str, Any]:
-        return dict(self.raw.get("skew") or {})
 
     def sha256(self) -> str:
         """Content hash of the configuration file (lineage)."""

@@ -42,6 +42,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError, model_validator
+
+from closedloop.core.config_model import CalibrationSection
 from closedloop.core.errors import ConfigError
 from closedloop.stages import performance
 from closedloop.stages.drift_policy import DriftPolicy, _clean, _kinds, _prepared, _sample
@@ -67,44 +70,42 @@ SOURCE_OWN = "own"            # the schema's ``drift: {threshold: x}`` (or a mon
 SOURCE_EXCLUDED = "excluded"  # schema ``drift: {exclude: true}``: measured and reported, not used
 
 
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """``monitoring.calibration`` of the configuration."""
+class CalibrationSettings(CalibrationSection):
+    """``monitoring.calibration`` of the configuration: its keys, types and defaults are
+    :class:`~closedloop.core.config_model.CalibrationSection`'s, its ranges are checked here (ConfigError)."""
 
-    enabled: bool = True
-    min_chunks: int = 10
-    std_multiplier: float = 3.0
-    # features whose share of the model's importance (total gain: what it relies on overall) below this: reported only
-    min_importance: float = 0.02
-    # days left out of the reference on each side of a chunk (None: window_days)
-    gap_days: int | None = None
-    # features with at least this share of the model's total gain also decide alone (the peak of their excesses)
-    peak_min_importance: float = 0.1
+    @model_validator(mode="after")
+    def _ranges(self) -> CalibrationSettings:
+        if self.min_chunks < 2:
+            raise ConfigError(f"monitoring.calibration.min_chunks={self.min_chunks}: must be >= 2")
+        if self.std_multiplier < 0:
+            raise ConfigError(f"monitoring.calibration.std_multiplier={self.std_multiplier}: must be >= 0")
+        if self.gap_days is not None and self.gap_days < 0:
+            raise ConfigError(f"monitoring.calibration.gap_days={self.gap_days}: must be >= 0")
+        if not 0.0 <= self.min_importance < 1.0:
+            raise ConfigError(f"monitoring.calibration.min_importance={self.min_importance}: must be in [0, 1)")
+        if not 0.0 < self.peak_min_importance <= 1.0:
+            raise ConfigError(f"monitoring.calibration.peak_min_importance={self.peak_min_importance}: must be in "
+                              "(0, 1] (1: no feature decides alone)")
+        return self
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any] | None) -> CalibrationSettings:
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - {"enabled", "min_chunks", "std_multiplier", "min_importance",
-                                 "gap_days", "peak_min_importance"})
-        if unknown:
-            raise ConfigError(f"monitoring.calibration: unknown key(s) {unknown}")
-        out = cls(enabled=bool(cfg.get("enabled", True)), min_chunks=int(cfg.get("min_chunks", 10)),
-                  std_multiplier=float(cfg.get("std_multiplier", 3.0)),
-                  min_importance=float(cfg.get("min_importance", 0.02)),
-                  gap_days=None if cfg.get("gap_days") is None else int(cfg["gap_days"]),
-                  peak_min_importance=float(cfg.get("peak_min_importance", 0.1)))
-        if out.min_chunks < 2:
-            raise ConfigError(f"monitoring.calibration.min_chunks={out.min_chunks}: must be >= 2")
-        if out.std_multiplier < 0:
-            raise ConfigError(f"monitoring.calibration.std_multiplier={out.std_multiplier}: must be >= 0")
-        if out.gap_days is not None and out.gap_days < 0:
-            raise ConfigError(f"monitoring.calibration.gap_days={out.gap_days}: must be >= 0")
-        if not 0.0 <= out.min_importance < 1.0:
-            raise ConfigError(f"monitoring.calibration.min_importance={out.min_importance}: must be in [0, 1)")
-        if not 0.0 < out.peak_min_importance <= 1.0:
-            raise ConfigError(f"monitoring.calibration.peak_min_importance={out.peak_min_importance}: must be in "
-                              "(0, 1] (1: no feature decides alone)")
-        return out
+    def from_config(cls, cfg: CalibrationSection | dict[str, Any] | None) -> CalibrationSettings:
+        """The typed section (``Config.typed.monitoring.calibration``), or its dict as
+        ``MonitoringSection.model_dump()`` gives it (None: every default), its ranges checked."""
+        if isinstance(cfg, CalibrationSection):
+            cfg = cfg.model_dump()
+        try:
+            return cls.model_validate(dict(cfg or {}))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: "
+                                 + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                                 for e in exc.errors())
+            raise ConfigError(f"monitoring.calibration: {problems}") from None
+
+
+# the multiplier of thresholds logged without one (std_multiplier 0: fixed thresholds, or an older file)
+DEFAULT_STD_MULTIPLIER = CalibrationSection().std_multiplier
 
 
 @dataclass
@@ -139,14 +140,16 @@ class Calibration:
             # threshold is recomputed on the chunks' statistics kept with them, so it matches what decide() computes
             n = len(next(iter(out.chunk_statistics.values())))
             values = [aggregate({c: v[i] for c, v in out.chunk_statistics.items()}, out) for i in range(n)]
-            out.aggregate = {**agg, **_band([v for v in values if v is not None], out.std_multiplier or 3.0),
+            out.aggregate = {**agg, **_band([v for v in values if v is not None],
+                                                                out.std_multiplier or DEFAULT_STD_MULTIPLIER),
                              "statistic": AGGREGATE_STATISTIC}
             out.why += "; the input drift's threshold recomputed on the chunks for the current statistic"
         if out.calibrated and out.peak is None and out.chunk_statistics and out.weights:
             # thresholds logged before the peak rule: its threshold is set on the chunks' statistics kept with them
             # (the decision's weights stand for the shares of the model's total gain)
-            top = [n for n, w in out.weights.items() if w >= CalibrationSettings.peak_min_importance]
-            out.peak = _peak_band(out.chunk_statistics, out, top, CalibrationSettings.peak_min_importance)
+            least = CalibrationSettings().peak_min_importance
+            top = [n for n, w in out.weights.items() if w >= least]
+            out.peak = _peak_band(out.chunk_statistics, out, top, least)
             if out.peak is not None:
                 out.why += "; the input peak's threshold computed on the chunks kept with them"
         return out
@@ -229,7 +232,7 @@ def contribution(name: str, score: float | None, calibration: Calibration) -> fl
     ``std_multiplier``. A feature with a threshold but no chunk spread (fixed, ``calibrate: false``) counts
     ``std_multiplier x score / threshold``; a feature without a score counts as at its threshold (a broken feed
     is not silence)."""
-    k = calibration.std_multiplier or 3.0
+    k = calibration.std_multiplier or DEFAULT_STD_MULTIPLIER
     f = calibration.features.get(name) or {}
     if score is None:
         return k
@@ -273,7 +276,7 @@ def _peak_band(chunk_statistics: dict[str, list[float | None]], calibration: Cal
     probe = Calibration(mode=MODE_CALIBRATED, why="", features=calibration.features, weights=calibration.weights,
                         std_multiplier=calibration.std_multiplier, peak={"features": features})
     peaks = [p[0] for p in (peak({c: v[i] for c, v in chunk_statistics.items()}, probe) for i in range(n)) if p]
-    k = calibration.std_multiplier or 3.0
+    k = calibration.std_multiplier or DEFAULT_STD_MULTIPLIER
     band = _band(peaks, k)
     if band["threshold"] is not None:
         # never looser than each feature's own rule (``k`` std past its chunks' mean): with a dozen chunks the

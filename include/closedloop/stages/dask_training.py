@@ -34,6 +34,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from closedloop.core.config_model import LocalClusterSection
 from closedloop.core.metrics import classification_metrics, threshold_at_fpr
 from closedloop.stages.features import training_split_parts
 from closedloop.stages.model import Fitted, cuda_device_count, feature_frame, trimmed
@@ -44,26 +45,27 @@ if TYPE_CHECKING:
     import pandas as pd
     from distributed import Client
 
+    from closedloop.core.config_model import TrainingSection
     from closedloop.core.lake import Lake
     from closedloop.core.schema import DataContract
 
 log = logging.getLogger(__name__)
 
-# a LocalCluster for the task when no scheduler is named: small, and threads (no worker processes to spawn
-# under an Airflow task); training.dask.local_cluster overrides any of these
-LOCAL_CLUSTER = {"n_workers": 2, "threads_per_worker": 1, "processes": False}
-
-
 @contextlib.contextmanager
-def dask_client(scheduler: str = "", local_cluster: dict[str, Any] | None = None) -> Iterator[Client]:
-    """A Dask client on the scheduler at ``scheduler``, or on a LocalCluster that lives as long as the block."""
+def dask_client(scheduler: str = "", local_cluster: LocalClusterSection | None = None) -> Iterator[Client]:
+    """A Dask client on the scheduler at ``scheduler``, or on a LocalCluster that lives as long as the block.
+
+    ``local_cluster`` is ``training.dask.local_cluster`` of the configuration (default: the model's: small, and
+    threads, no worker processes to spawn under an Airflow task); its unset keys are left to Dask.
+    """
     from distributed import Client, LocalCluster
 
     if scheduler:
         with Client(scheduler, timeout="60s") as client:
             yield client
         return
-    kwargs = {**LOCAL_CLUSTER, **(local_cluster or {}), "dashboard_address": None}
+    given = (local_cluster or LocalClusterSection()).model_dump()
+    kwargs = {**{k: v for k, v in given.items() if v is not None}, "dashboard_address": None}
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         yield client
 
@@ -127,18 +129,19 @@ def reference_stats(frame: dd.DataFrame, contract: DataContract) -> dict[str, An
     return stats
 
 
-def fit_on_dask(lake: Lake, uri: str, contract: DataContract, config: dict[str, Any], device: str, *,
+def fit_on_dask(lake: Lake, uri: str, contract: DataContract, config: TrainingSection, device: str, *,
                 scheduler: str = "", train_rows: int | None = None) -> Fitted:
-    """Train on the training set at ``uri`` on a Dask cluster; see the module's docstring for what it does."""
+    """Train on the training set at ``uri`` on a Dask cluster; see the module's docstring for what it does.
+
+    ``config`` is the configuration's typed ``training`` section (``Config.typed.training``)."""
     from xgboost import dask as dxgb
 
-    dask_config = dict(config.get("dask") or {})
-    local_cluster = dict(dask_config.get("local_cluster") or {})
+    local_cluster = config.dask.local_cluster
     if device == "cuda" and not scheduler:
         # XGBoost's GPU collective (NCCL) takes one GPU per worker: a local cluster gets one worker per
         # visible device (a remote cluster is the operator's: dask-cuda starts one worker per GPU)
-
-        local_cluster["n_workers"] = max(1, min(int(local_cluster.get("n_workers", 1)), cuda_device_count()))
+        local_cluster = local_cluster.model_copy(
+            update={"n_workers": max(1, min(local_cluster.n_workers, cuda_device_count()))})
     with dask_client(scheduler, local_cluster) as client:
         frames = {split: read_split(lake, uri, split) for split in ("train", "validation", "holdout")}
         matrices = {split: model_matrix(f, contract) for split, f in frames.items()}
@@ -148,19 +151,19 @@ def fit_on_dask(lake: Lake, uri: str, contract: DataContract, config: dict[str, 
                  frames["train"].npartitions, len(client.scheduler_info(n_workers=-1)["workers"]))
         dtrain = dxgb.DaskQuantileDMatrix(client, x["train"], y["train"])
         dval = dxgb.DaskQuantileDMatrix(client, x["validation"], y["validation"], ref=dtrain)
-        params = {**config["params"], "device": device}
-        out = dxgb.train(client, params, dtrain, num_boost_round=int(config["num_boost_round"]),
-                         evals=[(dval, "validation")], early_stopping_rounds=int(config["early_stopping_rounds"]),
+        params = {**config.params, "device": device}
+        out = dxgb.train(client, params, dtrain, num_boost_round=config.num_boost_round,
+                         evals=[(dval, "validation")], early_stopping_rounds=config.early_stopping_rounds,
                          verbose_eval=False)
         booster = out["booster"]
         model = trimmed(booster)
         model.set_param({"device": "cpu"})  # served and evaluated anywhere
         val_y, val_scores = labels_and_scores(client, model, x["validation"], y["validation"])
-        threshold = threshold_at_fpr(val_y, val_scores, float(config["target_fpr"]))
+        threshold = threshold_at_fpr(val_y, val_scores, config.target_fpr)
         hold_y, hold_scores = labels_and_scores(client, model, x["holdout"], y["holdout"])
         train = frames["train"]
         rows = train_rows if train_rows is not None else int(train.shape[0].compute())
-        want = int(config.get("reference_sample_rows", 5000))
+        want = config.reference_sample_rows
         sample = train.sample(frac=min(1.0, want / max(rows, 1)), random_state=0).compute() if rows else train.head(0)
         return Fitted(engine="dask", model=model, best_iteration=int(booster.best_iteration), threshold=threshold,
                       validation_metrics=classification_metrics(val_y, val_scores, threshold),

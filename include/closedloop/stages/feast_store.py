@@ -9,10 +9,12 @@ to Feast's own join): the three import it at the top, and it imports none of the
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
+from closedloop.core.config_model import PitJoinSection
 from closedloop.core.errors import PermanentError
 
 if TYPE_CHECKING:
@@ -24,31 +26,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # How many (entity, time) pairs Feast's point-in-time join is asked for per call (``training.pit_join`` of
-# the configuration). Two costs pull apart: each call of the DuckDB store scans the feature view's whole
-# source first (a fixed cost that grows with the feature history: 0.5 s at 1M transactions, 5.5 s at 10M),
-# and its memory grows with the pairs of the call (each pair meets every feature row of its entity inside
-# the TTL): 125k, 250k and 1M pairs peaked at 1.1, 1.9 and 4.0 GiB above the start, in 16.8, 17.9 and
-# 18.1 s (1M-transaction benchmark). So the pairs are split over about ``calls`` calls, which keeps both the
-# scans and the memory per call proportional to the data, with at least ``min_rows`` pairs per call (the
-# memory of one call is small next to the data below that) and at most ``max_rows``.
-PIT_CALLS = 20
-PIT_MIN_ROWS = 125_000
-PIT_MAX_ROWS = 1_000_000
+# the configuration, :class:`closedloop.core.config_model.PitJoinSection`, which holds the defaults). Two costs
+# pull apart: each call of the DuckDB store scans the feature view's whole source first (a fixed cost that grows
+# with the feature history: 0.5 s at 1M transactions, 5.5 s at 10M), and its memory grows with the pairs of the
+# call (each pair meets every feature row of its entity inside the TTL): 125k, 250k and 1M pairs peaked at 1.1,
+# 1.9 and 4.0 GiB above the start, in 16.8, 17.9 and 18.1 s (1M-transaction benchmark). So the pairs are split
+# over about ``calls`` calls, which keeps both the scans and the memory per call proportional to the data, with
+# at least ``min_rows`` pairs per call (the memory of one call is small next to the data below that) and at most
+# ``max_rows``.
+def pit_chunk_rows(pairs: int, pit_join: PitJoinSection | Mapping[str, int] | None = None) -> int:
+    """Pairs per call of the point-in-time join for ``pairs`` (entity, time) pairs (see the comment above).
 
-
-def pit_chunk_rows(pairs: int, pit_join: dict[str, int] | None = None) -> int:
-    """Pairs per call of the point-in-time join for ``pairs`` (entity, time) pairs (see :data:`PIT_CALLS`).
-
-    ``pit_join`` is the configuration's ``training.pit_join``: ``calls``, ``min_rows``, ``max_rows``, each
-    optional.
+    ``pit_join`` is the configuration's typed ``training.pit_join`` (``Config.typed.training.pit_join``), or a
+    mapping of some of its keys (``calls``, ``min_rows``, ``max_rows``; the others get the model's defaults).
     """
-    given = dict(pit_join or {})
-    unknown = sorted(set(given) - {"calls", "min_rows", "max_rows"})
-    if unknown:
-        raise ValueError(f"training.pit_join: unknown key(s) {unknown}; expected calls, min_rows, max_rows")
-    calls = int(given.get("calls", PIT_CALLS))
-    min_rows = int(given.get("min_rows", PIT_MIN_ROWS))
-    max_rows = int(given.get("max_rows", PIT_MAX_ROWS))
+    if not isinstance(pit_join, PitJoinSection):
+        given = dict(pit_join or {})
+        unknown = sorted(set(given) - set(PitJoinSection.model_fields))
+        if unknown:
+            raise ValueError(f"training.pit_join: unknown key(s) {unknown}; expected calls, min_rows, max_rows")
+        pit_join = PitJoinSection(**{k: int(v) for k, v in given.items()})
+    calls, min_rows, max_rows = pit_join.calls, pit_join.min_rows, pit_join.max_rows
     if calls < 1 or min_rows < 1 or max_rows < min_rows:
         raise ValueError(f"training.pit_join: need calls >= 1 and 1 <= min_rows <= max_rows, got calls={calls}, "
                          f"min_rows={min_rows}, max_rows={max_rows}")
@@ -123,7 +121,8 @@ def materialize_window(store: FeatureStore, defs: FeastDefinitions, start: date,
 
 
 def historical_features(store: FeatureStore, defs: FeastDefinitions, rows: pd.DataFrame,
-                        contract: DataContract, pit_join: dict[str, int] | None = None) -> pd.DataFrame:
+                        contract: DataContract, pit_join: PitJoinSection | Mapping[str, int] | None = None
+                        ) -> pd.DataFrame:
     """``rows`` with the entity features as of each row's event time (point-in-time correct).
 
     Every input row comes back exactly once, in the input order. Feast is asked for the distinct (entity,

@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
+from closedloop.core.config_model import PitJoinSection, TrainingSection
 from closedloop.core.errors import NoDataError, PermanentError
 from closedloop.core.lake import Lake, days_between
 from closedloop.core.settings import check_uri
 from closedloop.stages.feast_config import feast_env
 from closedloop.stages.feast_store import (
-    PIT_CALLS,
-    PIT_MAX_ROWS,
-    PIT_MIN_ROWS,
     FeastDefinitions,
     apply_definitions,
     historical_features,
@@ -51,12 +49,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # the Feast store's operations (closedloop.stages.feast_store), importable from here as before
-__all__ = ["PIT_CALLS", "PIT_MAX_ROWS", "PIT_MIN_ROWS", "FeastDefinitions", "apply_definitions", "historical_features",
-           "materialised_until", "materialize_window", "pit_chunk_rows", "to_utc"]
+__all__ = ["FeastDefinitions", "apply_definitions", "historical_features", "materialised_until", "materialize_window",
+           "pit_chunk_rows", "to_utc"]
 
 SPLITS = ("train", "validation", "holdout")
-# rows per Parquet part of a training split (``training.part_rows`` of the configuration)
-DEFAULT_PART_ROWS = 500_000
+# rows per Parquet part of a training split: ``training.part_rows`` of the configuration, whose default is the model's
+DEFAULT_PART_ROWS: int = TrainingSection.model_fields["part_rows"].default
 
 
 # -- definitions ---------------------------------------------------------------------------------
@@ -353,7 +351,7 @@ def frame_sha256(frame: pd.DataFrame) -> str:
 def build_training_set(store: FeatureStore, defs: FeastDefinitions, lake: Lake, contract: DataContract,
                        start: date, end: date, *, label_grace_days: int,
                        split: dict[str, Any], part_rows: int = DEFAULT_PART_ROWS,
-                       pit_join: dict[str, int] | None = None) -> TrainingSet:
+                       pit_join: PitJoinSection | dict[str, int] | None = None) -> TrainingSet:
     """Write the point-in-time-correct training set of ``[start, end)`` as Parquet partitioned by split.
 
     Each split is a folder of parts of at most ``part_rows`` rows each (``split=<name>/part-00000.parquet``,

@@ -29,9 +29,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
+from closedloop.core.config_model import GateSection
 from closedloop.core.errors import ConfigError, TransientError, error_line
 from closedloop.core.labels import judge_share
 from closedloop.core.metrics import DIRECTIONS, classification_metrics, json_safe
@@ -86,20 +90,30 @@ class Interval:
         return asdict(self)
 
 
-def bootstrap_settings(policy: dict[str, Any]) -> tuple[int, float, int]:
-    """``(resamples, confidence, seed)`` of the policy's ``bootstrap`` section; no section means disabled."""
-    boot = policy.get("bootstrap") or {}
+def gate_policy(policy: GateSection | Mapping[str, Any]) -> GateSection:
+    """The gate's policy, typed: the configuration's ``gate`` section (``Config.typed.gate``) as it is, or a mapping
+    (a test's, a benchmark's) validated by the same model, every omitted key given the model's default;
+    ConfigError naming each bad key."""
+    if isinstance(policy, GateSection):
+        return policy
     try:
-        resamples, confidence, seed = int(boot.get("resamples", 0)), float(boot.get("confidence", 0.95)), int(
-            boot.get("seed", 0))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"gate.bootstrap {boot!r}: resamples and seed must be integers, confidence a number "
-                          "(e.g. {resamples: 1000, confidence: 0.95, seed: 0})") from exc
+        return GateSection.model_validate(dict(policy))
+    except ValidationError as exc:
+        problems = "; ".join(f"gate.{'.'.join(str(p) for p in e['loc'])}: "
+                             + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in exc.errors())
+        raise ConfigError(problems) from None
+
+
+def bootstrap_settings(policy: GateSection | Mapping[str, Any]) -> tuple[int, float, int]:
+    """``(resamples, confidence, seed)`` of the policy's ``bootstrap`` section, checked (resamples 0: disabled)."""
+    policy = gate_policy(policy)
+    boot = policy.bootstrap
+    resamples, confidence, seed = boot.resamples, boot.confidence, boot.seed
     if resamples < 0 or not 0.0 < confidence < 1.0:
-        raise ConfigError(f"gate.bootstrap {boot!r}: resamples must be >= 0 (0 disables the bootstrap) and "
-                          "confidence strictly between 0 and 1")
-    if resamples and policy["primary_metric"] not in BOOTSTRAP_METRICS:
-        raise ConfigError(f"gate.bootstrap: no bootstrap for primary metric {policy['primary_metric']!r}; use one "
+        raise ConfigError(f"gate.bootstrap {boot.model_dump()!r}: resamples must be >= 0 (0 disables the bootstrap) "
+                          "and confidence strictly between 0 and 1")
+    if resamples and policy.primary_metric not in BOOTSTRAP_METRICS:
+        raise ConfigError(f"gate.bootstrap: no bootstrap for primary metric {policy.primary_metric!r}; use one "
                           f"of {list(BOOTSTRAP_METRICS)} or set gate.bootstrap.resamples to 0")
     return resamples, confidence, seed
 
@@ -249,7 +263,7 @@ def _ci(interval: Interval) -> str:
     return f"{interval.confidence:.0%} CI [{interval.lower:{sign}.4f}, {interval.upper:{sign}.4f}]"
 
 
-def chance_interval(y: Any, scores: Any, policy: dict[str, Any]) -> Interval | None:
+def chance_interval(y: Any, scores: Any, policy: GateSection | Mapping[str, Any]) -> Interval | None:
     """An interval of one model's own ROC AUC on the holdout, for the chance checks (None: one class only).
 
     The union of two intervals at the gate's confidence: the stratified bootstrap's (1000 resamples even
@@ -276,8 +290,8 @@ def chance_interval(y: Any, scores: Any, policy: dict[str, Any]) -> Interval | N
                     boot.resamples, confidence, seed)
 
 
-def plausibility(policy: dict[str, Any], scores: Scores | None, label_checks: list[ShareVerdict] | None = None
-                 ) -> dict[str, Any]:
+def plausibility(policy: GateSection | Mapping[str, Any], scores: Scores | None,
+                 label_checks: list[ShareVerdict] | None = None) -> dict[str, Any]:
     """What the holdout says about its own labels, before any comparison of the two models.
 
     ``suspect`` lists the reasons to distrust the labels (a share check at ``block`` level, a model whose
@@ -307,7 +321,7 @@ def override_note(override: dict[str, Any] | None) -> str:
     return f"labels_override by {override.get('by')}: {override.get('why')}" if override else ""
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float] | None, policy: dict[str, Any], *,
+def decide(candidate: dict[str, float], champion: dict[str, float] | None, policy: GateSection | Mapping[str, Any], *,
            candidate_version: str, champion_version: str | None, scores: Scores | None = None,
            interval: Interval | None = None, champion_problem: str | None = None,
            label_checks: list[ShareVerdict] | None = None, override: dict[str, Any] | None = None) -> Decision:
@@ -317,13 +331,15 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
     there has never been one, and the candidate is the first champion). With
     ``gate.bootstrap.resamples`` > 0 the rule needs an interval: pass ``interval`` (computed by
     :func:`bootstrap_interval`) or the per-row ``scores`` to compute it from; the bootstrap is seeded,
-    so the same inputs always give the same decision.
+    so the same inputs always give the same decision. ``policy`` is the typed ``gate`` section (or a mapping that
+    :func:`gate_policy` types).
     """
-    primary = policy["primary_metric"]
+    policy = gate_policy(policy)
+    primary = policy.primary_metric
     if primary not in DIRECTIONS:
         raise ConfigError(f"gate.primary_metric {primary!r}: use one of {list(DIRECTIONS)}")
     higher = DIRECTIONS[primary]
-    margin = float(policy.get("margin", 0.0))
+    margin = policy.margin
     resamples, confidence, seed = bootstrap_settings(policy)
     checks = plausibility(policy, scores, label_checks)
     args = {"candidate_version": candidate_version, "champion_version": champion_version,
@@ -361,12 +377,11 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
     if champion is None and not champion_problem:
         return verdict(PROMOTE, "no champion yet: the first valid candidate becomes champion")
     if champion is None:
-        floor = policy.get("floor")
+        floor = policy.floor
         problem = f"champion unusable: {champion_problem}"
         if floor is None:  # replacing a broken champion needs some absolute evidence
             return verdict(REJECT, f"{problem}; no gate.floor is configured to judge the candidate alone: "
                            "nothing moves, fix or roll back the champion")
-        floor = float(floor)
         ci = need_interval("candidate")
         bound = c if ci is None else (ci.lower if higher else ci.upper)
         clears = (c >= floor and bound >= floor) if higher else (c <= floor and bound <= floor)
@@ -376,9 +391,9 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
         return verdict(PROMOTE, f"{problem}: {where} clears the floor {floor}", ci)
 
     positives = candidate.get("positives", math.inf)
-    if positives < int(policy.get("min_holdout_positives", 0)):
+    if positives < policy.min_holdout_positives:
         return verdict(INSUFFICIENT, f"holdout has {positives:.0f} positives, fewer than the "
-                       f"{policy['min_holdout_positives']} needed to judge: champion kept")
+                       f"{policy.min_holdout_positives} needed to judge: champion kept")
     k = champion.get(primary, math.nan)
     if k is None or math.isnan(k):
         return verdict(INSUFFICIENT, f"champion's {primary} undefined on the holdout: champion kept")
@@ -390,7 +405,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, polic
     if ci is not None and ci.lower <= margin + _EPS:
         return verdict(REJECT, f"{where} exceeds the margin {margin} but the interval's lower bound does not: "
                        "the gain may be noise", ci)
-    for metric, tolerance in (policy.get("guards") or {}).items():
+    for metric, tolerance in policy.guards.items():
         loss = _loss(metric, candidate.get(metric, math.nan), champion.get(metric, math.nan))
         if math.isnan(loss) or loss > float(tolerance) + _EPS:
             return verdict(REJECT, f"{primary} improves by {gain:+.4f} but guard {metric} worsens by {loss:.4f} "
@@ -533,7 +548,7 @@ def evaluate_gate(settings: Settings, client: MlflowClient, lake: Lake, contract
     description) adds the whole window's label share to the plausibility checks; ``override`` is the
     operator's ``labels_override`` ({by, why}).
     """
-    policy = settings.config.gate
+    policy = settings.config.typed.gate
     bootstrap_settings(policy)  # a bad bootstrap section fails here, before any scoring
     holdout = read_training_split(lake, training_set_uri, "holdout")
     y = holdout[contract.label].to_numpy()

@@ -73,7 +73,7 @@ def champion_calibration(rt: Runtime, champ: dict[str, Any]) -> Calibration:
                                                        artifact_path="reference/thresholds.json", dst_path=tmp,
                                                        tracking_uri=rt.settings.mlflow_tracking_uri)
             logged = calibration.Calibration.from_dict(json.loads(Path(path).read_text()))
-        if not calibration.CalibrationSettings.from_config(monitoring.get("calibration")).enabled:
+        if not calibration.CalibrationSettings.from_config(rt.settings.config.monitoring.calibration).enabled:
             policy = drift.DriftPolicy.from_config(monitoring)
             return calibration.fixed(policy, rt.contract, "calibration disabled (monitoring.calibration.enabled: "
                                      f"false): champion v{champ['version']}'s calibrated thresholds are not used",

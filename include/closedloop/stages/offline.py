@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from feast import FeatureStore
 
+    from closedloop.core.config_model import PitJoinSection
     from closedloop.core.schema import DataContract
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ def _latest(con: Any, path: str, entity: str, ts: str, features: list[str], keys
 
 
 def point_in_time_features(store: FeatureStore, defs: FeastDefinitions, rows: pd.DataFrame,
-                           contract: DataContract, pit_join: dict[str, int] | None = None) -> pd.DataFrame:
+                           contract: DataContract, pit_join: PitJoinSection | dict[str, int] | None = None
+                           ) -> pd.DataFrame:
     """``rows`` with the entity features as of each row's event time: what
     :func:`closedloop.stages.feast_store.historical_features` returns (every row once, in order, the features after
     the rows' columns, NaN where none), read from the registered source in the rows' time range only.

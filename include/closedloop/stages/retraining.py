@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from closedloop.core.runconf import Window
-from closedloop.stages.features import DEFAULT_PART_ROWS, apply_definitions, materialize_window
+from closedloop.stages.features import apply_definitions, materialize_window
 from closedloop.stages.features import build_training_set as build
 from closedloop.stages.gate import evaluate_gate as gate
 from closedloop.stages.ingest import ingest_window
@@ -47,12 +47,11 @@ def build_training_set(rt: Runtime, window: Window, split: dict[str, int] | None
 
     ``split`` may hold day-based overrides from the run's configuration (``holdout_days``, ``validation_days``).
     """
-    cfg = rt.settings.config
+    typed = rt.settings.config.typed
     ts = build(rt.store, rt.defs, rt.lake, rt.contract, window.start, window.end,
-               label_grace_days=cfg.typed.ingest.label_grace_days, split={**cfg.training["split"],
-                                                                                    **(split or {})},
-               part_rows=int(cfg.training.get("part_rows", DEFAULT_PART_ROWS)),
-               pit_join=cfg.training.get("pit_join"))
+               label_grace_days=typed.ingest.label_grace_days,
+               split={**typed.training.split.model_dump(exclude_none=True), **(split or {})},
+               part_rows=typed.training.part_rows, pit_join=typed.training.pit_join)
     return ts.to_dict()
 
 

@@ -27,13 +27,14 @@ a Model health page reads: ``day``, ``served_rows``, ``sampled``, ``passed``, ``
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from pydantic import model_validator
+
+from closedloop.core.config_model import SkewSection
 from closedloop.core.errors import ConfigError, NoDataError, PermanentError
 from closedloop.core.served import read_served, served_uri
-from closedloop.core.settings import section_keys
 from closedloop.stages.features import historical_features
 from closedloop.stages.registry import ensure_experiment, load_booster
 from closedloop.stages.scoring import version_info
@@ -54,22 +55,21 @@ class SkewError(PermanentError):
     """Served features or scores differ from the offline path beyond tolerance."""
 
 
-@dataclass(frozen=True)
-class SkewPolicy:
-    """The ``skew:`` section of the configuration file."""
+class SkewPolicy(SkewSection):
+    """The ``skew:`` section of the configuration: its keys, types and defaults are
+    :class:`~closedloop.core.config_model.SkewSection`'s, its ranges are checked here (ConfigError)."""
 
-    sample_rows: int = 2000
-    feature_tolerance: float = 1e-6
-    score_tolerance: float = 1e-6
-    max_mismatch_share: float = 0.01
+    @model_validator(mode="after")
+    def _ranges(self) -> SkewPolicy:
+        if (self.sample_rows < 1 or self.feature_tolerance < 0 or self.score_tolerance < 0
+                or not 0 <= self.max_mismatch_share <= 1):
+            raise ConfigError(f"skew: {self}: sample_rows >= 1, tolerances >= 0, max_mismatch_share in [0, 1]")
+        return self
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any] | None) -> SkewPolicy:
-        raw = section_keys("skew", raw, cls)
-        p = cls(**{k: type(getattr(cls, k))(v) for k, v in raw.items()})
-        if p.sample_rows < 1 or p.feature_tolerance < 0 or p.score_tolerance < 0 or not 0 <= p.max_mismatch_share <= 1:
-            raise ConfigError(f"skew: {p}: sample_rows >= 1, tolerances >= 0, max_mismatch_share in [0, 1]")
-        return p
+    def from_typed(cls, section: SkewSection) -> SkewPolicy:
+        """The configuration's typed ``skew`` section (``Config.typed.skew``), its ranges checked."""
+        return cls.model_validate(section.model_dump())
 
 
 def report_uri(rt: Runtime, day: date) -> str:
@@ -150,7 +150,7 @@ def compare(served: pd.DataFrame, offline: pd.DataFrame, batch_scores: Any, feat
         "feature_mismatch_rows": feature_rows, "feature_mismatch_share": feature_rows / n,
         "score_mismatch_rows": int(score_bad.sum()), "score_mismatch_share": float(score_bad.sum()) / n,
         "score_max_abs_diff": float(np.nanmax(sdiff)) if np.isfinite(sdiff).any() else None,
-        "features": per_feature, "examples": examples, "policy": asdict(policy),
+        "features": per_feature, "examples": examples, "policy": policy.model_dump(),
     }
 
 
@@ -158,7 +158,7 @@ def measure_day(rt: Runtime, day: date, *, dag_run_id: str = "") -> dict[str, An
     """Sample ``day``'s served predictions, compare them with the offline path, keep the report (lake, MLflow)."""
     import mlflow
 
-    policy = SkewPolicy.from_raw(rt.settings.config.skew)
+    policy = SkewPolicy.from_typed(rt.settings.config.typed.skew)
     served = read_served(rt.lake, day)
     if served.empty:
         raise NoDataError(f"{served_uri(rt.lake, 'transactions', day)}: no served predictions logged that day; "

@@ -7,11 +7,12 @@ import itertools
 import json
 import logging
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from closedloop.core.errors import ConfigError
+from closedloop.core.config_model import TrainingSection
 from closedloop.core.metrics import classification_metrics, json_safe, threshold_at_fpr
 from closedloop.core.plots import log_pngs, model_plots
 from closedloop.core.settings import REPO_ROOT
@@ -110,11 +111,24 @@ def lineage_key(training_set: dict[str, Any], contract: DataContract, settings: 
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def fit(train: pd.DataFrame, validation: pd.DataFrame, contract: DataContract, config: dict[str, Any],
-        device: str) -> tuple[xgb.Booster, float]:
-    """Train with early stopping on ``validation``; returns the booster and its decision threshold."""
+def hyperparameters(config: TrainingSection | Mapping[str, Any]) -> dict[str, Any]:
+    """``params``, ``num_boost_round``, ``early_stopping_rounds`` and ``target_fpr`` of the typed ``training``
+    section, or of a mapping that holds them (a test's or a benchmark's own)."""
+    if isinstance(config, TrainingSection):
+        return {"params": dict(config.params), "num_boost_round": config.num_boost_round,
+                "early_stopping_rounds": config.early_stopping_rounds, "target_fpr": config.target_fpr}
+    return dict(config)
+
+
+def fit(train: pd.DataFrame, validation: pd.DataFrame, contract: DataContract,
+        config: TrainingSection | Mapping[str, Any], device: str) -> tuple[xgb.Booster, float]:
+    """Train with early stopping on ``validation``; returns the booster and its decision threshold.
+
+    ``config``: the typed ``training`` section (``Config.typed.training``) or a mapping of its hyperparameters
+    (:func:`hyperparameters`)."""
     import xgboost as xgb
 
+    config = hyperparameters(config)
     params = dict(config["params"])
     params["device"] = device
     max_bin = params.get("max_bin")
@@ -130,19 +144,10 @@ def fit(train: pd.DataFrame, validation: pd.DataFrame, contract: DataContract, c
     return booster, threshold
 
 
-ENGINES = ("local", "dask")
+def fit_in_process(lake: Lake, uri: str, contract: DataContract, config: TrainingSection, device: str) -> Fitted:
+    """The ``local`` engine: the three splits read into this process, :func:`fit`, metrics on whole frames.
 
-
-def training_engine(training_config: dict[str, Any]) -> str:
-    """``training.engine`` of the configuration: ``local`` (default, one process) or ``dask``."""
-    engine = str(training_config.get("engine") or "local").lower()
-    if engine not in ENGINES:
-        raise ConfigError(f"training.engine={engine!r} in the configuration: use one of {', '.join(ENGINES)}")
-    return engine
-
-
-def fit_in_process(lake: Lake, uri: str, contract: DataContract, config: dict[str, Any], device: str) -> Fitted:
-    """The ``local`` engine: the three splits read into this process, :func:`fit`, metrics on whole frames."""
+    ``config`` is the configuration's typed ``training`` section (``Config.typed.training``)."""
     train = read_training_split(lake, uri, "train")
     validation = read_training_split(lake, uri, "validation")
     holdout = read_training_split(lake, uri, "holdout")
@@ -154,7 +159,7 @@ def fit_in_process(lake: Lake, uri: str, contract: DataContract, config: dict[st
     val_metrics = classification_metrics(validation[contract.label].to_numpy(),
                                          predict(model, validation, contract), threshold)
     window = reference_window(train, validation, holdout, contract, config, booster.best_iteration + 1, device)
-    want = min(len(window), int(config.get("reference_sample_rows", 5000)))
+    want = min(len(window), config.reference_sample_rows)
     ref = window.sample(n=want, random_state=0).sort_index()
     return Fitted(engine="local", model=model, best_iteration=int(booster.best_iteration), threshold=threshold,
                   validation_metrics=val_metrics, holdout_metrics=holdout_metrics, reference_sample=ref,
@@ -167,7 +172,8 @@ CROSS_FIT_MAX_ROWS = 200_000  # training rows per cross-fitted model (sampled ab
 
 
 def reference_window(train: pd.DataFrame, validation: pd.DataFrame, holdout: pd.DataFrame, contract: DataContract,
-                     config: dict[str, Any], rounds: int, device: str, *, blocks: int = CROSS_FIT_BLOCKS,
+                     config: TrainingSection | Mapping[str, Any], rounds: int, device: str, *,
+                     blocks: int = CROSS_FIT_BLOCKS,
                      score_column: str = "score") -> pd.DataFrame:
     """The whole training window, time-ordered, with an out-of-sample score for every row.
 
@@ -184,7 +190,7 @@ def reference_window(train: pd.DataFrame, validation: pd.DataFrame, holdout: pd.
     window = pd.concat([f[columns] for f in (train, validation, holdout)], ignore_index=True)
     window = window.sort_values(contract.event_timestamp, kind="stable").reset_index(drop=True)
     scores = np.full(len(window), np.nan)
-    params = {**config["params"], "device": device}
+    params = {**hyperparameters(config)["params"], "device": device}
     bounds = np.linspace(0, len(window), blocks + 1).astype(int)
     x = feature_frame(window, contract)
     y = window[contract.label].to_numpy()
@@ -234,7 +240,7 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
     client = mlflow_client(settings)
     cfg = settings.config
     key = lineage_key(training_set, contract, settings)
-    exp_id = ensure_experiment(client, settings, cfg.raw["model"]["experiment"])
+    exp_id = ensure_experiment(client, settings, cfg.typed.model.experiment)
     mark_orphans(client, exp_id, str(lineage["dag_run_id"]) if lineage.get("dag_run_id") else None, key)
     found = [r for r in client.search_runs(
         [exp_id], filter_string=f"tags.`{TAG}lineage_key` = '{key}' and status = 'FINISHED'", max_results=20)
@@ -250,9 +256,8 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
 
     uri = training_set["uri"]
     device, why = choose_device(settings.device)
-    tcfg = cfg.training
-    engine = training_engine(tcfg)
-    if engine == "dask":
+    tcfg = cfg.typed.training
+    if tcfg.engine == "dask":
         fitted = fit_on_dask(lake, uri, contract, tcfg, device, scheduler=settings.dask_scheduler,
                              train_rows=int(training_set["rows"]["train"]))
     else:
@@ -277,11 +282,11 @@ def train_and_log(settings: Settings, lake: Lake, contract: DataContract, traini
         **{f"{TAG}{k}": str(v) for k, v in lineage.items() if isinstance(v, str | int | float)},
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
-        mlflow.log_params({f"xgb_{k}": v for k, v in tcfg["params"].items()})
+        mlflow.log_params({f"xgb_{k}": v for k, v in tcfg.params.items()})
         mlflow.log_params({
-            "num_boost_round": tcfg["num_boost_round"], "early_stopping_rounds": tcfg["early_stopping_rounds"],
+            "num_boost_round": tcfg.num_boost_round, "early_stopping_rounds": tcfg.early_stopping_rounds,
             "best_iteration": fitted.best_iteration, "decision_threshold": threshold,
-            "target_fpr": tcfg["target_fpr"], "device": device, "engine": fitted.engine,
+            "target_fpr": tcfg.target_fpr, "device": device, "engine": fitted.engine,
             **{f"rows_{k}": v for k, v in training_set["rows"].items()},
             **{f"positives_{k}": v for k, v in training_set["positives"].items()},
         })

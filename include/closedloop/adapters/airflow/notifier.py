@@ -13,7 +13,10 @@ message, which names the file and the rule) and is also called from inside tasks
 Both providers are dependencies of closedloop; tests/integration/test_alert_delivery.py delivers through
 them to a local webhook and a local SMTP server.
 
-A channel that fails is logged, never raised: the alert is in the file, and the task's own outcome stands.
+A channel that fails is logged, never raised: the alert is in the file, and the task's own outcome stands. A bad
+channel setting (``CLOSEDLOOP_ALERTS=pager``, ``slack`` without a connection id...) is read here, when an alert is
+delivered, and raised after the alert is in the file: the task that alerts (or its failure callback) fails with
+the setting's one-line message; every other task runs.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import Any
 from airflow.sdk.bases.notifier import BaseNotifier
 
 from closedloop.adapters.airflow.models import MODEL_TAG
-from closedloop.core.errors import first_line
-from closedloop.core.settings import Settings
+from closedloop.core.errors import ConfigError, first_line
+from closedloop.core.settings import AlertSettings, Settings
 from closedloop.stages.alerts import make_alert, write_alert
 
 log = logging.getLogger(__name__)
@@ -63,9 +66,14 @@ class ClosedloopNotifier(BaseNotifier):
                            task_id=getattr(ti, "task_id", None))
         write_alert(settings, alert)
         try:
-            _deliver(settings, alert, context)
+            channel = AlertSettings.from_env()
+        except ConfigError as bad:  # deterministic: said once, in the log and as the task's (or callback's) error
+            log.error("alert %s written to the file but not delivered: %s", alert["kind"], bad)
+            raise
+        try:
+            _deliver(channel, alert, context)
         except Exception as exc2:  # the alert is in the file; a channel outage must not fail the task
-            log.error("alert %s written to the file but not delivered to %s: %s", alert["kind"], settings.alerts,
+            log.error("alert %s written to the file but not delivered to %s: %s", alert["kind"], channel.channel,
                       first_line(exc2, 1000))
 
 
@@ -85,16 +93,16 @@ def _text(alert: dict[str, Any]) -> str:
             + (f" ({where})" if where else ""))
 
 
-def _deliver(settings: Any, alert: dict[str, Any], context: Any) -> None:
-    if settings.alerts == "slack":
+def _deliver(settings: AlertSettings, alert: dict[str, Any], context: Any) -> None:
+    if settings.channel == "slack":
         from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
         SlackWebhookNotifier(slack_webhook_conn_id=settings.slack_conn_id, text=_text(alert)).notify(context)
-    elif settings.alerts == "email":
+    elif settings.channel == "email":
         from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
         model = f" {alert['model']}" if alert.get("model") else ""
-        SmtpNotifier(to=list(settings.alert_email), smtp_conn_id=settings.smtp_conn_id,
+        SmtpNotifier(to=list(settings.emails), smtp_conn_id=settings.smtp_conn_id,
                      subject=f"[closedloop{model}] {alert['kind']}: {alert['summary'][:120]}",
                      html_content=f"<pre>{_text(alert)}</pre>").notify(context)
 
