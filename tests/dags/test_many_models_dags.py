@@ -59,7 +59,7 @@ def test_every_model_gets_its_dags_tagged_with_it(models: Path, tmp_path: Path):
                for k in KINDS)
 
 
-def test_a_broken_configuration_is_an_import_error_of_its_own_dags_only(models: Path, tmp_path: Path):
+def test_a_broken_configuration_is_an_import_error_of_its_own_dags_only(models: Path, tmp_path: Path, reliability):
     _edit(models / "churn" / "closedloop.yaml", "margin: 0.002", "margin: lots")
     report = _parse(models, tmp_path)
     assert report["dags"] == KINDS  # card_fraud's DAGs all load
@@ -68,22 +68,31 @@ def test_a_broken_configuration_is_an_import_error_of_its_own_dags_only(models: 
         assert error.startswith("ConfigError: model churn: "), error
         assert f"{models / 'churn' / 'closedloop.yaml'}" in error and "gate.margin='lots'" in error, error
         assert "\n" not in error  # one line in the UI's import errors
+    reliability.record("config", "one model's configuration broken (churn: gate.margin='lots') among two models",
+                       f"an import error naming the file and key for each of churn's {len(KINDS)} DAGs; card_fraud's "
+                       f"{len(KINDS)} DAGs load", "nothing")
 
 
-def test_a_broken_schema_names_the_schema_file(models: Path, tmp_path: Path):
+def test_a_broken_schema_names_the_schema_file(models: Path, tmp_path: Path, reliability):
     _edit(models / "churn" / "schema.yaml", "dtype: float64", "dtype: decimal")
     report = _parse(models, tmp_path)
     assert report["dags"] == KINDS
     assert all("churn/schema.yaml" in e and "decimal" in e for e in report["errors"].values()), report["errors"]
+    reliability.record("config", "one model's schema broken (churn: a column of dtype decimal) among two models",
+                       "an import error naming the schema file and column for churn's DAGs only; card_fraud's load",
+                       "nothing")
 
 
-def test_two_models_cannot_both_keep_the_root_layout(models: Path, tmp_path: Path):
+def test_two_models_cannot_both_keep_the_root_layout(models: Path, tmp_path: Path, reliability):
     _edit(models / "churn" / "closedloop.yaml", "  experiment: churn-training\n",
           "  experiment: churn-training\n  namespaced: false\n")
     report = _parse(models, tmp_path)
     assert report["dags"] == KINDS  # card_fraud (first by name) keeps the ids; churn's would collide
     assert all("model.namespaced=false: the model 'card_fraud' keeps the root layout already" in e
                for e in report["errors"].values()), report["errors"]
+    reliability.record("config", "two models both claim the root layout (model.namespaced: false)",
+                       "the second (churn) refused with an import error naming the key; card_fraud keeps its DAG ids",
+                       "nothing")
 
 
 def test_the_other_models_run_beside_a_broken_one(models: Path, home: Path, monkeypatch, airflow_db):

@@ -114,6 +114,7 @@ NOT_THE_SHIPPED_VALUE = {
     "gate.floor",                   # on the scale of primary_metric, which has no default: unset, no floor
     "monitoring",                   # unset: no monitoring, no calibration at training
     "monitoring.key_features",      # names of the shipped data set's features
+    "model.namespaced",             # card_fraud keeps the root layout; a new model is namespaced
 }
 
 
