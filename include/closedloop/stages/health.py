@@ -28,7 +28,10 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from closedloop.core.errors import ConfigError, ContractError
 from closedloop.core.lake import KINDS
+from closedloop.core.schema import load_contract
+from closedloop.core.settings import Settings, model_entries
 from closedloop.stages import drift, registry
 from closedloop.stages.ingest import marker_uri
 from closedloop.stages.monitoring import TAG
@@ -153,10 +156,6 @@ def model_choices(env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     ``{"name": ..., "error": None}``, or with ``error`` the one-line-per-problem message of a configuration (its
     ``closedloop.yaml`` or its schema) that is refused: what the page's selector lists and the exporter's
     ``closedloop_model_config_ok`` says. ConfigError only when the models cannot be listed at all."""
-    from closedloop.core.errors import ConfigError, ContractError
-    from closedloop.core.schema import load_contract
-    from closedloop.core.settings import Settings, model_entries
-
     out = []
     for entry in model_entries(env):
         error = None
