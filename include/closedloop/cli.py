@@ -450,7 +450,10 @@ def airflow_config(
 ) -> None:
     """Prepare the embedded Airflow home: airflow.cfg (SQLite, LocalExecutor, the repo's DAGs, a login, a shared
     JWT secret), then `airflow db migrate`. Idempotent; a configuration that is not closedloop's is rewritten."""
-    settings = _settings()
+    try:
+        settings = Settings.deployment()  # one Airflow home for every model
+    except ClosedloopError as exc:
+        _fail(exc)
     try:
         cfg, rewritten = prepare_home(settings, force=force, parallelism=parallelism)
     except (RuntimeError, OSError) as exc:

@@ -129,3 +129,14 @@ def test_the_old_configuration_path_says_where_it_moved(tmp_path: Path):
 def test_a_models_folder_that_is_not_one_is_refused(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"CLOSEDLOOP_MODELS=.*nowhere: not a folder"):
         Settings.from_env(_env(tmp_path, CLOSEDLOOP_MODELS=str(tmp_path / "nowhere")))
+
+
+def test_what_every_model_shares_is_read_without_choosing_a_model(folder: Path, tmp_path: Path):
+    """With namespaced models only and none named, a model's settings need a name; the deployment's do not."""
+    path = folder / "card_fraud" / "closedloop.yaml"
+    path.write_text(path.read_text().replace("namespaced: false", "namespaced: true"))
+    env = _env(tmp_path, CLOSEDLOOP_MODELS=str(folder))
+    with pytest.raises(ConfigError, match="name one with --model"):
+        Settings.from_env(env)
+    shared = Settings.deployment(env)
+    assert shared.home == tmp_path.resolve() and shared.mlflow_tracking_uri.endswith("mlflow/mlflow.db")

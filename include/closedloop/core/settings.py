@@ -477,6 +477,20 @@ class Settings:
             serve_token=env.get("CLOSEDLOOP_SERVE_TOKEN", "").strip(),
         )
 
+    @classmethod
+    def deployment(cls, env: dict[str, str] | None = None) -> Settings:
+        """The settings for what every model shares (the home, Airflow's, MLflow's store, the alert file): those of
+        the model a process works on, or of the first model when there is no way to choose one, so that a
+        deployment of namespaced models only still prepares its Airflow home and builds its links."""
+        env = dict(os.environ if env is None else env)
+        try:
+            return cls.from_env(env)
+        except ConfigError:
+            entries = model_entries(env)
+            if not entries:
+                raise
+            return cls.from_env(env, model=entries[0].name)
+
     def check_uri(self, uri: str, what: str) -> str:
         """Refuse (ConfigError) a URI outside the allowed roots or climbing out of them; see the module doc."""
         return check_uri(uri, self.allowed_roots, what)

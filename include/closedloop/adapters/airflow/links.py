@@ -116,7 +116,7 @@ def mlflow_ui_url(explicit: str | None, tracking_uri: str) -> str:
 
 
 def _mlflow_ui() -> str:
-    s = Settings.from_env()
+    s = Settings.deployment()  # MLflow's store is every model's
     return mlflow_ui_url(s.mlflow_ui_url, s.mlflow_tracking_uri)
 
 
