@@ -203,6 +203,12 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
                    f"ROC AUC {m.get('roc_auc', float('nan')):.4f}, PR AUC {m.get('pr_auc', float('nan')):.4f}, "
                    f"recall@FPR {m.get('recall_at_fpr', float('nan')):.3f}")
         typer.echo(f"  run: {champ['run_id']}  artifacts: {champ.get('artifact_uri')}")
+    rollout = report.get("rollout")
+    if rollout is not None:
+        serves = f"{rollout['share']:g} of traffic (step {rollout['step']})" if rollout["mode"] == "canary" \
+            else "in shadow"
+        typer.echo(f"rollout: version {rollout['version']} ({rollout['mode']}) serves {serves} against champion "
+                   f"version {rollout['champion']}, since {rollout['started_at']}")
     typer.echo("versions:")
     for v in report["versions"]:
         aliases = ",".join(v["aliases"]) or "-"

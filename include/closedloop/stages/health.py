@@ -188,6 +188,7 @@ def gather(rt: Runtime) -> dict[str, Any]:
                            "html_path": r["html_path"], "json_path": r["json_path"]} for r in reversed(reports)],
         "series": _series(reports, monitoring_series(rt)),
         "skew": latest_skew(rt),
+        "rollout": status.get("rollout"),
     }
 
 
@@ -406,6 +407,21 @@ def render_page(data: dict[str, Any], *, report_base: str = "reports/",
                    f"<tr><th>gate decision</th><td>{_e(champ.get('decision'))}: {_e(champ.get('reason'))}</td></tr>"
                    f"<tr><th>MLflow run</th><td>{_e(champ.get('run_id'))} "
                    f"<span class='muted'>({_e(data['tracking_uri'])})</span></td></tr>{metrics}</table>")
+    rollout = data.get("rollout")
+    out.append("<h2>Rollout</h2>")
+    if rollout is None:
+        out.append("<p class='muted'>No rollout in progress (<code>rollout.mode</code> in the model's "
+                   "configuration; docs/ROLLOUT.md).</p>")
+    else:
+        share = f"{rollout['share']:g} of traffic (step {rollout['step']})" if rollout["mode"] == "canary" \
+            else "in shadow (no traffic)"
+        out.append(f"<table id='rollout'><tr><th>candidate</th><td>version {_e(rollout['version'])}, "
+                   f"{_e(rollout['mode'])}</td></tr><tr><th>serves</th><td>{_e(share)}</td></tr>"
+                   f"<tr><th>against</th><td>champion version {_e(rollout.get('champion'))}</td></tr>"
+                   f"<tr><th>since</th><td>{_e(rollout['started_at'])} (this step since "
+                   f"{_e(rollout['step_started_at'])})</td></tr></table>"
+                   "<p class='muted'>The rollout DAG ramps, promotes or rolls it back from the same requests' "
+                   "labels; its decisions are in the promotion history.</p>")
     out.append("<h2>Promotion history</h2>")
     if data["history"]:
         rows = "".join(f"<tr><td>{_e(h['at'])}</td><td>{_e(h['kind'])}</td><td>{_e(h['from_version'] or '-')}"

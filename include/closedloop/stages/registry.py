@@ -312,8 +312,10 @@ def status(client: MlflowClient, settings: Settings, name: str) -> dict[str, Any
         run = client.get_run(champ["run_id"])
         champ["experiment_id"] = run.info.experiment_id
         champ["artifact_uri"] = run.info.artifact_uri
+    running = rollout_state(client, name)
     return {"model": name, "tracking_uri": settings.mlflow_tracking_uri, "champion": champ,
-            "versions": summaries, "history": history(client, name)}
+            "versions": summaries, "history": history(client, name),
+            "rollout": running.to_dict() if running is not None else None}
 
 
 def load_booster(model_uri: str) -> Any:

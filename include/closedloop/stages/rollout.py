@@ -184,6 +184,7 @@ class RolloutDecision:
     figures: dict[str, Any]
     next_step: int | None = None
     next_share: float | None = None
+    day: str | None = None  # the day judged: a ramp's step starts then (a replayed day as a live one)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -241,7 +242,7 @@ def evaluate(rt: Runtime, today: date) -> dict[str, Any]:
                               labelled[CHAMPION_SCORE].to_numpy(dtype=float) if len(labelled) else np.empty(0),
                               alpha=policy.alpha, loss=policy.loss, min_rows=policy.min_rows,
                               min_positives=policy.min_positives)
-    return decide(rollout, guard, test, policy, today).to_dict()
+    return {**decide(rollout, guard, test, policy, today).to_dict(), "day": today.isoformat()}
 
 
 def apply(rt: Runtime, decision: dict[str, Any], actor: str) -> dict[str, Any]:
@@ -257,8 +258,9 @@ def apply(rt: Runtime, decision: dict[str, Any], actor: str) -> dict[str, Any]:
                             "figures": decision["figures"]}
     try:
         if action == "ramp":
+            at = f"{decision['day']}T00:00:00+00:00" if decision.get("day") else None
             moved = ramp_rollout(rt.client, rt.settings, rollout, step=decision["next_step"],
-                                 share=decision["next_share"], reason=reason, actor=actor)
+                                 share=decision["next_share"], reason=reason, actor=actor, at=at)
             done["share"] = moved.share
         elif action in ("promote", "rollback"):
             move = end_rollout(rt.client, rt.settings, rollout, promoted=action == "promote", reason=reason,
