@@ -18,9 +18,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from closedloop.core.served import SERVED, served_uri
+from closedloop.core.served import SERVED, SHADOW, served_uri
 from closedloop.core.settings import DEFAULT_MODELS
-from closedloop.stages.registry import CANARY, CHAMPION, alias_version, history, promote, start_rollout
+from closedloop.stages.registry import (
+    CANARY,
+    CHALLENGER,
+    CHAMPION,
+    alias_version,
+    end_rollout,
+    history,
+    promote,
+    rollout_state,
+    start_rollout,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +173,31 @@ def test_a_canary_that_fails_to_score_is_rolled_back_by_its_guardrail(world, rel
     reliability.record("rollback", "a canary that fails to score 5 % of its requests (answered by the champion)",
                        "rolled back by its error-rate guardrail at the first look, before any label; alerted; the "
                        "champion serves all traffic", "nothing")
+
+
+def test_a_better_challenger_in_shadow_is_promoted(world):
+    """Shadow: the challenger answers nothing; its logged scores are paired with the champion's answers of the
+    same requests by row key."""
+    rt, dag = world
+    end_rollout(rt.client, rt.settings, rollout_state(rt.client, rt.model_name), promoted=False, reason="redo",
+                actor="test")
+    start_rollout(rt.client, rt.settings, rt.model_name, "2", mode="shadow", share=0.0, champion="1",
+                  reason="passed the gate", actor="test", at=f"{DAY0}T00:00:00+00:00")
+    assert alias_version(rt.client, rt.model_name, CHALLENGER) == "2"
+    c = rt.contract
+    for i in range(3):
+        day = DAY0 + timedelta(days=i)
+        _serve_day(rt, day, 0.2, canary_noise=0.2, seed=400 + i)  # the canary's columns, re-cut below
+        logged = rt.lake.read_parquet(f"{served_uri(rt.lake, SERVED, day)}/part-00000.parquet")
+        answers = logged.assign(score=logged["champion_score"], model_version="1", arm="champion")
+        rt.lake.write_parquet(answers.drop(columns=["champion_score", "champion_version", "canary_error"]),
+                              f"{served_uri(rt.lake, SERVED, day)}/part-00000.parquet")
+        shadow = logged[[c.row_key, c.entity, c.event_timestamp, "score", "decision"]].assign(model_version="2")
+        rt.lake.write_parquet(shadow, f"{served_uri(rt.lake, SHADOW, day)}/part-00000.parquet")
+        done = _run(dag, day)
+        if done["action"] != "hold":
+            break
+    assert done["action"] == "promote" and done["mode"] == "shadow", done
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == "2"
+    assert alias_version(rt.client, rt.model_name, CHALLENGER) is None
+

@@ -280,6 +280,9 @@ class RolloutSection(Section):
                          "looks of a rollout.")
     loss: Literal["log_loss", "brier"] = Field("log_loss", description="The per-row loss the test compares on the "
                                                "same requests.")
+    min_effect: float = Field(0.01, description="The smallest difference in mean per-row loss worth acting on (in "
+                              "the loss's units: 0.01 nats of log loss per row); the sequential test's mixing "
+                              "variance is its square (docs/ROLLOUT.md).")
     min_rows: int = Field(2000, description="Labelled requests of the candidate's arm before the test may decide.")
     min_positives: int = Field(20, description="... and positive labels among them.")
     guardrails: GuardrailsSection = Field(default_factory=GuardrailsSection,

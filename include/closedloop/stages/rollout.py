@@ -104,8 +104,9 @@ def candidate_rows(rt: Runtime, rollout: Rollout, today: date) -> pd.DataFrame:
     """The requests the candidate scored since the rollout began, each with both arms' scores.
 
     Canary: the served log's rows of arm ``canary`` from the candidate version (their ``score`` the canary's,
-    ``champion_score`` the champion's on the same request). Shadow: the challenger's logged scores of the
-    candidate version joined, on the row key, with the champion's answers of the same requests.
+    ``champion_score`` the champion's on the same request), and those it failed to score (``canary_error``).
+    Shadow: the challenger's logged scores of the candidate version joined, on the row key, with the champion's
+    answers of the same requests.
     """
     import pandas as pd
 
@@ -116,27 +117,66 @@ def candidate_rows(rt: Runtime, rollout: Rollout, today: date) -> pd.DataFrame:
         not f.empty for f in frames) else pd.DataFrame()
     if frame.empty:
         return frame
-    frame = frame[frame["model_version"].astype(str) == rollout.version]
+    ours = frame["model_version"].astype(str) == rollout.version
     if rollout.mode == "canary":
         if ARM not in frame.columns:
             return frame.iloc[0:0]
-        return frame[frame[ARM] == "canary"].reset_index(drop=True)
+        # the canary's answers, and the requests it should have answered but failed to score (answered by the
+        # champion, logged with canary_error): what its error rate counts
+        failed = frame[CANARY_ERROR].eq(True) if CANARY_ERROR in frame.columns else False
+        return frame[((frame[ARM] == "canary") & ours) | failed].reset_index(drop=True)
+    frame = frame[ours]
     answers = pd.concat([f for f in (read_served(rt.lake, d, SERVED) for d in _days(_started(rollout), today))
                          if not f.empty], ignore_index=True)
     answers = answers[[c.row_key, "score"]].rename(columns={"score": CHAMPION_SCORE})
+    frame = frame.drop(columns=[CHAMPION_SCORE], errors="ignore")  # the answer is the champion's score
     return frame.merge(answers.drop_duplicates(c.row_key), on=c.row_key, how="inner")
 
 
+LOOK = "__look"
+
+
 def attach_labels(rt: Runtime, rows: pd.DataFrame, since: date) -> pd.DataFrame:
-    """``rows`` with the latest curated label of each request (None where none arrived yet)."""
+    """``rows`` with the latest curated label of each request (None where none arrived yet) and the look it
+    counts from (``__look``: the days from ``since`` to the label partition's day: a daily look sees the labels
+    curated until its day)."""
+    import pandas as pd
+
     c = rt.contract
     days = [d for d in rt.lake.list_days("curated", "labels") if d >= since]
     if rows.empty or not days:
-        return rows.assign(**{c.label: None})
-    labels = rt.lake.read_parquet_many([rt.lake.partition("curated", "labels", d) for d in days],
-                                       columns=[c.row_key, c.label])
-    labels = labels.drop_duplicates(c.row_key, keep="last")
+        return rows.assign(**{c.label: None, LOOK: 0})
+    parts = []
+    for d in days:
+        part = rt.lake.read_parquet(rt.lake.partition("curated", "labels", d), columns=[c.row_key, c.label])
+        parts.append(part.assign(**{LOOK: (d - since).days}))
+    labels = pd.concat(parts, ignore_index=True).drop_duplicates(c.row_key, keep="last")
     return rows.merge(labels, on=c.row_key, how="left")
+
+
+def judge(labelled: pd.DataFrame, label: str, policy: RolloutSection) -> dict[str, Any]:
+    """The sequential test on the labelled requests of both arms, each counted from the look its label arrived
+    in (:func:`closedloop.stages.rollout_test.sequential_test`), as plain JSON with a one-line ``summary``."""
+    test_policy = rollout_test.RolloutTestPolicy(alpha=policy.alpha, min_effect=policy.min_effect,
+                                                 min_rows=policy.min_rows, min_positives=policy.min_positives,
+                                                 loss=policy.loss)
+    if labelled.empty:
+        return {"decision": "continue", "rows": 0, "positives": 0,
+                "summary": f"no labelled request of the candidate yet (at least {policy.min_rows} rows and "
+                           f"{policy.min_positives} positives before any decision)"}
+    result = rollout_test.sequential_test(labelled[label].to_numpy(dtype=float), labelled["score"].to_numpy(),
+                                          labelled[CHAMPION_SCORE].to_numpy(), labelled[LOOK].to_numpy(dtype="int64"),
+                                          test_policy).to_dict()
+    decision = {rollout_test.CANARY_WORSE: "candidate_worse", rollout_test.CANARY_BETTER: "candidate_better"}.get(
+        result["decision"], "continue")
+    diff = result.get("mean_difference")
+    auc = (result.get("roc_auc_canary"), result.get("roc_auc_champion"))
+    summary = (f"{result['rows']} labelled requests, {result['positives']} positive; mean {policy.loss} difference "
+               f"{diff:+.4f} (candidate - champion), always-valid p = {result['p_value']:.3g}"
+               if diff is not None else result["reason"])
+    if None not in auc:
+        summary += f"; ROC AUC {auc[0]:.4f} vs {auc[1]:.4f}"
+    return {**result, "decision": decision, "test_decision": result["decision"], "summary": summary}
 
 
 # -- guardrails -----------------------------------------------------------------------------------------
@@ -234,14 +274,11 @@ def evaluate(rt: Runtime, today: date) -> dict[str, Any]:
     rows = candidate_rows(rt, rollout, today)
     guard = guardrails(rt, rows, policy)
     labelled = attach_labels(rt, rows, _started(rollout))
-    labelled = labelled[labelled[rt.contract.label].notna()] if len(labelled) else labelled
+    if len(labelled):
+        labelled = labelled[labelled[rt.contract.label].notna()]
     if CANARY_ERROR in labelled.columns:
         labelled = labelled[~labelled[CANARY_ERROR].fillna(False).astype(bool)]
-    test = rollout_test.judge(labelled[rt.contract.label].to_numpy(dtype=float) if len(labelled) else np.empty(0),
-                              labelled["score"].to_numpy(dtype=float) if len(labelled) else np.empty(0),
-                              labelled[CHAMPION_SCORE].to_numpy(dtype=float) if len(labelled) else np.empty(0),
-                              alpha=policy.alpha, loss=policy.loss, min_rows=policy.min_rows,
-                              min_positives=policy.min_positives)
+    test = judge(labelled, rt.contract.label, policy)
     return {**decide(rollout, guard, test, policy, today).to_dict(), "day": today.isoformat()}
 
 
