@@ -99,3 +99,47 @@ def test_two_rollouts_racing_one_runs(registry, reliability):
     reliability.record("champion", "two rollouts racing (two candidates start a canary against the same champion "
                        "at once; then two decisions of one rollout)", "one rollout runs, the other candidate is "
                        "refused naming it; a stale ramp is refused; the champion never moved", "nothing")
+
+
+@pytest.fixture
+def canary_model(home, tmp_path, monkeypatch):
+    """card_fraud alone in a models folder with rollout.mode canary, three registered versions."""
+    import shutil
+
+    from closedloop.core.settings import DEFAULT_MODELS
+    from closedloop.stages.runtime import Runtime
+
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS / "card_fraud", models / "card_fraud")
+    config = models / "card_fraud" / "closedloop.yaml"
+    config.write_text(config.read_text() + "\nrollout: {mode: canary, steps: [0.1, 1.0]}\n")
+    monkeypatch.setenv("CLOSEDLOOP_MODELS", str(models))
+    rt = Runtime.from_env()
+    rt.client.create_registered_model(rt.model_name)
+    (tmp_path / "artifact").mkdir()
+    for _ in range(3):
+        rt.client.create_model_version(rt.model_name, source=str(tmp_path / "artifact"))
+    return rt
+
+
+def _decision(version: str, champion: str | None) -> dict:
+    return {"outcome": "promote", "candidate_version": version, "champion_version": champion,
+            "reason": f"v{version} beats v{champion} on the holdout"}
+
+
+def test_the_gate_starts_a_canary_instead_of_promoting(canary_model):
+    from closedloop.stages.retraining import promote_or_reject
+
+    rt = canary_model
+    first = promote_or_reject(rt, _decision("1", None))  # nothing to compare with: promoted directly
+    assert first["action"] == "promoted" and alias_version(rt.client, rt.model_name, CHAMPION) == "1"
+    started = promote_or_reject(rt, _decision("2", "1"))
+    assert started["action"] == "rollout_started" and (started["mode"], started["share"]) == ("canary", 0.1)
+    assert alias_version(rt.client, rt.model_name, CHAMPION) == "1"
+    assert alias_version(rt.client, rt.model_name, CANARY) == "2"
+    assert promote_or_reject(rt, _decision("2", "1"))["action"] == "rollout_started"  # a retry: the same rollout
+    waits = promote_or_reject(rt, _decision("3", "1"))  # one rollout at a time
+    assert waits["action"] == "rejected" and waits["outcome"] == "rollout_in_progress", waits
+    assert "rollout of version 2 is in progress" in waits["reason"]
+    assert rt.client.get_model_version(rt.model_name, "3").tags["closedloop.status"] == "rejected"
+    assert alias_version(rt.client, rt.model_name, CANARY) == "2"

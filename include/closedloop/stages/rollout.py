@@ -154,6 +154,18 @@ def attach_labels(rt: Runtime, rows: pd.DataFrame, since: date) -> pd.DataFrame:
     return rows.merge(labels, on=c.row_key, how="left")
 
 
+def expected_days(test: dict[str, Any], policy: RolloutSection, days: int) -> dict[str, Any]:
+    """When the test should decide on a difference of ``rollout.min_effect``, at the candidate's labelled traffic
+    and positive rate so far (:func:`closedloop.stages.rollout_test.expected_days_to_decision`); empty before
+    there are two labelled rows with a positive among them."""
+    rows, positives, sd = test.get("rows", 0), test.get("positives", 0), test.get("sd_difference")
+    if rows < 2 or not positives or not sd:
+        return {}
+    return rollout_test.expected_days_to_decision(
+        policy.min_effect, sd, rows / days, positives / rows, policy.alpha, policy.min_effect ** 2,
+        min_rows=policy.min_rows, min_positives=policy.min_positives).to_dict()
+
+
 def judge(labelled: pd.DataFrame, label: str, policy: RolloutSection) -> dict[str, Any]:
     """The sequential test on the labelled requests of both arms, each counted from the look its label arrived
     in (:func:`closedloop.stages.rollout_test.sequential_test`), as plain JSON with a one-line ``summary``."""
@@ -279,6 +291,10 @@ def evaluate(rt: Runtime, today: date) -> dict[str, Any]:
     if CANARY_ERROR in labelled.columns:
         labelled = labelled[~labelled[CANARY_ERROR].fillna(False).astype(bool)]
     test = judge(labelled, rt.contract.label, policy)
+    test["expected"] = expected_days(test, policy, max((today - _started(rollout)).days + 1, 1))
+    if test["decision"] == "continue" and test["expected"].get("days") is not None:
+        test["summary"] += (f"; at this traffic a difference of {policy.min_effect} would be decided about day "
+                            f"{test['expected']['days']:.0f} of the rollout")
     return {**decide(rollout, guard, test, policy, today).to_dict(), "day": today.isoformat()}
 
 
