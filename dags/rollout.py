@@ -64,7 +64,8 @@ def build(m: ModelDags) -> None:
 
             ctx = get_current_context()
             run_stage(check, conf_of(ctx), ROLLOUT)  # before any work: one line, no retry
-            day = _day(ctx, days_from_events(ctx, m.curated))
+            day = run_stage(stages.run_day, conf_of(ctx), days_from_events(ctx, m.curated),
+                            ctx.get("data_interval_end"))
             decision = run_stage(stages.evaluate, Runtime.from_env(m.name), day)
             logging.getLogger(__name__).info("rollout decision for %s: %s: %s", day, decision["action"],
                                              decision["why"])
@@ -85,20 +86,6 @@ def build(m: ModelDags) -> None:
         apply_decision(evaluate_rollout())
 
     rollout()
-
-
-def _day(ctx, curated: list[str]):
-    """The run's day: ``day`` of its configuration, else the newest curated day that started it, else the day of
-    its data interval's end (a scheduled run), else today (UTC)."""
-    from datetime import UTC, date, datetime
-
-    conf = conf_of(ctx)
-    if conf.get("day"):
-        return date.fromisoformat(conf["day"])
-    if curated:
-        return date.fromisoformat(curated[-1])
-    end = ctx.get("data_interval_end")
-    return end.date() if end is not None else datetime.now(UTC).date()
 
 
 for_each_model("rollout", build)

@@ -276,6 +276,16 @@ def decide(rollout: Rollout | None, guard: dict[str, Any], test: dict[str, Any],
     return RolloutDecision("hold", f"no decision yet ({test.get('summary')})", r, figures)
 
 
+def run_day(conf: dict[str, Any], curated: list[str], interval_end: datetime | None) -> date:
+    """The day a rollout run judges: ``day`` of its configuration, else the newest curated day that started it,
+    else the day of its data interval's end (a scheduled run), else today (UTC)."""
+    if conf.get("day"):
+        return date.fromisoformat(str(conf["day"]))
+    if curated:
+        return date.fromisoformat(max(curated))
+    return interval_end.date() if interval_end is not None else datetime.now(UTC).date()
+
+
 def evaluate(rt: Runtime, today: date) -> dict[str, Any]:
     """Measure the rollout in progress on the requests up to ``today`` and decide (nothing is changed here)."""
     policy = rt.settings.config.typed.rollout
