@@ -167,14 +167,14 @@ def paired_differences(labels: Any, canary_scores: Any, champion_scores: Any, lo
 
 
 # -- the mixture SPRT ------------------------------------------------------------------------------
-def log_mixture_ratio(total: float, n: int, variance: float, tau2: float) -> float:
+def log_mixture_ratio(total: float, n: float, variance: float, tau2: float) -> float:
     """``log Lambda_n`` of the normal mixture for ``n`` rows summing to ``total`` (``n dbar``) with plug-in
     ``variance``: ``0.5 log(s2 / (s2 + n tau2)) + total^2 tau2 / (2 s2 (s2 + n tau2))``."""
     s2 = max(variance, _VAR_FLOOR)
     return 0.5 * math.log(s2 / (s2 + n * tau2)) + total * total * tau2 / (2.0 * s2 * (s2 + n * tau2))
 
 
-def confidence_halfwidth(n: int, variance: float, tau2: float, alpha: float) -> float:
+def confidence_halfwidth(n: float, variance: float, tau2: float, alpha: float) -> float:
     """The half-width of the always-valid ``1 - alpha`` interval for ``theta`` around ``dbar`` after ``n`` rows
     (``{theta : Lambda_n(theta) < 1/alpha}``): ``sqrt(s2 (s2 + n tau2) / (n^2 tau2) * (2 log(1/alpha) +
     log((s2 + n tau2) / s2)))``."""
@@ -367,7 +367,7 @@ def rows_for_evidence(effect: float, sd: float, alpha: float, tau2: float) -> fl
     s2, target = sd * sd, math.log(1.0 / alpha)
 
     def excess(n: float) -> float:
-        return log_mixture_ratio(abs(effect) * n, n, s2, tau2) - target  # type: ignore[arg-type]
+        return log_mixture_ratio(abs(effect) * n, n, s2, tau2) - target
 
     lo, hi = 1.0, 2.0
     while excess(hi) <= 0:  # the excess falls, then grows about linearly: one crossing
