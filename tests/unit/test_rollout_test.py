@@ -97,6 +97,13 @@ def test_the_minimum_sample_holds():
     assert few.decision == CONTINUE and set(few.p_values) == {1.0} and "minimum sample" in few.reason
 
 
+def test_the_brier_score_decides_the_same_way():
+    y, canary, champion, look = _rollout(1, canary_noise=1.0)
+    result = sequential_test(y, canary, champion, look, RolloutTestPolicy(loss=BRIER, min_effect=0.005))
+    assert result.decision == CANARY_WORSE and result.loss == BRIER
+    assert result.canary_loss == pytest.approx(np.mean((canary - y) ** 2))
+
+
 def test_the_decision_is_kept_and_the_result_is_plain_json():
     y, canary, champion, look = _rollout(2, canary_noise=1.0)
     result = sequential_test(y, canary, champion, look)
@@ -134,6 +141,8 @@ def test_expected_days_to_decision():
     ([0, 1], [0.1, 0.2], [-0.1, 0.2], "champion scores: 1 of 2 are outside [0, 1]"),
     ([0, 1], [0.1, float("nan")], [0.1, 0.2], "canary scores: 1 of 2 are NaN"),
     ([], [], [], "no rows"),
+    (["a", "b"], [0.1, 0.2], [0.1, 0.2], "labels: not numbers"),
+    ([0, 1], [0.1, None], [0.1, 0.2], "canary scores: 1 of 2 are NaN"),
 ])
 def test_bad_input_is_refused(labels, canary, champion, message):
     with pytest.raises(ValueError, match="^" + message.replace("[", r"\[").replace("]", r"\]")) as err:

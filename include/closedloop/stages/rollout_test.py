@@ -102,7 +102,10 @@ class RolloutTestPolicy:
 def _labels(labels: Any) -> np.ndarray:
     import numpy as np
 
-    y = np.asarray(labels, dtype=float).ravel()
+    try:
+        y = np.asarray(labels, dtype=float).ravel()
+    except (TypeError, ValueError) as exc:
+        raise RolloutInputError(f"labels: not numbers ({exc}); give the binary label column as 0 and 1") from None
     bad = ~np.isin(y, (0.0, 1.0))  # NaN is not in (0, 1) either
     if bad.any():
         first = y[bad][0]
@@ -114,7 +117,10 @@ def _labels(labels: Any) -> np.ndarray:
 def _scores(scores: Any, name: str) -> np.ndarray:
     import numpy as np
 
-    p = np.asarray(scores, dtype=float).ravel()
+    try:
+        p = np.asarray(scores, dtype=float).ravel()
+    except (TypeError, ValueError) as exc:
+        raise RolloutInputError(f"{name} scores: not numbers ({exc}); give probabilities in [0, 1]") from None
     nan = np.isnan(p)
     if nan.any():
         raise RolloutInputError(f"{name} scores: {int(nan.sum())} of {len(p)} are NaN (the first at row "
@@ -161,14 +167,14 @@ def paired_differences(labels: Any, canary_scores: Any, champion_scores: Any, lo
 
 
 # -- the mixture SPRT ------------------------------------------------------------------------------
-def log_mixture_ratio(total: float, n: int, variance: float, tau2: float) -> float:
+def log_mixture_ratio(total: float, n: float, variance: float, tau2: float) -> float:
     """``log Lambda_n`` of the normal mixture for ``n`` rows summing to ``total`` (``n dbar``) with plug-in
     ``variance``: ``0.5 log(s2 / (s2 + n tau2)) + total^2 tau2 / (2 s2 (s2 + n tau2))``."""
     s2 = max(variance, _VAR_FLOOR)
     return 0.5 * math.log(s2 / (s2 + n * tau2)) + total * total * tau2 / (2.0 * s2 * (s2 + n * tau2))
 
 
-def confidence_halfwidth(n: int, variance: float, tau2: float, alpha: float) -> float:
+def confidence_halfwidth(n: float, variance: float, tau2: float, alpha: float) -> float:
     """The half-width of the always-valid ``1 - alpha`` interval for ``theta`` around ``dbar`` after ``n`` rows
     (``{theta : Lambda_n(theta) < 1/alpha}``): ``sqrt(s2 (s2 + n tau2) / (n^2 tau2) * (2 log(1/alpha) +
     log((s2 + n tau2) / s2)))``."""
@@ -185,7 +191,9 @@ class RolloutTestResult:
     ``p_value`` is the always-valid p-value (the minimum over the looks of ``1 / Lambda``); ``decided_at_look``
     the first look (0-based) where it reached ``alpha``, whose direction is ``decision`` (kept at later looks);
     ``mean_difference`` and ``interval`` (always valid at ``1 - alpha``) are in the loss's units per row, canary
-    minus champion. ``p_values``, ``rows_at_look`` and ``positives_at_look`` give each look."""
+    minus champion, on all the rows of the last look (the interval at each look is valid at once with all the
+    others, so a decision taken earlier may stand while a later interval reaches 0 again). ``p_values``,
+    ``rows_at_look`` and ``positives_at_look`` give each look."""
 
     decision: str
     reason: str
@@ -359,7 +367,7 @@ def rows_for_evidence(effect: float, sd: float, alpha: float, tau2: float) -> fl
     s2, target = sd * sd, math.log(1.0 / alpha)
 
     def excess(n: float) -> float:
-        return log_mixture_ratio(abs(effect) * n, n, s2, tau2) - target  # type: ignore[arg-type]
+        return log_mixture_ratio(abs(effect) * n, n, s2, tau2) - target
 
     lo, hi = 1.0, 2.0
     while excess(hi) <= 0:  # the excess falls, then grows about linearly: one crossing
@@ -381,7 +389,9 @@ def expected_days_to_decision(effect: float, sd: float, daily_rows: float, posit
     ``min_positives / positive_rate`` (the typical time: the sample mean near its expectation; about the median).
     ``method="simulation"``: ``simulations`` rollouts of normal differences (per-day sums and sums of squares drawn
     exactly, so cheap at any traffic) looked at daily up to ``horizon_days``, each decided as
-    :func:`sequential_test` decides: the median and mean days and the share decided in the horizon."""
+    :func:`sequential_test` decides (the minimum of positives taken at its expected row count): the median and mean
+    days and the share decided in the horizon. Real losses are heavier-tailed and their gap moves with the season;
+    ``docs/rollout-test.md`` sets both methods beside measured rollouts."""
     import numpy as np
 
     if not (math.isfinite(effect) and math.isfinite(sd) and sd > 0 and daily_rows > 0 and 0 < positive_rate <= 1):
