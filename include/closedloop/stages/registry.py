@@ -4,6 +4,10 @@ Only this module moves aliases. :func:`promote` is the one way ``champion`` chan
 gate, the CLI and rollback all call it): a compare-and-set under a lock, which gives the old champion
 the ``previous`` alias and appends the move to the promotion history, an MLflow experiment with one
 run per move.
+
+The canary of a rollout is the ``canary`` alias and, on the version it points at, the tag
+``closedloop.canary_share`` (its share of online traffic, a float in [0, 1]): :func:`set_canary` and
+:func:`clear_canary` move them (the rollout decides), :func:`canary` reads them (``closedloop serve``'s poller).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ log = logging.getLogger(__name__)
 
 TAG = "closedloop."
 CHAMPION, PREVIOUS = "champion", "previous"
+CANARY = "canary"
+CANARY_SHARE_TAG = f"{TAG}canary_share"
 HISTORY_EXPERIMENT = "closedloop-promotions"
 
 
@@ -164,6 +170,61 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def canary_share(value: str | None) -> float:
+    """The traffic share a ``closedloop.canary_share`` tag value gives: the float in [0, 1] it holds; 0 (all
+    traffic to the champion) when the tag is missing, not a number or outside [0, 1], logged as an error then."""
+    if value is None:
+        return 0.0
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:  # NaN included
+        log.error("%s=%r is not a share in [0, 1]: the canary gets no traffic until it is", CANARY_SHARE_TAG, value)
+        return 0.0
+    return share
+
+
+def canary(client: MlflowClient, name: str) -> tuple[str, float] | None:
+    """The version the ``canary`` alias points at and its traffic share (:func:`canary_share` of its tag); None
+    when there is no canary. An MLflow server that does not answer raises (the caller keeps what it had)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, CANARY)
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
+        return None
+    return str(mv.version), canary_share((mv.tags or {}).get(CANARY_SHARE_TAG))
+
+
+def set_canary(client: MlflowClient, name: str, version: str, share: float) -> None:
+    """Make ``version`` the canary with ``share`` of online traffic (a ramp step: call again with a larger share).
+
+    The tag is written before the alias moves, so a poller never sees a new canary with an old share.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"canary share {share}: a share between 0 and 1")
+    client.set_model_version_tag(name, str(version), CANARY_SHARE_TAG, repr(float(share)))
+    if alias_version(client, name, CANARY) != str(version):
+        client.set_registered_model_alias(name, CANARY, str(version))
+    log.info("%s: canary version %s at share %s", name, version, share)
+
+
+def clear_canary(client: MlflowClient, name: str) -> None:
+    """Remove the ``canary`` alias (a rollback or the end of a rollout): all traffic goes back to the champion
+    within one poll interval of ``closedloop serve``. Nothing to do when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model_alias(name, CANARY)
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
+    log.info("%s: canary alias removed", name)
 
 
 @contextlib.contextmanager
