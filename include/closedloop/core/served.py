@@ -75,5 +75,5 @@ def with_arms(served: pd.DataFrame) -> pd.DataFrame:
     if "champion_version" not in out:
         out["champion_version"] = out["model_version"]
     out["champion_version"] = out["champion_version"].fillna(out["model_version"])
-    out["canary_error"] = out["canary_error"].fillna(False).astype(bool) if "canary_error" in out else False
+    out["canary_error"] = out["canary_error"].eq(True) if "canary_error" in out else False  # missing: False
     return out
