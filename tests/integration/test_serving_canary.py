@@ -250,7 +250,7 @@ def test_a_share_change_and_the_alias_removed_reach_traffic_within_one_poll(worl
 
 
 @pytest.mark.parametrize("broken", ["renamed", "missing"])
-def test_a_failing_canary_leaves_the_answer_to_the_champion_and_is_counted(world, broken):
+def test_a_failing_canary_leaves_the_answer_to_the_champion_and_is_counted(world, broken, reliability):
     """A canary that raises while scoring (its features are not the contract's) or that cannot be loaded (its
     artifacts are missing): every request is answered (200) by the champion, the failures are counted."""
     share = 0.5
@@ -259,11 +259,25 @@ def test_a_failing_canary_leaves_the_answer_to_the_champion_and_is_counted(world
     expected = {e for e in world.entities if arm_bucket(world.name, e) < share}
     errors = world.metric("closedloop_serve_arm_errors_total", arm=ARM_CANARY)
     answered = world.metric("closedloop_serve_arm_transactions_total", arm=ARM_CANARY)
+    first = world.sent + 1
     answers = world.score(world.entities)
     assert {p["version"] for p in answers.values()} == {"1"}
+    world.app.state.scorer.served.flush()
+    c = world.rt.contract
+    log = read_served(world.rt.lake, pd.Timestamp.now(tz="UTC").date())
+    mine = log[log[c.row_key].isin([f"canary-test-{k}" for k in range(first, world.sent + 1)])]
+    assert len(mine) == len(world.entities) and set(mine["arm"]) == {ARM_CHAMPION}
+    assert set(mine.loc[mine["canary_error"], c.entity]) == expected
     assert world.metric("closedloop_serve_arm_errors_total", arm=ARM_CANARY) == errors + len(expected)
     assert world.metric("closedloop_serve_arm_transactions_total", arm=ARM_CANARY) == answered
     world.set(None)
+    case = {"renamed": "a canary version that loads but raises when it scores (its feature names are not the "
+                       "contract's), at share 0.5 of live traffic",
+            "missing": "a canary version whose model artifacts are missing (it never loads), at share 0.5 of live "
+                       "traffic"}[broken]
+    reliability.record("fault", case, "every request answered 200 by the champion; each transaction the canary "
+                       "should have answered counted in closedloop_serve_arm_errors_total{arm=\"canary\"} and "
+                       "logged with arm champion and canary_error true", "nothing")
 
 
 def test_per_arm_metrics(world):
