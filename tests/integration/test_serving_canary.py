@@ -86,11 +86,13 @@ def world(generated_home):
         template = _requests(rt, live.head(1))[0]
         app = _app(rt, shadow_share=0.0, poll_seconds=POLL)
         with Server(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
-            yield SimpleWorld(rt, versions, known[:ENTITIES], template, app, srv, http)
+            yield CanaryWorld(rt, versions, known[:ENTITIES], template, app, srv, http)
         clear_canary(client, name)
 
 
-class SimpleWorld:
+class CanaryWorld:
+    """The module's world and server, with the moves a test makes: score entities, move the canary, read /metrics."""
+
     def __init__(self, rt, versions, entities, template, app, srv, http):
         self.rt, self.versions, self.entities, self.template = rt, versions, entities, template
         self.app, self.srv, self.http = app, srv, http
