@@ -10,7 +10,7 @@ import pytest
 from closedloop.core.errors import PromotionConflict
 from closedloop.stages.registry import (
     CANARY,
-    CANARY_SHARE,
+    CANARY_SHARE_TAG,
     CHALLENGER,
     CHAMPION,
     alias_version,
@@ -42,7 +42,7 @@ def test_a_canary_starts_ramps_and_is_promoted(registry):
                       actor="test")
     assert (r.version, r.mode, r.step, r.share, r.champion) == ("2", "canary", 0, 0.05, "1")
     assert alias_version(client, name, CANARY) == "2"
-    assert client.get_model_version(name, "2").tags[CANARY_SHARE] == "0.05"  # what serving polls
+    assert client.get_model_version(name, "2").tags[CANARY_SHARE_TAG] == "0.05"  # what serving polls
     assert start_rollout(client, rt.settings, name, "2", mode="canary", share=0.05, champion="1", reason="retry",
                          actor="test") == r  # a retried task finds its rollout
     r2 = ramp_rollout(client, rt.settings, r, step=1, share=0.25, reason="better", actor="test")

@@ -9,6 +9,8 @@ A rollout (``rollout.mode`` shadow or canary, :mod:`closedloop.stages.rollout`) 
 ``challenger`` or ``canary`` alias instead (:func:`start_rollout`); a canary's traffic share is its version's
 ``closedloop.canary_share`` tag, which ``closedloop serve`` polls with the aliases (:func:`ramp_rollout`);
 :func:`end_rollout` removes the alias and, for a promotion, moves ``champion``. One rollout per model at a time.
+The ``canary`` alias and, on the version it points at, the ``closedloop.canary_share`` tag (a float in [0, 1])
+are what ``closedloop serve`` polls (:func:`canary`); :func:`set_canary` and :func:`clear_canary` set them by hand.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ TAG = "closedloop."
 CHAMPION, PREVIOUS = "champion", "previous"
 # the candidate of a rollout: scored in shadow (challenger) or serving a share of traffic (canary)
 CHALLENGER, CANARY = "challenger", "canary"
-CANARY_SHARE = f"{TAG}canary_share"
+CANARY_SHARE_TAG = f"{TAG}canary_share"
 HISTORY_EXPERIMENT = "closedloop-promotions"
 
 
@@ -172,6 +174,61 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def canary_share(value: str | None) -> float:
+    """The traffic share a ``closedloop.canary_share`` tag value gives: the float in [0, 1] it holds; 0 (all
+    traffic to the champion) when the tag is missing, not a number or outside [0, 1], logged as an error then."""
+    if value is None:
+        return 0.0
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:  # NaN included
+        log.error("%s=%r is not a share in [0, 1]: the canary gets no traffic until it is", CANARY_SHARE_TAG, value)
+        return 0.0
+    return share
+
+
+def canary(client: MlflowClient, name: str) -> tuple[str, float] | None:
+    """The version the ``canary`` alias points at and its traffic share (:func:`canary_share` of its tag); None
+    when there is no canary. An MLflow server that does not answer raises (the caller keeps what it had)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, CANARY)
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
+        return None
+    return str(mv.version), canary_share((mv.tags or {}).get(CANARY_SHARE_TAG))
+
+
+def set_canary(client: MlflowClient, name: str, version: str, share: float) -> None:
+    """Make ``version`` the canary with ``share`` of online traffic (a ramp step: call again with a larger share).
+
+    The tag is written before the alias moves, so a poller never sees a new canary with an old share.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"canary share {share}: a share between 0 and 1")
+    client.set_model_version_tag(name, str(version), CANARY_SHARE_TAG, repr(float(share)))
+    if alias_version(client, name, CANARY) != str(version):
+        client.set_registered_model_alias(name, CANARY, str(version))
+    log.info("%s: canary version %s at share %s", name, version, share)
+
+
+def clear_canary(client: MlflowClient, name: str) -> None:
+    """Remove the ``canary`` alias (a rollback or the end of a rollout): all traffic goes back to the champion
+    within one poll interval of ``closedloop serve``. Nothing to do when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model_alias(name, CANARY)
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
+    log.info("%s: canary alias removed", name)
 
 
 @contextlib.contextmanager
@@ -357,7 +414,7 @@ def rollout_state(client: MlflowClient, name: str) -> Rollout | None:
         if tags.get(f"{TAG}rollout_mode") != mode:
             continue  # a challenger set by hand, not a rollout
         return Rollout(model=name, version=version, mode=mode, champion=tags.get(f"{TAG}rollout_champion") or None,
-                       step=int(tags.get(f"{TAG}rollout_step", "0")), share=float(tags.get(CANARY_SHARE, "0")),
+                       step=int(tags.get(f"{TAG}rollout_step", "0")), share=float(tags.get(CANARY_SHARE_TAG, "0")),
                        started_at=tags.get(f"{TAG}rollout_started_at", ""),
                        step_started_at=tags.get(f"{TAG}rollout_step_started_at", ""))
     return None
@@ -391,7 +448,7 @@ def start_rollout(client: MlflowClient, settings: Settings, name: str, version: 
                     "rollout_started_at": at, "rollout_step_started_at": at, "status": mode}
             for key, value in tags.items():
                 client.set_model_version_tag(name, str(version), f"{TAG}{key}", value)
-            client.set_model_version_tag(name, str(version), CANARY_SHARE, str(share if mode == "canary" else 0.0))
+            client.set_model_version_tag(name, str(version), CANARY_SHARE_TAG, str(share if mode == "canary" else 0.0))
             client.set_registered_model_alias(name, CANARY if mode == "canary" else CHALLENGER, str(version))
         except MlflowException as exc:
             raise TransientError(f"{name}: could not start the rollout of version {version}: {exc}") from exc
@@ -414,7 +471,7 @@ def ramp_rollout(client: MlflowClient, settings: Settings, rollout: Rollout, *, 
             raise PromotionConflict(f"{rollout.model}: the canary moved to step {now.step} meanwhile")
         for key, value in {"rollout_step": str(step), "rollout_step_started_at": at}.items():
             client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}{key}", value)
-        client.set_model_version_tag(rollout.model, rollout.version, CANARY_SHARE, str(share))
+        client.set_model_version_tag(rollout.model, rollout.version, CANARY_SHARE_TAG, str(share))
         _append_history(client, settings, Promotion(rollout.model, rollout.version, rollout.champion, reason, actor,
                                                     at, f"rollout_ramp_{share:g}"))
     return rollout_state(client, rollout.model)  # type: ignore[return-value]
@@ -434,7 +491,7 @@ def end_rollout(client: MlflowClient, settings: Settings, rollout: Rollout, *, p
                        reason=reason, actor=actor, kind=f"rollout_promotion_{rollout.mode}")
     with _promotion_lock(settings, rollout.model):
         client.delete_registered_model_alias(rollout.model, CANARY if rollout.mode == "canary" else CHALLENGER)
-        client.set_model_version_tag(rollout.model, rollout.version, CANARY_SHARE, "0")
+        client.set_model_version_tag(rollout.model, rollout.version, CANARY_SHARE_TAG, "0")
         if not promoted:
             client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}status", "rolled_back")
             client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}rejected_reason", reason[:4000])
