@@ -471,7 +471,8 @@ def airflow_config(
         typer.echo(f"Airflow login: user {ADMIN}, password {ensure_password(settings)}")
 
 
-KINDS = ("ingest", "batch_scoring", "drift_monitoring", "retraining", "skew_check", "rollback", "rollout", "housekeeping")
+KINDS = ("ingest", "batch_scoring", "drift_monitoring", "retraining", "skew_check", "rollback", "rollout",
+         "housekeeping")
 
 
 @app.command("models")
