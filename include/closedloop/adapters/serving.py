@@ -496,6 +496,7 @@ class Scorer:
         """The answer to ``transactions`` and the arms that answered them (``champion``, ``canary``)."""
         import numpy as np
 
+        started = time.perf_counter()
         c = self.contract
         if len(transactions) > self.config.max_batch:
             raise TooLarge(f"{len(transactions)} transactions in one request: at most {self.config.max_batch} "
@@ -543,6 +544,7 @@ class Scorer:
         request_id = uuid.uuid4().hex
         fetched = {f: k for k, f in enumerate(c.entity_features)}
         logged = []
+        latency_ms = (time.perf_counter() - started) * 1000.0  # features and both arms' scores: the rollout's p99
         for i, t in enumerate(transactions):
             ts = t.get(c.event_timestamp)
             row = {c.row_key: ids[i], c.entity: entity_ids[i],
@@ -555,6 +557,7 @@ class Scorer:
             row["model_version"] = canary_state.version if canary_row and canary_state else model.version
             row["arm"], row["champion_score"], row["champion_version"] = arms[i], champion_scores[i], model.version
             row["canary_error"] = canary_error[i]
+            row["latency_ms"] = latency_ms
             row[SERVED_AT], row[REQUEST_ID] = now, request_id
             logged.append(row)
         self.served.append(logged)

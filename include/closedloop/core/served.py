@@ -9,8 +9,9 @@ inputs as served (online features included), ``score``, ``decision`` and ``model
 answered), ``champion_score`` and ``champion_version`` (the champion's score of the same row: equal to
 ``score`` on champion rows, scored in shadow on canary rows, so a guardrail compares both on the same
 requests) and ``canary_error`` (True on a row the canary should have answered but could not: the champion
-answered it). Rows written before the split have none of these four: read them as the champion's
-(:func:`with_arms`). A ``shadow`` row is a ``transactions`` row with the challenger's ``score``, ``decision``
+answered it), and ``latency_ms`` (the service's time to fetch the request's features and score it with both
+arms: the rollout's p99 guardrail). Rows written before the split have none of these: read them as the
+champion's (:func:`with_arms`). A ``shadow`` row is a ``transactions`` row with the challenger's ``score``, ``decision``
 and ``model_version`` in place of the answer's.
 
 :func:`arm_bucket` is the canary split: an entity lands in the canary arm when its bucket is below the share.
