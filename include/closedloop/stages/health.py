@@ -571,11 +571,13 @@ def loop_state(rt: Runtime, data: dict[str, Any] | None = None) -> dict[str, Any
     may be older than the estimate's). From the lake, by listing only: per kind, the newest curated day and
     when the last validation marker was written (an ingest run that curated a partition), the last
     quarantine report's time and the count of quarantined partitions (:func:`closedloop.stages.quarantine.
-    quarantined_days`). The canary and the rollout are placeholders until progressive delivery exists
-    (issue 24): no canary version (0) and a traffic share of 0.
+    quarantined_days`). The rollout in progress (:func:`closedloop.stages.registry.rollout_state`): the
+    candidate's version on the canary arm and its traffic share (a shadow challenger's share is 0: it answers
+    nothing); 0 and 0 without a rollout.
     """
     data = gather(rt) if data is None else data
     champion = data.get("champion") or {}
+    rollout = data.get("rollout")
     latest = data.get("latest_drift") or {}
     decision = latest.get("decision") or {}
     figures = latest.get("figures") or {}
@@ -597,8 +599,9 @@ def loop_state(rt: Runtime, data: dict[str, Any] | None = None) -> dict[str, Any
                         "quarantined": len(quarantined_days(rt.lake, kind))}
     return {
         "model": data["model"],
-        "versions": {"champion": int(champion["version"]) if champion.get("version") else 0, "canary": 0},
-        "canary_share": 0.0,
+        "versions": {"champion": int(champion["version"]) if champion.get("version") else 0,
+                     "canary": int(rollout["version"]) if rollout else 0},
+        "canary_share": float(rollout["share"]) if rollout else 0.0,
         "drift": None if not latest else {
             "share": _number(figures.get("drift_share")), "share_threshold": _number(data.get("drift_share_threshold")),
             "decision": "retrain" if decision.get("drift") else "no_drift" if decision.get("judged") else "not_judged",
