@@ -201,3 +201,21 @@ def test_a_better_challenger_in_shadow_is_promoted(world):
     assert alias_version(rt.client, rt.model_name, CHAMPION) == "2"
     assert alias_version(rt.client, rt.model_name, CHALLENGER) is None
 
+
+
+def test_the_page_the_exporter_and_status_show_the_rollout(world):
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+    from closedloop.stages.health import gather, loop_state, render_page
+
+    rt, _ = world
+    data = gather(rt)
+    assert data["rollout"]["version"] == "2" and data["rollout"]["share"] == 0.1
+    state = loop_state(rt, data)
+    assert state["versions"] == {"champion": 1, "canary": 2} and state["canary_share"] == 0.1
+    page = render_page(data)
+    assert "<h2>Rollout</h2>" in page and "0.1 of traffic (step 0)" in page
+    out = CliRunner().invoke(app, ["status"])
+    assert out.exit_code == 0, out.output
+    assert "rollout: version 2 (canary) serves 0.1 of traffic (step 0) against champion version 1" in out.output
