@@ -219,3 +219,20 @@ def test_the_page_the_exporter_and_status_show_the_rollout(world):
     out = CliRunner().invoke(app, ["status"])
     assert out.exit_code == 0, out.output
     assert "rollout: version 2 (canary) serves 0.1 of traffic (step 0) against champion version 1" in out.output
+
+
+def test_a_rollout_stopped_by_hand_gives_all_traffic_back(world):
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+
+    rt, _ = world
+    out = CliRunner().invoke(app, ["rollout-stop", "--reason", "a bad feeling", "--actor", "oncall"])
+    assert out.exit_code == 0, out.output
+    assert "rollout of v2 stopped; champion v1 serves all traffic" in out.output
+    assert alias_version(rt.client, rt.model_name, CANARY) is None
+    last = history(rt.client, rt.model_name)[0]
+    assert (last["kind"], last["actor"], last["reason"]) == ("rollout_rollback_canary", "oncall",
+                                                            "stopped by hand: a bad feeling")
+    again = CliRunner().invoke(app, ["rollout-stop", "--reason", "twice"])
+    assert again.exit_code == 1 and "no rollout in progress" in again.output
