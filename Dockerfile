@@ -63,6 +63,7 @@ COPY include/ include/
 COPY dags/ dags/
 COPY plugins/ plugins/
 COPY feature_repo/ feature_repo/
+COPY models/ models/
 COPY deploy/mlflow/ deploy/mlflow/
 RUN mkdir -p /opt/closedloop/airflow/logs /var/lib/closedloop \
     && chown -R closedloop:closedloop /opt/closedloop/airflow /var/lib/closedloop

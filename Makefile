@@ -22,6 +22,13 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # scheduler and the triggerer serve their logs
 AIRFLOW_PORT ?= 8080
 
+# The model of generate, retrain, status and demo-retrain: a folder of models/ (`make demo-retrain MODEL=churn`);
+# empty: CLOSEDLOOP_MODEL, else the default model (card_fraud, the one with the root layout).
+MODEL ?=
+ifneq ($(strip $(MODEL)),)
+export CLOSEDLOOP_MODEL := $(MODEL)
+endif
+
 # The demo's data set: fixed dates, so that every run of the demo is the same.
 DEMO_START ?= 2026-03-01
 DEMO_DAYS ?= 45
@@ -55,13 +62,15 @@ airflow-home: install  ## Write the embedded Airflow home and migrate its databa
 generate: install  ## Write the demo data set into the lake's landing zone
 	$(BIN)/closedloop generate --start $(DEMO_START) --days $(DEMO_DAYS)
 
-retrain: airflow-home  ## Run the retraining DAG once on the demo window (airflow dags test)
-	$(BIN)/airflow dags test retraining \
-	  -c '{"window_start": "$(DEMO_WINDOW_START)", "window_end": "$(DEMO_WINDOW_END)", "reason": "make demo"}' \
-	  > $(CLOSEDLOOP_HOME)/retraining-demo.log 2>&1 \
-	  || (tail -n 80 $(CLOSEDLOOP_HOME)/retraining-demo.log; echo "retraining failed: see $(CLOSEDLOOP_HOME)/retraining-demo.log"; exit 1)
-	@grep -o "DagRun Finished: dag_id=retraining.*run_duration=[0-9.]*, state=[a-z_]*" $(CLOSEDLOOP_HOME)/retraining-demo.log \
-	  | sed -E 's/.*run_id=([^,]*).*run_duration=([0-9.]*), state=([a-z_]*)/retraining run \1: \3 in \2 s/' || true
+# the model's retraining DAG: `retraining`, or `<model>.retraining` for a namespaced model (closedloop models)
+retrain: airflow-home  ## Run the retraining DAG once on the demo window (airflow dags test; MODEL=<name> for another model)
+	@dag=$$($(BIN)/closedloop models --dag-id retraining) || exit 1; \
+	conf='{"window_start": "$(DEMO_WINDOW_START)", "window_end": "$(DEMO_WINDOW_END)", "reason": "make demo"}'; \
+	echo "$(BIN)/airflow dags test $$dag -c '$$conf'"; \
+	$(BIN)/airflow dags test $$dag -c "$$conf" > $(CLOSEDLOOP_HOME)/retraining-demo.log 2>&1 \
+	  || { tail -n 80 $(CLOSEDLOOP_HOME)/retraining-demo.log; echo "retraining failed: see $(CLOSEDLOOP_HOME)/retraining-demo.log"; exit 1; }; \
+	grep -o "DagRun Finished: dag_id=$$dag,.*run_duration=[0-9.]*, state=[a-z_]*" $(CLOSEDLOOP_HOME)/retraining-demo.log \
+	  | sed -E "s/.*dag_id=([^,]*),.*run_id=([^,]*).*run_duration=([0-9.]*), state=([a-z_]*)/\1 run \2: \4 in \3 s/" || true
 
 status: install  ## Show champion, candidates and promotion history
 	$(BIN)/closedloop status

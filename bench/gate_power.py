@@ -13,7 +13,7 @@ judged against it on the same holdout (the last 7 days, as ``holdout_days: 7`` w
 - worse, degraded labels: the champion's data with 20 % of its training labels flipped.
 
 Every candidate goes through :func:`closedloop.stages.gate.decide` with the gate section of
-``include/config/closedloop.yaml`` (margin, guards, paired bootstrap) and the plausibility checks (each
+``models/card_fraud/closedloop.yaml`` (margin, guards, paired bootstrap) and the plausibility checks (each
 model's ROC AUC against chance, the holdout's label share against the contract's band), and once more with
 the bootstrap off (the point rule alone), to show what the interval buys. Usage::
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
 
-    contract = load_contract(REPO / "include" / "schemas" / "card_fraud.yaml")
+    contract = load_contract(REPO / "models" / "card_fraud" / "schema.yaml")
     start = date(2026, 1, 1)
     late, newest = start + timedelta(days=args.late), start + timedelta(days=args.days - 1)
     with tempfile.TemporaryDirectory(prefix="late-day-") as tmp:

@@ -30,10 +30,10 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, get_current_context, task
 
 from closedloop.adapters.airflow.links import drift_report_task
+from closedloop.adapters.airflow.models import ModelDags, for_each_model
 from closedloop.adapters.airflow.notifier import send_alert
 from closedloop.adapters.airflow.orchestration import (
     DEFAULT_ARGS,
-    PREDICTIONS,
     active_runs,
     conf_of,
     days_from_events,
@@ -45,63 +45,71 @@ from closedloop.adapters.airflow.params import run_params
 from closedloop.core.runconf import DRIFT_MONITORING, check
 
 
-@dag(
-    schedule=time_schedule(
-        AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 6 * * *", timezone="UTC"), assets=[PREDICTIONS]),
-        fallback=[PREDICTIONS],
-    ),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    **documented(__doc__),
-    tags=["closedloop", "monitoring"],
-    render_template_as_native_obj=True,
-    params=run_params(DRIFT_MONITORING),
-)
-def drift_monitoring():
-    @drift_report_task
-    def measure_drift() -> dict:
-        """Measure drift on the window and keep the report (lake and MLflow)."""
-        from closedloop.stages import monitoring
-        from closedloop.stages.ingest import resolve_days
-        from closedloop.stages.runtime import Runtime
+def build(m: ModelDags) -> None:
+    """The DAG of model ``m``."""
 
-        ctx = get_current_context()
-        run_stage(check, conf_of(ctx), DRIFT_MONITORING)  # before any work: one line, no retry
-        rt = Runtime.from_env()
-        days = days_from_events(ctx, PREDICTIONS)
-        if not days and not conf_of(ctx).get("day") and ctx.get("data_interval_end") is not None:
-            days = [(ctx["data_interval_end"] - timedelta(days=1)).date().isoformat()]
-        last = run_stage(resolve_days, conf_of(ctx), days)[-1]
-        window_days = rt.settings.config.monitoring.window_days
-        window = monitoring.monitoring_window(last + timedelta(days=1), window_days)
-        return run_stage(monitoring.measure_window, rt, window, dag_run_id=ctx["run_id"])
-
-    @task.short_circuit
-    def decide_retraining(measured: dict) -> dict | bool:
-        """Apply the drift policy, the cooldown and de-duplication; skip what follows unless retraining."""
-        from closedloop.stages import monitoring
-        from closedloop.stages.alerts import drift_alert
-        from closedloop.stages.runtime import Runtime
-
-        ctx = get_current_context()
-        decision = run_stage(monitoring.decide_retraining, Runtime.from_env(), measured,
-                             active_retrainings=active_runs("retraining"), monitoring_run_id=ctx["run_id"])
-        logging.getLogger(__name__).info("decision: %s: %s", "retrain" if decision["retrain"] else "no retraining",
-                                         decision["why"])
-        send_alert(drift_alert(decision), ctx)
-        return decision if decision["retrain"] else False
-
-    decide_retraining(measure_drift()) >> TriggerDagRunOperator(
-        task_id="trigger_retraining",
-        trigger_dag_id="retraining",
-        trigger_run_id="{{ ti.xcom_pull(task_ids='decide_retraining')['run_id'] }}",
-        conf="{{ ti.xcom_pull(task_ids='decide_retraining')['conf'] }}",
-        skip_when_already_exists=True,
-        wait_for_completion=False,
-        doc_md="Start `retraining` on the window that includes the drifted days, with the reason and the report.",
+    @dag(
+        dag_id=m.dag_id("drift_monitoring"),
+        schedule=time_schedule(
+            AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 6 * * *", timezone="UTC"), assets=[m.predictions]),
+            fallback=[m.predictions],
+        ),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        **documented(__doc__),
+        tags=m.tags("monitoring"),
+        render_template_as_native_obj=True,
+        params=run_params(DRIFT_MONITORING),
     )
+    def drift_monitoring():
+        @drift_report_task
+        def measure_drift() -> dict:
+            """Measure drift on the window and keep the report (lake and MLflow)."""
+            from closedloop.stages import monitoring
+            from closedloop.stages.ingest import resolve_days
+            from closedloop.stages.runtime import Runtime
+
+            ctx = get_current_context()
+            run_stage(check, conf_of(ctx), DRIFT_MONITORING)  # before any work: one line, no retry
+            rt = Runtime.from_env(m.name)
+            days = days_from_events(ctx, m.predictions)
+            if not days and not conf_of(ctx).get("day") and ctx.get("data_interval_end") is not None:
+                days = [(ctx["data_interval_end"] - timedelta(days=1)).date().isoformat()]
+            last = run_stage(resolve_days, conf_of(ctx), days)[-1]
+            window_days = rt.settings.config.monitoring.window_days
+            window = monitoring.monitoring_window(last + timedelta(days=1), window_days)
+            return run_stage(monitoring.measure_window, rt, window, dag_run_id=ctx["run_id"])
+
+        @task.short_circuit
+        def decide_retraining(measured: dict) -> dict | bool:
+            """Apply the drift policy, the cooldown and de-duplication; skip what follows unless retraining."""
+            from closedloop.stages import monitoring
+            from closedloop.stages.alerts import drift_alert
+            from closedloop.stages.runtime import Runtime
+
+            ctx = get_current_context()
+            decision = run_stage(monitoring.decide_retraining, Runtime.from_env(m.name), measured,
+                                 active_retrainings=active_runs(m.dag_id("retraining")),
+                                 monitoring_run_id=ctx["run_id"])
+            logging.getLogger(__name__).info("decision: %s: %s", "retrain" if decision["retrain"] else "no retraining",
+                                             decision["why"])
+            send_alert(drift_alert(decision), ctx)
+            return decision if decision["retrain"] else False
+
+        decide_retraining(measure_drift()) >> TriggerDagRunOperator(
+            task_id="trigger_retraining",
+            trigger_dag_id=m.dag_id("retraining"),
+            trigger_run_id="{{ ti.xcom_pull(task_ids='decide_retraining')['run_id'] }}",
+            conf="{{ ti.xcom_pull(task_ids='decide_retraining')['conf'] }}",
+            skip_when_already_exists=True,
+            wait_for_completion=False,
+            doc_md="Start `retraining` on the window that includes the drifted days, with the reason and the report.",
+        )
 
 
-drift_monitoring()
+    drift_monitoring()
+
+
+for_each_model("drift_monitoring", build)

@@ -22,51 +22,61 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
+from closedloop.adapters.airflow.models import ModelDags, for_each_model
 from closedloop.adapters.airflow.notifier import send_alert
 from closedloop.adapters.airflow.orchestration import DEFAULT_ARGS, documented, run_stage, time_schedule
 
 
-@dag(
-    schedule=time_schedule("30 7 * * *"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    **documented(__doc__),
-    tags=["closedloop", "housekeeping"],
-)
-def housekeeping():
-    @task
-    def check_arrivals() -> list:
-        """Alert (data_missing) for each recent day whose transactions have not landed past the delay."""
-        from closedloop.stages.alerts import check_arrivals as check
-        from closedloop.stages.runtime import Runtime
+def build(m: ModelDags) -> None:
+    """The DAG of model ``m``."""
 
-        ctx = get_current_context()
-        rt = Runtime.from_env()
-        due = run_stage(check, rt.settings, rt.lake, ctx.get("data_interval_end"), dag_id="housekeeping",
-                        run_id=ctx["run_id"])
-        for alert in due:
-            send_alert(alert, ctx)
-        return [a["details"]["day"] for a in due]
+    @dag(
+        dag_id=m.dag_id("housekeeping"),
+        schedule=time_schedule("30 7 * * *"),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        **documented(__doc__),
+        tags=m.tags("housekeeping"),
+    )
+    def housekeeping():
+        @task
+        def check_arrivals() -> list:
+            """Alert (data_missing) for each recent day whose transactions have not landed past the delay."""
+            from closedloop.stages.alerts import check_arrivals as check
+            from closedloop.stages.runtime import Runtime
 
-    @task
-    def prune_lake_and_mlflow() -> dict:
-        """Delete old served logs, predictions, training sets, drift reports and monitoring runs; never lineage."""
-        from closedloop.stages import housekeeping as hk
-        from closedloop.stages.runtime import Runtime
+            ctx = get_current_context()
+            rt = Runtime.from_env(m.name)
+            due = run_stage(check, rt.settings, rt.lake, ctx.get("data_interval_end"), dag_id=m.dag_id("housekeeping"),
+                            run_id=ctx["run_id"])
+            for alert in due:
+                send_alert(alert, ctx)
+            return [a["details"]["day"] for a in due]
 
-        return run_stage(hk.run, Runtime.from_env(), get_current_context().get("data_interval_end"), airflow_db=False)
+        @task
+        def prune_lake_and_mlflow() -> dict:
+            """Delete old served logs, predictions, training sets, drift reports and monitoring runs; never lineage."""
+            from closedloop.stages import housekeeping as hk
+            from closedloop.stages.runtime import Runtime
 
-    @task
-    def clean_airflow_db() -> dict:
-        """`airflow db clean` of Airflow's tables before the configured age (no archive tables)."""
-        from closedloop.core.settings import Settings
-        from closedloop.stages import housekeeping as hk
+            return run_stage(hk.run, Runtime.from_env(m.name), get_current_context().get("data_interval_end"),
+                             airflow_db=False)
 
-        return run_stage(hk.clean_airflow_tables, Settings.from_env(), get_current_context().get("data_interval_end"))
+        @task
+        def clean_airflow_db() -> dict:
+            """`airflow db clean` of Airflow's tables before the configured age (no archive tables)."""
+            from closedloop.core.settings import Settings
+            from closedloop.stages import housekeeping as hk
 
-    check_arrivals() >> prune_lake_and_mlflow() >> clean_airflow_db()
+            return run_stage(hk.clean_airflow_tables, Settings.from_env(model=m.name),
+                             get_current_context().get("data_interval_end"))
+
+        check_arrivals() >> prune_lake_and_mlflow() >> clean_airflow_db()
 
 
-housekeeping()
+    housekeeping()
+
+
+for_each_model("housekeeping", build)

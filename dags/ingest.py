@@ -15,9 +15,9 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task
 
 from closedloop.adapters.airflow.links import validation_task
+from closedloop.adapters.airflow.models import ModelDags, for_each_model
 from closedloop.adapters.airflow.notifier import ClosedloopNotifier
 from closedloop.adapters.airflow.orchestration import (
-    CURATED,
     DEFAULT_ARGS,
     conf_of,
     documented,
@@ -28,45 +28,52 @@ from closedloop.adapters.airflow.params import run_params
 from closedloop.core.runconf import INGEST, check
 
 
-@dag(
-    schedule=time_schedule("@daily"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    **documented(__doc__),
-    tags=["closedloop", "ingest"],
-    params=run_params(INGEST),
-)
-def ingest():
-    @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
-    def validate_partitions() -> dict:
-        """Validate and curate the day's transactions and labels; quarantine and fail on blocking problems."""
-        from closedloop.adapters.airflow.notifier import send_alert
-        from closedloop.stages import ingest as stages
-        from closedloop.stages.alerts import redelivery_alert
-        from closedloop.stages.runtime import Runtime
+def build(m: ModelDags) -> None:
+    """The DAG of model ``m``."""
 
-        ctx = get_current_context()
-        run_stage(check, conf_of(ctx), INGEST)  # before any work: one line, no retry
-        day = run_stage(stages.resolve_day, conf_of(ctx), ctx.get("data_interval_start"))
-        result = run_stage(stages.ingest_day, Runtime.from_env(), day)
-        for partition in result["partitions"]:  # a re-delivery that changed a curated day
-            send_alert(redelivery_alert(partition), ctx)
-        return result
+    @dag(
+        dag_id=m.dag_id("ingest"),
+        schedule=time_schedule("@daily"),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        **documented(__doc__),
+        tags=m.tags("ingest"),
+        params=run_params(INGEST),
+    )
+    def ingest():
+        @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
+        def validate_partitions() -> dict:
+            """Validate and curate the day's transactions and labels; quarantine and fail on blocking problems."""
+            from closedloop.adapters.airflow.notifier import send_alert
+            from closedloop.stages import ingest as stages
+            from closedloop.stages.alerts import redelivery_alert
+            from closedloop.stages.runtime import Runtime
 
-    @task(outlets=[CURATED])
-    def materialise_features(ingested: dict) -> dict:
-        """Materialise the day and every day whose features it recomputed (with the overlap); announce the day."""
-        from closedloop.stages import ingest as stages
-        from closedloop.stages.runtime import Runtime
+            ctx = get_current_context()
+            run_stage(check, conf_of(ctx), INGEST)  # before any work: one line, no retry
+            day = run_stage(stages.resolve_day, conf_of(ctx), ctx.get("data_interval_start"))
+            result = run_stage(stages.ingest_day, Runtime.from_env(m.name), day)
+            for partition in result["partitions"]:  # a re-delivery that changed a curated day
+                send_alert(redelivery_alert(partition), ctx)
+            return result
 
-        result = run_stage(stages.materialise_day, Runtime.from_env(), ingested["day"],
-                           ingested.get("features_changed"))
-        get_current_context()["outlet_events"][CURATED].extra = {"day": ingested["day"]}
-        return result
+        @task(outlets=[m.curated])
+        def materialise_features(ingested: dict) -> dict:
+            """Materialise the day and every day whose features it recomputed (with the overlap); announce the day."""
+            from closedloop.stages import ingest as stages
+            from closedloop.stages.runtime import Runtime
 
-    materialise_features(validate_partitions())
+            result = run_stage(stages.materialise_day, Runtime.from_env(m.name), ingested["day"],
+                               ingested.get("features_changed"))
+            get_current_context()["outlet_events"][m.curated].extra = {"day": ingested["day"]}
+            return result
+
+        materialise_features(validate_partitions())
 
 
-ingest()
+    ingest()
+
+
+for_each_model("ingest", build)

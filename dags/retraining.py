@@ -35,6 +35,7 @@ import pendulum
 from airflow.sdk import dag, get_current_context, task
 
 from closedloop.adapters.airflow.links import mlflow_run_task, model_version_task, validation_task
+from closedloop.adapters.airflow.models import ModelDags, for_each_model
 from closedloop.adapters.airflow.notifier import ClosedloopNotifier, send_alert
 from closedloop.adapters.airflow.orchestration import (
     DEFAULT_ARGS,
@@ -49,121 +50,129 @@ from closedloop.adapters.airflow.params import run_params
 from closedloop.core.runconf import RETRAINING, check
 
 
-@dag(
-    schedule=time_schedule("@weekly"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    **documented(__doc__),
-    tags=["closedloop", "training"],
-    params=run_params(RETRAINING),
-)
-def retraining():
-    @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
-    def validate_window() -> dict:
-        """Validate every partition of the run's window; bad partitions are quarantined and fail the run."""
-        from closedloop.core.runconf import resolve_window
-        from closedloop.stages import retraining as stages
-        from closedloop.stages.runtime import Runtime
+def build(m: ModelDags) -> None:
+    """The DAG of model ``m``."""
 
-        ctx = get_current_context()
-        run_stage(check, conf_of(ctx), RETRAINING)  # before any work: one line, no retry
-        rt = Runtime.from_env()
-        window = run_stage(resolve_window, conf_of(ctx), *_interval(ctx, rt))
-        return run_stage(stages.validate, rt, window)
+    @dag(
+        dag_id=m.dag_id("retraining"),
+        schedule=time_schedule("@weekly"),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        **documented(__doc__),
+        tags=m.tags("training"),
+        params=run_params(RETRAINING),
+    )
+    def retraining():
+        @validation_task(on_failure_callback=ClosedloopNotifier("validation_failed", severity="error"))
+        def validate_window() -> dict:
+            """Validate every partition of the run's window; bad partitions are quarantined and fail the run."""
+            from closedloop.core.runconf import resolve_window
+            from closedloop.stages import retraining as stages
+            from closedloop.stages.runtime import Runtime
 
-    @task
-    def materialise_features(validated: dict) -> dict:
-        """Apply the Feast definitions and materialise the window into the online store."""
-        from closedloop.stages import retraining as stages
-        from closedloop.stages.runtime import Runtime
+            ctx = get_current_context()
+            run_stage(check, conf_of(ctx), RETRAINING)  # before any work: one line, no retry
+            rt = Runtime.from_env(m.name)
+            window = run_stage(resolve_window, conf_of(ctx), *_interval(ctx, rt))
+            return run_stage(stages.validate, rt, window)
 
-        return run_stage(stages.materialise, Runtime.from_env(), _window(validated))
+        @task
+        def materialise_features(validated: dict) -> dict:
+            """Apply the Feast definitions and materialise the window into the online store."""
+            from closedloop.stages import retraining as stages
+            from closedloop.stages.runtime import Runtime
 
-    @task
-    def build_training_set(validated: dict, materialised: dict) -> dict:
-        """Point-in-time-correct training set of the window, written as Parquet (its URI goes on)."""
-        from closedloop.core.runconf import split_override
-        from closedloop.stages import retraining as stages
-        from closedloop.stages.runtime import Runtime
+            return run_stage(stages.materialise, Runtime.from_env(m.name), _window(validated))
 
-        split = run_stage(split_override, conf_of(get_current_context()))
-        return run_stage(stages.build_training_set, Runtime.from_env(), _window(validated), split)
+        @task
+        def build_training_set(validated: dict, materialised: dict) -> dict:
+            """Point-in-time-correct training set of the window, written as Parquet (its URI goes on)."""
+            from closedloop.core.runconf import split_override
+            from closedloop.stages import retraining as stages
+            from closedloop.stages.runtime import Runtime
 
-    @mlflow_run_task(**training_task_args())
-    def train_model(training_set: dict, validated: dict) -> dict:
-        """Train XGBoost and log the run, its lineage and the model to MLflow."""
-        from closedloop.stages import retraining as stages
-        from closedloop.stages.runtime import Runtime
+            split = run_stage(split_override, conf_of(get_current_context()))
+            return run_stage(stages.build_training_set, Runtime.from_env(m.name), _window(validated), split)
 
-        ctx = get_current_context()
-        lineage = {"dag_run_id": ctx["run_id"], "reason": conf_of(ctx).get("reason", ""),
-                   "window": f"{validated['window']['start']}..{validated['window']['end']}",
-                   "validation": validated}
-        return run_stage(stages.train, Runtime.from_env(), training_set, lineage)
+        @mlflow_run_task(**training_task_args())
+        def train_model(training_set: dict, validated: dict) -> dict:
+            """Train XGBoost and log the run, its lineage and the model to MLflow."""
+            from closedloop.stages import retraining as stages
+            from closedloop.stages.runtime import Runtime
 
-    @model_version_task(execution_timeout=timeout(minutes=10))
-    def register_model(trained: dict, validated: dict) -> dict:
-        """Register the model version (a retry finds the version it already made)."""
-        from closedloop.stages import retraining as stages
-        from closedloop.stages.runtime import Runtime
+            ctx = get_current_context()
+            lineage = {"dag_run_id": ctx["run_id"], "reason": conf_of(ctx).get("reason", ""),
+                       "window": f"{validated['window']['start']}..{validated['window']['end']}",
+                       "validation": validated}
+            return run_stage(stages.train, Runtime.from_env(m.name), training_set, lineage)
 
-        ctx = get_current_context()
-        conf = conf_of(ctx)
-        extra = {"closedloop.dag_run_id": ctx["run_id"]}
-        if conf.get("reason"):
-            extra["closedloop.trigger_reason"] = conf["reason"][:4000]
-        for key, value in (conf.get("trigger") or {}).items():
-            extra[f"closedloop.trigger_{key}"] = str(value)[:4000]
-        return run_stage(stages.register, Runtime.from_env(), trained, _window(validated), extra)
+        @model_version_task(execution_timeout=timeout(minutes=10))
+        def register_model(trained: dict, validated: dict) -> dict:
+            """Register the model version (a retry finds the version it already made)."""
+            from closedloop.stages import retraining as stages
+            from closedloop.stages.runtime import Runtime
 
-    @task
-    def evaluate_gate(registered: dict, training_set: dict) -> dict:
-        """Check the labels' plausibility, score candidate and champion on the same holdout and decide."""
-        from closedloop.core.runconf import labels_override
-        from closedloop.stages import retraining as stages
-        from closedloop.stages.runtime import Runtime
+            ctx = get_current_context()
+            conf = conf_of(ctx)
+            extra = {"closedloop.dag_run_id": ctx["run_id"]}
+            if conf.get("reason"):
+                extra["closedloop.trigger_reason"] = conf["reason"][:4000]
+            for key, value in (conf.get("trigger") or {}).items():
+                extra[f"closedloop.trigger_{key}"] = str(value)[:4000]
+            return run_stage(stages.register, Runtime.from_env(m.name), trained, _window(validated), extra)
 
-        override = run_stage(labels_override, conf_of(get_current_context()))
-        return run_stage(stages.evaluate_gate, Runtime.from_env(), registered, training_set, override)
+        @task
+        def evaluate_gate(registered: dict, training_set: dict) -> dict:
+            """Check the labels' plausibility, score candidate and champion on the same holdout and decide."""
+            from closedloop.core.runconf import labels_override
+            from closedloop.stages import retraining as stages
+            from closedloop.stages.runtime import Runtime
 
-    @model_version_task(execution_timeout=timeout(minutes=10))
-    def promote_or_reject(decision: dict) -> dict:
-        """Move `champion` to the candidate (compare-and-set) or keep it as rejected with the reason."""
-        from closedloop.stages import retraining as stages
-        from closedloop.stages.alerts import gate_alert
-        from closedloop.stages.runtime import Runtime
+            override = run_stage(labels_override, conf_of(get_current_context()))
+            return run_stage(stages.evaluate_gate, Runtime.from_env(m.name), registered, training_set, override)
 
-        ctx = get_current_context()
-        done = run_stage(stages.promote_or_reject, Runtime.from_env(), decision, f"retraining:{ctx['run_id']}")
-        send_alert(gate_alert(done), ctx)
-        return done
+        @model_version_task(execution_timeout=timeout(minutes=10))
+        def promote_or_reject(decision: dict) -> dict:
+            """Move `champion` to the candidate (compare-and-set) or keep it as rejected with the reason."""
+            from closedloop.stages import retraining as stages
+            from closedloop.stages.alerts import gate_alert
+            from closedloop.stages.runtime import Runtime
 
-    validated = validate_window()
-    materialised = materialise_features(validated)
-    training_set = build_training_set(validated, materialised)
-    trained = train_model(training_set, validated)
-    registered = register_model(trained, validated)
-    promote_or_reject(evaluate_gate(registered, training_set))
+            ctx = get_current_context()
+            done = run_stage(stages.promote_or_reject, Runtime.from_env(m.name), decision,
+                             f"retraining:{ctx['run_id']}")
+            send_alert(gate_alert(done), ctx)
+            return done
 
-
-def _interval(ctx, rt) -> tuple:
-    """The scheduled window: ``window_days`` ending at the end of the data interval (triggered runs: none)."""
-    from datetime import timedelta
-
-    run = ctx.get("dag_run")
-    end = ctx.get("data_interval_end")
-    if end is None or str(getattr(run, "run_type", "")).lower().endswith("manual"):
-        return None, None
-    days = rt.settings.config.typed.training.window_days
-    return end - timedelta(days=days), end
+        validated = validate_window()
+        materialised = materialise_features(validated)
+        training_set = build_training_set(validated, materialised)
+        trained = train_model(training_set, validated)
+        registered = register_model(trained, validated)
+        promote_or_reject(evaluate_gate(registered, training_set))
 
 
-def _window(validated: dict):
-    from closedloop.core.runconf import Window, parse_day
+    def _interval(ctx, rt) -> tuple:
+        """The scheduled window: ``window_days`` ending at the end of the data interval (triggered runs: none)."""
+        from datetime import timedelta
 
-    return Window(parse_day(validated["window"]["start"]), parse_day(validated["window"]["end"]))
+        run = ctx.get("dag_run")
+        end = ctx.get("data_interval_end")
+        if end is None or str(getattr(run, "run_type", "")).lower().endswith("manual"):
+            return None, None
+        days = rt.settings.config.typed.training.window_days
+        return end - timedelta(days=days), end
 
 
-retraining()
+    def _window(validated: dict):
+        from closedloop.core.runconf import Window, parse_day
+
+        return Window(parse_day(validated["window"]["start"]), parse_day(validated["window"]["end"]))
+
+
+    retraining()
+
+
+for_each_model("retraining", build)

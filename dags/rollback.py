@@ -20,34 +20,42 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
+from closedloop.adapters.airflow.models import ModelDags, for_each_model
 from closedloop.adapters.airflow.orchestration import DEFAULT_ARGS, conf_of, documented, run_stage
 from closedloop.adapters.airflow.params import run_params
 from closedloop.core.runconf import ROLLBACK, check
 
 
-@dag(
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    **documented(__doc__),
-    tags=["closedloop", "registry"],
-    params=run_params(ROLLBACK),
-)
-def rollback():
-    @task
-    def roll_back_champion() -> dict:
-        """Check the run configuration, then move `champion` back through the registry's compare-and-set."""
-        from closedloop.stages.rollback import rollback_run, triggering_actor
-        from closedloop.stages.runtime import Runtime
+def build(m: ModelDags) -> None:
+    """The DAG of model ``m``."""
 
-        ctx = get_current_context()
-        run_stage(check, conf_of(ctx), ROLLBACK)  # before any work: one line, no retry
-        return run_stage(rollback_run, Runtime.from_env(), conf_of(ctx), actor=triggering_actor(ctx.get("dag_run")),
-                         request=ctx["run_id"])
+    @dag(
+        dag_id=m.dag_id("rollback"),
+        schedule=None,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        **documented(__doc__),
+        tags=m.tags("registry"),
+        params=run_params(ROLLBACK),
+    )
+    def rollback():
+        @task
+        def roll_back_champion() -> dict:
+            """Check the run configuration, then move `champion` back through the registry's compare-and-set."""
+            from closedloop.stages.rollback import rollback_run, triggering_actor
+            from closedloop.stages.runtime import Runtime
 
-    roll_back_champion()
+            ctx = get_current_context()
+            run_stage(check, conf_of(ctx), ROLLBACK)  # before any work: one line, no retry
+            return run_stage(rollback_run, Runtime.from_env(m.name), conf_of(ctx),
+                             actor=triggering_actor(ctx.get("dag_run")), request=ctx["run_id"])
+
+        roll_back_champion()
 
 
-rollback()
+    rollback()
+
+
+for_each_model("rollback", build)

@@ -6,6 +6,13 @@ lake, wherever it is) and the loop's metrics for Prometheus (``/closedloop/metri
 :mod:`closedloop.adapters.exporter`: the same data in Prometheus's text format); an external view puts
 "Model health" in the UI's navigation, shown in an iframe.
 
+One deployment, many models: the page, its JSON and its reports are of the model ``?model=<name>`` names
+(default: :func:`closedloop.core.settings.select_model`'s, else the first by name), each request on that model's
+own ``Runtime.from_env(model)``; an unknown name is a 404 naming the known models. The page's selector links
+every model of :func:`closedloop.core.settings.model_entries` (``/closedloop/api/models.json`` lists them); one
+whose configuration is refused is listed with its error, and its own page shows the error (503), the others'
+pages are unaffected. ``/closedloop/metrics`` holds every model's series, each labelled ``model``.
+
 Airflow does not protect plugin apps: every route here checks the caller's Airflow token itself, the
 ``Authorization: Bearer`` header or else the UI's ``_token`` cookie (what the browser sends from the UI),
 with the auth manager's own validation (signature, expiry, revocation), then asks the auth manager
@@ -70,26 +77,66 @@ async def airflow_user(request: Any) -> Any:
     return user
 
 
-def _runtime() -> Any:
+def _runtime(model: str) -> Any:
     import closedloop.adapters.airflow.secrets  # noqa: F401  (Airflow's log masker for what this Runtime reads)
     from closedloop.stages.runtime import Runtime
 
-    return Runtime.from_env()
+    return Runtime.from_env(model)
 
 
-def _gather() -> dict[str, Any]:
-    """The page's data; 503 naming what failed when the registry or the lake cannot be read."""
+def _models() -> tuple[list[dict[str, Any]], str]:
+    """Every model with its configuration's error (:func:`closedloop.stages.health.model_choices`) and the default
+    one (:func:`closedloop.core.settings.select_model`'s, else the first by name); 503 when none can be listed."""
+    from fastapi import HTTPException
+
+    from closedloop.core.errors import ConfigError
+    from closedloop.core.settings import select_model
+    from closedloop.stages import health
+
+    try:
+        choices = health.model_choices()
+    except ConfigError as exc:
+        raise HTTPException(503, f"no models to show: {exc}") from None
+    try:
+        default = select_model().name
+    except ConfigError:  # several namespaced models and none named by CLOSEDLOOP_MODEL: the first
+        default = choices[0]["name"] if choices else ""
+    return choices, default
+
+
+def _choose(model: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The model a request names (``?model=``; default: :func:`_models`'s) and every model; 404 naming the known
+    models when it names none of them."""
+    from fastapi import HTTPException
+
+    choices, default = _models()
+    name = (model or "").strip() or default
+    current = next((c for c in choices if c["name"] == name), None)
+    if current is None:
+        known = ", ".join(c["name"] for c in choices) or "none"
+        raise HTTPException(404, f"no model {name!r} in this deployment; known models: {known}")
+    return current, choices
+
+
+def _refused(current: dict[str, Any]) -> Exception:
+    from fastapi import HTTPException
+
+    return HTTPException(503, f"the configuration of model {current['name']!r} is refused: {current['error']}")
+
+
+def _gather(model: str) -> dict[str, Any]:
+    """The page's data of ``model``; 503 naming what failed when the registry or the lake cannot be read."""
     from fastapi import HTTPException
 
     from closedloop.stages import health
 
     try:
-        return health.gather(_runtime())
+        return health.gather(_runtime(model))
     except Exception as exc:  # the page's boundary: any failure of MLflow or the lake
-        log.exception("model health: could not gather the page's data")
-        raise HTTPException(503, f"model health unavailable: {type(exc).__name__} while reading the MLflow registry "
-                                 "or the lake; check that both are reachable from the API server (details in the "
-                                 "API server's log)") from None
+        log.exception("model health: could not gather the page's data of %s", model)
+        raise HTTPException(503, f"model health of {model!r} unavailable: {type(exc).__name__} while reading the "
+                                 "MLflow registry or the lake; check that both are reachable from the API server "
+                                 "(details in the API server's log)") from None
 
 
 def metrics_token() -> str:
@@ -136,22 +183,35 @@ def build_app() -> Any:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     @pages.get("/", response_class=HTMLResponse)
-    def page() -> HTMLResponse:
+    def page(model: str | None = None) -> HTMLResponse:
         from closedloop.stages import health
 
-        return HTMLResponse(health.render_page(_gather(), report_base="reports/"),
+        current, choices = _choose(model)
+        if current["error"]:  # the page still lists the others: the selector and the error
+            return HTMLResponse(health.render_refused(current["name"], current["error"], choices), status_code=503,
+                                headers={"Cache-Control": "no-store"})
+        return HTMLResponse(health.render_page(_gather(current["name"]), report_base="reports/", models=choices),
                             headers={"Cache-Control": "no-store"})
 
     @pages.get("/api/health.json")
-    def health_json() -> JSONResponse:
-        return JSONResponse(_gather(), headers={"Cache-Control": "no-store"})
+    def health_json(model: str | None = None) -> JSONResponse:
+        current, _ = _choose(model)
+        if current["error"]:
+            raise _refused(current)
+        return JSONResponse(_gather(current["name"]), headers={"Cache-Control": "no-store"})
+
+    @pages.get("/api/models.json")
+    def models_json() -> JSONResponse:
+        choices, default = _models()
+        return JSONResponse({"default": default, "models": choices}, headers={"Cache-Control": "no-store"})
 
     @pages.get("/reports/{path:path}")
-    def report(path: str) -> Response:
+    def report(path: str, model: str | None = None) -> Response:
         from closedloop.stages import health
 
+        current, _ = _choose(model)
         try:
-            body, media = health.report_bytes(_runtime(), path)
+            body, media = health.report_bytes(_runtime(current["name"]), path)
         except health.ReportNotFound as exc:
             raise HTTPException(404, str(exc)) from None
         return Response(body, media_type=media, headers={"Cache-Control": "no-store"})
@@ -161,7 +221,7 @@ def build_app() -> Any:
         from closedloop.adapters import exporter
 
         try:
-            body = exporter.exposition(_runtime())
+            body = exporter.exposition_models(_runtime)
         except Exception as exc:  # the exporter's boundary: Prometheus records the failed scrape (up == 0)
             log.exception("model health: could not gather the loop's metrics")
             raise HTTPException(503, f"loop metrics unavailable: {type(exc).__name__} while reading the MLflow "

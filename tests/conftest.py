@@ -42,7 +42,7 @@ os.environ.setdefault("CLOSEDLOOP_RETRY_DELAY_SECONDS", "1")
 from closedloop.core.schema import DataContract, load_contract  # noqa: E402
 from closedloop.core.settings import REPO_ROOT  # noqa: E402
 
-CONTRACT_PATH = REPO_ROOT / "include" / "schemas" / "card_fraud.yaml"
+CONTRACT_PATH = REPO_ROOT / "models" / "card_fraud" / "schema.yaml"
 
 # -- RELIABILITY.md: what the tests that try to break the pipeline observed (tests/support/reliability.py)
 # (the list lives in support.reliability: `import conftest` may find another conftest.py, e.g. tests/services')
@@ -101,7 +101,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     h = tmp_path / "closedloop"
     monkeypatch.setenv("CLOSEDLOOP_HOME", str(h))
     for var in ("CLOSEDLOOP_LAKE_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CLOSEDLOOP_MLFLOW_ARTIFACTS",
-                "CLOSEDLOOP_FEAST_REGISTRY", "CLOSEDLOOP_CONFIG"):
+                "CLOSEDLOOP_FEAST_REGISTRY", "CLOSEDLOOP_CONFIG", "CLOSEDLOOP_MODELS", "CLOSEDLOOP_MODEL"):
         monkeypatch.delenv(var, raising=False)
     return h
 

@@ -6,7 +6,9 @@ version champion by hand, ``report`` finds the drift reports; ``quarantine list|
 partitions validation rejected, ``rollback`` gives ``champion`` back to an earlier version;
 ``serve`` answers scoring requests online (:mod:`closedloop.adapters.serving`), ``airflow-config`` writes the
 embedded Airflow home and ``env`` prints the settings as shell exports
-(for the ``feast`` and ``mlflow`` CLIs).
+(for the ``feast`` and ``mlflow`` CLIs); ``models`` lists the deployment's models (``models/``) with their DAG
+ids, lake and Feast project. Every command about one model takes ``--model`` (default: ``CLOSEDLOOP_MODEL``,
+else the only model, else the one with the root layout).
 
 Long work (``generate``, ``demo``) reports its progress on stderr, one line per step done with its counts and
 seconds (``[3/78] landing/transactions/2026-03-03.parquet written (2000 rows, 0.1 s)``), so that stdout holds
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -25,7 +28,7 @@ import typer
 
 from closedloop.adapters.serving import app_from_runtime
 from closedloop.core.errors import ClosedloopError, DataValidationError
-from closedloop.core.settings import Settings
+from closedloop.core.settings import Settings, check_model, model_entries, models_dir, select_model
 from closedloop.devtools.airflow_home import ADMIN, airflow_home, ensure_password, home_problem, prepare_home
 from closedloop.devtools.demo import DemoPlan, run_demo
 from closedloop.devtools.generate import GeneratorConfig, simulate, write_landing
@@ -49,6 +52,23 @@ app.add_typer(quarantine_app, name="quarantine")
 
 ActorOption = Annotated[str | None, typer.Option(help="Who is acting, for the record (default: your login name).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _select_model(value: str | None) -> str | None:
+    """``--model``: the model the command works on, for every settings read of this process (and its children)."""
+    if value:
+        os.environ["CLOSEDLOOP_MODEL"] = value.strip()
+        try:
+            select_model()  # an unknown name: one line naming the models, before any work
+        except ClosedloopError as exc:
+            _fail(exc)
+    return value
+
+
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", "-m", callback=_select_model, show_default=False,
+    help="The model (a folder of CLOSEDLOOP_MODELS; default: CLOSEDLOOP_MODEL, else the only model, else the one "
+         "with the root layout).")]
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -126,6 +146,7 @@ def generate(
     structure: Annotated[float, typer.Option(min=0.0, max=3.0, help="Strength of the day factor and the weekly and "
                                              "daily cycles (0: independent days).")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+        model: ModelOption = None,
 ) -> None:
     """Write a seeded data set with the data contract's columns as daily Parquet partitions into the landing zone."""
     progress = _Progress()
@@ -161,7 +182,8 @@ def generate(
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+           model: ModelOption = None) -> None:
     """Show the champion, the candidates with their metrics and decisions, and the promotion history."""
     try:
         rt = _existing_runtime("registry")
@@ -199,6 +221,7 @@ def _finding_line(f: dict) -> str:
 def quarantine_list(
     include_released: Annotated[bool, typer.Option("--all", help="Also list the released partitions.")] = False,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """Every quarantined partition: kind, day, file, rows and hash, when, and the blocking rules."""
     try:
@@ -232,6 +255,7 @@ def quarantine_show(
     kind: Annotated[str, typer.Argument(help="transactions or labels.")],
     day: Annotated[str, typer.Argument(help="The partition's day, YYYY-MM-DD.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole validation report as JSON.")] = False,
+        model: ModelOption = None,
 ) -> None:
     """The validation report of a quarantined partition (its summary; the whole report with --json)."""
     try:
@@ -256,6 +280,7 @@ def quarantine_release(
                     ] = None,
     actor: ActorOption = None,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """Validate a fixed partition again with the same rules; curate it if it passes, else keep it quarantined."""
     try:
@@ -290,6 +315,7 @@ def rollback(
     force: Annotated[bool, typer.Option(help="Allow a version the promotion gate rejected.")] = False,
     actor: ActorOption = None,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """Give `champion` back to the previous champion (or --to VERSION), through the same compare-and-set."""
     try:
@@ -308,6 +334,7 @@ def rollback(
 def history_cmd(
     limit: Annotated[int, typer.Option(min=1, help="How many moves, newest first.")] = 50,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """The promotion history: every move of `champion` (gate, rollback, manual), newest first."""
     try:
@@ -333,6 +360,7 @@ def promote_cmd(
     force: Annotated[bool, typer.Option(help="Allow a version the promotion gate rejected.")] = False,
     actor: ActorOption = None,
     as_json: JsonOption = False,
+        model: ModelOption = None,
 ) -> None:
     """Make VERSION the champion by hand, through the same compare-and-set as the gate (kind `manual`)."""
     try:
@@ -356,6 +384,7 @@ def report(
     html: Annotated[bool, typer.Option("--html", help="Print the Evidently HTML report itself.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report's figures and decision (JSON).")
                        ] = False,
+        model: ModelOption = None,
 ) -> None:
     """Where the drift report is (the newest or --day's), or its contents with --html / --json."""
     if html and as_json:
@@ -421,7 +450,10 @@ def airflow_config(
 ) -> None:
     """Prepare the embedded Airflow home: airflow.cfg (SQLite, LocalExecutor, the repo's DAGs, a login, a shared
     JWT secret), then `airflow db migrate`. Idempotent; a configuration that is not closedloop's is rewritten."""
-    settings = _settings()
+    try:
+        settings = Settings.deployment()  # one Airflow home for every model
+    except ClosedloopError as exc:
+        _fail(exc)
     try:
         cfg, rewritten = prepare_home(settings, force=force, parallelism=parallelism)
     except (RuntimeError, OSError) as exc:
@@ -433,14 +465,64 @@ def airflow_config(
         typer.echo(f"Airflow login: user {ADMIN}, password {ensure_password(settings)}")
 
 
+KINDS = ("ingest", "batch_scoring", "drift_monitoring", "retraining", "skew_check", "rollback", "housekeeping")
+
+
+@app.command("models")
+def models_cmd(
+    dag_id: Annotated[str | None, typer.Option(
+        "--dag-id", help="Print only the id of this DAG (ingest, retraining...) of the model (--model, or the "
+                         "default one): scripts and the Makefile use it.")] = None,
+    as_json: JsonOption = False,
+    model: ModelOption = None,
+) -> None:
+    """List the deployment's models: DAG ids, lake, Feast project, configuration, and whether it loads."""
+    try:
+        if dag_id is not None:
+            if dag_id not in KINDS:
+                raise ClosedloopError(f"--dag-id {dag_id!r}: one of {', '.join(KINDS)}")
+            typer.echo(select_model().dag_id(dag_id))
+            return
+        try:
+            default = select_model().name
+        except ClosedloopError:  # several models and none is the default: listing them is how to choose
+            default = ""
+        rows = []
+        for entry in model_entries():
+            s = Settings.from_env(model=entry.name)
+            try:
+                check_model(entry)
+                problem = ""
+            except (ClosedloopError, OSError) as exc:
+                problem = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            rows.append({"model": entry.name, "default": entry.name == default,
+                         "layout": "namespaced" if entry.namespaced else "root",
+                         "dag_ids": [entry.dag_id(k) for k in KINDS], "config": str(entry.config_path),
+                         "lake": s.lake_uri, "feast_project": s.feast_project, "problem": problem})
+    except ClosedloopError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    single = os.environ.get("CLOSEDLOOP_CONFIG", "").strip()
+    typer.echo(f"models of {'CLOSEDLOOP_CONFIG=' + single if single else models_dir()}:")
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        typer.echo(f"  {r['model']}{mark}: {r['layout']} layout, DAGs {r['dag_ids'][0]}, {r['dag_ids'][3]}..., "
+                   f"lake {r['lake']}, Feast project {r['feast_project']}")
+        if r["problem"]:
+            typer.secho(f"    refused: {r['problem']}", fg=typer.colors.RED)
+
+
 @app.command()
-def env() -> None:
+def env(model: ModelOption = None) -> None:
     """Print the resolved settings as shell exports (eval "$(closedloop env)")."""
     s = _settings()
     values = {
-        "CLOSEDLOOP_HOME": str(s.home), "CLOSEDLOOP_LAKE_URI": s.lake_uri, "AIRFLOW_HOME": str(airflow_home(s)),
-        # the configuration (and so the data set's schema): `feast -c feature_repo plan` derives its objects from it
-        "CLOSEDLOOP_CONFIG": str(s.config_path),
+        "CLOSEDLOOP_HOME": str(s.home), "AIRFLOW_HOME": str(airflow_home(s)),
+        # the model (and so its data set's schema): `feast -c feature_repo plan` derives its objects from it
+        **({"CLOSEDLOOP_MODELS": str(s.models_dir), "CLOSEDLOOP_MODEL": s.model} if s.models_dir is not None
+           else {"CLOSEDLOOP_CONFIG": str(s.config_path)}),
         "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, **feast_env(s),
     }
     for k, v in values.items():
@@ -458,6 +540,7 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request (uvicorn's access log); off by default: "
                                                   "/metrics counts requests by status, and a log line per "
                                                   "request costs the latency of a one-transaction request.")] = False,
+        model: ModelOption = None,
 ) -> None:
     """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see README "Online scoring"."""
     import uvicorn

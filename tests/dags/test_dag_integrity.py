@@ -13,12 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted(p for p in (REPO / "dags").glob("*.py") if not p.name.startswith("_"))
+# the shipped models (models/): card_fraud keeps the root layout (DAG ids as the files' stems), churn is namespaced
+NAMESPACED = ("churn",)
+DAG_IDS = sorted({p.stem for p in DAG_FILES} | {f"{m}.{p.stem}" for m in NAMESPACED for p in DAG_FILES})
 HEAVY = ("xgboost", "mlflow", "feast", "great_expectations", "evidently", "pandas", "sklearn", "numpy", "dask")
 
 
 def test_dagbag_has_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {d for d in dagbag.dag_ids} == {p.stem for p in DAG_FILES}
+    assert sorted(dagbag.dag_ids) == DAG_IDS
 
 
 def test_airflow_cli_reports_no_import_errors(airflow_db):
@@ -28,11 +31,13 @@ def test_airflow_cli_reports_no_import_errors(airflow_db):
     assert json.loads(out.stdout.strip().splitlines()[-1] or "[]") == []
 
 
-@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.stem)
-def test_dag_policy(dagbag, path: Path):
-    dag = dagbag.get_dag(path.stem)
-    assert dag is not None, f"{path.name} must define the DAG {path.stem!r} (dag_id is the file's stem)"
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_dag_policy(dagbag, dag_id: str):
+    dag = dagbag.get_dag(dag_id)
+    model, _, stem = dag_id.rpartition(".")
+    assert dag is not None, f"dags/{stem}.py must define the DAG {dag_id!r} (dag_id: the file's stem, per model)"
     assert "closedloop" in dag.tags
+    assert f"model:{model or 'card_fraud'}" in dag.tags
     assert dag.doc_md and dag.doc_md.strip(), "the module docstring is the DAG's doc_md"
     assert dag.description and dag.description.endswith("."), "the first sentence is the description"
     assert dag.max_active_runs == 1
@@ -81,7 +86,7 @@ def test_parsing_is_cheap(path: Path, tmp_path: Path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["errors"] == {}
-    assert report["dags"] == [path.stem]
+    assert report["dags"] == sorted([path.stem, *(f"{m}.{path.stem}" for m in NAMESPACED)])
     assert report["heavy"] == [], f"heavy imports at parse time: {report['heavy']}"
     assert report["connections"] == []
 
@@ -102,7 +107,7 @@ def test_a_bad_setting_of_another_kind_breaks_no_dag_import(tmp_path: Path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["errors"] == {}
-    assert report["dags"] == sorted(p.stem for p in DAG_FILES)
+    assert report["dags"] == DAG_IDS
     # every task reads its settings whatever the alert channel says; the alerting gets the message (and fails at
     # once: ConfigError is permanent), tests/integration/test_alert_delivery.py runs it
     pager = {**os.environ, "CLOSEDLOOP_ALERTS": "pager"}

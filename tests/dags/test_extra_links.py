@@ -75,6 +75,27 @@ def test_urls_from_the_stages_results():
     assert links.validation_report_url("", INGESTED) == "/closedloop/reports/validation/2026-05-03_2026-05-04.json"
 
 
+def test_report_links_name_the_model_of_their_dag(dagbag, monkeypatch):
+    """One deployment, many models: a report link opens the report of its task's model (``?model=``, from the DAG's
+    ``model:<name>`` tag), not the page's default model's."""
+    from airflow.sdk.execution_time.xcom import XCom
+
+    assert links.drift_report_url("", MEASURED, "churn") == (
+        "/closedloop/reports/drift/2026-05-12_2026-05-19/report.html?model=churn")
+    assert links.validation_report_url("", INGESTED, "churn").endswith("2026-05-03_2026-05-04.json?model=churn")
+    results = {"measure_drift": MEASURED, "validate_partitions": INGESTED}
+    monkeypatch.setattr(XCom, "get_value", classmethod(lambda cls, *, ti_key, key: results[ti_key]))
+    for dag_id, model in (("drift_monitoring", "card_fraud"), ("churn.drift_monitoring", "churn")):
+        task = dagbag.get_dag(dag_id).get_task("measure_drift")
+        link = next(lk for lk in task.operator_extra_links if lk.name == "Drift report")
+        assert link.get_link(task, ti_key="measure_drift").endswith(f"report.html?model={model}"), dag_id
+        mlflow = next(lk for lk in task.operator_extra_links if lk.name == "MLflow run")
+        assert "?model=" not in mlflow.get_link(task, ti_key="measure_drift")
+    task = dagbag.get_dag("churn.ingest").get_task("validate_partitions")
+    link = next(lk for lk in task.operator_extra_links if lk.name == "Validation report")
+    assert link.get_link(task, ti_key="validate_partitions").endswith(".json?model=churn")
+
+
 @pytest.mark.parametrize("fn, ui, result", [
     (links.mlflow_run_url, "", TRAINED),                  # no MLflow UI (a sqlite store): no link
     (links.mlflow_run_url, "http://m", {"x": 1}),

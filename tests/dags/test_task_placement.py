@@ -57,9 +57,10 @@ def test_every_task_runs_on_the_default_queue_by_default(by_default):
 
 def test_training_follows_the_setting_and_nothing_else_moves(by_default, on_a_gpu_host):
     assert set(on_a_gpu_host) == set(by_default)
-    train = on_a_gpu_host.pop("retraining.train_model")
-    assert train["queue"] == "gpu"
-    assert train["executor_config"] == {"pod_template_file": "/opt/airflow/pod_templates/gpu-training.yaml"}
+    for dag_id in ("retraining", "churn.retraining"):  # every model's training moves
+        train = on_a_gpu_host.pop(f"{dag_id}.train_model")
+        assert train["queue"] == "gpu"
+        assert train["executor_config"] == {"pod_template_file": "/opt/airflow/pod_templates/gpu-training.yaml"}
     moved = {name: t for name, t in on_a_gpu_host.items() if t["queue"] != "default" or t["executor_config"]}
     assert moved == {}, f"only train_model may leave the default queue: {sorted(moved)}"
 

@@ -13,7 +13,7 @@ The set-up (seed 11, 400 customers, 2500 transactions a day):
 - model: XGBoost with the repo's training parameters (at most 150 rounds) trained on reference days 0-9,
   early-stopped on days 10-11; its ROC AUC on days 12-13 is the reference quality.
 - every window carries the model's score and the labels, so every rule of the policy is in play.
-- the policy is the repo's (``monitoring:`` of include/config/closedloop.yaml); ``RECOMMENDED`` is the repo's
+- the policy is the repo's (``monitoring:`` of models/card_fraud/closedloop.yaml); ``RECOMMENDED`` is the repo's
   with the two changes these measurements argue for (see the tests of no drift and of new categories).
 
 Measured with the repo policy (20 windows each): no drift 0/20 windows flagged; covariate_drift=0.5

@@ -25,7 +25,7 @@ from closedloop.devtools.generate import (
 )
 from closedloop.stages.aggregates import compute_entity_features
 
-SCHEMA = REPO_ROOT / "include/schemas/card_fraud.yaml"
+SCHEMA = REPO_ROOT / "models/card_fraud/schema.yaml"
 START = date(2024, 3, 1)
 # ~17k transactions: big enough for stable rates and AUCs, small enough for a fast test
 BASE = GeneratorConfig(start=START, days=21, customers=500, transactions_per_day=800, seed=7)

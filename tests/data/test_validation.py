@@ -26,7 +26,7 @@ URI = "s3://bucket/lake/landing/transactions/2024-03-10.parquet"
 
 @pytest.fixture(scope="module")
 def contract() -> DataContract:
-    return load_contract(REPO_ROOT / "include/schemas/card_fraud.yaml")
+    return load_contract(REPO_ROOT / "models/card_fraud/schema.yaml")
 
 
 def _day_start(day: date) -> pd.Timestamp:

@@ -67,7 +67,7 @@ def test_promtool_accepts_the_scrape_configuration(tmp_path):
 
 def test_promtool_accepts_the_rules():
     done = promtool("check", "rules", str(PROMETHEUS_DIR / "rules.yml"))
-    assert done.returncode == 0 and "SUCCESS: 12 rules found" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and "SUCCESS: 13 rules found" in done.stdout, done.stdout + done.stderr
 
 
 def test_the_rules_fire_on_bad_series_and_stay_quiet_on_good_ones(tmp_path):
@@ -96,7 +96,7 @@ def test_every_guardrail_has_a_rule_with_severity_and_explanation():
     assert {"ClosedloopServeDown", "ClosedloopServeLatencyP99High", "ClosedloopServeErrorRate",
             "ClosedloopServeMissingFeatures", "ClosedloopServeOutOfContract"} <= set(by_name)
     assert {"ClosedloopLoopMetricsDown", "ClosedloopDataNotArrived", "ClosedloopIngestStalled",
-            "ClosedloopDriftDecided", "ClosedloopPerformanceBelowBand"} <= set(by_name)
+            "ClosedloopDriftDecided", "ClosedloopPerformanceBelowBand", "ClosedloopModelConfigRefused"} <= set(by_name)
     for name, rule in by_name.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name

@@ -1,9 +1,9 @@
-"""Bring your own data, as the README tells a user: a different data set is one schema file and a config.
+"""Bring your own data, as the README tells a user: another model is a folder of models/, a schema and a config.
 
-Under ``CLOSEDLOOP_CONFIG=examples/churn/closedloop.yaml`` and a fresh ``CLOSEDLOOP_HOME``, ``closedloop
-generate`` writes churn events (columns from the example's schema), the real ``retraining`` DAG
-(``dag.test()``) validates, materialises, builds the training set, trains, registers and promotes a
-``churn`` champion, and Feast holds the churn definitions, named as the schema says. A churn label
+In a fresh ``CLOSEDLOOP_HOME`` beside card_fraud, ``closedloop generate --model churn`` writes churn events
+(columns from the model's schema) under churn's own lake prefix, churn's real ``churn.retraining`` DAG
+(``dag.test()``) validates, materialises, builds the training set, trains, registers and promotes a ``churn``
+champion, and churn's Feast project holds the churn definitions, named as the schema says. A churn label
 partition without its label column is blocked by validation and quarantined; no new version follows.
 """
 
@@ -17,27 +17,30 @@ from closedloop.stages.registry import CHAMPION, alias_version
 
 pytestmark = pytest.mark.integration
 
-CONFIG = REPO_ROOT / "examples" / "churn" / "closedloop.yaml"
+CONFIG = REPO_ROOT / "models" / "churn" / "closedloop.yaml"
 FIRST = {"window_start": "2026-01-01", "window_end": "2026-01-08", "reason": "first churn model"}
 BAD = {"window_start": "2026-01-08", "window_end": "2026-01-10", "reason": "a broken label partition"}
 
 
 @pytest.fixture(scope="module")
 def churn(tmp_path_factory, airflow_db, dagbag):
-    """A fresh home under the churn config, with generated churn events, and the retraining DAG."""
+    """A fresh home, with generated churn events, and churn's retraining DAG."""
     from closedloop.cli import app
     from closedloop.stages.runtime import Runtime
 
     home = tmp_path_factory.mktemp("byod") / "closedloop"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLOSEDLOOP_HOME", str(home))
-        mp.setenv("CLOSEDLOOP_CONFIG", str(CONFIG))
-        result = CliRunner().invoke(app, ["generate", "--start", "2026-01-01", "--days", "32", "--customers", "300",
-                                          "--transactions-per-day", "800", "--fraud-rate", "0.05", "--seed", "5"])
+        mp.delenv("CLOSEDLOOP_CONFIG", raising=False)
+        mp.setenv("CLOSEDLOOP_MODEL", "churn")  # what --model sets: restored when the module's tests end
+        result = CliRunner().invoke(app, ["generate", "--model", "churn", "--start", "2026-01-01", "--days", "32",
+                                          "--customers", "300", "--transactions-per-day", "800",
+                                          "--fraud-rate", "0.05", "--seed", "5"])
         assert result.exit_code == 0, result.output
-        rt = Runtime.from_env()
+        rt = Runtime.from_env("churn")
         assert rt.contract.name == "churn" and rt.model_name == "churn"
-        yield rt, dagbag.get_dag("retraining")
+        assert rt.settings.lake_uri.endswith("/lake/models/churn")  # its own prefix of the deployment's lake
+        yield rt, dagbag.get_dag("churn.retraining")
 
 
 def _run(dag, conf):
@@ -60,13 +63,19 @@ def test_1_generated_data_has_the_schema_columns(churn):
     assert list(labels.columns) == ["event_id", "churned", "churn_known_at"]
 
 
-def test_1b_closedloop_env_carries_the_config(churn):
-    """``eval "$(closedloop env)"`` keeps the data set for the feast and airflow CLIs of a later shell."""
+def test_1b_closedloop_env_carries_the_model(churn):
+    """``eval "$(closedloop env --model churn)"`` keeps the model for the feast and airflow CLIs of a later shell,
+    and the deployment's lake (not churn's prefix, which a later process derives again)."""
     from closedloop.cli import app
 
-    result = CliRunner().invoke(app, ["env"])
+    rt, _ = churn
+    result = CliRunner().invoke(app, ["env", "--model", "churn"])
     assert result.exit_code == 0, result.output
-    assert f'export CLOSEDLOOP_CONFIG="{CONFIG}"' in result.output.splitlines()
+    lines = result.output.splitlines()
+    assert {'export CLOSEDLOOP_MODEL="churn"', f'export CLOSEDLOOP_MODELS="{CONFIG.parent.parent}"',
+            'export CLOSEDLOOP_FEAST_PROJECT="closedloop_churn"',
+            f'export CLOSEDLOOP_LAKE_URI="{rt.settings.lake_root}"'} <= set(lines), lines
+    assert not any(line.startswith("export CLOSEDLOOP_CONFIG=") for line in lines)
 
 
 def test_2_retraining_dag_promotes_a_churn_champion(churn):

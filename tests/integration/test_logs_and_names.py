@@ -59,7 +59,7 @@ def test_a_new_category_warning_names_the_new_values():
 
     from closedloop.stages.validation import validate_frame
 
-    contract = load_contract(REPO_ROOT / "include/schemas/card_fraud.yaml")
+    contract = load_contract(REPO_ROOT / "models/card_fraud/schema.yaml")
     day = date(2024, 3, 10)
     df = make_transactions(contract, day)
     column = next(c for c in contract.columns if c.dtype == "category")

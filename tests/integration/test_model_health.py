@@ -180,11 +180,117 @@ def test_a_logged_in_user_sees_the_page(client, world):
     assert pk["threshold"] >= 3.0 and pk["feature"] in pk["features"], pk
     assert f"id='input-peak'>{html.escape(pk['feature'])} " in page
     link = data["latest_drift"]["html_path"]
-    assert f'href="reports/{link}"' in page
-    rep = client.get(f"{PREFIX}/reports/{link}", headers=auth)
-    assert rep.status_code == 200 and rep.content == rt.lake.read_bytes(world.measured["report"]["html"])
+    assert f'href="reports/{link}?model={rt.model_name}"' in page  # the report of this page's model
+    for query in ("", f"?model={rt.model_name}"):  # the default model's, and named
+        rep = client.get(f"{PREFIX}/reports/{link}{query}", headers=auth)
+        assert rep.status_code == 200 and rep.content == rt.lake.read_bytes(world.measured["report"]["html"])
+    # another model's lake holds no such report; an unknown model is a 404 naming the known ones
+    assert client.get(f"{PREFIX}/reports/{link}?model=churn", headers=auth).status_code == 404
+    assert client.get(f"{PREFIX}/reports/{link}?model=nope", headers=auth).status_code == 404
     assert client.get(f"{PREFIX}/reports/../curated/x.parquet", headers=auth).status_code == 404
     assert client.get(f"{PREFIX}/reports/drift/2026-01-01_2026-01-03/report.html", headers=auth).status_code == 404
+
+
+def test_each_model_has_its_page_and_the_selector_lists_them_all(client, world):
+    """One deployment, many models: ``?model=`` picks the page's model (default: the root-layout one, card_fraud);
+    churn, which has trained nothing in this home, says so rather than showing card_fraud's champion."""
+    from closedloop.core.settings import model_entries
+
+    auth = {"Authorization": f"Bearer {_token('admin', 'admin')}"}
+    names = [e.name for e in model_entries()]
+    assert names == ["card_fraud", "churn"]
+    champ = world.registered["version"]
+    pages = {}
+    for query in ("", "?model=card_fraud", "?model=churn"):
+        r = client.get(f"{PREFIX}/{query}", headers=auth)
+        assert r.status_code == 200, (query, r.text)
+        pages[query] = r.text
+        nav = re.search(r"<nav id='models'.*?</nav>", r.text)
+        assert nav, r.text[:500]
+        current = query.removeprefix("?model=") or "card_fraud"
+        # every model listed; the current one marked, the others plain GET links
+        assert f"<strong aria-current='page'>{current}</strong>" in nav[0]
+        for other in set(names) - {current}:
+            assert f'<a href="?model={other}">{other}</a>' in nav[0]
+        assert f"<h1>Model health: {current}</h1>" in r.text
+    assert pages[""] == pages["?model=card_fraud"]
+    assert re.search(rf"id='champion-version'>{champ}<", pages["?model=card_fraud"])
+    churn = pages["?model=churn"]
+    assert "No champion yet" in churn and "champion-version" not in churn
+    assert "No drift report yet" in churn and "No skew report yet" in churn
+    data = client.get(f"{PREFIX}/api/health.json?model=churn", headers=auth).json()
+    assert data["model"] == "churn" and data["champion"] is None and data["history"] == []
+    assert client.get(f"{PREFIX}/api/health.json", headers=auth).json()["champion"]["version"] == champ
+    listed = client.get(f"{PREFIX}/api/models.json", headers=auth).json()
+    assert listed == {"default": "card_fraud", "models": [{"name": n, "error": None} for n in names]}
+    # an unknown model: 404 naming the known ones, on the page (HTML for a browser) and the JSON alike
+    for path in ("/?model=nope", "/api/health.json?model=nope"):
+        r = client.get(PREFIX + path, headers=auth)
+        assert r.status_code == 404, r.text
+        assert r.json()["detail"] == "no model 'nope' in this deployment; known models: card_fraud, churn"
+    r = client.get(PREFIX + "/?model=nope", headers={**auth, "Accept": "text/html"})
+    assert r.status_code == 404 and "known models: card_fraud, churn" in r.text
+    # the auth still guards every route, whatever the model
+    for path in ("/?model=churn", "/api/health.json?model=churn", "/api/models.json"):
+        assert client.get(PREFIX + path).status_code == 401
+
+
+def _metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_the_metrics_hold_every_models_series(client, world):
+    auth = {"Authorization": f"Bearer {_token('admin', 'admin')}"}
+    r = client.get(PREFIX + "/metrics", headers=auth)
+    assert r.status_code == 200, r.text
+    got = _metric_samples(r.text)
+    champion = (("arm", "champion"), ("model", "card_fraud"))
+    assert got[("closedloop_model_version", champion)] == float(world.registered["version"])
+    assert got[("closedloop_model_version", (("arm", "champion"), ("model", "churn")))] == 0.0
+    for model in ("card_fraud", "churn"):
+        assert got[("closedloop_model_config_ok", (("model", model),))] == 1.0
+        assert ("closedloop_quarantined_partitions", (("kind", "transactions"), ("model", model))) in got
+    # drift measured for card_fraud only: churn's figures are absent, not 0
+    assert {dict(labels)["model"] for name, labels in got if name == "closedloop_drift_share"} == {"card_fraud"}
+
+
+def test_a_model_whose_configuration_is_refused_breaks_nothing_else(client, world, tmp_path, monkeypatch):
+    """A deployment with card_fraud and a model whose closedloop.yaml is refused: the page and the metrics of
+    card_fraud are whole, the broken one is listed with its error (no link) and exports config_ok 0 alone."""
+    import shutil
+
+    from closedloop.core.settings import DEFAULT_MODELS
+
+    models = tmp_path / "models"
+    shutil.copytree(DEFAULT_MODELS / "card_fraud", models / "card_fraud")
+    shutil.copytree(DEFAULT_MODELS / "churn", models / "broken")  # its model.name says churn: refused
+    monkeypatch.setenv("CLOSEDLOOP_MODELS", str(models))
+    auth = {"Authorization": f"Bearer {_token('admin', 'admin')}"}
+
+    r = client.get(PREFIX + "/", headers=auth)
+    assert r.status_code == 200, r.text
+    assert re.search(rf"id='champion-version'>{world.registered['version']}<", r.text)
+    nav = re.search(r"<nav id='models'.*?</nav>", r.text, re.S)[0]
+    assert "?model=broken" not in nav
+    assert re.search(r"<span class='bad'>broken</span>: configuration refused <code>[^<]*model\.name=&#x27;churn"
+                     r"&#x27;: must be &#x27;broken&#x27;", nav), nav
+    # the broken model's own page: the selector (card_fraud a link) and its error, 503; its JSON a 503 naming it
+    r = client.get(PREFIX + "/?model=broken", headers=auth)
+    assert r.status_code == 503 and "id='config-error'" in r.text and '<a href="?model=card_fraud">' in r.text
+    r = client.get(PREFIX + "/api/health.json?model=broken", headers=auth)
+    assert r.status_code == 503 and "model 'broken' is refused" in r.json()["detail"], r.text
+
+    got = _metric_samples(client.get(PREFIX + "/metrics", headers=auth).text)
+    assert got[("closedloop_model_config_ok", (("model", "broken"),))] == 0.0
+    assert got[("closedloop_model_config_ok", (("model", "card_fraud"),))] == 1.0
+    assert got[("closedloop_model_version", (("arm", "champion"), ("model", "card_fraud")))] == \
+        float(world.registered["version"])
+    assert {dict(labels)["model"] for _, labels in got} == {"card_fraud", "broken"}
+    assert [k for k in got if dict(k[1])["model"] == "broken"] == [("closedloop_model_config_ok",
+                                                                    (("model", "broken"),))]
 
 
 def test_an_unreachable_registry_gives_503_not_a_traceback(client, home, monkeypatch):
@@ -352,11 +458,18 @@ def test_a_real_prometheus_scrapes_the_loop_metrics_of_a_real_world(world, clien
 
             wait_until_scraped(api, proc, LOOP_SCRAPED, LOOP_JOB, timeout=60)
             # the values, as Prometheus holds them, are the page's
-            model = {"model": rt.model_name}
-            assert [(r["metric"], r["value"][1]) for r in query('closedloop_model_version{arm="champion"}')] == [
-                ({"__name__": "closedloop_model_version", "arm": "champion", "instance": f"127.0.0.1:{srv.port}",
-                  "job": LOOP_JOB, **model}, str(state["versions"]["champion"]))]
-            assert [r["value"][1] for r in query('closedloop_quarantined_partitions{kind="transactions"}')] == ["1"]
+            # (churn, the deployment's other model, has its own series: no champion, nothing measured)
+            champions = {r["metric"]["model"]: (r["metric"], r["value"][1])
+                         for r in query('closedloop_model_version{arm="champion"}')}
+            assert champions == {name: ({"__name__": "closedloop_model_version", "arm": "champion",
+                                         "instance": f"127.0.0.1:{srv.port}", "job": LOOP_JOB, "model": name}, value)
+                                 for name, value in ((rt.model_name, str(state["versions"]["champion"])),
+                                                     ("churn", "0"))}
+            assert {r["metric"]["model"]: r["value"][1]
+                    for r in query('closedloop_quarantined_partitions{kind="transactions"}')} == {
+                rt.model_name: "1", "churn": "0"}
+            assert {r["metric"]["model"]: r["value"][1] for r in query("closedloop_model_config_ok")} == {
+                rt.model_name: "1", "churn": "1"}
             assert [r["metric"]["decision"] for r in query("closedloop_drift_decision == 1")] == \
                 [state["drift"]["decision"]]
             assert float(query("closedloop_drift_share")[0]["value"][1]) == pytest.approx(state["drift"]["share"])

@@ -57,6 +57,7 @@ LOOP_SCRAPED = frozenset({
     "closedloop_ingest_newest_day_timestamp_seconds",
     "closedloop_ingest_last_run_timestamp_seconds",
     "closedloop_quarantined_partitions",
+    "closedloop_model_config_ok",
 })
 SERVE_JOB, LOOP_JOB = "closedloop-serve", "closedloop-loop"
 

@@ -12,7 +12,8 @@ from closedloop.core.config_model import ClosedloopConfig
 from closedloop.core.errors import ConfigError
 from closedloop.core.settings import DEFAULT_CONFIG, REPO_ROOT, Config
 
-SHIPPED = [DEFAULT_CONFIG, *sorted((REPO_ROOT / "examples").glob("*/closedloop.yaml")),
+SHIPPED = [*sorted((REPO_ROOT / "models").glob("*/closedloop.yaml")),
+           *sorted((REPO_ROOT / "examples").glob("*/closedloop.yaml")),
            REPO_ROOT / "bench" / "config" / "closedloop.yaml"]
 
 
@@ -113,6 +114,7 @@ NOT_THE_SHIPPED_VALUE = {
     "gate.floor",                   # on the scale of primary_metric, which has no default: unset, no floor
     "monitoring",                   # unset: no monitoring, no calibration at training
     "monitoring.key_features",      # names of the shipped data set's features
+    "model.namespaced",             # card_fraud keeps the root layout; a new model is namespaced
 }
 
 

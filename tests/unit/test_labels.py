@@ -41,7 +41,7 @@ def test_the_share_is_judged_with_an_interval_and_a_minimum_row_count(positives,
 
 
 def test_shipped_schemas_declare_their_expected_share():
-    for path in (REPO_ROOT / "include/schemas/card_fraud.yaml", REPO_ROOT / "examples/churn/schema.yaml",
+    for path in (REPO_ROOT / "models/card_fraud/schema.yaml", REPO_ROOT / "models/churn/schema.yaml",
                  REPO_ROOT / "examples/flights/schema.yaml"):
         band = load_contract(path).label_share
         assert band is not None and band.block and band.warn and band.block[0] <= band.warn[0], path

@@ -54,7 +54,7 @@ def test_all_state_under_home_by_default(tmp_path):
     assert s.mlflow_artifact_root == f"file://{home}/mlflow/artifacts"
     assert s.feast_registry.startswith(home)
     assert feast_env(s)["CLOSEDLOOP_FEAST_ONLINE_PATH"].startswith(home)
-    assert s.config_path == REPO_ROOT / "include" / "config" / "closedloop.yaml"
+    assert s.config_path == REPO_ROOT / "models" / "card_fraud" / "closedloop.yaml"
     assert s.config.model_name == "card_fraud"
 
 

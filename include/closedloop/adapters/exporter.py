@@ -1,7 +1,9 @@
 """The loop's state in Prometheus's text format: what ``GET /closedloop/metrics`` of the Airflow plugin serves.
 
 :func:`exposition` renders :func:`closedloop.stages.health.loop_state` (the Model health page's own data, not a second
-computation) as gauges, each labelled with the ``model``. ``docs/DASHBOARDS.md`` says what each one means and
+computation) as gauges, each labelled with the ``model``; :func:`exposition_models` does so for every model of the
+deployment, and ``closedloop_model_config_ok`` says which models' configurations load (a refused one exports only
+that gauge, at 0). ``docs/DASHBOARDS.md`` says what each one means and
 why the exporter lives in the Airflow plugin; ``deploy/prometheus/rules.yml`` alerts on them.
 
 A figure the loop has not produced yet (no drift report, no estimate) is absent rather than 0, so that a rule
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from closedloop.stages.health import loop_state
+from closedloop.stages.health import loop_state, model_choices
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from closedloop.stages.runtime import Runtime
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -43,6 +47,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "closedloop_ingest_last_run_timestamp_seconds": ("When ingest last curated or quarantined a partition",
                                                      ("kind",)),
     "closedloop_quarantined_partitions": ("Partitions held in quarantine", ("kind",)),
+    "closedloop_model_config_ok": ("1 when the model's configuration (closedloop.yaml and its schema) loads; 0 when "
+                                   "it is refused: the model's other series are then absent", ()),
 }
 
 
@@ -76,18 +82,42 @@ def samples(state: dict[str, Any]) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
-def render(state: dict[str, Any]) -> bytes:
-    """Prometheus's text exposition format (0.0.4) of the state's samples, through prometheus_client."""
+def render(states: dict[str, Any] | list[dict[str, Any]], config_ok: dict[str, bool] | None = None) -> bytes:
+    """Prometheus's text exposition format (0.0.4) of the samples of one :func:`closedloop.stages.health.loop_state`
+    or of several (one per model), through prometheus_client; ``config_ok``: ``closedloop_model_config_ok`` per
+    model (default: 1 for each state's model)."""
     from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
+    states = [states] if isinstance(states, dict) else states
+    config_ok = {s["model"]: True for s in states} if config_ok is None else config_ok
     registry = CollectorRegistry(auto_describe=True)
     gauges = {name: Gauge(name, help_, ["model", *labels], registry=registry)
               for name, (help_, labels) in METRICS.items()}
-    for name, labels, value in samples(state):
-        gauges[name].labels(**labels).set(value)
+    for state in states:
+        for name, labels, value in samples(state):
+            gauges[name].labels(**labels).set(value)
+    for model, ok in config_ok.items():
+        gauges["closedloop_model_config_ok"].labels(model=model).set(int(ok))
     return generate_latest(registry)
 
 
 def exposition(rt: Runtime) -> bytes:
     """The loop's metrics of ``rt``'s model, ready to serve with :data:`CONTENT_TYPE`."""
     return render(loop_state(rt))
+
+
+def exposition_models(runtime: Callable[[str], Runtime], models: list[dict[str, Any]] | None = None) -> bytes:
+    """The loop's metrics of every model of the deployment (``models``: default
+    :func:`closedloop.stages.health.model_choices`), each built on ``runtime(name)``, ready to serve.
+
+    A model whose configuration is refused exports ``closedloop_model_config_ok{model=...} 0`` and nothing else,
+    the others their series as ever: one broken ``closedloop.yaml`` does not blind the others' alerts. Any other
+    failure (MLflow or the lake unreachable) raises: the scrape fails, as it did for one model.
+    """
+    models = model_choices() if models is None else models
+    states, config_ok = [], {}
+    for m in models:
+        config_ok[m["name"]] = m.get("error") is None
+        if config_ok[m["name"]]:
+            states.append(loop_state(runtime(m["name"])))
+    return render(states, config_ok)

@@ -1,4 +1,4 @@
-"""The typed model of the versioned configuration (``include/config/closedloop.yaml``), one class per section.
+"""The typed model of the versioned configuration (``models/card_fraud/closedloop.yaml``), one class per section.
 
 :meth:`closedloop.core.settings.Config.load` validates the YAML with :class:`ClosedloopConfig`: an unknown key, a
 missing required key or a value of the wrong type is refused when the file is loaded, each one named by its path
@@ -39,6 +39,13 @@ class DatasetSection(Section):
 class ModelSection(Section):
     name: str = Field(description="MLflow registered model name.")
     experiment: str = Field(description="MLflow experiment of the training runs.")
+    namespaced: bool | None = Field(None, description="In a folder of models (CLOSEDLOOP_MODELS): whether this "
+                                    "model's state is namespaced (DAG ids <name>.<dag>, the lake under "
+                                    "models/<name>/, Feast project closedloop_<name>, monitoring experiment "
+                                    "<name>-monitoring); false keeps the root layout of a single-model home "
+                                    "(DAG ids ingest, retraining..., the lake's root, Feast project closedloop), "
+                                    "which one model of a deployment at most may keep. Unset: namespaced. "
+                                    "Ignored with CLOSEDLOOP_CONFIG (one model, the root layout).")
 
 
 # -- ingest ---------------------------------------------------------------------------------------------

@@ -19,7 +19,13 @@ Environment variables (all optional):
 
 - ``CLOSEDLOOP_HOME``: root of all local state (default: ``<repo>/.closedloop``).
 - ``CLOSEDLOOP_LAKE_URI``: root URI of the data lake (default: ``file://$CLOSEDLOOP_HOME/lake``).
-- ``CLOSEDLOOP_CONFIG``: the versioned model and policy configuration (default: ``include/config/closedloop.yaml``).
+- ``CLOSEDLOOP_MODELS``: the folder of model configurations (default: ``<repo>/models``): one folder per model,
+  ``<name>/closedloop.yaml`` and its schema; every model gets its DAGs, lake prefix, MLflow names and Feast
+  project in the one deployment (see :func:`model_entries`).
+- ``CLOSEDLOOP_MODEL``: the model a process works on when it names none itself (the CLI's ``--model`` sets it);
+  default: the only model, else the one with the root layout (``model.namespaced: false``).
+- ``CLOSEDLOOP_CONFIG``: one configuration file instead of the folder: a single-model home as before many models
+  (today's DAG ids, the lake's root, Feast project ``closedloop``); ``CLOSEDLOOP_MODELS`` is then not read.
 - ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``: default ``sqlite:///$CLOSEDLOOP_HOME/mlflow/mlflow.db``.
 - ``CLOSEDLOOP_MLFLOW_UI_URL``: the MLflow UI as a browser reaches it, for the extra links of the Airflow tasks
   (default: the tracking URI when it is ``http(s)://``, without any user:password; else empty: no MLflow links).
@@ -76,9 +82,14 @@ from pydantic import ValidationError
 
 from closedloop.core.config_model import ClosedloopConfig, MonitoringSection, known_keys
 from closedloop.core.errors import ConfigError
+from closedloop.core.schema import load_contract
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # include/closedloop/core/settings.py -> the checkout
-DEFAULT_CONFIG = REPO_ROOT / "include" / "config" / "closedloop.yaml"
+DEFAULT_MODELS = REPO_ROOT / "models"
+MODEL_FILE = "closedloop.yaml"
+# the configuration of the model with the root layout among the shipped ones (tests, docs)
+DEFAULT_CONFIG = DEFAULT_MODELS / "card_fraud" / MODEL_FILE
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
 def _as_uri(path_or_uri: str) -> str:
@@ -237,6 +248,87 @@ def is_database_url(value: str) -> bool:
 
 
 @dataclass(frozen=True)
+class ModelEntry:
+    """One model of the deployment as its folder shows it, before its configuration is validated.
+
+    ``namespaced`` is read leniently (``model.namespaced`` of the YAML, when it is a boolean): it only places the
+    model's state; the strict check of the whole file is :attr:`Settings.config` (and the DAG files' import).
+    """
+
+    name: str
+    config_path: Path
+    namespaced: bool
+
+    def dag_id(self, kind: str) -> str:
+        """The id of this model's DAG of ``kind`` (``ingest``, ``retraining``...): ``<name>.<kind>`` when
+        namespaced, ``kind`` for the root layout (a single-model home's ids, kept)."""
+        return f"{self.name}.{kind}" if self.namespaced else kind
+
+
+def _lenient_model_keys(path: Path) -> dict[str, Any]:
+    """``model:`` of the YAML at ``path`` as far as it can be read; empty when it cannot (the strict load says why)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return model if isinstance(model, dict) else {}
+
+
+def model_entries(env: dict[str, str] | None = None) -> list[ModelEntry]:
+    """The deployment's models, sorted by name.
+
+    With ``CLOSEDLOOP_CONFIG``: that one file, a single model with the root layout (named by its ``model.name``).
+    Else every folder of ``CLOSEDLOOP_MODELS`` (default ``<repo>/models``) holding a ``closedloop.yaml``, named by
+    the folder; namespaced unless its configuration says ``model.namespaced: false`` (the root layout, which one
+    model of a deployment at most may keep).
+    """
+    env = dict(os.environ if env is None else env)
+    single = (env.get("CLOSEDLOOP_CONFIG") or "").strip()
+    if single:
+        path = Path(single).expanduser().resolve()
+        name = str(_lenient_model_keys(path).get("name") or path.parent.name)
+        return [ModelEntry(name=name, config_path=path, namespaced=False)]
+    folder = models_dir(env)
+    if not folder.is_dir():
+        raise ConfigError(f"CLOSEDLOOP_MODELS={folder}: not a folder (one folder per model, each with {MODEL_FILE})")
+    entries = []
+    for sub in sorted(p for p in folder.iterdir() if (p / MODEL_FILE).is_file()):
+        namespaced = _lenient_model_keys(sub / MODEL_FILE).get("namespaced", True)
+        entries.append(ModelEntry(name=sub.name, config_path=(sub / MODEL_FILE).resolve(),
+                                  namespaced=namespaced if isinstance(namespaced, bool) else True))
+    return entries
+
+
+def models_dir(env: dict[str, str] | None = None) -> Path:
+    """The folder of model configurations (``CLOSEDLOOP_MODELS``, default ``<repo>/models``)."""
+    env = dict(os.environ if env is None else env)
+    return Path(env.get("CLOSEDLOOP_MODELS") or DEFAULT_MODELS).expanduser().resolve()
+
+
+def select_model(env: dict[str, str] | None = None, model: str | None = None) -> ModelEntry:
+    """The model a process works on: ``model``, else ``CLOSEDLOOP_MODEL``, else the only one, else the one with the
+    root layout; ConfigError naming the choices when there is no such model or no way to choose."""
+    env = dict(os.environ if env is None else env)
+    entries = model_entries(env)
+    names = ", ".join(e.name for e in entries) or "none"
+    wanted = (model or env.get("CLOSEDLOOP_MODEL") or "").strip()
+    if wanted:
+        for entry in entries:
+            if entry.name == wanted:
+                return entry
+        where = env.get("CLOSEDLOOP_CONFIG") or models_dir(env)
+        raise ConfigError(f"model {wanted!r} not found in {where} (models: {names})")
+    if len(entries) == 1:
+        return entries[0]
+    roots = [e for e in entries if not e.namespaced]
+    if len(roots) == 1:
+        return roots[0]
+    raise ConfigError(f"{len(entries)} models in {models_dir(env)} ({names}): name one with --model or "
+                      "CLOSEDLOOP_MODEL")
+
+
+@dataclass(frozen=True)
 class Scheduling:
     """What DAG files need when they are parsed, and nothing else: the time schedules switch, every task's
     retries, retry delay and timeout, and ``train_model``'s queue and pod template.
@@ -299,10 +391,20 @@ class Settings:
     # CLOSEDLOOP_MLFLOW_UI_URL as set (checked), empty when unset: the links' base, derived from it or from the
     # tracking URI, is closedloop.adapters.airflow.links.mlflow_ui_url
     mlflow_ui_url: str = ""
+    # the model these settings are for (its folder's name; with CLOSEDLOOP_CONFIG, its model.name) and whether its
+    # state is namespaced: lake under models/<name>/, Feast files under feast/<name>/ and project closedloop_<name>
+    model: str = ""
+    namespaced: bool = False
+    # the folder of models (None with CLOSEDLOOP_CONFIG), and the deployment's lake and Feast registry as set or
+    # defaulted, before the model's namespace: what `closedloop env` exports, so that a later process derives the
+    # same model paths again
+    models_dir: Path | None = None
+    lake_root: str = ""
+    feast_registry_root: str = field(default="", repr=False)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        """Read the settings from ``env`` (default: ``os.environ``)."""
+    def from_env(cls, env: dict[str, str] | None = None, model: str | None = None) -> Settings:
+        """Read the settings from ``env`` (default: ``os.environ``) for ``model`` (default: :func:`select_model`)."""
         env = dict(os.environ if env is None else env)
         raw_home = env.get("CLOSEDLOOP_HOME")
         if raw_home is not None and not raw_home.strip():
@@ -320,6 +422,7 @@ class Settings:
         if env.get("CLOSEDLOOP_S3_ENDPOINT_URL"):
             storage_options = {"client_kwargs": {"endpoint_url": env["CLOSEDLOOP_S3_ENDPOINT_URL"]}}
         lake_uri = _as_uri(env.get("CLOSEDLOOP_LAKE_URI") or str(home / "lake"))
+        entry = select_model(env, model)
         artifacts = _as_uri(env.get("CLOSEDLOOP_MLFLOW_ARTIFACTS") or str(home / "mlflow" / "artifacts"))
         explicit = [r.strip() for r in env.get("CLOSEDLOOP_ALLOWED_ROOTS", "").split(",") if r.strip()]
         roots = tuple(explicit) if explicit else (lake_uri, artifacts, _as_uri(str(home)))
@@ -338,13 +441,21 @@ class Settings:
         if dask_scheduler and "://" not in dask_scheduler:
             raise ConfigError(f"CLOSEDLOOP_DASK_SCHEDULER={dask_scheduler!r}: expected an address such as "
                               "tcp://dask-scheduler:8786, or empty for a local cluster")
-        registry = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
+        registry = registry_root = env.get("CLOSEDLOOP_FEAST_REGISTRY") or str(home / "feast" / "registry.db")
         if is_database_url(registry):
-            check_database_registry(registry)
+            check_database_registry(registry)  # a SQL registry is shared: each model is a Feast project of its own
+        elif entry.namespaced:  # a registry file of its own, next to where the root model's would be
+            head, _, tail = registry.rstrip("/").rpartition("/")
+            registry = f"{head}/{entry.name}/{tail}" if head else f"{entry.name}/{tail}"
         return cls(
             home=home,
-            lake_uri=lake_uri,
-            config_path=Path(env.get("CLOSEDLOOP_CONFIG") or DEFAULT_CONFIG).resolve(),
+            lake_uri=f"{lake_uri}/models/{entry.name}" if entry.namespaced else lake_uri,
+            config_path=entry.config_path,
+            model=entry.name,
+            namespaced=entry.namespaced,
+            models_dir=None if (env.get("CLOSEDLOOP_CONFIG") or "").strip() else models_dir(env),
+            lake_root=lake_uri,
+            feast_registry_root=registry_root,
             mlflow_tracking_uri=tracking,
             mlflow_registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
             mlflow_artifact_root=artifacts,
@@ -366,19 +477,47 @@ class Settings:
             serve_token=env.get("CLOSEDLOOP_SERVE_TOKEN", "").strip(),
         )
 
+    @classmethod
+    def deployment(cls, env: dict[str, str] | None = None) -> Settings:
+        """The settings for what every model shares (the home, Airflow's, MLflow's store, the alert file): those of
+        the model a process works on, or of the first model when there is no way to choose one, so that a
+        deployment of namespaced models only still prepares its Airflow home and builds its links."""
+        env = dict(os.environ if env is None else env)
+        try:
+            return cls.from_env(env)
+        except ConfigError:
+            entries = model_entries(env)
+            if not entries:
+                raise
+            return cls.from_env(env, model=entries[0].name)
+
     def check_uri(self, uri: str, what: str) -> str:
         """Refuse (ConfigError) a URI outside the allowed roots or climbing out of them; see the module doc."""
         return check_uri(uri, self.allowed_roots, what)
 
     @cached_property
     def config(self) -> Config:
-        """The versioned model and policy configuration."""
-        return Config.load(self.config_path)
+        """The versioned model and policy configuration (of :attr:`model`)."""
+        config = Config.load(self.config_path)
+        check_model_name(config, self.model, self.namespaced)
+        return config
 
     @property
     def feast_dir(self) -> Path:
-        """Where Feast keeps its registry and the SQLite online store (embedded default)."""
-        return self.home / "feast"
+        """Where Feast keeps the SQLite online store (embedded default): ``feast/``, or ``feast/<model>/`` when
+        the model is namespaced."""
+        return self.home / "feast" / self.model if self.namespaced else self.home / "feast"
+
+    @property
+    def feast_project(self) -> str:
+        """The model's Feast project: ``closedloop`` for the root layout, ``closedloop_<model>`` when namespaced
+        (a shared SQL registry or Redis online store keeps each model's definitions and rows apart by it)."""
+        return f"closedloop_{self.model}" if self.namespaced else "closedloop"
+
+    @property
+    def monitoring_experiment(self) -> str:
+        """The MLflow experiment of the model's monitoring runs (one per window end)."""
+        return f"{self.model}-monitoring" if self.namespaced else "closedloop-monitoring"
 
     def ensure_dirs(self) -> None:
         """Create the local directories of the embedded defaults (no-op for remote stores)."""
@@ -390,6 +529,25 @@ class Settings:
             Path(self.mlflow_artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         if self.lake_uri.startswith("file://"):
             Path(self.lake_uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+def check_model_name(config: Config, name: str, namespaced: bool) -> None:
+    """Refuse (ConfigError naming the file and key) a model whose ``model.name`` is not the name it is known by
+    (its folder's), or, when namespaced, a name that cannot be part of DAG ids and a Feast project."""
+    if name and config.model_name != name:
+        raise ConfigError(f"{config.path}: model.name={config.model_name!r}: must be {name!r}, the name of its "
+                          "folder (a model's folder name is its id)")
+    if namespaced and not MODEL_NAME.fullmatch(config.model_name):
+        raise ConfigError(f"{config.path}: model.name={config.model_name!r}: a namespaced model's name is "
+                          "lowercase letters, digits and '_', starting with a letter (at most 40)")
+
+
+def check_model(entry: ModelEntry) -> Config:
+    """Load ``entry``'s configuration and schema as its tasks will; ConfigError / ContractError when refused."""
+    config = Config.load(entry.config_path)
+    check_model_name(config, entry.name, entry.namespaced)
+    load_contract(config.schema_path)
+    return config
 
 
 def validate_config(raw: dict[str, Any], path: Path) -> ClosedloopConfig:
@@ -436,7 +594,11 @@ class Config:
         try:
             raw = yaml.safe_load(path.read_text())
         except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: configuration file not found (set CLOSEDLOOP_CONFIG)") from exc
+            moved = ""
+            if path.parts[-3:] == ("include", "config", "closedloop.yaml"):
+                moved = ("; the shipped configuration moved to models/card_fraud/closedloop.yaml (unset "
+                         "CLOSEDLOOP_CONFIG to run every model of models/, or point it there)")
+            raise ConfigError(f"{path}: configuration file not found (set CLOSEDLOOP_CONFIG){moved}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):

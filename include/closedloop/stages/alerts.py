@@ -1,8 +1,8 @@
 """Alerts: what an operator must hear about, as JSON lines under ``$CLOSEDLOOP_HOME/alerts/``.
 
 Every alert is one line of ``alerts/alerts.jsonl``: ``at`` (UTC), ``kind`` (one of :data:`KINDS`),
-``severity``, ``summary`` (one sentence that names the thing and the way out), ``details`` and the Airflow
-``dag_id`` / ``run_id`` / ``task_id`` that raised it. The file is always written, whatever else is
+``severity``, ``summary`` (one sentence that names the thing and the way out), ``details``, the ``model`` it is
+about and the Airflow ``dag_id`` / ``run_id`` / ``task_id`` that raised it. The file is always written, whatever else is
 configured, so no alert is lost to a Slack or SMTP outage; ``CLOSEDLOOP_ALERTS`` (:mod:`closedloop.core.settings`)
 adds a channel, delivered by :class:`closedloop.adapters.airflow.notifier.ClosedloopNotifier` through Airflow's
 notifiers.
@@ -38,7 +38,8 @@ def alerts_path(settings: Settings) -> Path:
 
 
 def make_alert(kind: str, summary: str, *, severity: str = "warning", details: dict[str, Any] | None = None,
-               dag_id: str | None = None, run_id: str | None = None, task_id: str | None = None) -> dict[str, Any]:
+               dag_id: str | None = None, run_id: str | None = None, task_id: str | None = None,
+               model: str | None = None) -> dict[str, Any]:
     """One alert record (checked: a known kind and severity, a non-empty summary)."""
     if kind not in KINDS:
         raise ValueError(f"alert kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -47,8 +48,8 @@ def make_alert(kind: str, summary: str, *, severity: str = "warning", details: d
     if not summary.strip():
         raise ValueError("an alert needs a summary")
     return {"at": datetime.now(UTC).isoformat(timespec="seconds"), "kind": kind, "severity": severity,
-            "summary": summary.strip(), "details": details or {}, "dag_id": dag_id, "run_id": run_id,
-            "task_id": task_id}
+            "summary": summary.strip(), "details": details or {}, "model": model, "dag_id": dag_id,
+            "run_id": run_id, "task_id": task_id}
 
 
 def write_alert(settings: Settings, alert: dict[str, Any]) -> Path:

@@ -71,9 +71,11 @@ def feast_env(settings: Settings) -> dict[str, str]:
     other keys, and Feast refuses keys it does not know.
     """
     return {
-        "CLOSEDLOOP_FEAST_REGISTRY": settings.feast_registry,
+        # the deployment's values, not the model's: a process that reads them derives the model's paths again
+        "CLOSEDLOOP_FEAST_REGISTRY": settings.feast_registry_root or settings.feast_registry,
         "CLOSEDLOOP_FEAST_REGISTRY_CONFIG": json.dumps(feast_registry_config(settings)),
         "CLOSEDLOOP_FEAST_ONLINE_PATH": str(settings.feast_dir / "online_store.db"),
         "CLOSEDLOOP_FEAST_ONLINE_STORE": json.dumps(feast_online_store(settings)),
-        "CLOSEDLOOP_LAKE_URI": settings.lake_uri,
+        "CLOSEDLOOP_LAKE_URI": settings.lake_root or settings.lake_uri,
+        "CLOSEDLOOP_FEAST_PROJECT": settings.feast_project,
     }

@@ -11,6 +11,8 @@ the latest training/serving skew report (``reports/skew/<day>.json``, :mod:`clos
 :func:`report_bytes` reads one report from the lake for a path that names a known kind of report only,
 so the page can link reports even when the lake is ``s3://``; ``validation/<start>_<end>.json`` is assembled from
 the validation records of the window's partitions (:func:`validation_report`, what the validating tasks link).
+All of it is of one model (the Runtime's); :func:`model_choices` lists the deployment's models with their
+configuration's error, for the page's selector (:func:`model_selector`) and the exporter.
 
 No Airflow here: the Airflow plugin (``plugins/model_health.py``) authenticates and calls these.
 """
@@ -24,11 +26,15 @@ import math
 import re
 from datetime import date
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
+from closedloop.core.errors import ConfigError, ContractError
 from closedloop.core.lake import KINDS
+from closedloop.core.schema import load_contract
+from closedloop.core.settings import Settings, model_entries
 from closedloop.stages import drift, registry
 from closedloop.stages.ingest import marker_uri
-from closedloop.stages.monitoring import EXPERIMENT, TAG
+from closedloop.stages.monitoring import TAG
 from closedloop.stages.quarantine import REPORT_SUFFIX, quarantined_days
 
 if TYPE_CHECKING:
@@ -84,7 +90,7 @@ def drift_reports(rt: Runtime) -> list[dict[str, Any]]:
 
 def monitoring_series(rt: Runtime) -> list[dict[str, Any]]:
     """Drift share and quality per window from the ``closedloop-monitoring`` experiment, oldest first."""
-    exp = rt.client.get_experiment_by_name(EXPERIMENT)
+    exp = rt.client.get_experiment_by_name(rt.settings.monitoring_experiment)
     if exp is None:
         return []
     runs = rt.client.search_runs([exp.experiment_id], max_results=SERIES_LIMIT,
@@ -143,6 +149,23 @@ def latest_skew(rt: Runtime) -> dict[str, Any] | None:
     keep = ("day", "served_rows", "sampled", "passed", "reasons", "mismatch_share", "feature_mismatch_share",
             "score_mismatch_share", "score_max_abs_diff", "model_versions")
     return {**{k: report.get(k) for k in keep}, "json_path": f"skew/{days[-1]}"}
+
+
+def model_choices(env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every model of the deployment (:func:`closedloop.core.settings.model_entries`, sorted by name) as
+    ``{"name": ..., "error": None}``, or with ``error`` the one-line-per-problem message of a configuration (its
+    ``closedloop.yaml`` or its schema) that is refused: what the page's selector lists and the exporter's
+    ``closedloop_model_config_ok`` says. ConfigError only when the models cannot be listed at all."""
+    out = []
+    for entry in model_entries(env):
+        error = None
+        try:
+            load_contract(Settings.from_env(env, model=entry.name).config.schema_path)
+        except (ConfigError, ContractError) as exc:
+            error = str(exc)
+            log.warning("model %s: configuration refused, left out of the page and the metrics: %s", entry.name, exc)
+        out.append({"name": entry.name, "error": error})
+    return out
 
 
 def gather(rt: Runtime) -> dict[str, Any]:
@@ -330,16 +353,47 @@ def plots(data: dict[str, Any]) -> dict[str, str]:
 _CSS = """body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top;font-size:13px}th{background:#f3f3f3}.bad{color:#b00020;font-weight:bold}.ok{color:#1b5e20}
-h2{margin-top:1.5em;border-bottom:1px solid #ddd}.muted{color:#777}"""
+h2{margin-top:1.5em;border-bottom:1px solid #ddd}.muted{color:#777}
+nav#models ul{display:inline;padding:0}nav#models li{display:inline;margin-right:1em}
+nav#models li.refused{display:block}code,pre{white-space:pre-wrap}"""
 
 
-def render_page(data: dict[str, Any], *, report_base: str = "reports/") -> str:
-    """The whole page as HTML; report links are ``report_base`` + a report path (relative by default)."""
+def model_selector(models: list[dict[str, Any]], current: str) -> str:
+    """The page's model selector: a link (``?model=<name>``, a plain GET) per model of :func:`model_choices`, the
+    current one marked and not a link, a model whose configuration is refused listed with its error instead."""
+    items = []
+    for m in models:
+        name = m["name"]
+        if m.get("error"):
+            items.append(f"<li class='refused'><span class='bad'>{_e(name)}</span>: configuration refused "
+                         f"<code>{_e(m['error'])}</code></li>")
+        elif name == current:
+            items.append(f"<li><strong aria-current='page'>{_e(name)}</strong></li>")
+        else:
+            items.append(f'<li><a href="?model={quote(name, safe="")}">{_e(name)}</a></li>')
+    return f"<nav id='models' aria-label='models'>Models: <ul>{''.join(items)}</ul></nav>"
+
+
+def render_refused(name: str, error: str, models: list[dict[str, Any]]) -> str:
+    """The page of a model whose configuration is refused: the selector, and the error that says what to fix."""
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Model health</title>"
+            f"<style>{_CSS}</style></head><body>{model_selector(models, name)}<h1>Model health: {_e(name)}</h1>"
+            f"<p class='bad'>The configuration of {_e(name)} is refused; fix it (its DAGs do not load either):</p>"
+            f"<pre id='config-error'>{_e(error)}</pre></body></html>")
+
+
+def render_page(data: dict[str, Any], *, report_base: str = "reports/",
+                models: list[dict[str, Any]] | None = None) -> str:
+    """The whole page as HTML; report links are ``report_base`` + a report path (relative by default) +
+    ``?model=<its model>``; ``models`` (:func:`model_choices`): the selector above the heading (none without)."""
+    query = f"?model={quote(str(data['model']), safe='')}"
+
     def link(path: str | None, text: str) -> str:
-        return f'<a href="{_e(report_base + path)}">{_e(text)}</a>' if path else ""
+        return f'<a href="{_e(report_base + path + query)}">{_e(text)}</a>' if path else ""
 
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>Model health</title>",
-           f"<style>{_CSS}</style></head><body>", f"<h1>Model health: {_e(data['model'])}</h1>"]
+           f"<style>{_CSS}</style></head><body>",
+           model_selector(models, data["model"]) if models else "", f"<h1>Model health: {_e(data['model'])}</h1>"]
     champ = data.get("champion")
     out.append("<h2>Champion</h2>")
     if champ is None:

@@ -185,9 +185,10 @@ def apply(lake: Lake, doomed: dict[str, list[str]], keep: Protected) -> int:
     return n
 
 
-def prune_monitoring_runs(client: MlflowClient, older_than: datetime) -> list[str]:
-    """Delete the runs of the ``closedloop-monitoring`` experiment that started before ``older_than``."""
-    exp = client.get_experiment_by_name(EXPERIMENT)
+def prune_monitoring_runs(client: MlflowClient, older_than: datetime, experiment: str = EXPERIMENT) -> list[str]:
+    """Delete the runs of the monitoring experiment (``closedloop-monitoring``, or a namespaced model's
+    ``<model>-monitoring``) that started before ``older_than``."""
+    exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
     cutoff = int(older_than.timestamp() * 1000)
@@ -256,7 +257,8 @@ def run(rt: Runtime, now: datetime | None = None, *, airflow_db: bool = True) ->
     doomed = plan(rt.lake, now.date(), rules, keep)
     deleted = apply(rt.lake, doomed, keep)
     reports = prune_reports(rt.lake, DriftPolicy.from_config(rt.settings.config.monitoring.model_dump()).keep_reports)
-    runs = prune_monitoring_runs(rt.client, now - timedelta(days=rules["keep_monitoring_runs_days"]))
+    runs = prune_monitoring_runs(rt.client, now - timedelta(days=rules["keep_monitoring_runs_days"]),
+                                  rt.settings.monitoring_experiment)
     summary: dict[str, Any] = {
         "protected": keep.to_dict(), "deleted": {k: v for k, v in doomed.items() if k != "kept_protected"},
         "deleted_count": deleted, "kept_protected": doomed["kept_protected"], "pruned_reports": reports,

@@ -240,7 +240,7 @@ def measure_window(rt: Runtime, window: Window, *, dag_run_id: str = "") -> dict
     uris = drift.save_report(snapshot, figures, decision, rt.lake, window.start, window.end, thresholds=used)
     pruned = drift.prune_reports(rt.lake, policy.keep_reports)
 
-    exp_id = ensure_experiment(rt.client, rt.settings, EXPERIMENT)
+    exp_id = ensure_experiment(rt.client, rt.settings, rt.settings.monitoring_experiment)
     existing = _monitoring_run(rt, exp_id, window.end)
     tags = {f"{TAG}window": str(window), f"{TAG}window_end": window.end.isoformat(),
             f"{TAG}champion_version": champ["version"],
@@ -359,7 +359,7 @@ def rejudge_earlier(rt: Runtime, exp_id: str, window: Window, champ: dict[str, A
 
 def _drift_of(rt: Runtime, window: Window) -> bool:
     """Whether monitoring found drift on the window ending with ``window.end`` (False when not measured)."""
-    exp = rt.client.get_experiment_by_name(EXPERIMENT)
+    exp = rt.client.get_experiment_by_name(rt.settings.monitoring_experiment)
     if exp is None:
         return False
     run = _monitoring_run(rt, exp.experiment_id, window.end)
@@ -368,7 +368,7 @@ def _drift_of(rt: Runtime, window: Window) -> bool:
 
 def last_trigger(rt: Runtime) -> tuple[datetime | None, str | None]:
     """Data time (window end) and run id of the last retraining that monitoring started."""
-    exp = rt.client.get_experiment_by_name(EXPERIMENT)
+    exp = rt.client.get_experiment_by_name(rt.settings.monitoring_experiment)
     if exp is None:
         return None, None
     runs = rt.client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG}triggered_run_id` != ''",
@@ -430,7 +430,7 @@ def decide_retraining(rt: Runtime, measured: dict[str, Any], *, active_retrainin
                     "report_uri": measured["report"]["html"],
                     "drift_share": measured["figures"]["drift_share"]},
     }
-    exp = rt.client.get_experiment_by_name(EXPERIMENT)
+    exp = rt.client.get_experiment_by_name(rt.settings.monitoring_experiment)
     judged = _monitoring_run(rt, exp.experiment_id, window.end)
     if judged is not None:
         rt.client.set_tag(judged.info.run_id, f"{TAG}triggered_run_id", run_id)

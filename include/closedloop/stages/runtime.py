@@ -45,10 +45,12 @@ class Runtime:
     settings: Settings
 
     @classmethod
-    def from_env(cls) -> Runtime:
+    def from_env(cls, model: str | None = None) -> Runtime:
+        """The runtime of ``model`` (a task names its DAG's model; default: :func:`closedloop.core.settings.
+        select_model`)."""
         mask_secrets()  # every task builds its Runtime first: its logs never show what closedloop reads
         library_logs_at_their_level()
-        rt = cls(Settings.from_env())
+        rt = cls(Settings.from_env(model=model))
         rt.settings.ensure_dirs()
         return rt
 

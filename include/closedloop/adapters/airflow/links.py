@@ -13,6 +13,9 @@ its URL from the task's own return value (its ``return_value`` XCom) with the pl
 - "Validation report": ``window`` (retraining) or ``day`` (ingest) -> the window's validation records,
   ``/closedloop/reports/validation/<start>_<end>.json``.
 
+The report links end with ``?model=<name>``, the model of the task's DAG (its ``model:<name>`` tag): the page
+serves each model's reports from that model's lake.
+
 The MLflow UI is ``CLOSEDLOOP_MLFLOW_UI_URL`` (settings); the reports are under Airflow's ``[api] base_url``
 (a path from the UI's root when unset). A link whose task returned nothing (it failed) or without an MLflow UI
 is empty, and the UI shows it disabled.
@@ -29,6 +32,7 @@ from airflow.providers.standard.decorators.python import _PythonDecoratedOperato
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.bases.decorator import task_decorator_factory
 
+from closedloop.adapters.airflow.models import MODEL_TAG
 from closedloop.core.settings import Settings, check_mlflow_ui_url
 
 if TYPE_CHECKING:
@@ -51,14 +55,30 @@ def model_version_url(ui: str, result: Any) -> str:
     return f"{ui.rstrip('/')}/#/models/{quote(str(model), safe='')}/versions/{quote(str(version), safe='')}"
 
 
-def drift_report_url(base: str, result: Any) -> str:
+def drift_report_url(base: str, result: Any, model: str | None = None) -> str:
     window = _window(result)
-    return f"{base.rstrip('/')}{REPORTS_ROUTE}drift/{window[0]}_{window[1]}/report.html" if window else ""
+    return (f"{base.rstrip('/')}{REPORTS_ROUTE}drift/{window[0]}_{window[1]}/report.html{_model_query(model)}"
+            if window else "")
 
 
-def validation_report_url(base: str, result: Any) -> str:
+def validation_report_url(base: str, result: Any, model: str | None = None) -> str:
     window = _window(result)
-    return f"{base.rstrip('/')}{REPORTS_ROUTE}validation/{window[0]}_{window[1]}.json" if window else ""
+    return (f"{base.rstrip('/')}{REPORTS_ROUTE}validation/{window[0]}_{window[1]}.json{_model_query(model)}"
+            if window else "")
+
+
+def _model_query(model: str | None) -> str:
+    """``?model=<name>``: the page serves the reports of the model it names (its default model's without)."""
+    return f"?model={quote(model, safe='')}" if model else ""
+
+
+def _model_of(operator: Any) -> str | None:
+    """The model of the operator's DAG: its ``model:<name>`` tag; None without a DAG or a tag."""
+    try:
+        tags = operator.dag.tags
+    except Exception:  # an operator not (yet) in a DAG
+        return None
+    return next((str(t)[len(MODEL_TAG):] for t in tags or () if str(t).startswith(MODEL_TAG)), None)
 
 
 def _get(result: Any, key: str) -> Any:
@@ -96,7 +116,7 @@ def mlflow_ui_url(explicit: str | None, tracking_uri: str) -> str:
 
 
 def _mlflow_ui() -> str:
-    s = Settings.from_env()
+    s = Settings.deployment()  # MLflow's store is every model's
     return mlflow_ui_url(s.mlflow_ui_url, s.mlflow_tracking_uri)
 
 
@@ -110,7 +130,8 @@ class _ResultLink(BaseOperatorLink):
     """A link built from the task's return value by ``url(base, result)``."""
 
     name = ""
-    url: Callable[[str, Any], str]
+    per_model = False  # url takes the model of the task's DAG too
+    url: Callable[..., str]
     base: Callable[[], str]
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
@@ -119,6 +140,8 @@ class _ResultLink(BaseOperatorLink):
         result = XCom.get_value(ti_key=ti_key, key="return_value")
         if result is None:
             return ""
+        if type(self).per_model:  # the report of this task's model, whichever the page shows by default
+            return type(self).url(type(self).base(), result, _model_of(operator))
         return type(self).url(type(self).base(), result)
 
 
@@ -137,12 +160,14 @@ class MlflowModelVersionLink(_ResultLink):
 class DriftReportLink(_ResultLink):
     name = "Drift report"
     url = staticmethod(drift_report_url)
+    per_model = True
     base = staticmethod(_airflow_base)
 
 
 class ValidationReportLink(_ResultLink):
     name = "Validation report"
     url = staticmethod(validation_report_url)
+    per_model = True
     base = staticmethod(_airflow_base)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
+from closedloop.adapters.airflow.models import MODEL_TAG
 from closedloop.core.errors import ConfigError, first_line
 from closedloop.core.settings import AlertSettings, Settings
 from closedloop.stages.alerts import make_alert, write_alert
@@ -50,15 +51,16 @@ class ClosedloopNotifier(BaseNotifier):
         self.kind, self.summary, self.severity, self.details = kind, summary, severity, details or {}
 
     def notify(self, context: Any) -> None:
-        settings = Settings.from_env()
+        dag = context.get("dag")
+        model = model_of(dag)
+        settings = Settings.from_env(model=model)
         ti = context.get("ti") or context.get("task_instance")
         exc = context.get("exception")
         summary = self.summary or _one_line(exc) or f"{self.kind} in {getattr(ti, 'task_id', 'a task')}"
         details = dict(self.details)
         if exc is not None:
             details.setdefault("error", f"{type(exc).__name__}: {first_line(exc, 1000)}")
-        dag = context.get("dag")
-        alert = make_alert(self.kind, summary, severity=self.severity, details=details,
+        alert = make_alert(self.kind, summary, severity=self.severity, details=details, model=model or settings.model,
                            dag_id=getattr(dag, "dag_id", None) or getattr(ti, "dag_id", None),
                            run_id=context.get("run_id") or getattr(ti, "run_id", None),
                            task_id=getattr(ti, "task_id", None))
@@ -75,9 +77,20 @@ class ClosedloopNotifier(BaseNotifier):
                       first_line(exc2, 1000))
 
 
+def model_of(dag: Any) -> str | None:
+    """The model a DAG is for: its ``model:<name>`` tag (every DAG of :mod:`closedloop.adapters.airflow.models`
+    carries one); None without a DAG or a tag."""
+    for tag in getattr(dag, "tags", None) or ():
+        if str(tag).startswith(MODEL_TAG):
+            return str(tag)[len(MODEL_TAG):]
+    return None
+
+
 def _text(alert: dict[str, Any]) -> str:
     where = " / ".join(x for x in (alert.get("dag_id"), alert.get("task_id"), alert.get("run_id")) if x)
-    return f"[closedloop {alert['severity']}] {alert['kind']}: {alert['summary']}" + (f" ({where})" if where else "")
+    model = f" [{alert['model']}]" if alert.get("model") else ""
+    return (f"[closedloop {alert['severity']}]{model} {alert['kind']}: {alert['summary']}"
+            + (f" ({where})" if where else ""))
 
 
 def _deliver(settings: AlertSettings, alert: dict[str, Any], context: Any) -> None:
@@ -88,8 +101,9 @@ def _deliver(settings: AlertSettings, alert: dict[str, Any], context: Any) -> No
     elif settings.channel == "email":
         from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
+        model = f" {alert['model']}" if alert.get("model") else ""
         SmtpNotifier(to=list(settings.emails), smtp_conn_id=settings.smtp_conn_id,
-                     subject=f"[closedloop] {alert['kind']}: {alert['summary'][:120]}",
+                     subject=f"[closedloop{model}] {alert['kind']}: {alert['summary'][:120]}",
                      html_content=f"<pre>{_text(alert)}</pre>").notify(context)
 
 

@@ -24,10 +24,8 @@ T = TypeVar("T")
 
 OWNER = "closedloop"
 
-# The Assets that chain the DAGs: ingest -> batch_scoring -> drift_monitoring (-> retraining, by trigger).
-# Their events carry the day they are about in `extra`.
-CURATED = Asset(name="closedloop_curated", uri="closedloop://lake/curated", group="closedloop")
-PREDICTIONS = Asset(name="closedloop_predictions", uri="closedloop://lake/predictions", group="closedloop")
+# The Assets that chain each model's DAGs (ingest -> batch_scoring -> drift_monitoring (-> retraining, by
+# trigger)) are the model's: closedloop.adapters.airflow.models.ModelDags. Their events carry the day in `extra`.
 
 MAX_RETRY_DELAY = timedelta(minutes=10)
 # Airflow 3 reads retry_exponential_backoff as a multiplier: True is 1, a constant delay, so say 2.
