@@ -187,7 +187,34 @@ def feature_store(settings: Settings) -> FeatureStore:
     rendered = string.Template(text).safe_substitute(feast_env(settings))
     config = RepoConfig(**yaml.safe_load(rendered))
     config.repo_path = settings.feast_repo
-    return FeatureStore(config=config)
+    store = FeatureStore(config=config)
+    if config.registry.registry_type == "sql":
+        create_sql_registry(store)
+    return store
+
+
+# the key of the PostgreSQL advisory lock that serialises the creation of Feast's SQL registry tables
+SQL_REGISTRY_LOCK = int.from_bytes(hashlib.sha256(b"closedloop feast sql registry").digest()[:4], "big")
+
+
+def create_sql_registry(store: FeatureStore) -> None:
+    """Build ``store``'s SQL registry (Feast creates its tables when missing) one process at a time.
+
+    Feast's ``SqlRegistry`` runs ``CREATE TABLE`` for every missing table on its creation; two processes doing so
+    on a fresh database at once (two models' tasks, or two tasks of one) race, and the loser fails with a unique
+    violation in ``pg_type``. A transaction-level advisory lock around the creation lets the second find the tables
+    made (tests/integration/test_many_models.py).
+    """
+    import sqlalchemy as sa
+
+    registry = store.config.registry
+    engine = sa.create_engine(registry.path, **(registry.sqlalchemy_config_kwargs or {}))
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SQL_REGISTRY_LOCK})
+            store.registry  # noqa: B018 - the property creates the registry (and its missing tables)
+    finally:
+        engine.dispose()
 
 
 # -- training set ----------------------------------------------------------------------------------

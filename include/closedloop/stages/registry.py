@@ -61,7 +61,25 @@ def mlflow_client(settings: Settings) -> MlflowClient:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_registry_uri)
+    with embedded_store_creation(settings):
+        return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_registry_uri)
+
+
+@contextlib.contextmanager
+def embedded_store_creation(settings: Settings) -> Iterator[None]:
+    """Hold an exclusive file lock beside the embedded SQLite tracking database (nothing for any other store).
+
+    ``MlflowClient()`` creates the database's tables when they are missing; two processes doing so at once (two
+    models' first trainings, tests/integration/test_many_models.py) race, and the loser fails with "table ...
+    already exists". Under the lock the second finds the tables made.
+    """
+    uri = settings.mlflow_tracking_uri
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def ensure_experiment(client: MlflowClient, settings: Settings, name: str) -> str:
