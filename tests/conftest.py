@@ -32,7 +32,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # prometheus_client chooses where metric values live when it is first imported: feast.metrics (imported by
 # Feast's online reads) sets PROMETHEUS_MULTIPROC_DIR first, which puts every later metric in shared files,
 # so two scoring apps of one test process (test_serving, test_serving_canary) would count into the same series.
-# A `closedloop serve` process builds its one app (and imports prometheus_client) before Feast's first read.
+# (A `closedloop serve` process holds one app: there the shared files hold only its own series.)
 import prometheus_client  # noqa: E402,F401
 
 os.environ["CLOSEDLOOP_DEVICE"] = "cpu"
