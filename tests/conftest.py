@@ -29,6 +29,12 @@ os.environ["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_SESSION / 'airflow' / 'airflow.db'}"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# prometheus_client chooses where metric values live when it is first imported: feast.metrics (imported by
+# Feast's online reads) sets PROMETHEUS_MULTIPROC_DIR first, which puts every later metric in shared files,
+# so two scoring apps of one test process (test_serving, test_serving_canary) would count into the same series.
+# (A `closedloop serve` process holds one app: there the shared files hold only its own series.)
+import prometheus_client  # noqa: E402,F401
+
 os.environ["CLOSEDLOOP_DEVICE"] = "cpu"
 # MLflow's HTTP client retries for minutes by default (7 retries, backoff factor 2, 120 s timeout): a test
 # that meets a dead server should fail in seconds, still through MLflow's own retries with backoff.

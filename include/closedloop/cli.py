@@ -35,7 +35,7 @@ from closedloop.devtools.generate import GeneratorConfig, simulate, write_landin
 from closedloop.stages.drift import find_report
 from closedloop.stages.feast_config import feast_env
 from closedloop.stages.quarantine import list_quarantine, release, show
-from closedloop.stages.registry import history
+from closedloop.stages.registry import end_rollout, history, rollout_state
 from closedloop.stages.registry import status as registry_status
 from closedloop.stages.rollback import promote_manually
 from closedloop.stages.rollback import rollback as run
@@ -146,7 +146,7 @@ def generate(
     structure: Annotated[float, typer.Option(min=0.0, max=3.0, help="Strength of the day factor and the weekly and "
                                              "daily cycles (0: independent days).")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Write a seeded data set with the data contract's columns as daily Parquet partitions into the landing zone."""
     progress = _Progress()
@@ -203,6 +203,12 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
                    f"ROC AUC {m.get('roc_auc', float('nan')):.4f}, PR AUC {m.get('pr_auc', float('nan')):.4f}, "
                    f"recall@FPR {m.get('recall_at_fpr', float('nan')):.3f}")
         typer.echo(f"  run: {champ['run_id']}  artifacts: {champ.get('artifact_uri')}")
+    rollout = report.get("rollout")
+    if rollout is not None:
+        serves = f"{rollout['share']:g} of traffic (step {rollout['step']})" if rollout["mode"] == "canary" \
+            else "in shadow"
+        typer.echo(f"rollout: version {rollout['version']} ({rollout['mode']}) serves {serves} against champion "
+                   f"version {rollout['champion']}, since {rollout['started_at']}")
     typer.echo("versions:")
     for v in report["versions"]:
         aliases = ",".join(v["aliases"]) or "-"
@@ -221,7 +227,7 @@ def _finding_line(f: dict) -> str:
 def quarantine_list(
     include_released: Annotated[bool, typer.Option("--all", help="Also list the released partitions.")] = False,
     as_json: JsonOption = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Every quarantined partition: kind, day, file, rows and hash, when, and the blocking rules."""
     try:
@@ -255,7 +261,7 @@ def quarantine_show(
     kind: Annotated[str, typer.Argument(help="transactions or labels.")],
     day: Annotated[str, typer.Argument(help="The partition's day, YYYY-MM-DD.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole validation report as JSON.")] = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """The validation report of a quarantined partition (its summary; the whole report with --json)."""
     try:
@@ -280,7 +286,7 @@ def quarantine_release(
                     ] = None,
     actor: ActorOption = None,
     as_json: JsonOption = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Validate a fixed partition again with the same rules; curate it if it passes, else keep it quarantined."""
     try:
@@ -315,7 +321,7 @@ def rollback(
     force: Annotated[bool, typer.Option(help="Allow a version the promotion gate rejected.")] = False,
     actor: ActorOption = None,
     as_json: JsonOption = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Give `champion` back to the previous champion (or --to VERSION), through the same compare-and-set."""
     try:
@@ -330,11 +336,34 @@ def rollback(
                f"{result.actor}: {result.reason}); v{result.from_version} is now 'previous'")
 
 
+@app.command("rollout-stop")
+def rollout_stop(
+    reason: Annotated[str, typer.Option(help="Why the rollout is stopped (recorded in the history).")],
+    actor: ActorOption = None,
+    model: ModelOption = None,
+) -> None:
+    """Stop the rollout in progress without promoting it: its alias removed, all traffic back to the champion at
+    the scoring service's next poll (docs/ROLLOUT.md)."""
+    import getpass
+
+    try:
+        rt = _existing_runtime("registry")
+        running = rollout_state(rt.client, rt.model_name)
+        if running is None:
+            raise ClosedloopError(f"{rt.model_name}: no rollout in progress")
+        end_rollout(rt.client, rt.settings, running, promoted=False, reason=f"stopped by hand: {reason}",
+                    actor=actor or getpass.getuser())
+    except ClosedloopError as exc:
+        _fail(exc)
+    typer.echo(f"{rt.model_name}: the {running.mode} rollout of v{running.version} stopped; champion "
+               f"v{running.champion} serves all traffic at the service's next poll")
+
+
 @app.command("history")
 def history_cmd(
     limit: Annotated[int, typer.Option(min=1, help="How many moves, newest first.")] = 50,
     as_json: JsonOption = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """The promotion history: every move of `champion` (gate, rollback, manual), newest first."""
     try:
@@ -360,7 +389,7 @@ def promote_cmd(
     force: Annotated[bool, typer.Option(help="Allow a version the promotion gate rejected.")] = False,
     actor: ActorOption = None,
     as_json: JsonOption = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Make VERSION the champion by hand, through the same compare-and-set as the gate (kind `manual`)."""
     try:
@@ -384,7 +413,7 @@ def report(
     html: Annotated[bool, typer.Option("--html", help="Print the Evidently HTML report itself.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report's figures and decision (JSON).")
                        ] = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Where the drift report is (the newest or --day's), or its contents with --html / --json."""
     if html and as_json:
@@ -465,7 +494,8 @@ def airflow_config(
         typer.echo(f"Airflow login: user {ADMIN}, password {ensure_password(settings)}")
 
 
-KINDS = ("ingest", "batch_scoring", "drift_monitoring", "retraining", "skew_check", "rollback", "housekeeping")
+KINDS = ("ingest", "batch_scoring", "drift_monitoring", "retraining", "skew_check", "rollback", "rollout",
+         "housekeeping")
 
 
 @app.command("models")
@@ -540,7 +570,7 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request (uvicorn's access log); off by default: "
                                                   "/metrics counts requests by status, and a log line per "
                                                   "request costs the latency of a one-transaction request.")] = False,
-        model: ModelOption = None,
+    model: ModelOption = None,
 ) -> None:
     """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see README "Online scoring"."""
     import uvicorn

@@ -100,6 +100,7 @@ def test_every_task_pod_gets_every_setting_closedloop_reads(values, settings_map
     read = stack.variables_read_by(stack.PKG / "settings.py") | stack.variables_read_by(stack.PKG / "secrets.py")
     read -= {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"}  # the chart's own, from data.metadataSecretName
     read -= stack.SERVE_ONLY  # the scoring service's own token: no task reads it (the chart runs no scoring service)
+    read -= stack.UNSET_ALTERNATIVES  # CLOSEDLOOP_MODELS is given; a task names its model
     in_secret = {"CLOSEDLOOP_REDIS_URL"}  # holds the Redis password: key of closedloop-secrets
     assert not (read - in_secret) - set(settings_map), sorted((read - in_secret) - set(settings_map))
     assert not in_secret & set(settings_map)

@@ -151,14 +151,15 @@ def test_slack_alerts_reach_the_webhook(runtime, airflow_db, webhook, monkeypatc
     texts = [r["body"]["text"] for r in received]
     assert len(texts) == 2, texts
     failed = next(t for t in texts if "validation_failed" in t)
-    assert failed.startswith("[closedloop error] validation_failed: " + FAILURE)
+    # the model is the DAG's (its model:<name> tag); this test's DAG has none: the deployment's default model
+    assert failed.startswith("[closedloop error] [card_fraud] validation_failed: " + FAILURE)
     assert f"alerts_to_slack / validate / {dr.run_id}" in failed
     promoted = next(t for t in texts if "promoted" in t)
-    assert "[closedloop info] promoted: fraud v7 is the champion (was v6)" in promoted
+    assert "[closedloop info] [card_fraud] promoted: fraud v7 is the champion (was v6)" in promoted
     # and the file has both, as always
     alerts = _file_alerts(runtime.settings, dr.run_id)
     assert alerts["validation_failed"]["summary"] == FAILURE
-    assert alerts["promoted"]["details"] == {"version": "7"}
+    assert alerts["promoted"]["details"] == {"version": "7"} and alerts["promoted"]["model"] == "card_fraud"
 
 
 def test_email_alerts_reach_the_smtp_server(runtime, airflow_db, smtp_server, monkeypatch):
@@ -182,9 +183,9 @@ def test_email_alerts_reach_the_smtp_server(runtime, airflow_db, smtp_server, mo
         body = "".join(part.get_content() for part in msg.walk() if part.get_content_type() == "text/html")
         mails[str(msg["Subject"])] = body
     subjects = sorted(mails)
-    assert subjects[0] == "[closedloop] promoted: fraud v7 is the champion (was v6)"
-    assert subjects[1].startswith("[closedloop] validation_failed: Validation of transactions FAILED")
-    assert "[closedloop error] validation_failed: " + FAILURE in mails[subjects[1]]
+    assert subjects[0] == "[closedloop card_fraud] promoted: fraud v7 is the champion (was v6)"
+    assert subjects[1].startswith("[closedloop card_fraud] validation_failed: Validation of transactions FAILED")
+    assert "[closedloop error] [card_fraud] validation_failed: " + FAILURE in mails[subjects[1]]
     assert "alerts_by_email / promote / " + dr.run_id in mails[subjects[0]]
     assert set(_file_alerts(runtime.settings, dr.run_id)) == {"validation_failed", "promoted"}
 

@@ -121,8 +121,9 @@ def test_1_first_window_promotes_version_1(world):
     assert links[("register_model", "MLflow model version")] == version_url
     assert links[("promote_or_reject", "MLflow model version")] == version_url
     validation = links[("validate_window", "Validation report")]
-    assert validation == "/closedloop/reports/validation/2026-01-01_2026-01-08.json"
-    body, _ = health.report_bytes(rt, validation.removeprefix("/closedloop/reports/"))
+    assert validation == "/closedloop/reports/validation/2026-01-01_2026-01-08.json?model=card_fraud"
+    path = validation.removeprefix("/closedloop/reports/").removesuffix("?model=card_fraud")
+    body, _ = health.report_bytes(rt, path)
     records = json.loads(body)["partitions"]
     assert {(p["kind"], p["status"]) for p in records} == {("transactions", "curated"), ("labels", "curated")}
     assert [p["day"] for p in records if p["kind"] == "transactions"] == [f"2026-01-0{d}" for d in range(1, 8)]

@@ -39,6 +39,15 @@ SCRAPED = frozenset({
     "closedloop_serve_unknown_customers_total",
     "closedloop_serve_shadow_predictions_total",
     "closedloop_serve_out_of_contract_total",
+    # the canary split, by arm (champion, canary), and the canary's share
+    "closedloop_serve_arm_transactions_total",
+    "closedloop_serve_arm_errors_total",
+    "closedloop_serve_arm_request_seconds_bucket",
+    "closedloop_serve_arm_request_seconds_sum",
+    "closedloop_serve_arm_request_seconds_count",
+    "closedloop_serve_arm_score_count",
+    "closedloop_serve_arm_score_sum",
+    "closedloop_serve_canary_share",
 })
 
 # What the Airflow plugin's /closedloop/metrics exposes (include/closedloop/adapters/exporter.py, METRICS): the loop's

@@ -8,8 +8,8 @@ why the exporter lives in the Airflow plugin; ``deploy/prometheus/rules.yml`` al
 
 A figure the loop has not produced yet (no drift report, no estimate) is absent rather than 0, so that a rule
 cannot fire on a value nobody measured; the champion's version is 0 when there is none (as ``closedloop
-serve``'s ``closedloop_serve_model_version``). The canary arm and the rollout's share are 0 until progressive
-delivery exists (issue 24).
+serve``'s ``closedloop_serve_model_version``). The canary arm is the rollout's candidate and its share of traffic
+(docs/ROLLOUT.md); 0 and 0 without a rollout.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ DECISIONS = ("retrain", "no_drift", "not_judged")
 
 # name -> (help, extra label names); every metric also has the label ``model``
 METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "closedloop_model_version": ("Registry version each arm serves (arm=champion; canary: 0 until progressive "
-                                 "delivery exists); 0: none", ("arm",)),
+    "closedloop_model_version": ("Registry version each arm serves (champion; canary: the rollout's "
+                                 "candidate); 0: none", ("arm",)),
     "closedloop_rollout_canary_share": ("Share of traffic routed to the canary arm (0: no rollout)", ()),
     "closedloop_drift_share": ("Share of drifted features in the latest monitored window", ()),
     "closedloop_drift_share_threshold": ("The drift policy's share threshold", ()),

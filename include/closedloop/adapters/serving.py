@@ -10,9 +10,26 @@ logged to the lake (``served/transactions/<day>/part-*.parquet``) by a backgroun
 carries the ``challenger`` alias it is scored beside the champion on a configured share of requests and
 its predictions go to ``served/shadow/<day>/`` only, never into the answer.
 
+**The canary split.** When a version carries the ``canary`` alias, a share of the entities (the contract's
+entity, e.g. ``customer_id``) is answered by it. The share is the tag ``closedloop.canary_share`` on that
+version (a float in [0, 1]; missing or invalid: 0); the rollout sets both with
+:func:`closedloop.stages.registry.set_canary` and removes the alias with
+:func:`~closedloop.stages.registry.clear_canary`. A transaction goes to the canary arm when
+:func:`closedloop.core.served.arm_bucket` of the model's name and its entity (SHA-256, uniform in [0, 1)) is
+below the share: sticky per entity, and raising the share only moves entities from the champion to the
+canary. The champion scores every transaction, canary ones included (in shadow), so each row of the served
+log carries ``arm``, ``champion_score`` and ``champion_version`` beside the answered ``score`` and
+``model_version`` (:mod:`closedloop.core.served`): guardrails compare both arms on the same requests. A
+canary that fails (not loaded, or an exception while scoring) never reaches the caller: the champion answers,
+the row is logged with arm ``champion`` and ``canary_error`` True, and ``closedloop_serve_arm_errors_total
+{arm="canary"}`` counts it. ``/metrics`` has per-arm transactions, errors, latency and scores and the
+canary's share and version. Batch scoring and drift monitoring use the champion only.
+
 :class:`ModelHolder` polls the alias and swaps the model under a lock: a request takes the model once,
-at its start, so it finishes on the version it began with. :func:`create_app` builds the app from
-injected collaborators and starts nothing until the app's lifespan begins.
+at its start, so it finishes on the version it began with; :class:`CanaryHolder` follows the canary alias and
+its share tag in the same poll, so a new share or a removed alias reaches traffic within one poll interval
+(``serving.poll_seconds``). :func:`create_app` builds the app from injected collaborators and starts nothing
+until the app's lifespan begins.
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +50,9 @@ from pydantic import model_validator
 
 from closedloop.core.config_model import ServingSection
 from closedloop.core.errors import ConfigError
-from closedloop.core.served import SERVED, SHADOW, served_uri
+from closedloop.core.served import ARM_CANARY, ARM_CHAMPION, SERVED, SHADOW, arm_bucket, served_uri
 from closedloop.stages.model import _declared_index, predict_inplace
-from closedloop.stages.registry import CHAMPION, alias_version, load_booster
+from closedloop.stages.registry import CANARY, CHAMPION, alias_version, canary, load_booster
 from closedloop.stages.scoring import version_info
 
 if TYPE_CHECKING:
@@ -155,6 +172,76 @@ class ModelHolder:
         with self._lock:
             self._model = loaded
         log.info("%s@%s: version %s -> %s", self.name, self.alias, current.version if current else None, version)
+        return True
+
+
+@dataclass(frozen=True)
+class CanaryState:
+    """The canary as one request sees it: its version, its traffic share and the loaded model (None when the
+    version could not be loaded: its share of requests is answered by the champion, counted as canary errors)."""
+
+    version: str
+    share: float
+    model: LoadedModel | None = field(default=None, repr=False)
+    error: str = ""
+
+
+class CanaryHolder:
+    """The ``canary`` alias and its traffic share (the ``closedloop.canary_share`` tag of its version, read by
+    :func:`closedloop.stages.registry.canary`), followed like :class:`ModelHolder`: :meth:`refresh` loads a new
+    version before swapping, takes a new share as it is, and drops the canary when the alias is removed.
+
+    The state is one immutable :class:`CanaryState` swapped whole, so a request that reads :attr:`state` once
+    sees a version with its own share. A version that fails to load is kept with no model (its share goes to
+    the champion, counted) and loaded again at the next refresh.
+    """
+
+    alias = CANARY
+
+    def __init__(self, client: MlflowClient, name: str, loader: Callable[[str, str], LoadedModel] | None = None):
+        self.client, self.name = client, name
+        self._load = loader or version_loader(client, name)
+        self._state: CanaryState | None = None
+
+    @property
+    def state(self) -> CanaryState | None:
+        """The current canary (None: no canary, no split); a request reads it once, with the champion."""
+        return self._state
+
+    @property
+    def model(self) -> LoadedModel | None:
+        state = self._state
+        return state.model if state is not None else None
+
+    def refresh(self) -> bool:
+        """Follow the alias and the share tag; True when the canary changed. MLflow not answering raises (the
+        poller keeps the current canary)."""
+        target = canary(self.client, self.name)
+        current = self._state
+        if target is None:
+            self._state = None
+            if current is not None:
+                log.info("%s@%s: version %s removed; all traffic to the champion", self.name, CANARY, current.version)
+            return current is not None
+        version, share = target
+        if current is not None and current.version == version and current.model is not None:
+            if current.share == share:
+                return False
+            self._state = replace(current, share=share)
+            log.info("%s@%s: version %s, share %s -> %s", self.name, CANARY, version, current.share, share)
+            return True
+        try:
+            state = CanaryState(version, share, self._load(CANARY, version))
+        except Exception as exc:  # a canary that cannot load never stops the service: the champion answers
+            log.exception("%s@%s: could not load version %s; its share goes to the champion", self.name, CANARY,
+                          version)
+            state = CanaryState(version, share, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                                if str(exc) else type(exc).__name__)
+        self._state = state
+        if state == current:  # the same version failing to load again
+            return False
+        log.info("%s@%s: version %s -> %s at share %s%s", self.name, CANARY, current.version if current else None,
+                 version, share, " (not loaded)" if state.model is None else "")
         return True
 
 
@@ -382,8 +469,8 @@ def score_matrix(model: LoadedModel, x: np.ndarray, names: tuple[str, ...]) -> n
 
 @dataclass
 class Scorer:
-    """What ``POST /score`` does, without HTTP: features, scores, the log and the shadow. No pandas on this
-    path (the served log's rows become a frame in its writer's thread)."""
+    """What ``POST /score`` does, without HTTP: features, scores, the canary split, the log and the shadow. No
+    pandas on this path (the served log's rows become a frame in its writer's thread)."""
 
     contract: DataContract
     features: OnlineFeatures
@@ -395,19 +482,27 @@ class Scorer:
     metrics: Any = None
     rng: random.Random = field(default_factory=random.Random)
     matrix: RequestMatrix | None = None
+    canary: CanaryHolder | None = None
 
     def __post_init__(self) -> None:
         if self.matrix is None:
             self.matrix = RequestMatrix.of(self.contract)
 
     def score(self, transactions: list[dict[str, Any]]) -> dict[str, Any]:
+        """The answer to ``transactions`` (the body of ``POST /score``)."""
+        return self.answer(transactions)[0]
+
+    def answer(self, transactions: list[dict[str, Any]]) -> tuple[dict[str, Any], set[str]]:
+        """The answer to ``transactions`` and the arms that answered them (``champion``, ``canary``)."""
         import numpy as np
 
+        started = time.perf_counter()
         c = self.contract
         if len(transactions) > self.config.max_batch:
             raise TooLarge(f"{len(transactions)} transactions in one request: at most {self.config.max_batch} "
                            "(serving.max_batch); split the batch")
         model = self.champion.model  # taken once: this request finishes on this version
+        canary_state = self.canary.state if self.canary is not None else None  # and on this canary and share
         if model is None:
             raise Unavailable(f"{self.champion.name} has no champion loaded yet; retry once one is promoted")
         ids = [t[c.row_key] for t in transactions]
@@ -428,11 +523,28 @@ class Scorer:
             self.metrics.observe_features(feats)
         assert self.matrix is not None
         x = self.matrix.build(transactions, feats)
-        scores = score_matrix(model, x, self.matrix.names)
-        decisions = scores >= model.threshold
+        try:
+            champion_scores = score_matrix(model, x, self.matrix.names).tolist()
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.arm_errors[ARM_CHAMPION].inc(len(transactions))
+            raise
+        champion_decisions = [s >= model.threshold for s in champion_scores]
+        scores, decisions = list(champion_scores), list(champion_decisions)
+        arms, canary_error = [ARM_CHAMPION] * len(transactions), [False] * len(transactions)
+        chosen = self._canary_rows(canary_state, model.name, entity_ids)
+        if chosen:
+            assert canary_state is not None
+            answered = self._score_canary(canary_state, x[chosen])
+            for k, i in enumerate(chosen):
+                if answered is None:
+                    canary_error[i] = True
+                else:
+                    scores[i], decisions[i], arms[i] = answered[0][k], answered[1][k], ARM_CANARY
         request_id = uuid.uuid4().hex
         fetched = {f: k for k, f in enumerate(c.entity_features)}
         logged = []
+        latency_ms = (time.perf_counter() - started) * 1000.0  # features and both arms' scores: the rollout's p99
         for i, t in enumerate(transactions):
             ts = t.get(c.event_timestamp)
             row = {c.row_key: ids[i], c.entity: entity_ids[i],
@@ -440,13 +552,24 @@ class Scorer:
             values = feats[i].tolist()
             for name in c.model_features:
                 row[name] = values[fetched[name]] if name in fetched else t.get(name)
-            row["score"], row["decision"], row["model_version"] = float(scores[i]), int(decisions[i]), model.version
+            canary_row = arms[i] == ARM_CANARY
+            row["score"], row["decision"] = scores[i], int(decisions[i])
+            row["model_version"] = canary_state.version if canary_row and canary_state else model.version
+            row["arm"], row["champion_score"], row["champion_version"] = arms[i], champion_scores[i], model.version
+            row["canary_error"] = canary_error[i]
+            row["latency_ms"] = latency_ms
             row[SERVED_AT], row[REQUEST_ID] = now, request_id
             logged.append(row)
         self.served.append(logged)
         self._shadow(x, logged, model)
-        predictions = [{c.row_key: i, "score": float(s), "decision": int(d)}
-                       for i, s, d in zip(ids, scores, decisions, strict=True)]
+        predictions: list[dict[str, Any]] = []
+        for i in range(len(transactions)):
+            prediction = {c.row_key: ids[i], "score": scores[i], "decision": int(decisions[i])}
+            if arms[i] == ARM_CANARY:  # the top-level version and threshold are the champion's
+                prediction["model_version"] = logged[i]["model_version"]
+            predictions.append(prediction)
+        if self.metrics is not None:
+            self.metrics.observe_arms(arms, scores)
         for prediction, transaction in zip(predictions, transactions, strict=True):
             warnings = contract_warnings(transaction, c)
             if warnings:  # scored all the same; the caller and /metrics are told which fields
@@ -454,8 +577,32 @@ class Scorer:
                 if self.metrics is not None:
                     for w in warnings:
                         self.metrics.out_of_contract.labels(w["field"]).inc()
-        return {"model": model.name, "model_version": model.version, "threshold": model.threshold,
-                "predictions": predictions}
+        return ({"model": model.name, "model_version": model.version, "threshold": model.threshold,
+                 "predictions": predictions}, set(arms))
+
+    @staticmethod
+    def _canary_rows(state: CanaryState | None, model: str, entities: list[Any]) -> list[int]:
+        """The rows whose entity the split puts in the canary arm (none without a canary or at share 0)."""
+        if state is None or state.share <= 0.0:
+            return []
+        return [i for i, e in enumerate(entities) if arm_bucket(model, e) < state.share]
+
+    def _score_canary(self, state: CanaryState, x: np.ndarray) -> tuple[list[float], list[bool]] | None:
+        """The canary's scores and decisions of its rows; None when it cannot score them (logged and counted:
+        the champion answers them; the caller never sees the canary's failure)."""
+        out = None
+        if state.model is not None:  # not loaded: the poller logged why (and tries again)
+            try:
+                assert self.matrix is not None
+                out = score_matrix(state.model, x, self.matrix.names).tolist()
+            except Exception:
+                log.exception("canary version %s failed on %d transaction(s); the champion answered them",
+                              state.version, len(x))
+        if out is None or state.model is None:
+            if self.metrics is not None:
+                self.metrics.arm_errors[ARM_CANARY].inc(len(x))
+            return None
+        return out, [s >= state.model.threshold for s in out]
 
     def _shadow(self, x: np.ndarray, logged: list[dict[str, Any]], champ: LoadedModel) -> None:
         """Score with the challenger on a share of requests; log only (failures never reach the caller)."""
@@ -467,8 +614,7 @@ class Scorer:
             scores = score_matrix(shadow, x, self.matrix.names)
             out = []
             for row, s in zip(logged, scores.tolist(), strict=True):
-                out.append({**row, "champion_version": champ.version, "champion_score": row["score"], "score": s,
-                            "decision": int(s >= shadow.threshold), "model_version": shadow.version})
+                out.append({**row, "score": s, "decision": int(s >= shadow.threshold), "model_version": shadow.version})
             self.shadow.append(out)
             if self.metrics is not None:
                 self.metrics.shadow.inc(len(out))
@@ -482,7 +628,7 @@ class Metrics:
     """Prometheus metrics of one app, in their own registry."""
 
     def __init__(self, features: list[str]):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
         self.registry = CollectorRegistry()
         p = "closedloop_serve_"
@@ -503,6 +649,23 @@ class Metrics:
         self.out_of_contract = Counter(f"{p}out_of_contract", "Transactions scored with a field outside the "
                                        "contract's block:/warn: range or categories, by field.", ["field"],
                                        registry=self.registry)
+        # the canary split, by arm (champion, canary): both arms' series exist from the start, at 0
+        arm_transactions = Counter(f"{p}arm_transactions", "Transactions answered, by arm.", ["arm"],
+                                   registry=self.registry)
+        arm_errors = Counter(f"{p}arm_errors", "Transactions an arm failed to score, by arm: canary, answered by "
+                             "the champion instead; champion, the request failed.", ["arm"], registry=self.registry)
+        arm_latency = Histogram(f"{p}arm_request_seconds", "Latency of POST /score requests with a transaction "
+                                "answered by the arm, by arm.", ["arm"], registry=self.registry,
+                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        arm_score = Summary(f"{p}arm_score", "Scores answered, by arm (sum / count: the mean score).", ["arm"],
+                            registry=self.registry)
+        self.canary_share = Gauge(f"{p}canary_share", "The canary's share of traffic (0: no canary); its version "
+                                  "is closedloop_serve_model_version{alias=\"canary\"}.", registry=self.registry)
+        arms = (ARM_CHAMPION, ARM_CANARY)
+        self.arm_transactions = {a: arm_transactions.labels(a) for a in arms}
+        self.arm_errors = {a: arm_errors.labels(a) for a in arms}
+        self.arm_latency = {a: arm_latency.labels(a) for a in arms}
+        self.arm_score = {a: arm_score.labels(a) for a in arms}
         self.feature_names = features
         # the children a request touches, bound once (a labels() lookup per feature and request costs)
         self.score_ok = self.requests.labels("/score", "200")
@@ -521,18 +684,31 @@ class Metrics:
             if m:
                 missing_child.inc(m)
 
-    def set_versions(self, *holders: ModelHolder | None) -> None:
+    def observe_arms(self, arms: list[str], scores: list[float]) -> None:
+        """Count the answered transactions and their scores by arm."""
+        n_canary = 0
+        for arm, score in zip(arms, scores, strict=True):
+            self.arm_score[arm].observe(score)
+            n_canary += arm == ARM_CANARY
+        self.arm_transactions[ARM_CHAMPION].inc(len(arms) - n_canary)
+        if n_canary:
+            self.arm_transactions[ARM_CANARY].inc(n_canary)
+
+    def set_versions(self, *holders: ModelHolder | CanaryHolder | None) -> None:
+        """The version gauge of each holder's alias (0: none loaded); a canary's share gauge too."""
         for h in holders:
             if h is not None:
                 m = h.model
                 self.version.labels(h.alias).set(float(m.version) if m is not None and m.version.isdigit() else 0)
+                if isinstance(h, CanaryHolder):
+                    self.canary_share.set(h.state.share if h.state is not None else 0.0)
 
 
 # -- the app -------------------------------------------------------------------------------------
 class Poller:
     """Refreshes the holders every ``seconds`` in a background thread."""
 
-    def __init__(self, holders: list[ModelHolder], seconds: float, on_change: Callable[[], None]):
+    def __init__(self, holders: list[ModelHolder | CanaryHolder], seconds: float, on_change: Callable[[], None]):
         self.holders, self.seconds, self.on_change = holders, seconds, on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -580,16 +756,18 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
     metrics = Metrics(contract.entity_features)
     champion = ModelHolder(client, model_name, CHAMPION, loader)
     challenger = ModelHolder(client, model_name, CHALLENGER, loader)
+    canary_holder = CanaryHolder(client, model_name, loader)
     served = ServedLog(lake, SERVED, config.log_flush_rows, config.log_flush_seconds)
     shadow = ServedLog(lake, SHADOW, config.log_flush_rows, config.log_flush_seconds)
     scorer = Scorer(contract, OnlineFeatures(store, defs, contract), champion, challenger, served, shadow, config,
-                    metrics, random.Random(seed))
-    poller = Poller([champion, challenger], config.poll_seconds, lambda: metrics.set_versions(champion, challenger))
+                    metrics, random.Random(seed), canary=canary_holder)
+    holders: list[ModelHolder | CanaryHolder] = [champion, challenger, canary_holder]
+    poller = Poller(holders, config.poll_seconds, lambda: metrics.set_versions(*holders))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         poller.poll_once()
-        metrics.set_versions(champion, challenger)
+        metrics.set_versions(*holders)
         poller.start()
         served.start()
         shadow.start()
@@ -646,9 +824,11 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
         m = champion.model
         if m is None:
             return JSONResponse({"ready": False, "reason": f"{model_name} has no champion loaded"}, status_code=503)
-        c = challenger.model
+        c, k = challenger.model, canary_holder.state
         return JSONResponse({"ready": True, "model": model_name, "model_version": m.version,
-                             "challenger_version": c.version if c else None})
+                             "challenger_version": c.version if c else None,
+                             "canary_version": k.version if k else None, "canary_share": k.share if k else 0.0,
+                             "canary_loaded": k is not None and k.model is not None})
 
     @app.get("/metrics", dependencies=[Depends(authorised)])
     def prometheus() -> Response:
@@ -668,9 +848,12 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
             raise RequestValidationError(exc.errors(include_url=False)) from None
         rows = [t.model_dump() for t in body.transactions]
         try:
-            out = scorer.score(rows)
+            out, arms = scorer.answer(rows)
         finally:
-            metrics.latency.observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            metrics.latency.observe(elapsed)
+        for arm in arms:
+            metrics.arm_latency[arm].observe(elapsed)
         metrics.transactions.inc(len(rows))
         metrics.score_ok.inc()
         return JSONResponse(out)

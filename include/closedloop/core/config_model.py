@@ -248,6 +248,47 @@ class HousekeepingSection(Section):
                                    "older than this many days: `airflow db clean`.")
 
 
+# -- progressive delivery -------------------------------------------------------------------------------
+class GuardrailsSection(Section):
+    max_error_rate: float = Field(0.01, description="The canary's share of requests it failed to score (answered "
+                                  "by the champion instead) above this: rolled back.")
+    max_missing_feature_rate: float = Field(0.05, description="The share of the canary's requests served without "
+                                            "one of their online features above this: rolled back.")
+    max_p99_latency_ms: float = Field(250.0, description="The canary's 99th percentile of scoring latency (the "
+                                      "served log's latency_ms) above this: rolled back.")
+    max_mean_score_shift: float = Field(0.1, description="The mean absolute difference between the canary's and "
+                                        "the champion's scores on the same requests above this: rolled back (a "
+                                        "broken model before any label says so).")
+
+
+class RolloutSection(Section):
+    mode: Literal["direct", "shadow", "canary"] = Field(
+        "direct", description="How a candidate that passed the gate reaches traffic: `direct` moves `champion` at "
+        "once; `shadow` makes it the `challenger` (scored beside the champion on serving.shadow_share of requests, "
+        "logged only) and the rollout DAG promotes it when the paired comparison on the same requests holds up "
+        "once their labels arrive; `canary` gives it the `canary` alias and a share of traffic ramped through "
+        "`steps` by the rollout DAG. A first model (no champion yet) is always promoted directly.")
+    steps: list[float] = Field(default_factory=lambda: [0.05, 0.25, 0.5, 1.0], description="The canary's traffic "
+                               "shares, increasing, ending with 1.0 (all traffic: the next good decision promotes).")
+    min_days_per_step: int = Field(1, description="Days a step bakes before it may be ramped (guardrails and the "
+                                   "test still roll back at once).")
+    max_days: int = Field(28, description="A rollout still undecided after this many days ends by `on_no_decision`.")
+    on_no_decision: Literal["rollback", "promote"] = Field(
+        "rollback", description="What an undecided rollout does at max_days: `rollback` (no evidence the candidate "
+        "is better: the champion stays) or `promote`.")
+    alpha: float = Field(0.05, description="The sequential test's level: its false-positive rate over all the daily "
+                         "looks of a rollout.")
+    loss: Literal["log_loss", "brier"] = Field("log_loss", description="The per-row loss the test compares on the "
+                                               "same requests.")
+    min_effect: float = Field(0.01, description="The smallest difference in mean per-row loss worth acting on (in "
+                              "the loss's units: 0.01 nats of log loss per row); the sequential test's mixing "
+                              "variance is its square (docs/ROLLOUT.md).")
+    min_rows: int = Field(2000, description="Labelled requests of the candidate's arm before the test may decide.")
+    min_positives: int = Field(20, description="... and positive labels among them.")
+    guardrails: GuardrailsSection = Field(default_factory=GuardrailsSection,
+                                          description="Checks that roll back at once, before any label.")
+
+
 # -- the whole file -------------------------------------------------------------------------------------
 class ClosedloopConfig(Section):
     """The versioned model and policy configuration. Loaded inside tasks; its hash is part of every model
@@ -265,6 +306,8 @@ class ClosedloopConfig(Section):
     alerts: AlertsSection = Field(default_factory=AlertsSection, description="Alerts on missing data.")
     housekeeping: HousekeepingSection = Field(default_factory=HousekeepingSection,
                                               description="What is deleted after how long.")
+    rollout: RolloutSection = Field(default_factory=RolloutSection,
+                                    description="Progressive delivery: how a promotion reaches traffic.")
 
 
 def known_keys(loc: tuple[str | int, ...]) -> list[str] | None:

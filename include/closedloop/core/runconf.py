@@ -151,6 +151,9 @@ DRIFT_MONITORING = RunConf("drift_monitoring run configuration", (
          "YYYY-MM-DD. Empty when scoring started the run: its event names the day."),))
 SKEW_CHECK = RunConf("skew_check run configuration", (
     _day("day", "Served day", "YYYY-MM-DD. Empty for scheduled runs: the day before the run's interval end."),))
+ROLLOUT = RunConf("rollout run configuration", (
+    _day("day", "Day", "Judge the rollout on the requests served and the labels curated until this day (YYYY-MM-DD, "
+                       "inclusive). Empty: the day of the run's data interval end, or today."),))
 
 ROLLBACK = RunConf("rollback run configuration", (
     Field("version", "string", "Version", "The model version to make champion. Empty: the previous champion.",
@@ -163,7 +166,8 @@ ROLLBACK = RunConf("rollback run configuration", (
 ))
 
 RUN_CONFS = {"retraining": RETRAINING, "ingest": INGEST, "batch_scoring": BATCH_SCORING,
-             "drift_monitoring": DRIFT_MONITORING, "skew_check": SKEW_CHECK, "rollback": ROLLBACK}
+             "drift_monitoring": DRIFT_MONITORING, "skew_check": SKEW_CHECK, "rollback": ROLLBACK,
+             "rollout": ROLLOUT}
 
 # The JSON schemas (kept under their old names: the stages and tests use them).
 RETRAINING_CONF_SCHEMA = RETRAINING.schema()

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("validation_failed", "drift_detected", "promoted", "rejected", "data_missing", "task_failed", "skew_detected",
-         "labels_suspect", "data_redelivered")
+         "labels_suspect", "data_redelivered", "rollout_started", "rollout_ramped", "rolled_back")
 SEVERITIES = ("info", "warning", "error")
 ALERTS_FILE = "alerts.jsonl"
 
@@ -132,6 +132,11 @@ def gate_alert(action: dict[str, Any]) -> dict[str, Any] | None:
         return make_alert("promoted", f"{action['model']} v{action['version']} is the champion (was "
                           f"v{action.get('previous') or '-'}): {action.get('reason')}; `closedloop rollback` "
                           "undoes it", severity="info", details=action)
+    if action.get("action") == "rollout_started":
+        share = f"{action['share']:g} of traffic" if action.get("mode") == "canary" else "in shadow"
+        return make_alert("rollout_started", f"{action['model']} v{action['version']} passed the gate and serves "
+                          f"{share} beside champion v{action.get('champion')} (rollout.mode {action.get('mode')}); "
+                          "the rollout DAG decides from live traffic", severity="info", details=action)
     if action.get("action") == "rejected" and action.get("outcome") == "labels_suspect":
         return make_alert("labels_suspect", f"{action['model']} v{action['version']} not promoted, the labels look "
                           f"broken (champion v{action.get('champion') or '-'} kept): {action.get('reason')}",
@@ -141,6 +146,26 @@ def gate_alert(action: dict[str, Any]) -> dict[str, Any] | None:
                           f"v{action.get('champion') or '-'} kept: {action.get('reason')}", severity="info",
                           details=action)
     return None
+
+
+def rollout_alert(done: dict[str, Any]) -> dict[str, Any] | None:
+    """The alert of what the rollout DAG did: ramped, promoted, rolled back (None for hold, none or a retry)."""
+    action = done.get("action")
+    if done.get("already_done") or action not in ("ramp", "promote", "rollback", "conflict"):
+        return None
+    who = f"{done['model']} v{done['version']}"
+    if action == "ramp":
+        return make_alert("rollout_ramped", f"{who} now serves {done['share']:g} of traffic: {done['why']}",
+                          severity="info", details=done)
+    if action == "promote":
+        return make_alert("promoted", f"{who} is the champion after its {done['mode']} rollout (was "
+                          f"v{done.get('champion') or '-'}): {done['why']}; `closedloop rollback` undoes it",
+                          severity="info", details=done)
+    if action == "rollback":
+        return make_alert("rolled_back", f"{who} rolled back, all traffic to champion v{done.get('champion')}: "
+                          f"{done['why']}", severity="warning", details=done)
+    return make_alert("rolled_back", f"{who}: the rollout moved meanwhile, nothing changed: {done['why']}",
+                      severity="warning", details=done)
 
 
 def redelivery_alert(partition: dict[str, Any]) -> dict[str, Any] | None:

@@ -188,6 +188,7 @@ def gather(rt: Runtime) -> dict[str, Any]:
                            "html_path": r["html_path"], "json_path": r["json_path"]} for r in reversed(reports)],
         "series": _series(reports, monitoring_series(rt)),
         "skew": latest_skew(rt),
+        "rollout": status.get("rollout"),
     }
 
 
@@ -406,6 +407,21 @@ def render_page(data: dict[str, Any], *, report_base: str = "reports/",
                    f"<tr><th>gate decision</th><td>{_e(champ.get('decision'))}: {_e(champ.get('reason'))}</td></tr>"
                    f"<tr><th>MLflow run</th><td>{_e(champ.get('run_id'))} "
                    f"<span class='muted'>({_e(data['tracking_uri'])})</span></td></tr>{metrics}</table>")
+    rollout = data.get("rollout")
+    out.append("<h2>Rollout</h2>")
+    if rollout is None:
+        out.append("<p class='muted'>No rollout in progress (<code>rollout.mode</code> in the model's "
+                   "configuration; docs/ROLLOUT.md).</p>")
+    else:
+        share = f"{rollout['share']:g} of traffic (step {rollout['step']})" if rollout["mode"] == "canary" \
+            else "in shadow (no traffic)"
+        out.append(f"<table id='rollout'><tr><th>candidate</th><td>version {_e(rollout['version'])}, "
+                   f"{_e(rollout['mode'])}</td></tr><tr><th>serves</th><td>{_e(share)}</td></tr>"
+                   f"<tr><th>against</th><td>champion version {_e(rollout.get('champion'))}</td></tr>"
+                   f"<tr><th>since</th><td>{_e(rollout['started_at'])} (this step since "
+                   f"{_e(rollout['step_started_at'])})</td></tr></table>"
+                   "<p class='muted'>The rollout DAG ramps, promotes or rolls it back from the same requests' "
+                   "labels; its decisions are in the promotion history.</p>")
     out.append("<h2>Promotion history</h2>")
     if data["history"]:
         rows = "".join(f"<tr><td>{_e(h['at'])}</td><td>{_e(h['kind'])}</td><td>{_e(h['from_version'] or '-')}"
@@ -555,11 +571,13 @@ def loop_state(rt: Runtime, data: dict[str, Any] | None = None) -> dict[str, Any
     may be older than the estimate's). From the lake, by listing only: per kind, the newest curated day and
     when the last validation marker was written (an ingest run that curated a partition), the last
     quarantine report's time and the count of quarantined partitions (:func:`closedloop.stages.quarantine.
-    quarantined_days`). The canary and the rollout are placeholders until progressive delivery exists
-    (issue 24): no canary version (0) and a traffic share of 0.
+    quarantined_days`). The rollout in progress (:func:`closedloop.stages.registry.rollout_state`): the
+    candidate's version on the canary arm and its traffic share (a shadow challenger's share is 0: it answers
+    nothing); 0 and 0 without a rollout.
     """
     data = gather(rt) if data is None else data
     champion = data.get("champion") or {}
+    rollout = data.get("rollout")
     latest = data.get("latest_drift") or {}
     decision = latest.get("decision") or {}
     figures = latest.get("figures") or {}
@@ -581,8 +599,9 @@ def loop_state(rt: Runtime, data: dict[str, Any] | None = None) -> dict[str, Any
                         "quarantined": len(quarantined_days(rt.lake, kind))}
     return {
         "model": data["model"],
-        "versions": {"champion": int(champion["version"]) if champion.get("version") else 0, "canary": 0},
-        "canary_share": 0.0,
+        "versions": {"champion": int(champion["version"]) if champion.get("version") else 0,
+                     "canary": int(rollout["version"]) if rollout else 0},
+        "canary_share": float(rollout["share"]) if rollout else 0.0,
         "drift": None if not latest else {
             "share": _number(figures.get("drift_share")), "share_threshold": _number(data.get("drift_share_threshold")),
             "decision": "retrain" if decision.get("drift") else "no_drift" if decision.get("judged") else "not_judged",

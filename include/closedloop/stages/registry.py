@@ -1,9 +1,16 @@
 """The MLflow model registry: versions, aliases and the promotion history.
 
 Only this module moves aliases. :func:`promote` is the one way ``champion`` changes (the retraining
-gate, the CLI and rollback all call it): a compare-and-set under a lock, which gives the old champion
-the ``previous`` alias and appends the move to the promotion history, an MLflow experiment with one
+gate, the CLI, rollback and a rollout's end all call it): a compare-and-set under a lock, which gives the old
+champion the ``previous`` alias and appends the move to the promotion history, an MLflow experiment with one
 run per move.
+
+A rollout (``rollout.mode`` shadow or canary, :mod:`closedloop.stages.rollout`) gives the candidate the
+``challenger`` or ``canary`` alias instead (:func:`start_rollout`); a canary's traffic share is its version's
+``closedloop.canary_share`` tag, which ``closedloop serve`` polls with the aliases (:func:`ramp_rollout`);
+:func:`end_rollout` removes the alias and, for a promotion, moves ``champion``. One rollout per model at a time.
+The ``canary`` alias and, on the version it points at, the ``closedloop.canary_share`` tag (a float in [0, 1])
+are what ``closedloop serve`` polls (:func:`canary`); :func:`set_canary` and :func:`clear_canary` set them by hand.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ log = logging.getLogger(__name__)
 
 TAG = "closedloop."
 CHAMPION, PREVIOUS = "champion", "previous"
+# the candidate of a rollout: scored in shadow (challenger) or serving a share of traffic (canary)
+CHALLENGER, CANARY = "challenger", "canary"
+CANARY_SHARE_TAG = f"{TAG}canary_share"
 HISTORY_EXPERIMENT = "closedloop-promotions"
 
 
@@ -184,6 +194,61 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
+def canary_share(value: str | None) -> float:
+    """The traffic share a ``closedloop.canary_share`` tag value gives: the float in [0, 1] it holds; 0 (all
+    traffic to the champion) when the tag is missing, not a number or outside [0, 1], logged as an error then."""
+    if value is None:
+        return 0.0
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:  # NaN included
+        log.error("%s=%r is not a share in [0, 1]: the canary gets no traffic until it is", CANARY_SHARE_TAG, value)
+        return 0.0
+    return share
+
+
+def canary(client: MlflowClient, name: str) -> tuple[str, float] | None:
+    """The version the ``canary`` alias points at and its traffic share (:func:`canary_share` of its tag); None
+    when there is no canary. An MLflow server that does not answer raises (the caller keeps what it had)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, CANARY)
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
+        return None
+    return str(mv.version), canary_share((mv.tags or {}).get(CANARY_SHARE_TAG))
+
+
+def set_canary(client: MlflowClient, name: str, version: str, share: float) -> None:
+    """Make ``version`` the canary with ``share`` of online traffic (a ramp step: call again with a larger share).
+
+    The tag is written before the alias moves, so a poller never sees a new canary with an old share.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"canary share {share}: a share between 0 and 1")
+    client.set_model_version_tag(name, str(version), CANARY_SHARE_TAG, repr(float(share)))
+    if alias_version(client, name, CANARY) != str(version):
+        client.set_registered_model_alias(name, CANARY, str(version))
+    log.info("%s: canary version %s at share %s", name, version, share)
+
+
+def clear_canary(client: MlflowClient, name: str) -> None:
+    """Remove the ``canary`` alias (a rollback or the end of a rollout): all traffic goes back to the champion
+    within one poll interval of ``closedloop serve``. Nothing to do when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model_alias(name, CANARY)
+    except MlflowException as exc:
+        if unreachable(exc):
+            raise
+    log.info("%s: canary alias removed", name)
+
+
 @contextlib.contextmanager
 def _promotion_lock(settings: Settings, name: str) -> Iterator[None]:
     """Serialise promotions of one model on this host (the compare-and-set's critical section)."""
@@ -322,8 +387,10 @@ def status(client: MlflowClient, settings: Settings, name: str) -> dict[str, Any
         run = client.get_run(champ["run_id"])
         champ["experiment_id"] = run.info.experiment_id
         champ["artifact_uri"] = run.info.artifact_uri
+    running = rollout_state(client, name)
     return {"model": name, "tracking_uri": settings.mlflow_tracking_uri, "champion": champ,
-            "versions": summaries, "history": history(client, name)}
+            "versions": summaries, "history": history(client, name),
+            "rollout": running.to_dict() if running is not None else None}
 
 
 def load_booster(model_uri: str) -> Any:
@@ -335,3 +402,118 @@ def load_booster(model_uri: str) -> Any:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+# -- rollouts -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rollout:
+    """A rollout in progress, as the candidate version's tags say."""
+
+    model: str
+    version: str
+    mode: str  # "shadow" or "canary"
+    champion: str | None  # the champion it started against (compare-and-set of its end)
+    step: int  # index into rollout.steps (canary); 0 for shadow
+    share: float  # the canary's traffic share (shadow: 0, the challenger answers no request)
+    started_at: str
+    step_started_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rollout_state(client: MlflowClient, name: str) -> Rollout | None:
+    """The rollout in progress for ``name`` (its ``canary`` or ``challenger`` version's tags), or None."""
+    for alias, mode in ((CANARY, "canary"), (CHALLENGER, "shadow")):
+        version = alias_version(client, name, alias)
+        if version is None:
+            continue
+        tags = client.get_model_version(name, version).tags
+        if tags.get(f"{TAG}rollout_mode") != mode:
+            continue  # a challenger set by hand, not a rollout
+        return Rollout(model=name, version=version, mode=mode, champion=tags.get(f"{TAG}rollout_champion") or None,
+                       step=int(tags.get(f"{TAG}rollout_step", "0")), share=float(tags.get(CANARY_SHARE_TAG, "0")),
+                       started_at=tags.get(f"{TAG}rollout_started_at", ""),
+                       step_started_at=tags.get(f"{TAG}rollout_step_started_at", ""))
+    return None
+
+
+def start_rollout(client: MlflowClient, settings: Settings, name: str, version: str, *, mode: str, share: float,
+                  champion: str | None, reason: str, actor: str, at: str | None = None) -> Rollout:
+    """Give ``version`` the rollout's alias (``canary`` with ``share`` of traffic, or ``challenger``).
+
+    Idempotent for the same version (a retried task finds its rollout); PromotionConflict when another version's
+    rollout is in progress (one at a time: it ends first) or the champion moved meanwhile.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if mode not in ("shadow", "canary"):
+        raise ValueError(f"rollout mode {mode!r}: shadow or canary")
+    at = at or _now()
+    with _promotion_lock(settings, name):
+        running = rollout_state(client, name)
+        if running is not None:
+            if running.version == str(version):
+                return running
+            raise PromotionConflict(f"{name}: a rollout of version {running.version} is in progress (since "
+                                    f"{running.started_at}); version {version} waits for it to end")
+        current = alias_version(client, name, CHAMPION)
+        if current != (str(champion) if champion is not None else None):
+            raise PromotionConflict(f"{name}: champion is version {current}, the decision expected {champion}; "
+                                    "nothing was changed")
+        try:
+            tags = {"rollout_mode": mode, "rollout_champion": champion or "", "rollout_step": "0",
+                    "rollout_started_at": at, "rollout_step_started_at": at, "status": mode}
+            for key, value in tags.items():
+                client.set_model_version_tag(name, str(version), f"{TAG}{key}", value)
+            client.set_model_version_tag(name, str(version), CANARY_SHARE_TAG, str(share if mode == "canary" else 0.0))
+            client.set_registered_model_alias(name, CANARY if mode == "canary" else CHALLENGER, str(version))
+        except MlflowException as exc:
+            raise TransientError(f"{name}: could not start the rollout of version {version}: {exc}") from exc
+        _append_history(client, settings, Promotion(name, str(version), current, reason, actor, at,
+                                                    f"rollout_start_{mode}"))
+    return rollout_state(client, name)  # type: ignore[return-value]
+
+
+def ramp_rollout(client: MlflowClient, settings: Settings, rollout: Rollout, *, step: int, share: float,
+                 reason: str, actor: str, at: str | None = None) -> Rollout:
+    """Move the canary to ``step`` (``share`` of traffic), if it is still at ``rollout.step`` (compare-and-set)."""
+    at = at or _now()
+    with _promotion_lock(settings, rollout.model):
+        now = rollout_state(client, rollout.model)
+        if now is None or now.version != rollout.version:
+            raise PromotionConflict(f"{rollout.model}: the rollout of version {rollout.version} ended meanwhile")
+        if now.step == step:
+            return now  # a retry
+        if now.step != rollout.step:
+            raise PromotionConflict(f"{rollout.model}: the canary moved to step {now.step} meanwhile")
+        for key, value in {"rollout_step": str(step), "rollout_step_started_at": at}.items():
+            client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}{key}", value)
+        client.set_model_version_tag(rollout.model, rollout.version, CANARY_SHARE_TAG, str(share))
+        _append_history(client, settings, Promotion(rollout.model, rollout.version, rollout.champion, reason, actor,
+                                                    at, f"rollout_ramp_{share:g}"))
+    return rollout_state(client, rollout.model)  # type: ignore[return-value]
+
+
+def end_rollout(client: MlflowClient, settings: Settings, rollout: Rollout, *, promoted: bool, reason: str,
+                actor: str) -> Promotion | None:
+    """End the rollout: remove its alias (all traffic back to the champion) and, when ``promoted``, make the
+    candidate the champion (compare-and-set against the champion the rollout started with). None when it had
+    ended already (a retry)."""
+    now = rollout_state(client, rollout.model)
+    if now is None or now.version != rollout.version:
+        return None
+    move = None
+    if promoted:
+        move = promote(client, settings, rollout.model, rollout.version, expected_champion=rollout.champion,
+                       reason=reason, actor=actor, kind=f"rollout_promotion_{rollout.mode}")
+    with _promotion_lock(settings, rollout.model):
+        client.delete_registered_model_alias(rollout.model, CANARY if rollout.mode == "canary" else CHALLENGER)
+        client.set_model_version_tag(rollout.model, rollout.version, CANARY_SHARE_TAG, "0")
+        if not promoted:
+            client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}status", "rolled_back")
+            client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}rejected_reason", reason[:4000])
+            move = Promotion(rollout.model, rollout.champion or "", rollout.version, reason, actor, _now(),
+                             f"rollout_rollback_{rollout.mode}")
+            _append_history(client, settings, move)
+    return move

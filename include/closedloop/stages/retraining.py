@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from closedloop.core.runconf import Window
+from closedloop.stages import rollout
 from closedloop.stages.features import apply_definitions, materialize_window
 from closedloop.stages.features import build_training_set as build
 from closedloop.stages.gate import evaluate_gate as gate
@@ -104,9 +105,13 @@ def evaluate_gate(rt: Runtime, registered: dict[str, Any], training_set: dict[st
 
 
 def promote_or_reject(rt: Runtime, decision: dict[str, Any], actor: str = "retraining") -> dict[str, Any]:
-    """Act on the decision: move ``champion`` (compare-and-set) or keep the candidate as rejected."""
+    """Act on the decision: move ``champion`` (compare-and-set), or start its rollout (``rollout.mode`` shadow or
+    canary: :mod:`closedloop.stages.rollout`), or keep the candidate as rejected."""
     version = decision["candidate_version"]
     if decision["outcome"] == "promote":
+        started = rollout.begin(rt, version, decision["champion_version"], decision["reason"], actor)
+        if started is not None:  # rollout.mode shadow or canary: the rollout DAG decides from live traffic
+            return started
         move = promote(rt.client, rt.settings, rt.model_name, version,
                        expected_champion=decision["champion_version"], reason=decision["reason"], actor=actor)
         return {"action": "promoted" if move.kind != "noop" else "already_champion", **move.to_dict()}
