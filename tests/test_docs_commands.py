@@ -293,7 +293,7 @@ def test_the_readme_s_facts_match_the_product():
 
     readme = (REPO / "README.md").read_text()
     dags = sorted(p.stem for p in (REPO / "dags").glob("*.py") if not p.name.startswith("_"))
-    assert len(dags) == 7 and "(seven, `housekeeping` included)" in readme, dags
+    assert len(dags) == 8 and "(eight, `housekeeping` included)" in readme, dags
     plan = DemoPlan()
     first, last = plan.start, plan.start + timedelta(days=plan.days - 1)
     assert f"On the data `make demo` leaves ({first}..{last};" in readme

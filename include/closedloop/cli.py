@@ -343,7 +343,7 @@ def rollout_stop(
     model: ModelOption = None,
 ) -> None:
     """Stop the rollout in progress without promoting it: its alias removed, all traffic back to the champion at
-    the scoring service's next poll (docs/ROLLOUT.md)."""
+    the scoring service's next poll (docs/explanation/ROLLOUT.md)."""
     import getpass
 
     try:

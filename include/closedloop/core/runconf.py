@@ -136,7 +136,7 @@ RETRAINING = RunConf("retraining run configuration", (
                                            "maxLength": TRIGGER_VALUE_MAX}}),
     Field("labels_override", "object", "Labels override",
           "Only when the relationship really inverted: {\"by\": who, \"why\": why} lets the gate compare models "
-          "it finds 'labels suspect' (recorded on the version). See docs/GATE.md.",
+          "it finds 'labels suspect' (recorded on the version). See docs/explanation/GATE.md.",
           bounds={"additionalProperties": False, "required": ["by", "why"],
                   "properties": {"by": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
                                  "why": {"type": "string", "minLength": 10, "maxLength": TEXT_MAX}}}),
