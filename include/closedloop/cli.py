@@ -572,7 +572,7 @@ def serve(
                                                   "request costs the latency of a one-transaction request.")] = False,
     model: ModelOption = None,
 ) -> None:
-    """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see README "Online scoring"."""
+    """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see docs/how-to/online-scoring.md."""
     import uvicorn
 
     try:
