@@ -19,7 +19,7 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 FROM python:3.11.14-slim-bookworm AS builder
 COPY --from=uv /uv /usr/local/bin/uv
 # The extras of pyproject.toml installed from the lock: `production` always; the GPU worker's image adds `gpu`
-# (CuPy, so that on cuda the model matrix is built on the device: docs/gpu-matrix.md). docker-compose.yaml's
+# (CuPy, so that on cuda the model matrix is built on the device: docs/explanation/gpu-matrix.md). docker-compose.yaml's
 # airflow-worker-gpu builds its own image with CLOSEDLOOP_EXTRAS="production gpu"; every other service uses
 # the default, without CuPy's CUDA libraries.
 ARG CLOSEDLOOP_EXTRAS="production"

@@ -36,7 +36,7 @@ DEMO_WINDOW_START ?= 2026-03-01
 DEMO_WINDOW_END ?= 2026-03-29
 
 .PHONY: help install demo demo-retrain test test-fast reliability lint format airflow-home airflow generate retrain status clean browser prometheus \
-  bench bench-quick dashboard-screenshot
+  bench bench-quick dashboard-screenshot docs
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -130,6 +130,11 @@ test-fast: install  ## The edit-test loop: ruff, then the unit, DAG-policy and d
 reliability: install  ## Run the tests that try to break closedloop and regenerate RELIABILITY.md from their results
 	CLOSEDLOOP_WRITE_RELIABILITY=1 $(BIN)/pytest -m reliability -p no:cacheprovider -q
 	$(BIN)/pytest tests/test_reliability_doc.py -p no:cacheprovider -q
+
+docs: install  ## Regenerate docs/reference/: configuration.md, cli.md, dags.md (tests/unit/test_*_reference.py fail while stale)
+	$(BIN)/python -m closedloop.devtools.config_reference
+	$(BIN)/python -m closedloop.devtools.cli_reference
+	$(BIN)/python -m closedloop.devtools.dag_reference
 
 lint: install  ## ruff and the import contract (lint-imports: the layers of include/closedloop)
 	$(BIN)/ruff check .

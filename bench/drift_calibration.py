@@ -4,7 +4,7 @@
 [--records out.json]`` builds, per seed, the world of ``tests/data/test_drift_calibration.py`` (the same
 functions: 400 customers, 2500 transactions a day, day factor and cycles on, 30 warm-up days, a 28-day
 training window, 20 two-day windows sliding by one day after it), judges every scenario's 20 windows with
-the fixed policy and the calibrated one, and prints the Markdown table of docs/DRIFT.md (alarms out of 20
+the fixed policy and the calibrated one, and prints the Markdown table of docs/explanation/DRIFT.md (alarms out of 20
 per seed). ``--records`` writes every window's figures and decisions as JSON. About a minute per seed and
 scenario on two shared cores; the suite asserts the targets on a cheaper configuration.
 

@@ -20,7 +20,7 @@ a stable window is a false alarm.
 
 The statistics are Evidently's stattest functions called directly (``measure(report=False)``: the same
 figures as the HTML report, without building it). Writes the table (Markdown) to ``--out`` (default
-docs/flights-drift.md) and, with ``--records``, every window and retraining as JSON. The fixed-champion
+docs/explanation/flights-drift.md) and, with ``--records``, every window and retraining as JSON. The fixed-champion
 replay takes about 10 minutes on two shared cores; each retraining of the closed loop about a minute
 (training, the gate's bootstrap and, when promoted, the cross-fitted reference), so a policy that alarms
 every other day needs hours for the year: ``--loop-last-day`` cuts the closed loop short (the table says
@@ -344,7 +344,7 @@ def markdown(results: dict[str, dict[str, Any]], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "flights-drift.md")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "explanation" / "flights-drift.md")
     parser.add_argument("--records", type=Path, default=None,
                         help="JSON of every window and retraining (for --previous; default: not written)")
     parser.add_argument("--last-day", type=date.fromisoformat, default=date(2014, 1, 1),

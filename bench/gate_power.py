@@ -19,7 +19,7 @@ the bootstrap off (the point rule alone), to show what the interval buys. Usage:
 
     .venv/bin/python bench/gate_power.py [--quick] [--seeds N] [--per-day N] [--confidence C] [--structure S]
 
-Prints a Markdown table (docs/GATE.md quotes it) and the bootstrap's time.
+Prints a Markdown table (docs/explanation/GATE.md quotes it) and the bootstrap's time.
 """
 
 from __future__ import annotations

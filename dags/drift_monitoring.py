@@ -11,7 +11,7 @@ The window is the `monitoring.window_days` days ending with that day.
   CBPE estimates its ROC AUC before labels arrive, the labels that have arrived give the realised one,
   and earlier windows are re-judged on labels that arrived since. A low-traffic window is widened
   backwards. The HTML report and JSON figures go to `reports/drift/` in the lake and to the
-  `closedloop-monitoring` experiment in MLflow (one run per window end). See docs/DRIFT.md.
+  `closedloop-monitoring` experiment in MLflow (one run per window end). See docs/explanation/DRIFT.md.
 - `decide_retraining`: the policy (importance-weighted input drift, prediction drift, estimated and
   realised performance against their calibrated bands, a late realised drop), a cooldown, and no new
   retraining while one is queued or running. Without drift the run stops here and what follows is

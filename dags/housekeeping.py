@@ -7,7 +7,7 @@ references of the versions holding `champion`, `previous` or `challenger`, and t
 the champion's training window, are read from the registry first and left alone. Ages are in the
 `housekeeping:` section of the configuration.
 
-- `check_arrivals`: a `data_missing` alert (see README "Alerts and housekeeping") for each of the last
+- `check_arrivals`: a `data_missing` alert (see docs/how-to/alerts-and-housekeeping.md) for each of the last
   `alerts.lookback_days` days whose transactions have not landed `alerts.landing_delay_hours` after the
   day ended; once per day.
 - `prune_lake_and_mlflow`: served logs, prediction partitions and unreferenced training sets past their

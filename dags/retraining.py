@@ -19,7 +19,7 @@ Tasks, each a thin call into the `closedloop` package:
   machine's memory.
 - `register_model`: a model version with its lineage and drift reference (a re-run finds its own version).
 - `evaluate_gate`: the labels' plausibility first (share in the contract's band, no model below chance:
-  else "labels suspect", see docs/GATE.md), then candidate and champion scored on the same holdout; the
+  else "labels suspect", see docs/explanation/GATE.md), then candidate and champion scored on the same holdout; the
   decision goes to the version's tags.
 - `promote_or_reject`: moves the `champion` alias (compare-and-set) or keeps the candidate as rejected.
 

@@ -14,7 +14,7 @@ alias, a sticky split by entity in `closedloop serve`), under `shadow` it is sco
 - `apply_decision`: carries it out as a compare-and-set on the rollout it judged (the next share on the canary's
   version, or the alias removed: all traffic back to the champion within one poll of the service; a promotion
   moves `champion`), appends it to the promotion history with its figures and alerts.
-See docs/ROLLOUT.md.
+See docs/explanation/ROLLOUT.md.
 """
 
 from __future__ import annotations

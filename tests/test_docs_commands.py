@@ -1,4 +1,4 @@
-"""The docs check: the shell blocks of the README (and of any file in ``DOCS``) work as written.
+"""The docs check: the shell blocks of the README and of every page of ``docs/`` (``DOCS``) work as written.
 
 Each fenced ``bash`` block either runs verbatim (bash -euo pipefail, from the checkout's root, in a fresh
 ``CLOSEDLOOP_HOME``, with the environment of a user's shell: no Airflow variable, the venv not on the PATH), or
@@ -42,7 +42,9 @@ from urllib.parse import urlparse
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *(p for p in [REPO / "docs" / "getting-started.md"] if p.exists())]
+# the README, then getting-started (a new clone follows it verbatim), then every other page of docs/
+DOCS = [REPO / "README.md", *(p for p in [REPO / "docs" / "getting-started.md"] if p.exists()),
+        *sorted(p for p in (REPO / "docs").rglob("*.md") if p != REPO / "docs" / "getting-started.md")]
 MARKER = re.compile(r"^\s*<!-- docs-check: (.*?) -->\s*$")
 # a closedloop or airflow command (not `make airflow`, not a path such as .closedloop/airflow/...)
 COMMAND = re.compile(r"(?<![\w./-])(?<!make )(?:\.venv/bin/)?(closedloop|airflow)\s+([^|;&)\n#]*)")
@@ -79,7 +81,7 @@ def blocks() -> list[Block]:
                 while k >= 0 and not lines[k].strip():
                     k -= 1
                 m = MARKER.match(lines[k]) if k >= 0 else None
-                found.append(Block(doc.name, i + 1, body, m.group(1).strip() if m else ""))
+                found.append(Block(str(doc.relative_to(REPO)), i + 1, body, m.group(1).strip() if m else ""))
                 i = j
             i += 1
     return found
@@ -285,27 +287,28 @@ def test_a_chain_fails_on_a_failing_block_or_one_that_leaves_its_home_and_clears
         _run_chain([Block("T.md", 1, 'mkdir -p "$CLOSEDLOOP_HOME" && echo elsewhere', marker)], tmp_path)
 
 
-def test_the_readme_s_facts_match_the_product():
+def test_the_docs_facts_match_the_product():
     """DAG count, the Triggering example's window inside the demo's data, the default ports."""
     from datetime import date, timedelta
 
     from closedloop.devtools.demo import DemoPlan
 
-    readme = (REPO / "README.md").read_text()
+    started = (REPO / "docs" / "getting-started.md").read_text()
     dags = sorted(p.stem for p in (REPO / "dags").glob("*.py") if not p.name.startswith("_"))
-    assert len(dags) == 7 and "(seven, `housekeeping` included)" in readme, dags
+    assert len(dags) == 8 and "(eight, `housekeeping` included)" in started, dags
     plan = DemoPlan()
     first, last = plan.start, plan.start + timedelta(days=plan.days - 1)
-    assert f"On the data `make demo` leaves ({first}..{last};" in readme
-    triggering = readme[readme.index("### Triggering"):readme.index("## Model health page")]
+    assert f"On the data `make demo` leaves ({first}..{last};" in started
+    triggering = started[started.index("## Trigger a run"):started.index("## Model health page")]
     windows = re.findall(r'"window_start": "([\d-]+)", "window_end": "([\d-]+)"', triggering)
     assert windows, "no example window under Triggering"
     for start, end in windows:  # end exclusive: its last day must have landed
         assert first <= date.fromisoformat(start) and date.fromisoformat(end) - timedelta(days=1) <= last, (start, end)
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"^AIRFLOW_PORT \?= 8080$", makefile, re.M) and "http://localhost:8080" in readme
+    assert re.search(r"^AIRFLOW_PORT \?= 8080$", makefile, re.M) and "http://localhost:8080" in started
     import inspect
 
     from closedloop.cli import serve
 
-    assert inspect.signature(serve).parameters["port"].default == 8000 and "serve --port 8000" in readme
+    serving = (REPO / "docs" / "how-to" / "online-scoring.md").read_text()
+    assert inspect.signature(serve).parameters["port"].default == 8000 and "serve --port 8000" in serving

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 23 in one call of the device tool (docs/gpu-matrix.md says how it is sent).
+# The GPU measurement of issue 23 in one call of the device tool (docs/explanation/gpu-matrix.md says how it is sent).
 # Expects: this folder's checkout copy (bench/, include/) as the current directory; the xgboost 3.2.0 wheel
 # in parts under $WHL (default /tmp/whl: part.00 part.01 part.02 and its sha256), and any other wheels there
 # (pandas 2.3.3, pytz, tzdata: the project's pandas, not the image's 3.x); $OUT for the results.

@@ -25,7 +25,7 @@ decision that the sampled one is checked against; the largest difference of a co
 printed (the sampling's error).
 
 ``python bench/stages/drift.py --scenarios ROWS`` measures the sampling policy on the generator's drift
-scenarios (docs/drift-sampling.md).
+scenarios (docs/explanation/drift-sampling.md).
 """
 
 from __future__ import annotations

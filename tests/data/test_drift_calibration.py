@@ -12,7 +12,7 @@ model's scores, so every rule is in play. Figures use ``measure(report=False)``:
 functions without building the report (``test_fast_figures_equal_the_report``), so the module stays fast.
 
 Measured here (alarms of 20 windows, seeds 11 / 12 / 13; ``python bench/drift_calibration.py`` writes the
-table of docs/DRIFT.md from these same functions, with every window's figures):
+table of docs/explanation/DRIFT.md from these same functions, with every window's figures):
 
 - no drift: fixed policy 14 / 16 / 16 (its key features swing past their thresholds: ``amount`` at 0.1 with the
   day factor, ``merchant_category`` at 0.07 with the everyday errands of the day of the week and the day factor,

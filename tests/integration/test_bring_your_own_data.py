@@ -1,4 +1,5 @@
-"""Bring your own data, as the README tells a user: another model is a folder of models/, a schema and a config.
+"""Bring your own data, as docs/how-to/bring-your-own-data.md tells a user: another model is a folder of models/, a
+schema and a config.
 
 In a fresh ``CLOSEDLOOP_HOME`` beside card_fraud, ``closedloop generate --model churn`` writes churn events
 (columns from the model's schema) under churn's own lake prefix, churn's real ``churn.retraining`` DAG

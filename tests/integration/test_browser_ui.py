@@ -10,9 +10,9 @@ confirms the drift and starts a ``retraining`` run through its ``TriggerDagRunOp
 and that home, and the browser is pointed at it.
 
 Screenshots are saved under ``$CLOSEDLOOP_SCREENSHOTS`` (default: a folder under pytest's temporary
-directory, printed); with ``CLOSEDLOOP_WRITE_SCREENSHOTS=1`` the README's copies in ``docs/screenshots/`` are
-rewritten. Without ``chromium`` on the PATH (``make test`` installs it) the test skips, and fails under
-``CI=true``. Playwright never downloads a browser here.
+directory, printed); with ``CLOSEDLOOP_WRITE_SCREENSHOTS=1`` the copies in ``docs/screenshots/`` (the UI tour of
+docs/getting-started.md) are rewritten. Without ``chromium`` on the PATH (``make test`` installs it) the test skips,
+and fails under ``CI=true``. Playwright never downloads a browser here.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def test_5_the_model_health_page_shows_the_champion_and_the_drift(browser, serve
     figure.scroll_into_view_if_needed()
     _shot(page, shots, "model-health-drift", locator=figure)
 
-    if os.environ.get("CLOSEDLOOP_WRITE_SCREENSHOTS") == "1":  # the README's UI tour
+    if os.environ.get("CLOSEDLOOP_WRITE_SCREENSHOTS") == "1":  # docs/getting-started.md's UI tour
         DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
         for name in ("dags", "retraining-graph", "extra-link", "model-health", "model-health-drift"):
             shutil.copyfile(shots / f"{name}.png", DOCS_SHOTS / f"{name}.png")
@@ -294,5 +294,5 @@ def test_6_the_dependency_graph_shows_the_loop_from_ingest_to_retraining(browser
     x1 = min(max(b["x"] + b["width"] for b in every) + 20, VIEWPORT["width"])
     y1 = min(max(b["y"] + b["height"] for b in every) + 20, VIEWPORT["height"])
     _shot(page, shots, "dag-dependencies", clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
-    if os.environ.get("CLOSEDLOOP_WRITE_SCREENSHOTS") == "1":  # the README's UI tour
+    if os.environ.get("CLOSEDLOOP_WRITE_SCREENSHOTS") == "1":  # docs/getting-started.md's UI tour
         shutil.copyfile(shots / "dag-dependencies.png", DOCS_SHOTS / "dag-dependencies.png")

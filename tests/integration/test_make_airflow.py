@@ -1,4 +1,5 @@
-"""``make airflow`` as the README says it, from a fresh home: the Makefile target itself, in the background.
+"""``make airflow`` as docs/getting-started.md says it, from a fresh home: the Makefile target itself, in the
+background.
 
 No Airflow variable of the test session reaches it (no ``AIRFLOW_HOME``, no ``AIRFLOW__*``) and the venv is not
 on the PATH: what a new clone has. The home gets a small generated data set first (``closedloop generate``, as a

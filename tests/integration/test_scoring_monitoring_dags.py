@@ -145,7 +145,7 @@ def test_a_drifted_window_starts_retraining_with_the_right_configuration(world):
 
 
 def test_calibration_turned_off_in_the_configuration_means_the_fixed_rules(world, monkeypatch):
-    # docs/DRIFT.md: `calibration.enabled: false` is "always the fixed rules", for a champion trained with
+    # docs/explanation/DRIFT.md: `calibration.enabled: false` is "always the fixed rules", for a champion trained with
     # calibrated thresholds too (they were read and used regardless, so the switch changed only later champions)
     from closedloop.stages.monitoring import champion_calibration
     from closedloop.stages.scoring import champion

@@ -213,7 +213,7 @@ def test_an_unusable_champion_is_replaced_only_by_a_candidate_that_clears_the_fl
 
 
 def test_the_first_champion_needs_no_floor():
-    # nothing to keep: an empty registry serves nothing (and a first window may be noisy, see docs/GATE.md)
+    # nothing to keep: an empty registry serves nothing (and a first window may be noisy, see docs/explanation/GATE.md)
     d = decide(_cand(roc_auc=0.55), None, BOOT, candidate_version="1", champion_version=None)
     assert d.outcome == PROMOTE and d.reason.startswith("no champion yet") and d.interval is None
 

@@ -3,13 +3,13 @@
 :func:`exposition` renders :func:`closedloop.stages.health.loop_state` (the Model health page's own data, not a second
 computation) as gauges, each labelled with the ``model``; :func:`exposition_models` does so for every model of the
 deployment, and ``closedloop_model_config_ok`` says which models' configurations load (a refused one exports only
-that gauge, at 0). ``docs/DASHBOARDS.md`` says what each one means and
+that gauge, at 0). ``docs/how-to/DASHBOARDS.md`` says what each one means and
 why the exporter lives in the Airflow plugin; ``deploy/prometheus/rules.yml`` alerts on them.
 
 A figure the loop has not produced yet (no drift report, no estimate) is absent rather than 0, so that a rule
 cannot fire on a value nobody measured; the champion's version is 0 when there is none (as ``closedloop
 serve``'s ``closedloop_serve_model_version``). The canary arm is the rollout's candidate and its share of traffic
-(docs/ROLLOUT.md); 0 and 0 without a rollout.
+(docs/explanation/ROLLOUT.md); 0 and 0 without a rollout.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ class GateSection(Section):
 # -- monitoring -----------------------------------------------------------------------------------------
 class CalibrationSection(Section):
     enabled: bool = Field(True, description="Thresholds calibrated with each champion on its own training window "
-                          "(docs/DRIFT.md); false: the fixed rules of `monitoring`.")
+                          "(docs/explanation/DRIFT.md); false: the fixed rules of `monitoring`.")
     min_chunks: int = Field(10, description="The window is cut into at least this many chunks of "
                             "`monitoring.window_days` days, each compared with the rest; a window too short for "
                             "them keeps the fixed rules, and the decision says so.")
@@ -170,7 +170,7 @@ class MonitoringSection(Section):
     min_rows: int = Field(description="Below this many rows in the window, monitoring refuses to judge (and says "
                           "so).")
     sample_rows: int = Field(description="The current window (and a larger reference) is sampled down to this many "
-                             "rows before the statistical tests (0: never); docs/drift-sampling.md.")
+                             "rows before the statistical tests (0: never); docs/explanation/drift-sampling.md.")
     numeric_stattest: str = Field(description="Evidently stattest of every numeric column (fixed: Evidently "
                                   "otherwise switches method at 1000 rows), e.g. wasserstein.")
     numeric_threshold: float = Field(description="Drift threshold of the numeric test.")
@@ -282,7 +282,7 @@ class RolloutSection(Section):
                                                "same requests.")
     min_effect: float = Field(0.01, description="The smallest difference in mean per-row loss worth acting on (in "
                               "the loss's units: 0.01 nats of log loss per row); the sequential test's mixing "
-                              "variance is its square (docs/ROLLOUT.md).")
+                              "variance is its square (docs/explanation/ROLLOUT.md).")
     min_rows: int = Field(2000, description="Labelled requests of the candidate's arm before the test may decide.")
     min_positives: int = Field(20, description="... and positive labels among them.")
     guardrails: GuardrailsSection = Field(default_factory=GuardrailsSection,

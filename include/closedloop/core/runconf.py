@@ -93,6 +93,7 @@ def _given(conf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _window_rule(conf: dict[str, Any]) -> None:
+    """window_start and window_end given together, the window wide enough for the held-out days, at most 731 days."""
     if ("window_start" in conf) != ("window_end" in conf):
         raise ConfigError("give both window_start and window_end (YYYY-MM-DD, end exclusive)")
     if "window_start" in conf:
@@ -100,6 +101,7 @@ def _window_rule(conf: dict[str, Any]) -> None:
 
 
 def _split_rule(conf: dict[str, Any]) -> None:
+    """validation_days needs holdout_days."""
     if conf.get("validation_days") and not conf.get("holdout_days"):
         raise ConfigError("validation_days needs holdout_days (the validation days lie before the holdout)")
 
@@ -136,7 +138,7 @@ RETRAINING = RunConf("retraining run configuration", (
                                            "maxLength": TRIGGER_VALUE_MAX}}),
     Field("labels_override", "object", "Labels override",
           "Only when the relationship really inverted: {\"by\": who, \"why\": why} lets the gate compare models "
-          "it finds 'labels suspect' (recorded on the version). See docs/GATE.md.",
+          "it finds 'labels suspect' (recorded on the version). See docs/explanation/GATE.md.",
           bounds={"additionalProperties": False, "required": ["by", "why"],
                   "properties": {"by": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
                                  "why": {"type": "string", "minLength": 10, "maxLength": TEXT_MAX}}}),

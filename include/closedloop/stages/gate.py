@@ -3,7 +3,7 @@
 The gate decides; the registry acts. :func:`decide` is a pure function of the two models' metrics on
 the same holdout (and of their per-row scores, for the paired bootstrap); :func:`evaluate_gate` scores
 both models, records the decision in the candidate's version tags and a decision report in its MLflow
-run, and returns it for the promote task. See ``docs/GATE.md`` for the policy and its measured power.
+run, and returns it for the promote task. See ``docs/explanation/GATE.md`` for the policy and its measured power.
 
 The rule, in order:
 

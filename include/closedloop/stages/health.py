@@ -4,7 +4,7 @@
 with its reasons (:mod:`closedloop.stages.registry`), the latest drift figures and decision and the series of drift
 share and model quality per monitored window (the ``closedloop-monitoring`` MLflow experiment, one run per
 window, completed by the lake's ``reports/drift/<start>_<end>/figures.json`` for windows MLflow lacks), and
-the thresholds the latest decision used (calibrated with the champion or fixed, ``docs/DRIFT.md``) with each
+the thresholds the latest decision used (calibrated with the champion or fixed, ``docs/explanation/DRIFT.md``) with each
 feature's statistic against its threshold, estimated (CBPE) vs realised ROC AUC per window with their bands, and
 the latest training/serving skew report (``reports/skew/<day>.json``, :mod:`closedloop.stages.skew`).
 :func:`render_page` turns it into one self-contained HTML page with inline SVG plots (no JavaScript);
@@ -411,7 +411,7 @@ def render_page(data: dict[str, Any], *, report_base: str = "reports/",
     out.append("<h2>Rollout</h2>")
     if rollout is None:
         out.append("<p class='muted'>No rollout in progress (<code>rollout.mode</code> in the model's "
-                   "configuration; docs/ROLLOUT.md).</p>")
+                   "configuration; docs/explanation/ROLLOUT.md).</p>")
     else:
         share = f"{rollout['share']:g} of traffic (step {rollout['step']})" if rollout["mode"] == "canary" \
             else "in shadow (no traffic)"

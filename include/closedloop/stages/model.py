@@ -1,6 +1,6 @@
 """The model's inputs and its fitted form: what training, its Dask engine and the scorers share.
 
-The model matrix (:func:`model_matrix`, docs/gpu-matrix.md) and what is built on it (:func:`feature_frame`,
+The model matrix (:func:`model_matrix`, docs/explanation/gpu-matrix.md) and what is built on it (:func:`feature_frame`,
 :func:`dmatrix`, :func:`predict`, :func:`predict_inplace`), the CUDA devices visible, and what an engine hands to
 the logging (:class:`Fitted`, the booster :func:`trimmed` at its best iteration). Below
 :mod:`closedloop.stages.training` and :mod:`closedloop.stages.dask_training`, which import it at the top (it imports
@@ -222,7 +222,7 @@ def dmatrix(frame: pd.DataFrame, contract: DataContract, with_label: bool = True
     """XGBoost's matrix of ``frame``: :func:`model_matrix`, with the label and the features' names and types.
 
     On ``cuda`` (with CuPy) the matrix and the label go to the GPU once and XGBoost gets a QuantileDMatrix
-    of the device arrays, the fastest of the paths measured on an H200 (docs/gpu-matrix.md); a
+    of the device arrays, the fastest of the paths measured on an H200 (docs/explanation/gpu-matrix.md); a
     validation matrix takes the training one as ``ref`` (its bins). Elsewhere a DMatrix of the host matrix.
     The names and types ("float", what XGBoost records for a float64 DataFrame column) are the ones the
     models have always carried, so a model and its JSON are the same as before.

@@ -4,7 +4,8 @@ A canary model version serves a share of live traffic and the champion scores th
 labelled canary request gives a paired per-row loss difference ``d_i = loss_canary_i - loss_champion_i``
 (:func:`paired_differences`; per-row log loss, or the Brier score; positive means the canary is worse). The rollout
 looks at the differences once a day, as labels arrive, and must be allowed to stop at any look: a fixed-horizon
-t-test repeated daily inflates its false-positive rate far above its level (``docs/rollout-test.md`` measures it).
+t-test repeated daily inflates its false-positive rate far above its level
+(``docs/explanation/rollout-test.md`` measures it).
 
 The test is the mixture sequential probability ratio test (mSPRT) for the mean ``theta`` of ``d`` (Robbins' normal
 mixture; Johari, Pekelis and Walsh, "Always Valid Inference: Continuous Monitoring of A/B Tests", Operations
@@ -20,7 +21,8 @@ over all looks, however many. The mixture is symmetric, so the test is two-sided
 look says which way: ``"canary_worse"`` or ``"canary_better"``; before it, ``"continue"``. The same inequality
 inverted gives an always-valid confidence sequence for ``theta`` (:attr:`RolloutTestResult.interval`). With the
 variance plugged in the guarantee is asymptotic (exact for a known variance); the minimum sample below keeps the
-plug-in from acting on a handful of rows, and the measured A/A rates in ``docs/rollout-test.md`` are the check.
+plug-in from acting on a handful of rows, and the measured A/A rates in ``docs/explanation/rollout-test.md`` are the
+check.
 
 **The mixing variance.** ``tau2`` says which effects the test is tuned for. At a given ``n`` and ``z^2 = n dbar^2 /
 s2``, ``log Lambda_n`` is largest for ``n tau2 / s2 = z^2 - 1``; when the true mean is ``delta`` that is ``tau2 =
@@ -391,7 +393,7 @@ def expected_days_to_decision(effect: float, sd: float, daily_rows: float, posit
     exactly, so cheap at any traffic) looked at daily up to ``horizon_days``, each decided as
     :func:`sequential_test` decides (the minimum of positives taken at its expected row count): the median and mean
     days and the share decided in the horizon. Real losses are heavier-tailed and their gap moves with the season;
-    ``docs/rollout-test.md`` sets both methods beside measured rollouts."""
+    ``docs/explanation/rollout-test.md`` sets both methods beside measured rollouts."""
     import numpy as np
 
     if not (math.isfinite(effect) and math.isfinite(sd) and sd > 0 and daily_rows > 0 and 0 < positive_rate <= 1):
