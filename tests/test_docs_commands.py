@@ -295,7 +295,7 @@ def test_the_docs_facts_match_the_product():
 
     started = (REPO / "docs" / "getting-started.md").read_text()
     dags = sorted(p.stem for p in (REPO / "dags").glob("*.py") if not p.name.startswith("_"))
-    assert len(dags) == 8 and "(eight, `housekeeping` included)" in started, dags
+    assert len(dags) == 8 and "(eight per model, `housekeeping` included" in started, dags
     plan = DemoPlan()
     first, last = plan.start, plan.start + timedelta(days=plan.days - 1)
     assert f"On the data `make demo` leaves ({first}..{last};" in started

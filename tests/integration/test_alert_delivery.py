@@ -226,5 +226,5 @@ def test_a_bad_channel_setting_fails_only_the_alerting_with_its_message(runtime,
     assert caplog.text.count(f"written to the file but not delivered: {message}") == 2, caplog.text[-3000:]
     reliability.record("fault", "a bad alert channel setting (CLOSEDLOOP_ALERTS=pager) in a DAG run",
                        "the task that alerts fails with the one-line ConfigError naming the variable, the failure "
-                       "callback logs it; the task that only works succeeds",
-                       "nothing (both alerts are in alerts.jsonl)")
+                       "callback logs it; the task that only works succeeds; both alerts are in alerts.jsonl",
+                       "nothing")

@@ -94,7 +94,8 @@ def counts(records: list[Record]) -> dict[str, int]:
 def summary_line(c: dict[str, int]) -> str:
     return (f"{c['cases']} cases tried ({c['bad_input_kinds']} kinds of bad input), {c['faults']} faults injected, "
             f"{c['gate_cases']} gate and promotion cases, {c['wrong_promotions']} wrong promotions, "
-            f"{c['cases_that_lost_something']} cases that lost data or a model, "
+            f"{c['cases_that_lost_something']} {'case' if c['cases_that_lost_something'] == 1 else 'cases'} that "
+            f"lost data or a model, "
             f"{c['cases_that_corrupted_something']} that corrupted data downstream "
             f"({c['cases_measured_against_a_control']} measured against a control run)")
 
