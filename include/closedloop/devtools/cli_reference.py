@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from closedloop.core import settings
+from closedloop.devtools.config_reference import write_reference
 
 TARGET = settings.REPO_ROOT / "docs" / "reference" / "cli.md"
 COMMAND = "python -m closedloop.devtools.cli_reference"
@@ -95,10 +96,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    TARGET.parent.mkdir(parents=True, exist_ok=True)
-    TARGET.write_text(render())
-    print(f"wrote {TARGET.relative_to(settings.REPO_ROOT)}")
-    return 0
+    return write_reference(TARGET, render())
 
 
 if __name__ == "__main__":

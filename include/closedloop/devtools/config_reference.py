@@ -12,6 +12,7 @@ import re
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -133,11 +134,16 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    TARGET.parent.mkdir(parents=True, exist_ok=True)
-    TARGET.write_text(render())
-    print(f"wrote {TARGET.relative_to(settings.REPO_ROOT)}")
+def write_reference(target: Path, text: str) -> int:
+    """Write a generated reference page (each generator's ``main``) and say so; 0, an exit status."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"wrote {target.relative_to(settings.REPO_ROOT)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_reference(TARGET, render())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from closedloop.core import settings
 from closedloop.core.runconf import RUN_CONFS, RunConf
+from closedloop.devtools.config_reference import write_reference
 
 TARGET = settings.REPO_ROOT / "docs" / "reference" / "dags.md"
 COMMAND = "python -m closedloop.devtools.dag_reference"
@@ -133,10 +134,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    TARGET.parent.mkdir(parents=True, exist_ok=True)
-    TARGET.write_text(render())
-    print(f"wrote {TARGET.relative_to(settings.REPO_ROOT)}")
-    return 0
+    return write_reference(TARGET, render())
 
 
 if __name__ == "__main__":

@@ -432,7 +432,8 @@ def rollout_state(client: MlflowClient, name: str) -> Rollout | None:
         if tags.get(f"{TAG}rollout_mode") != mode:
             continue  # a challenger set by hand, not a rollout
         return Rollout(model=name, version=version, mode=mode, champion=tags.get(f"{TAG}rollout_champion") or None,
-                       step=int(tags.get(f"{TAG}rollout_step", "0")), share=float(tags.get(CANARY_SHARE_TAG, "0")),
+                       step=int(tags.get(f"{TAG}rollout_step", "0")),
+                       share=canary_share(tags.get(CANARY_SHARE_TAG)) if mode == "canary" else 0.0,
                        started_at=tags.get(f"{TAG}rollout_started_at", ""),
                        step_started_at=tags.get(f"{TAG}rollout_step_started_at", ""))
     return None
@@ -466,8 +467,10 @@ def start_rollout(client: MlflowClient, settings: Settings, name: str, version: 
                     "rollout_started_at": at, "rollout_step_started_at": at, "status": mode}
             for key, value in tags.items():
                 client.set_model_version_tag(name, str(version), f"{TAG}{key}", value)
-            client.set_model_version_tag(name, str(version), CANARY_SHARE_TAG, str(share if mode == "canary" else 0.0))
-            client.set_registered_model_alias(name, CANARY if mode == "canary" else CHALLENGER, str(version))
+            if mode == "canary":
+                set_canary(client, name, str(version), share)
+            else:
+                client.set_registered_model_alias(name, CHALLENGER, str(version))
         except MlflowException as exc:
             raise TransientError(f"{name}: could not start the rollout of version {version}: {exc}") from exc
         _append_history(client, settings, Promotion(name, str(version), current, reason, actor, at,
@@ -489,7 +492,7 @@ def ramp_rollout(client: MlflowClient, settings: Settings, rollout: Rollout, *, 
             raise PromotionConflict(f"{rollout.model}: the canary moved to step {now.step} meanwhile")
         for key, value in {"rollout_step": str(step), "rollout_step_started_at": at}.items():
             client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}{key}", value)
-        client.set_model_version_tag(rollout.model, rollout.version, CANARY_SHARE_TAG, str(share))
+        set_canary(client, rollout.model, rollout.version, share)
         _append_history(client, settings, Promotion(rollout.model, rollout.version, rollout.champion, reason, actor,
                                                     at, f"rollout_ramp_{share:g}"))
     return rollout_state(client, rollout.model)  # type: ignore[return-value]
@@ -508,8 +511,10 @@ def end_rollout(client: MlflowClient, settings: Settings, rollout: Rollout, *, p
         move = promote(client, settings, rollout.model, rollout.version, expected_champion=rollout.champion,
                        reason=reason, actor=actor, kind=f"rollout_promotion_{rollout.mode}")
     with _promotion_lock(settings, rollout.model):
-        client.delete_registered_model_alias(rollout.model, CANARY if rollout.mode == "canary" else CHALLENGER)
-        client.set_model_version_tag(rollout.model, rollout.version, CANARY_SHARE_TAG, "0")
+        if rollout.mode == "canary":
+            clear_canary(client, rollout.model)
+        else:
+            client.delete_registered_model_alias(rollout.model, CHALLENGER)
         if not promoted:
             client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}status", "rolled_back")
             client.set_model_version_tag(rollout.model, rollout.version, f"{TAG}rejected_reason", reason[:4000])

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from closedloop.core.errors import PromotionConflict
-from closedloop.core.served import SERVED, SHADOW, read_served
+from closedloop.core.lake import days_between
+from closedloop.core.served import ARM_CANARY, SERVED, SHADOW, read_served
 from closedloop.stages import rollout_test
 from closedloop.stages.registry import (
     CHAMPION,
@@ -92,8 +93,14 @@ def check_policy(policy: RolloutSection) -> None:
 
 
 # -- the rollout's requests -----------------------------------------------------------------------------
-def _days(start: date, today: date) -> list[date]:
-    return [start + timedelta(days=i) for i in range((today - start).days + 1)]
+def _served_since(rt: Runtime, kind: str, start: date, today: date) -> pd.DataFrame:
+    """The served log of ``kind`` (answers or shadow scores) of the days ``start..today``, one frame (empty when
+    nothing was logged)."""
+    import pandas as pd
+
+    frames = [f for f in (read_served(rt.lake, d, kind) for d in days_between(start, today + timedelta(days=1)))
+              if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _started(rollout: Rollout, attr: str = "started_at") -> date:
@@ -108,13 +115,8 @@ def candidate_rows(rt: Runtime, rollout: Rollout, today: date) -> pd.DataFrame:
     Shadow: the challenger's logged scores of the candidate version joined, on the row key, with the champion's
     answers of the same requests.
     """
-    import pandas as pd
-
     c = rt.contract
-    frames = [read_served(rt.lake, d, SERVED if rollout.mode == "canary" else SHADOW)
-              for d in _days(_started(rollout), today)]
-    frame = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(
-        not f.empty for f in frames) else pd.DataFrame()
+    frame = _served_since(rt, SERVED if rollout.mode == "canary" else SHADOW, _started(rollout), today)
     if frame.empty:
         return frame
     ours = frame["model_version"].astype(str) == rollout.version
@@ -124,10 +126,11 @@ def candidate_rows(rt: Runtime, rollout: Rollout, today: date) -> pd.DataFrame:
         # the canary's answers, and the requests it should have answered but failed to score (answered by the
         # champion, logged with canary_error): what its error rate counts
         failed = frame[CANARY_ERROR].eq(True) if CANARY_ERROR in frame.columns else False
-        return frame[((frame[ARM] == "canary") & ours) | failed].reset_index(drop=True)
+        return frame[((frame[ARM] == ARM_CANARY) & ours) | failed].reset_index(drop=True)
     frame = frame[ours]
-    answers = pd.concat([f for f in (read_served(rt.lake, d, SERVED) for d in _days(_started(rollout), today))
-                         if not f.empty], ignore_index=True)
+    answers = _served_since(rt, SERVED, _started(rollout), today)
+    if answers.empty:
+        return answers
     answers = answers[[c.row_key, "score"]].rename(columns={"score": CHAMPION_SCORE})
     frame = frame.drop(columns=[CHAMPION_SCORE], errors="ignore")  # the answer is the champion's score
     return frame.merge(answers.drop_duplicates(c.row_key), on=c.row_key, how="inner")

@@ -32,7 +32,7 @@ from airflow.providers.standard.decorators.python import _PythonDecoratedOperato
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.bases.decorator import task_decorator_factory
 
-from closedloop.adapters.airflow.models import MODEL_TAG
+from closedloop.adapters.airflow.models import model_of
 from closedloop.core.settings import Settings, check_mlflow_ui_url
 
 if TYPE_CHECKING:
@@ -73,12 +73,12 @@ def _model_query(model: str | None) -> str:
 
 
 def _model_of(operator: Any) -> str | None:
-    """The model of the operator's DAG: its ``model:<name>`` tag; None without a DAG or a tag."""
+    """The model of the operator's DAG (:func:`closedloop.adapters.airflow.models.model_of`); None outside one."""
     try:
-        tags = operator.dag.tags
+        dag = operator.dag
     except Exception:  # an operator not (yet) in a DAG
         return None
-    return next((str(t)[len(MODEL_TAG):] for t in tags or () if str(t).startswith(MODEL_TAG)), None)
+    return model_of(dag)
 
 
 def _get(result: Any, key: str) -> Any:

@@ -33,12 +33,19 @@ MODEL_TAG = "model:"
 class ModelDags:
     """What a DAG file needs of one model: its name, its DAG ids and the Assets that chain its DAGs."""
 
-    name: str
-    namespaced: bool
+    entry: ModelEntry
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def namespaced(self) -> bool:
+        return self.entry.namespaced
 
     def dag_id(self, kind: str) -> str:
         """``<name>.<kind>`` when namespaced, ``kind`` for the root layout."""
-        return ModelEntry(self.name, None, self.namespaced).dag_id(kind)  # type: ignore[arg-type]
+        return self.entry.dag_id(kind)
 
     def tags(self, *kinds: str) -> list[str]:
         """The DAG's tags: ``closedloop``, its kinds and ``model:<name>`` (the UI filters DAGs by it; the
@@ -60,6 +67,15 @@ class ModelDags:
     def predictions(self) -> Asset:
         """Emitted by batch scoring; drift monitoring follows it."""
         return self._asset("predictions")
+
+
+def model_of(dag: Any) -> str | None:
+    """The model a DAG is for: its ``model:<name>`` tag (every DAG built here carries one); None without a DAG or
+    a tag."""
+    for tag in getattr(dag, "tags", None) or ():
+        if str(tag).startswith(MODEL_TAG):
+            return str(tag)[len(MODEL_TAG):]
+    return None
 
 
 class RefusedModelConfig(BaseTimetable):
@@ -98,6 +114,6 @@ def for_each_model(kind: str, build: Callable[[ModelDags], Any]) -> list[str]:
                      tags=["closedloop", f"{MODEL_TAG}{entry.name}"]):
                 pass  # leaving the block registers the DAG with the file's bag, as `@dag` does
             continue
-        build(ModelDags(entry.name, entry.namespaced))
+        build(ModelDags(entry))
         built.append(entry.name)
     return built

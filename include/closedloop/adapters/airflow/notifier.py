@@ -26,7 +26,7 @@ from typing import Any
 
 from airflow.sdk.bases.notifier import BaseNotifier
 
-from closedloop.adapters.airflow.models import MODEL_TAG
+from closedloop.adapters.airflow.models import model_of
 from closedloop.core.errors import ConfigError, first_line
 from closedloop.core.settings import AlertSettings, Settings
 from closedloop.stages.alerts import make_alert, write_alert
@@ -75,15 +75,6 @@ class ClosedloopNotifier(BaseNotifier):
         except Exception as exc2:  # the alert is in the file; a channel outage must not fail the task
             log.error("alert %s written to the file but not delivered to %s: %s", alert["kind"], channel.channel,
                       first_line(exc2, 1000))
-
-
-def model_of(dag: Any) -> str | None:
-    """The model a DAG is for: its ``model:<name>`` tag (every DAG of :mod:`closedloop.adapters.airflow.models`
-    carries one); None without a DAG or a tag."""
-    for tag in getattr(dag, "tags", None) or ():
-        if str(tag).startswith(MODEL_TAG):
-            return str(tag)[len(MODEL_TAG):]
-    return None
 
 
 def _text(alert: dict[str, Any]) -> str:
