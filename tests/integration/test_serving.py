@@ -9,6 +9,7 @@ service would see them.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -298,6 +299,49 @@ def test_oversized_batches_and_malformed_bodies(served):
     assert bad.status_code == 422 and "JSON" in bad.json()["error"]
     dup = http.post("/score", json={"transactions": [reqs[0], reqs[0]]}, headers=AUTH)
     assert dup.status_code == 422 and "unique" in dup.json()["error"]
+
+
+def test_the_fast_path_and_the_fastapi_route_answer_alike(world):
+    """``POST /score`` is answered by the app's ASGI call without FastAPI's routing (the fast path, what
+    uvicorn serves); FastAPI's route, which the OpenAPI schema describes, answers every outcome the same."""
+    import asyncio
+    from functools import partial
+
+    from fastapi import FastAPI
+
+    rt, live = world
+    reqs = _requests(rt, live.head(10))
+    app = _app(rt, shadow_share=0.0)
+    bodies = {
+        "one": (json.dumps({"transactions": reqs[:1]}), AUTH),
+        "three": (json.dumps({"transactions": reqs[1:4]}), AUTH),
+        "unknown customer": (json.dumps({"transactions": [{**reqs[0], rt.contract.entity: 10_000_000}]}), AUTH),
+        "invalid field": (json.dumps({"transactions": [{**reqs[0], "colour": "red"}]}), AUTH),
+        "too many": (json.dumps({"transactions": reqs[:1] * 101}), AUTH),
+        "malformed": ("{not json", AUTH),
+        "no token": (json.dumps({"transactions": reqs[:1]}), {}),
+    }
+
+    async def through_the_route() -> dict[str, httpx.Response]:
+        transport = httpx.ASGITransport(app=partial(FastAPI.__call__, app))  # FastAPI's own stack
+        async with httpx.AsyncClient(transport=transport, base_url="http://route") as http:
+            return {k: await http.post("/score", content=body, headers={**h, "Content-Type": "application/json"})
+                    for k, (body, h) in bodies.items()}
+
+    with Server(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        fast = {k: http.post("/score", content=body, headers={**h, "Content-Type": "application/json"})
+                for k, (body, h) in bodies.items()}
+        routed = asyncio.run(through_the_route())
+    statuses = {k: r.status_code for k, r in fast.items()}
+    assert statuses == {"one": 200, "three": 200, "unknown customer": 404, "invalid field": 422, "too many": 413,
+                        "malformed": 422, "no token": 401}
+    for k in bodies:
+        assert routed[k].status_code == fast[k].status_code, k
+        assert routed[k].json() == fast[k].json(), k
+        assert fast[k].headers["content-type"] == "application/json", k
+        assert fast[k].headers.get("www-authenticate") == routed[k].headers.get("www-authenticate"), k
+    assert fast["no token"].headers["www-authenticate"] == "Bearer"
+    assert len(fast["three"].json()["predictions"]) == 3
 
 
 def test_served_predictions_are_in_the_lake(served):

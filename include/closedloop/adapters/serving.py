@@ -3,8 +3,8 @@
 ``POST /score`` takes transactions with their request-time fields (the contract's ``role: feature``
 columns, the row key, the entity and, optionally, the event time), fetches each customer's features
 from the online store (Feast's feature service, the same one batch scoring reads offline), builds the
-model's matrix with :func:`closedloop.stages.model.feature_frame` and scores it with the same trees as
-batch scoring (:func:`~closedloop.stages.training.predict_inplace`, equal to batch's ``predict``), and answers
+model's matrix (:class:`RequestMatrix`: the values of :func:`closedloop.stages.model.model_matrix`, without
+pandas) and scores it with the same trees as batch scoring (``inplace_predict``), and answers
 the score, the decision at the version's stored threshold and the model version. Every answer is
 logged to the lake (``served/transactions/<day>/part-*.parquet``) by a background writer; when a version
 carries the ``challenger`` alias it is scored beside the champion on a configured share of requests and
@@ -35,15 +35,17 @@ until the app's lifespan begins.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from pydantic import model_validator
@@ -737,6 +739,61 @@ class Poller:
             self._thread.join(timeout=30)
 
 
+UNAUTHORISED = "missing or wrong bearer token (Authorization: Bearer <CLOSEDLOOP_SERVE_TOKEN>)"
+
+
+def invalid_content(errors: Sequence[Any]) -> dict[str, Any]:
+    """The 422 answer to a request pydantic refused: each problem as ``field: message (got value)``."""
+    problems = []
+    for e in list(errors)[:20]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        problems.append(f"{where}: {e.get('msg')}" + (f" (got {e['input']!r})" if e.get("type") != "missing"
+                                                      and not isinstance(e.get("input"), dict | list) else ""))
+    return {"error": "invalid request: " + "; ".join(problems), "problems": problems}
+
+
+def json_bytes(content: Any) -> bytes:
+    """``content`` as Starlette's ``JSONResponse`` renders it."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+
+
+@cache
+def _scoring_app() -> type[FastAPI]:
+    """FastAPI with ``POST /score`` answered by the ASGI call itself.
+
+    The request goes straight to ``app.state.answer_score`` (the function the FastAPI route calls too),
+    without Starlette's middleware stack, routing and request objects: about a fifth of the server's CPU
+    per one-transaction request (``bench/serve_load.py``). Every other path, and the lifespan, is FastAPI's.
+    """
+    from fastapi import FastAPI
+
+    class ScoringApp(FastAPI):
+        async def __call__(self, scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/score":
+                await super().__call__(scope, receive, send)
+                return
+            authorization = ""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            status, content, extra = self.state.answer_score(authorization, b"".join(chunks))
+            body = json_bytes(content)
+            headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+            headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    return ScoringApp
+
+
 def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefinitions, client: MlflowClient,
                model_name: str, lake: Lake, config: ServingConfig, token: str = "",
                loader: Callable[[str, str], LoadedModel] | None = None, seed: int | None = None) -> FastAPI:
@@ -746,8 +803,7 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
     ``token``: when set, ``POST /score`` and ``GET /metrics`` need ``Authorization: Bearer <token>``;
     ``/health`` and ``/ready`` stay open (probes).
     """
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
+    from fastapi import Depends, Request
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import ValidationError
@@ -778,17 +834,19 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
             served.close()
             shadow.close()
 
-    app = FastAPI(title="closedloop scoring", lifespan=lifespan,
-                  description=f"Scores {contract.name} transactions with {model_name}@champion.")
+    app = _scoring_app()(title="closedloop scoring", lifespan=lifespan,
+                         description=f"Scores {contract.name} transactions with {model_name}@champion.")
     app.state.scorer, app.state.poller, app.state.metrics = scorer, poller, metrics
 
-    async def authorised(request: Request) -> None:  # async: a sync dependency would hop to a worker thread
+    def bearer_ok(given: str) -> bool:
         if not token:
-            return
-        given = request.headers.get("authorization", "")
+            return True
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise _Unauthorised("missing or wrong bearer token (Authorization: Bearer <CLOSEDLOOP_SERVE_TOKEN>)")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+    async def authorised(request: Request) -> None:  # async: a sync dependency would hop to a worker thread
+        if not bearer_ok(request.headers.get("authorization", "")):
+            raise _Unauthorised(UNAUTHORISED)
 
     class _Unauthorised(ServingError):
         status = 401
@@ -801,17 +859,6 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
         metrics.requests.labels(request.url.path, str(exc.status)).inc()
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for e in exc.errors()[:20]:
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {e.get('msg')}" + (f" (got {e['input']!r})" if e.get("type") != "missing"
-                                                          and not isinstance(e.get("input"), dict | list) else ""))
-        metrics.requests.labels(request.url.path, "422").inc()
-        return JSONResponse({"error": "invalid request: " + "; ".join(problems), "problems": problems},
-                            status_code=422)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -834,21 +881,30 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def score(request: Request) -> Response:
-        """Score the transactions: one prediction per transaction, in order.
+    def answer_score(authorization: str, body: bytes) -> tuple[int, Any, dict[str, str] | None]:
+        """``POST /score`` from its ``Authorization`` header and body: (status, JSON content, extra headers).
 
-        The body is validated from its bytes by pydantic (``model_validate_json``: no intermediate Python
-        objects) and the answer serialised once; the work runs on the event loop, with no thread hop: one
-        request is a few hundred microseconds of Python that the GIL would serialise anyway.
+        Every outcome is here (401, 422, the :class:`ServingError` statuses, 200) with its metrics, so the
+        ASGI fast path (:func:`_scoring_app`) and the FastAPI route answer alike. The body is validated from
+        its bytes by pydantic (``model_validate_json``: no intermediate Python objects); the work runs on the
+        event loop, with no thread hop: one request is a few hundred microseconds of Python that the GIL
+        would serialise anyway. An unexpected exception propagates (a 500, logged by the server).
         """
         start = time.perf_counter()
+        if not bearer_ok(authorization):
+            metrics.requests.labels("/score", "401").inc()
+            return 401, {"error": UNAUTHORISED}, {"WWW-Authenticate": "Bearer"}
         try:
-            body = score_request.model_validate_json(await request.body())
+            request = score_request.model_validate_json(body)
         except ValidationError as exc:
-            raise RequestValidationError(exc.errors(include_url=False)) from None
-        rows = [t.model_dump() for t in body.transactions]
+            metrics.requests.labels("/score", "422").inc()
+            return 422, invalid_content(exc.errors(include_url=False)), None
+        rows = [t.model_dump() for t in request.transactions]
         try:
             out, arms = scorer.answer(rows)
+        except ServingError as exc:
+            metrics.requests.labels("/score", str(exc.status)).inc()
+            return exc.status, {"error": exc.message}, None
         finally:
             elapsed = time.perf_counter() - start
             metrics.latency.observe(elapsed)
@@ -856,12 +912,17 @@ def create_app(*, contract: DataContract, store: FeatureStore, defs: FeastDefini
             metrics.arm_latency[arm].observe(elapsed)
         metrics.transactions.inc(len(rows))
         metrics.score_ok.inc()
-        return JSONResponse(out)
+        return 200, out, None
+
+    async def score(request: Request) -> Response:
+        """Score the transactions: one prediction per transaction, in order."""
+        status, content, headers = answer_score(request.headers.get("authorization", ""), await request.body())
+        return JSONResponse(content, status_code=status, headers=headers)
 
     score.__annotations__.update(request=Request, **{"return": Response})
-    app.post("/score", dependencies=[Depends(authorised)],
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": score_request.model_json_schema()}}}})(score)
+    app.post("/score", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": score_request.model_json_schema()}}}})(score)
+    app.state.answer_score = answer_score
 
     return app
 
