@@ -15,6 +15,7 @@ tens of seconds; it is not what the stages measure).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -100,6 +101,29 @@ def prepare_airflow(home: Path, env: dict[str, str], parallelism: int = 2) -> Pa
     return af_home
 
 
+def with_dag_folder(env: dict[str, str], name: str, folder: Path) -> dict[str, str]:
+    """``env`` with a second DAG bundle ``name`` on ``folder``, after the home's own (the repo's ``dags/``).
+
+    The product's DAG folder is unchanged and parsed first: ``airflow dags test`` parses the bundles in this
+    order and stops at the first that holds the DAG, so a DAG of the repo's folder is found as it is without the
+    second bundle, and a DAG of ``folder`` is found after the repo's DAGs were parsed (and written to the database).
+    """
+    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    bundles = [{"name": "dags-folder", "classpath": local, "kwargs": {}},
+               {"name": name, "classpath": local, "kwargs": {"path": str(folder)}}]
+    return {**env, "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(bundles)}
+
+
+def fresh_db(af_home: Path, keep_as: str | None = None) -> None:
+    """Give the Airflow home a fresh copy of the migrated database; the old one is kept as ``keep_as`` (or removed)."""
+    for f in af_home.glob("airflow.db*"):  # the database and any journal of it
+        if keep_as:
+            os.replace(f, af_home / f.name.replace("airflow.db", keep_as, 1))
+        else:
+            f.unlink()
+    shutil.copy(migrated_db(), af_home / "airflow.db")
+
+
 def migrated_db() -> Path:
     """A freshly migrated, empty Airflow metadata database (made once per Airflow version)."""
     from importlib.metadata import version
@@ -153,7 +177,6 @@ def task_runs(af_home: Path, dag_id: str | None = None) -> list[TaskRun]:
 
 def upstreams(af_home: Path, dag_id: str) -> dict[str, list[str]]:
     """Each task's direct upstream task ids, from the DAG as Airflow serialised it (its latest version)."""
-    import json
     import zlib
 
     con = sqlite3.connect(f"file:{af_home / 'airflow.db'}?mode=ro", uri=True)

@@ -59,3 +59,15 @@ def test_report_renders_a_table_per_stage(quick_run):
     for stage in {r["stage"] for r in lines}:
         assert f"### {stage}\n" in proc.stdout
     assert proc.stdout.count("\n| ") >= len({(r["stage"], r["case"]) for r in lines})
+
+
+def test_end_to_end_counts_airflows_own_overhead_in_its_floors(quick_run):
+    """The retraining DAG's empty twin ran first, in the same home; its times are in the two DAG lines' floors."""
+    _, _, lines = quick_run
+    e2e = {r["case"]: r for r in lines if r["stage"] == "end_to_end"}
+    empty = e2e["empty retraining DAG (dags test)"]
+    assert empty["floor_s"] is None
+    for case, part in (("retraining DAG (dags test)", "empty twin's dags test"),
+                       ("retraining DAG run", "empty twin's DagRun")):
+        assert part in e2e[case]["notes"], case
+        assert "stage floors only" in e2e[case]["notes"], case
