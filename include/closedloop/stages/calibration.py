@@ -329,7 +329,6 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     import time
 
     import numpy as np
-    import pandas as pd
 
     settings = settings or CalibrationSettings()
     started = time.perf_counter()
@@ -340,9 +339,11 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
         return fixed(policy, contract, "calibration disabled (monitoring.calibration.enabled: false)", importance,
                      window_days)
     ts = contract.event_timestamp
-    wday = pd.to_datetime(window[ts], utc=True).dt.floor("D")
-    rday = pd.to_datetime(reference[ts], utc=True).dt.floor("D")
-    days = sorted(wday.unique())
+    # days as datetime64 values (UTC): a tz-aware column's to_numpy() is an array of Timestamp objects, whose
+    # conversion and np.isin cost seconds on a million rows; the days and the rows they select are the same
+    wday_v = _utc_days(window[ts])
+    rday_v = _utc_days(reference[ts])
+    days = np.unique(wday_v)
     starts, layout = chunk_starts(days, days_w, settings.min_chunks)
     gap = days_w if settings.gap_days is None else settings.gap_days
     if len(starts) < settings.min_chunks:
@@ -358,15 +359,15 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     def method(kind: str) -> str:
         return policy.numeric_stattest if kind == "numeric" else policy.categorical_stattest
 
-    wprep = _prepared(window, columns)
     rprep = _prepared(reference, columns)
-    wday_v, rday_v = wday.to_numpy(), rday.to_numpy()
     stats: dict[str, list[float | None]] = {c: [] for c in columns}
     rows = []
     for i, s in enumerate(starts):
         chunk_days = days[s:s + days_w]
         in_chunk = np.isin(wday_v, chunk_days)
-        cur = _sample(wprep[in_chunk], policy.sample_rows, seed + i)
+        # the chunk's rows sampled, then prepared (the same rows and values as preparing first: _prepared works
+        # row by row, _sample picks positions): only the rows compared are converted
+        cur = _prepared(_sample(window[in_chunk], policy.sample_rows, seed + i), columns)
         # the reference without the chunk's days and ``gap`` days on each side: a monitored window never shares
         # days with the reference, nor the day-level conditions of the days next to it (a day factor persists)
         ref = rprep[~np.isin(rday_v, days[max(0, s - gap):s + days_w + gap])]
@@ -424,20 +425,25 @@ def calibrate(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContr
     return out
 
 
+def _utc_days(timestamps: pd.Series) -> Any:
+    """The UTC day of each timestamp as ``datetime64[ns]`` values (naive ones taken as UTC)."""
+    import pandas as pd
+
+    return pd.to_datetime(timestamps, utc=True).dt.floor("D").dt.tz_localize(None).to_numpy()
+
+
 def reference_calibration(window: pd.DataFrame, reference: pd.DataFrame, contract: DataContract,
                           monitoring: dict[str, Any], importance: dict[str, float], *,
                           score_column: str = "score") -> Calibration:
     """:func:`calibrate` for the ``monitoring`` section of the configuration, with the performance band
     (:func:`closedloop.stages.performance.calibrate_reference` on the window's out-of-sample scores and labels,
     chunks of a monitoring window's rows) in ``performance``."""
-    import numpy as np
-
     policy = DriftPolicy.from_config(monitoring)
     settings = CalibrationSettings.from_config(monitoring.get("calibration"))
     out = calibrate(window, reference, contract, policy, importance, settings=settings, score_column=score_column)
     if score_column in window.columns:
-        scored = window[window[score_column].notna()]
-        per_day = max(1, len(scored) // max(1, len(np.unique(scored[contract.event_timestamp].dt.floor("D")))))
+        scored = window.loc[window[score_column].notna(), [score_column, contract.label, contract.event_timestamp]]
+        per_day = max(1, len(scored) // max(1, scored[contract.event_timestamp].dt.floor("D").nunique(dropna=False)))
         rows = out.chunk_rows or per_day * policy.window_days
         perf = performance.calibrate_reference(scored[score_column].to_numpy(), scored[contract.label].to_numpy(),
                                                int(rows), min_chunks=settings.min_chunks,

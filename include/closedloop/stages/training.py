@@ -188,11 +188,13 @@ def reference_window(train: pd.DataFrame, validation: pd.DataFrame, holdout: pd.
 
     columns = [contract.event_timestamp, contract.label, *contract.model_features]
     window = pd.concat([f[columns] for f in (train, validation, holdout)], ignore_index=True)
-    window = window.sort_values(contract.event_timestamp, kind="stable").reset_index(drop=True)
+    if not window[contract.event_timestamp].is_monotonic_increasing:  # the splits are in time order: no copy then
+        window = window.sort_values(contract.event_timestamp, kind="stable").reset_index(drop=True)
     scores = np.full(len(window), np.nan)
     params = {**hyperparameters(config)["params"], "device": device}
     bounds = np.linspace(0, len(window), blocks + 1).astype(int)
-    x = feature_frame(window, contract)
+    # the model matrix as XGBoost stores it (float32: a float64 frame gives the same trees and scores), no frame
+    x = model_matrix(window, contract)
     y = window[contract.label].to_numpy()
     rng = np.random.default_rng(0)
     for a, b in itertools.pairwise(bounds):
@@ -201,9 +203,9 @@ def reference_window(train: pd.DataFrame, validation: pd.DataFrame, holdout: pd.
             rest = np.sort(rng.choice(rest, size=CROSS_FIT_MAX_ROWS, replace=False))
         if b <= a or len(np.unique(y[rest])) < 2:
             continue
-        model = xgb.train(params, xgb.DMatrix(x.iloc[rest], label=y[rest]), num_boost_round=int(rounds),
+        model = xgb.train(params, xgb.DMatrix(x[rest], label=y[rest]), num_boost_round=int(rounds),
                           verbose_eval=False)
-        scores[a:b] = model.predict(xgb.DMatrix(x.iloc[a:b]))
+        scores[a:b] = model.predict(xgb.DMatrix(x[a:b]))
     window[score_column] = scores
     return window
 
