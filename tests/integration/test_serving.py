@@ -301,7 +301,7 @@ def test_oversized_batches_and_malformed_bodies(served):
     assert dup.status_code == 422 and "unique" in dup.json()["error"]
 
 
-def test_the_fast_path_and_the_fastapi_route_answer_alike(world):
+def test_the_fast_path_and_the_fastapi_route_answer_alike(world, tmp_path):
     """``POST /score`` is answered by the app's ASGI call without FastAPI's routing (the fast path, what
     uvicorn serves); FastAPI's route, which the OpenAPI schema describes, answers every outcome the same."""
     import asyncio
@@ -309,9 +309,14 @@ def test_the_fast_path_and_the_fastapi_route_answer_alike(world):
 
     from fastapi import FastAPI
 
+    from closedloop.adapters.serving import ServingConfig, create_app
+    from closedloop.core.lake import Lake
+
     rt, live = world
     reqs = _requests(rt, live.head(10))
-    app = _app(rt, shadow_share=0.0)
+    # its served log in a lake of its own: the module's lake holds what the served session answered, no more
+    app = create_app(contract=rt.contract, store=rt.store, defs=rt.defs, client=rt.client, model_name=rt.model_name,
+                     lake=Lake(tmp_path.as_uri()), config=ServingConfig(poll_seconds=0.2, max_batch=100), token=TOKEN)
     bodies = {
         "one": (json.dumps({"transactions": reqs[:1]}), AUTH),
         "three": (json.dumps({"transactions": reqs[1:4]}), AUTH),
